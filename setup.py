@@ -1,0 +1,29 @@
+"""netswap: an NBD swap server for diskless nodes, with a locked request-memory pool."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "daemon/netswap/__init__.py").read_text(), re.M
+).group(1)
+
+setup(
+    name="netswap",
+    version=VERSION,
+    description="Swap space for diskless Linux nodes over NBD, served from a locked memory pool",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    package_dir={"": "daemon"},
+    packages=find_packages("daemon"),
+    package_data={"netswap": ["default.toml"]},
+    # The pool is C (cext/): built by cffi in API mode into netswap._pool.
+    cffi_modules=["cext/build_pool.py:ffibuilder"],
+    setup_requires=["cffi>=1.15"],
+    install_requires=["cffi>=1.15"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["netswapd=netswap.cli:main"]},
+)
