@@ -19,7 +19,6 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "daemon"},
     packages=find_packages("daemon"),
-    package_data={"netswap": ["default.toml"]},
     # The pool is C (cext/): built by cffi in API mode into netswap._pool.
     cffi_modules=["cext/build_pool.py:ffibuilder"],
     setup_requires=["cffi>=1.15"],
