@@ -1,0 +1,306 @@
+"""The server side of the NBD fixed-newstyle handshake, without any I/O.
+
+Feed the client's bytes to `ServerHandshake.receive_data` and ask `next_event` what to do:
+it returns `None` when it needs more bytes, or an event that carries the bytes to send and
+says whether to carry on haggling (`Reply`), close (`Abort`) or enter transmission
+(`Ready`). A peer that breaks the protocol so that no reply is possible raises
+`ProtocolError`; the transport logs it, counts it and closes that one connection.
+
+The export table is reached through two callables, so this module never touches a disk or a
+socket and every path through the option haggling is a plain unit test.
+
+Bounds (a hostile client must not make us buffer or loop without end): an option's data is
+at most MAX_OPTION_DATA bytes and a client gets at most MAX_OPTIONS options; past either the
+connection is closed, which the spec allows for lengths "deemed a denial of service".
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Protocol
+
+from . import constants as C
+from .errors import ProtocolError
+
+GREETING = struct.pack(
+    ">QQH", C.NBDMAGIC, C.IHAVEOPT, C.FLAG_FIXED_NEWSTYLE | C.FLAG_NO_ZEROES
+)
+
+# Export names are at most 4096 bytes (proto.md, "Option types"); an INFO/GO request is the
+# name plus a short list of info ids, so 64 KiB is far beyond any honest option.
+MAX_NAME_LENGTH = 4096
+MAX_OPTION_DATA = 64 * 1024
+MAX_OPTIONS = 256
+# nbd-client reads option replies of at most 4095 bytes, so descriptions are cut to fit.
+MAX_DESCRIPTION = 2048
+
+_OPTION_HEADER = struct.Struct(">QII")
+_REPLY_HEADER = struct.Struct(">QIII")
+_CLIENT_FLAGS = struct.Struct(">I")
+_KNOWN_CLIENT_FLAGS = C.CLIENT_FLAG_FIXED_NEWSTYLE | C.CLIENT_FLAG_NO_ZEROES
+
+
+class ExportView(Protocol):
+    """What the handshake needs to know of an export."""
+
+    name: str
+    description: str
+    size: int
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class BlockLimits:
+    """The size constraints advertised in NBD_INFO_BLOCK_SIZE."""
+
+    minimum: int
+    preferred: int
+    maximum_payload: int
+
+
+# Events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Send `data` and keep reading options."""
+
+    data: bytes
+    option: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Send `data` (possibly empty) and close: the client asked to end the handshake."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Send `data`, then the connection is in transmission on `export`."""
+
+    data: bytes
+    export: object
+    transmission_flags: int
+    structured_replies: bool
+
+
+Event = Reply | Abort | Ready
+
+
+# Writers --------------------------------------------------------------------
+
+
+def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
+    return _REPLY_HEADER.pack(C.OPTION_REPLY_MAGIC, option, reply_type, len(data)) + data
+
+
+def error_reply(option: int, reply_type: int, message: str) -> bytes:
+    # The message is for humans; keep it short enough for nbd-client's 4 KiB read.
+    return option_reply(option, reply_type, message.encode()[:MAX_DESCRIPTION])
+
+
+def transmission_flags(export: ExportView, structured_replies: bool) -> int:
+    """Flags for an export. Writes go to one shared backend per export, and FLUSH/FUA are
+    fdatasync on it, so every connection sees them: CAN_MULTI_CONN is honest."""
+    flags = C.TFLAG_HAS_FLAGS | C.TFLAG_SEND_FLUSH | C.TFLAG_SEND_CACHE | C.TFLAG_CAN_MULTI_CONN
+    if export.read_only:
+        flags |= C.TFLAG_READ_ONLY
+    else:
+        flags |= C.TFLAG_SEND_FUA | C.TFLAG_SEND_TRIM | C.TFLAG_SEND_WRITE_ZEROES
+    if structured_replies:
+        # A READ is always answered in one chunk, so "don't fragment" is free to promise.
+        flags |= C.TFLAG_SEND_DF
+    return flags
+
+
+def _utf8(text: str, limit: int) -> bytes:
+    return text.encode()[:limit]
+
+
+# The machine ------------------------------------------------------------------
+
+
+class ServerHandshake:
+    """One connection's option haggling, from greeting to transmission or close."""
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Optional[ExportView]],
+        list_exports: Callable[[], Iterable[tuple[str, str]]],
+        limits: BlockLimits,
+    ) -> None:
+        self._lookup = lookup
+        self._list_exports = list_exports
+        self._limits = limits
+        self._buffer = bytearray()
+        self._client_flags: Optional[int] = None
+        self._options_seen = 0
+        self._structured_replies = False
+        self.done = False
+
+    @staticmethod
+    def greeting() -> bytes:
+        return GREETING
+
+    @property
+    def no_zeroes(self) -> bool:
+        return bool((self._client_flags or 0) & C.CLIENT_FLAG_NO_ZEROES)
+
+    def receive_data(self, data: bytes) -> None:
+        if self.done:
+            raise ProtocolError("data after the handshake ended", "late_data")
+        self._buffer += data
+
+    def next_event(self) -> Optional[Event]:
+        """The next thing to do, or None when more bytes are needed."""
+        if self.done:
+            return None
+        if self._client_flags is None:
+            if len(self._buffer) < _CLIENT_FLAGS.size:
+                return None
+            (flags,) = _CLIENT_FLAGS.unpack_from(self._buffer)
+            del self._buffer[: _CLIENT_FLAGS.size]
+            self._check_client_flags(flags)
+            self._client_flags = flags
+        if len(self._buffer) < _OPTION_HEADER.size:
+            return None
+        magic, option, length = _OPTION_HEADER.unpack_from(self._buffer)
+        if magic != C.IHAVEOPT:
+            raise ProtocolError(f"bad option magic {magic:#x}", "bad_option_magic")
+        if length > MAX_OPTION_DATA:
+            raise ProtocolError(
+                f"option {option} declares {length} bytes of data (limit {MAX_OPTION_DATA})",
+                "option_too_long",
+            )
+        end = _OPTION_HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        data = bytes(self._buffer[_OPTION_HEADER.size : end])
+        del self._buffer[:end]
+        self._options_seen += 1
+        if self._options_seen > MAX_OPTIONS:
+            raise ProtocolError(f"more than {MAX_OPTIONS} options", "too_many_options")
+        return self._handle_option(option, data)
+
+    # Options ------------------------------------------------------------------
+
+    def _check_client_flags(self, flags: int) -> None:
+        # The spec says the server MUST drop a client that sends flags it does not know.
+        if flags & ~_KNOWN_CLIENT_FLAGS:
+            raise ProtocolError(f"unknown client flags {flags:#x}", "bad_client_flags")
+        if not flags & C.CLIENT_FLAG_FIXED_NEWSTYLE:
+            # Plain newstyle cannot carry error replies; netswapd serves fixed newstyle only.
+            raise ProtocolError("client does not speak fixed newstyle", "not_fixed_newstyle")
+
+    def _handle_option(self, option: int, data: bytes) -> Event:
+        if option == C.OPT_EXPORT_NAME:
+            return self._export_name(data)
+        if option == C.OPT_ABORT:
+            self.done = True
+            return Abort(option_reply(option, C.REP_ACK))
+        if option == C.OPT_LIST:
+            return self._list(data)
+        if option in (C.OPT_INFO, C.OPT_GO):
+            return self._info_or_go(option, data)
+        if option == C.OPT_STRUCTURED_REPLY:
+            return self._structured_reply(data)
+        name = C.OPTION_NAMES.get(option, str(option))
+        return Reply(error_reply(option, C.REP_ERR_UNSUP, f"option {name} is not supported"), option)
+
+    def _export_name(self, data: bytes) -> Event:
+        # No error reply exists for EXPORT_NAME: an unknown export can only be a disconnect.
+        name = self._decode_name(data)
+        export = self._lookup(name) if name is not None else None
+        if export is None:
+            raise ProtocolError(f"EXPORT_NAME for unknown export {data[:64]!r}", "unknown_export")
+        self.done = True
+        flags = transmission_flags(export, structured_replies=False)
+        reply = struct.pack(">QH", export.size, flags)
+        if not self.no_zeroes:
+            reply += bytes(124)
+        # EXPORT_NAME predates structured replies; a client using it gets simple replies.
+        return Ready(reply, export, flags, structured_replies=False)
+
+    def _list(self, data: bytes) -> Event:
+        if data:
+            return Reply(error_reply(C.OPT_LIST, C.REP_ERR_INVALID, "LIST takes no data"), C.OPT_LIST)
+        parts = []
+        for name, description in self._list_exports():
+            encoded = _utf8(name, MAX_NAME_LENGTH)
+            payload = struct.pack(">I", len(encoded)) + encoded + _utf8(description, MAX_DESCRIPTION)
+            parts.append(option_reply(C.OPT_LIST, C.REP_SERVER, payload))
+        parts.append(option_reply(C.OPT_LIST, C.REP_ACK))
+        return Reply(b"".join(parts), C.OPT_LIST)
+
+    def _structured_reply(self, data: bytes) -> Event:
+        option = C.OPT_STRUCTURED_REPLY
+        if data:
+            return Reply(error_reply(option, C.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data"), option)
+        if self._structured_replies:
+            return Reply(error_reply(option, C.REP_ERR_INVALID, "structured replies already on"), option)
+        self._structured_replies = True
+        return Reply(option_reply(option, C.REP_ACK), option)
+
+    def _info_or_go(self, option: int, data: bytes) -> Event:
+        request = _parse_info_request(data)
+        if isinstance(request, str):
+            return Reply(error_reply(option, C.REP_ERR_INVALID, request), option)
+        raw_name, info_ids = request
+        name = self._decode_name(raw_name)
+        export = self._lookup(name) if name is not None else None
+        if export is None:
+            shown = raw_name[:64].decode(errors="replace")
+            return Reply(error_reply(option, C.REP_ERR_UNKNOWN, f"no export named {shown!r}"), option)
+
+        flags = transmission_flags(export, self._structured_replies)
+        infos = [struct.pack(">HQH", C.INFO_EXPORT, export.size, flags)]
+        # Only what was asked for (the client need not understand anything else).
+        for info in dict.fromkeys(info_ids):
+            if info == C.INFO_NAME:
+                infos.append(struct.pack(">H", C.INFO_NAME) + _utf8(export.name, MAX_NAME_LENGTH))
+            elif info == C.INFO_DESCRIPTION:
+                infos.append(
+                    struct.pack(">H", C.INFO_DESCRIPTION) + _utf8(export.description, MAX_DESCRIPTION)
+                )
+            elif info == C.INFO_BLOCK_SIZE:
+                limits = self._limits
+                infos.append(
+                    struct.pack(
+                        ">HIII", C.INFO_BLOCK_SIZE, limits.minimum, limits.preferred,
+                        limits.maximum_payload,
+                    )
+                )
+        reply = b"".join(option_reply(option, C.REP_INFO, info) for info in infos)
+        reply += option_reply(option, C.REP_ACK)
+        if option == C.OPT_INFO:
+            return Reply(reply, option)
+        self.done = True
+        return Ready(reply, export, flags, self._structured_replies)
+
+    @staticmethod
+    def _decode_name(raw: bytes) -> Optional[str]:
+        # Names are UTF-8 by the spec; anything else names no export of ours.
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+def _parse_info_request(data: bytes) -> tuple[bytes, list[int]] | str:
+    """Split INFO/GO data into (name, info ids), or return why it is malformed."""
+    if len(data) < 6:
+        return f"INFO/GO data of {len(data)} bytes is shorter than the 6-byte minimum"
+    (name_length,) = struct.unpack_from(">I", data)
+    if name_length > len(data) - 6:
+        return f"export name length {name_length} exceeds the option data"
+    if name_length > MAX_NAME_LENGTH:
+        return f"export name length {name_length} exceeds {MAX_NAME_LENGTH}"
+    name = data[4 : 4 + name_length]
+    (count,) = struct.unpack_from(">H", data, 4 + name_length)
+    if len(data) != 6 + name_length + 2 * count:
+        return f"{count} info requests do not match the option length {len(data)}"
+    info_ids = list(struct.unpack_from(f">{count}H", data, 6 + name_length))
+    return name, info_ids

@@ -1,0 +1,173 @@
+"""The sans-I/O transmission layer: request parsing, checking and reply writers."""
+
+import struct
+
+import pytest
+
+from netswap.nbd import constants as C
+from netswap.nbd.errors import ProtocolError
+from netswap.nbd.transmission import (
+    ExportLimits,
+    Request,
+    RequestParser,
+    check_request,
+    reply_header,
+    simple_reply,
+    structured_done,
+    structured_error,
+    structured_read_prefix,
+)
+
+LIMITS = ExportLimits(size=1 << 20, read_only=False, minimum_block=1, maximum_payload=32 << 20,
+                      structured_replies=False)
+
+
+def header(command, offset=0, length=0, flags=0, cookie=7, magic=C.REQUEST_MAGIC):
+    return struct.pack(">IHHQQI", magic, flags, command, cookie, offset, length)
+
+
+def test_parses_one_header_and_needs_more_data():
+    parser = RequestParser()
+    data = header(C.CMD_READ, 4096, 512, cookie=0xDEADBEEF)
+    parser.receive_data(data[:27])
+    assert parser.next_request() is None
+    parser.receive_data(data[27:])
+    request = parser.next_request()
+    assert (request.command, request.offset, request.length, request.cookie) == (C.CMD_READ, 4096, 512, 0xDEADBEEF)
+    assert parser.next_request() is None
+
+
+def test_many_headers_from_one_receive():
+    parser = RequestParser()
+    parser.receive_data(b"".join(header(C.CMD_READ, cookie=i, length=1) for i in range(32)))
+    assert [parser.next_request().cookie for _ in range(32)] == list(range(32))
+    assert parser.next_request() is None
+
+
+def test_bad_magic_is_a_protocol_error():
+    parser = RequestParser()
+    parser.receive_data(header(C.CMD_READ, magic=0x12345678))
+    with pytest.raises(ProtocolError) as err:
+        parser.next_request()
+    assert err.value.reason == "bad_request_magic"
+
+
+def test_write_payload_buffered_part_copied_rest_received_directly():
+    parser = RequestParser()
+    payload = bytes(range(256)) * 4
+    parser.receive_data(header(C.CMD_WRITE, length=len(payload)) + payload[:100])
+    request = parser.next_request()
+    assert request.has_payload and parser.payload_left == 1024
+    with pytest.raises(RuntimeError):
+        parser.next_request()
+    dest = memoryview(bytearray(1024))
+    assert parser.take_payload(dest) == 100
+    dest[100:] = payload[100:]  # what the transport's recv_into would do
+    parser.payload_received(924)
+    assert bytes(dest) == payload and parser.payload_left == 0
+    assert parser.next_request() is None
+
+
+def test_payload_followed_by_next_header_in_the_same_receive():
+    parser = RequestParser()
+    parser.receive_data(header(C.CMD_WRITE, length=4, cookie=1) + b"abcd" + header(C.CMD_FLUSH, cookie=2))
+    parser.next_request()
+    dest = memoryview(bytearray(4))
+    assert parser.take_payload(dest) == 4 and bytes(dest) == b"abcd"
+    assert parser.next_request().cookie == 2
+
+
+def test_window_slides_partial_header_to_the_front():
+    parser = RequestParser(window=64)
+    parser.receive_data(header(C.CMD_READ, length=1, cookie=1) + header(C.CMD_READ, length=1, cookie=2)[:10])
+    assert parser.next_request().cookie == 1
+    window = parser.recv_window()
+    assert len(window) >= C.REQUEST_HEADER_SIZE
+    parser.receive_data(header(C.CMD_READ, length=1, cookie=2)[10:])
+    assert parser.next_request().cookie == 2
+
+
+def test_payload_received_beyond_declared_length_is_refused():
+    parser = RequestParser()
+    parser.receive_data(header(C.CMD_WRITE, length=4))
+    parser.next_request()
+    with pytest.raises(ValueError):
+        parser.payload_received(5)
+
+
+def req(command, offset=0, length=512, flags=0):
+    return Request(flags, command, 1, offset, length)
+
+
+@pytest.mark.parametrize(
+    "request_, limits, expected",
+    [
+        (req(C.CMD_READ), LIMITS, 0),
+        (req(C.CMD_WRITE, flags=C.CMD_FLAG_FUA), LIMITS, 0),
+        (req(C.CMD_FLUSH, 0, 0), LIMITS, 0),
+        (req(C.CMD_FLUSH, 5, 5), LIMITS, 0),  # reserved fields are ignored
+        (req(C.CMD_TRIM, length=4096), LIMITS, 0),
+        (req(C.CMD_WRITE_ZEROES, flags=C.CMD_FLAG_NO_HOLE | C.CMD_FLAG_FUA), LIMITS, 0),
+        (req(C.CMD_CACHE), LIMITS, 0),
+        (req(C.CMD_BLOCK_STATUS), LIMITS, C.EINVAL),  # not negotiated: unknown
+        (req(99), LIMITS, C.EINVAL),
+        (req(C.CMD_READ, flags=0x40), LIMITS, C.EINVAL),
+        (req(C.CMD_WRITE, flags=C.CMD_FLAG_NO_HOLE), LIMITS, C.EINVAL),
+        (req(C.CMD_READ, flags=C.CMD_FLAG_DF), LIMITS, C.EINVAL),  # DF needs structured replies
+        (req(C.CMD_WRITE_ZEROES, flags=C.CMD_FLAG_FAST_ZERO), LIMITS, C.EINVAL),
+        (req(C.CMD_READ, length=0), LIMITS, C.EINVAL),
+        (req(C.CMD_READ, length=(32 << 20) + 1), LIMITS, C.EINVAL),
+        (req(C.CMD_READ, offset=(1 << 20) - 511), LIMITS, C.EINVAL),
+        (req(C.CMD_TRIM, offset=(1 << 20) - 511), LIMITS, C.EINVAL),
+        (req(C.CMD_WRITE, offset=(1 << 20) - 511), LIMITS, C.ENOSPC),
+        (req(C.CMD_WRITE_ZEROES, offset=(1 << 20) - 511), LIMITS, C.ENOSPC),
+        (req(C.CMD_READ, offset=(1 << 64) - 1), LIMITS, C.EINVAL),  # would overflow u64
+        (req(C.CMD_WRITE, offset=(1 << 64) - 1), LIMITS, C.ENOSPC),
+    ],
+)
+def test_check_request(request_, limits, expected):
+    assert check_request(request_, limits) == expected
+
+
+def test_check_read_only_refuses_every_write():
+    ro = ExportLimits(1 << 20, True, 1, 32 << 20, False)
+    for command in (C.CMD_WRITE, C.CMD_TRIM, C.CMD_WRITE_ZEROES):
+        assert check_request(req(command), ro) == C.EPERM
+    assert check_request(req(C.CMD_READ), ro) == 0
+
+
+def test_check_alignment_to_minimum_block():
+    aligned = ExportLimits(1 << 20, False, 512, 32 << 20, False)
+    assert check_request(req(C.CMD_READ, 512, 512), aligned) == 0
+    assert check_request(req(C.CMD_READ, 1, 512), aligned) == C.EINVAL
+    assert check_request(req(C.CMD_READ, 0, 100), aligned) == C.EINVAL
+
+
+def test_df_allowed_with_structured_replies():
+    structured = ExportLimits(1 << 20, False, 1, 32 << 20, True)
+    assert check_request(req(C.CMD_READ, flags=C.CMD_FLAG_DF), structured) == 0
+
+
+def test_simple_reply_layout():
+    assert simple_reply(0x1122334455667788, 22) == struct.pack(">IIQ", C.SIMPLE_REPLY_MAGIC, 22, 0x1122334455667788)
+
+
+def test_structured_layouts():
+    magic, flags, rtype, cookie, length, offset = struct.unpack(">IHHQIQ", structured_read_prefix(9, 4096, 512))
+    assert (magic, flags, rtype, cookie, length, offset) == (
+        C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, 9, 520, 4096)
+    assert struct.unpack(">IHHQI", structured_done(9)) == (
+        C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, 9, 0)
+    chunk = structured_error(9, C.EIO, "disk on fire")
+    magic, flags, rtype, cookie, length, error, msglen = struct.unpack_from(">IHHQIIH", chunk)
+    assert (rtype, length, error, msglen) == (C.REPLY_TYPE_ERROR, 6 + 12, C.EIO, 12)
+    assert chunk[26:] == b"disk on fire"
+
+
+def test_reply_header_never_structured_unless_negotiated():
+    for command in (C.CMD_READ, C.CMD_WRITE):
+        for error in (0, C.EIO):
+            data = reply_header(req(command), error, structured=False)
+            assert struct.unpack_from(">I", data)[0] == C.SIMPLE_REPLY_MAGIC
+            data = reply_header(req(command), error, structured=True)
+            assert struct.unpack_from(">I", data)[0] == C.STRUCTURED_REPLY_MAGIC
