@@ -1,0 +1,213 @@
+"""The NBD server transport: listening sockets, the accept loop and the live connections.
+
+One acceptor thread waits on every listening socket (TCP over IPv4 and IPv6, and a Unix
+socket) with a selector, plus a wake-up pipe so that `stop()` can end it at once. Each
+accepted client gets its own reader thread (`Connection.run`); requests are executed by the
+shared `WorkerPool`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..counters import Counters
+from ..workers import WorkerPool
+from .connection import Connection
+from .handshake import BlockLimits
+
+log = logging.getLogger("netswap.nbd")
+
+_BACKLOG = 128
+
+
+class ListenError(OSError):
+    """A listening socket could not be set up; the message names the address."""
+
+
+class NbdServer:
+    def __init__(self, config, pool, registry, counters: Optional[Counters] = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.registry = registry
+        self.counters = counters or Counters()
+        nbd = config.nbd
+        self.block_limits = BlockLimits(nbd.block_size_min, nbd.block_size_preferred, nbd.max_request)
+        self.workers: Optional[WorkerPool] = None
+        self.stopping = False
+        self._listeners: list[socket.socket] = []
+        self._unix_path: Optional[Path] = None
+        self._connections: set[Connection] = set()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        self._acceptor: Optional[threading.Thread] = None
+
+    # Start and stop -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind every listener (or fail naming the address), then start accepting."""
+        try:
+            for host, port in self.config.nbd.listen:
+                self._listeners.append(_tcp_listener(host, port))
+            if self.config.nbd.unix_socket is not None:
+                self._listeners.append(self._unix_listener(self.config.nbd.unix_socket))
+        except BaseException:
+            self._close_listeners()
+            raise
+        self.workers = WorkerPool(self.config.daemon.workers)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
+        self._acceptor.start()
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where the server listens, as 'host:port' or a socket path (after start)."""
+        out = []
+        for sock in self._listeners:
+            name = sock.getsockname()
+            if sock.family == socket.AF_UNIX:
+                out.append(name)
+            elif sock.family == socket.AF_INET6:
+                out.append(f"[{name[0]}]:{name[1]}")
+            else:
+                out.append(f"{name[0]}:{name[1]}")
+        return out
+
+    def stop(self, timeout: float) -> bool:
+        """Stop accepting, let in-flight requests finish, and return True if all did in time."""
+        self.stopping = True
+        os.write(self._wake_w, b"x")
+        if self._acceptor is not None:
+            self._acceptor.join()
+        self._close_listeners()
+        with self._lock:
+            connections = list(self._connections)
+            threads = list(self._threads)
+        for connection in connections:
+            connection.stop()
+        deadline = time.monotonic() + timeout
+        clean = True
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            clean = clean and not thread.is_alive()
+        if self.workers is not None and clean:
+            self.workers.stop()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return clean
+
+    def connection_closed(self, connection: Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+            self._threads.discard(threading.current_thread())
+        self.counters.inc("connections_closed")
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    # Accepting ------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        for listener in self._listeners:
+            listener.setblocking(False)
+            selector.register(listener, selectors.EVENT_READ)
+        try:
+            while not self.stopping:
+                for key, _ in selector.select():
+                    if key.fileobj == self._wake_r:
+                        return
+                    self._accept(key.fileobj)
+        finally:
+            selector.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. EMFILE: log, keep serving the clients we have
+            self.counters.inc("accept_errors", exc.__class__.__name__)
+            log.warning("accept on %s failed: %s", listener.getsockname(), exc)
+            return
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies are small and latency-bound; never let Nagle hold one back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{address[0]}:{address[1]}" if sock.family == socket.AF_INET else f"[{address[0]}]:{address[1]}"
+        else:
+            peer = f"unix:{listener.getsockname()}"
+        connection = Connection(self, sock, peer)
+        thread = threading.Thread(target=connection.run, name=f"conn {peer}", daemon=True)
+        with self._lock:
+            self._connections.add(connection)
+            self._threads.add(thread)
+        self.counters.inc("connections_accepted")
+        log.debug("%s: connected", peer)
+        thread.start()
+
+    # Listeners ------------------------------------------------------------------
+
+    def _unix_listener(self, path: Path) -> socket.socket:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A socket left by a previous run is replaced; any other file is not ours to remove.
+            if path.exists() or path.is_symlink():
+                if not stat.S_ISSOCK(path.lstat().st_mode):
+                    raise ListenError(f"nbd.unix_socket = {str(path)!r}: exists and is not a socket")
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            os.chmod(path, 0o660)
+            sock.listen(_BACKLOG)
+        except ListenError:
+            raise
+        except OSError as exc:
+            raise ListenError(f"nbd.unix_socket = {str(path)!r}: cannot listen: {exc.strerror}") from exc
+        self._unix_path = path
+        return sock
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        if self._unix_path is not None:
+            try:
+                self._unix_path.unlink()
+            except FileNotFoundError:
+                pass
+            self._unix_path = None
+
+
+def _tcp_listener(host: str, port: int) -> socket.socket:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host in ("", "*"):
+        family, address = socket.AF_INET6, "::"
+    elif host == "localhost":
+        family, address = socket.AF_INET, "127.0.0.1"
+    else:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        address = host
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "Any" listens on both families; an explicit IPv6 address only on IPv6.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host in ("", "*") else 1)
+        sock.bind((address, port))
+        sock.listen(_BACKLOG)
+    except OSError as exc:
+        raise ListenError(f"nbd.listen: cannot listen on {shown}: {exc.strerror}") from exc
+    return sock
