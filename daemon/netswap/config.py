@@ -1,0 +1,876 @@
+"""netswapd configuration: TOML in, typed, validated, frozen objects out.
+
+Every key is described exactly once, in the schema tables below (_DAEMON, _POOL, _NBD, _SWAP,
+_EXPORT): its kind (which type-checks, converts and range-checks the raw TOML value), its
+default and its meaning. The validator, the error messages and the configuration reference
+(docs-config.md, printed by `python3 -m netswap.config`) are all driven by those tables, so
+they cannot drift apart. Rules that relate two keys (pool.size >= nbd.max_request, paths
+inside daemon.state_dir, unique export names) cannot be stated per key; they live in the
+_build_* functions, each next to the section it completes.
+
+Every problem is a ConfigError naming the file, the full key path, the offending value and
+what would be accepted, so an operator can fix the file without reading this code.
+
+Public API:
+    load(path) -> Config                     read and validate a TOML file
+    parse(mapping, source="<string>") -> Config
+    parse_size(value, key) -> int            "64MiB" -> 67108864
+    parse_duration(value, key) -> float      "500ms" -> 0.5
+    ConfigError                              a ValueError with .key .value .problem .allowed .source
+    Config, DaemonConfig, PoolConfig, NbdConfig, SwapConfig, ExportConfig
+    KEYS, reference_table()                  the documented key paths; the Markdown reference
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import reprlib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "ExportConfig",
+    "DURATION_SYNTAX",
+    "KEYS",
+    "NbdConfig",
+    "PoolConfig",
+    "SIZE_SYNTAX",
+    "SwapConfig",
+    "format_size",
+    "load",
+    "parse",
+    "parse_duration",
+    "parse_size",
+    "reference_table",
+]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+class _Absent:
+    """Marks "no value": a key missing from the file, or an error about no particular value."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+# Values are echoed into error messages and logs; a misplaced table must not dump itself whole.
+_value_repr = reprlib.Repr()
+_value_repr.maxstring = 160
+_value_repr.maxother = 160
+
+
+class ConfigError(ValueError):
+    """A configuration problem, located precisely enough for an operator to fix it.
+
+    key      full key path, e.g. "exports[1].size"; None for file-level problems (syntax, I/O)
+    value    the offending value as written (or the default it came from)
+    problem  what is wrong with it
+    allowed  what would have been accepted
+    source   the file the value came from, or "<string>"; filled in by parse() and load()
+    """
+
+    def __init__(self, key, problem, *, value=_ABSENT, allowed=None, source=None):
+        # args stays (key, problem) so that pickling (multiprocessing, logging handlers)
+        # round-trips; the keyword attributes travel in __dict__.
+        super().__init__(key, problem)
+        self.key = key
+        self.problem = problem
+        self.value = value
+        self.allowed = allowed
+        self.source = source
+
+    def __str__(self) -> str:
+        parts = [self.source] if self.source else []
+        if self.key is not None:
+            if self.value is _ABSENT:
+                parts.append(self.key)
+            else:
+                parts.append(f"{self.key} = {_value_repr.repr(self.value)}")
+        parts.append(self.problem)
+        message = ": ".join(parts)
+        if self.allowed:
+            message += f"; allowed: {self.allowed}"
+        return message
+
+
+def _describe_type(value) -> str:
+    """The TOML name of a value's type, for "is a string, not an integer" messages."""
+    # bool before int: bool is a subclass of int in Python but a distinct type in TOML.
+    for python_type, toml_name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (Mapping, "a table"),
+        (list, "an array"),
+        (tuple, "an array"),
+    ):
+        if isinstance(value, python_type):
+            return toml_name
+    return f"a {type(value).__name__} (date/time or non-TOML value)"
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def format_size(n: int) -> str:
+    """Bytes in the largest binary unit that divides them exactly: 33554432 -> "32MiB"."""
+    for unit, factor in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n} bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and durations: the two value syntaxes that are more than a TOML type.
+
+# Case-sensitive on purpose: "KB" is 1000 to some readers and 1024 to others, and "mb" reads
+# as megabits; a config that sizes locked memory and disk must not guess.
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": KiB, "KiB": KiB,
+    "M": MiB, "MiB": MiB,
+    "G": GiB, "GiB": GiB,
+    "T": TiB, "TiB": TiB,
+    "kB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+}
+SIZE_SYNTAX = (
+    'an integer number of bytes, or a string "<integer><unit>" with unit B, K/KiB, M/MiB, '
+    "G/GiB, T/TiB (powers of 1024) or kB, MB, GB, TB (powers of 1000), e.g. \"64MiB\""
+)
+# [0-9] with re.ASCII, not \d: int() would happily accept non-ASCII digits such as "٤٠٩٦".
+_SIZE_RE = re.compile(r"([0-9]+)\s*([A-Za-z]*)", re.ASCII)
+
+
+def parse_size(value, key: str) -> int:
+    """A size in bytes from a TOML integer or a string such as "64MiB", "4096", "1GB".
+
+    Only whole numbers: "1.5GiB" is an error (write "1536MiB"), because a fractional size
+    silently rounded is a size nobody asked for. Range checks are the caller's business.
+    """
+    if _is_integer(value):
+        if value < 0:
+            raise ConfigError(key, "is negative", value=value, allowed=SIZE_SYNTAX)
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(
+            key, f"is {_describe_type(value)}, not a size", value=value, allowed=SIZE_SYNTAX
+        )
+    match = _SIZE_RE.fullmatch(value.strip())
+    if match is None:
+        if re.fullmatch(r"\s*[0-9]*\.[0-9]+\s*[A-Za-z]*\s*", value, re.ASCII):
+            problem = "is not a whole number; use a smaller unit (e.g. \"1536MiB\", not \"1.5GiB\")"
+        else:
+            problem = "is not a size"
+        raise ConfigError(key, problem, value=value, allowed=SIZE_SYNTAX)
+    digits, unit = match.groups()
+    if unit not in _SIZE_UNITS:
+        raise ConfigError(key, f"has unknown unit {unit!r}", value=value, allowed=SIZE_SYNTAX)
+    return int(digits) * _SIZE_UNITS[unit]
+
+
+_DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+DURATION_SYNTAX = (
+    'a number of seconds > 0, or a string "<number><unit>" with unit ms, s, m, h, '
+    'e.g. "500ms", "10s", "2m"'
+)
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)", re.ASCII)
+
+
+def parse_duration(value, key: str) -> float:
+    """Seconds (> 0) from a TOML number or a string such as "500ms", "10s", "2m", "1h".
+
+    A string must carry a unit: "10" could mean seconds or milliseconds depending on who
+    wrote it; a bare TOML number is always seconds.
+    """
+    if _is_integer(value) or isinstance(value, float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value.strip())
+        if match is None:
+            raise ConfigError(key, "is not a duration", value=value, allowed=DURATION_SYNTAX)
+        number, unit = match.groups()
+        if not unit:
+            raise ConfigError(
+                key,
+                "has no unit (a bare number must be a TOML number, not a string)",
+                value=value,
+                allowed=DURATION_SYNTAX,
+            )
+        if unit not in _DURATION_UNITS:
+            raise ConfigError(
+                key, f"has unknown unit {unit!r}", value=value, allowed=DURATION_SYNTAX
+            )
+        # Decimal so that "100ms" is exactly the float nearest 0.1, not 100 * 0.001.
+        seconds = float(Decimal(number) * _DURATION_UNITS[unit])
+    else:
+        raise ConfigError(
+            key, f"is {_describe_type(value)}, not a duration", value=value,
+            allowed=DURATION_SYNTAX,
+        )
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(key, "is not a finite duration > 0", value=value, allowed=DURATION_SYNTAX)
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds: one per value type. A kind checks and converts one raw value, and says in words what
+# it accepts (used verbatim in errors and in the reference table).
+
+
+class _Kind:
+    type_name: str  # the "type" column of the reference
+    allowed: str  # the "allowed values" column, and the tail of every error about this key
+
+    def convert(self, value, key: str):
+        raise NotImplementedError
+
+    def _reject(self, key: str, value, problem: str):
+        raise ConfigError(key, problem, value=value, allowed=self.allowed)
+
+    def _require_type(self, key, value, ok: bool, expected: str):
+        if not ok:
+            self._reject(key, value, f"is {_describe_type(value)}, not {expected}")
+
+
+class _Boolean(_Kind):
+    type_name = "bool"
+    allowed = "true or false"
+
+    def convert(self, value, key):
+        # Real TOML booleans only: "yes", 1 or "false" are far more often a mistake than intent.
+        self._require_type(key, value, isinstance(value, bool), "a boolean")
+        return value
+
+
+class _Integer(_Kind):
+    type_name = "int"
+
+    def __init__(self, minimum: int, maximum: int, *, power_of_two: bool = False):
+        self.minimum, self.maximum, self.power_of_two = minimum, maximum, power_of_two
+        what = "a power of two" if power_of_two else "an integer"
+        self.allowed = f"{what} from {minimum} to {maximum}"
+
+    def convert(self, value, key):
+        self._require_type(key, value, _is_integer(value), "an integer")
+        if not self.minimum <= value <= self.maximum:
+            self._reject(key, value, "is out of range")
+        if self.power_of_two and not _is_power_of_two(value):
+            self._reject(key, value, "is not a power of two")
+        return value
+
+
+class _Choice(_Kind):
+    type_name = "str"
+
+    def __init__(self, *options: str):
+        self.options = options
+        self.allowed = ", ".join(json.dumps(option) for option in options)
+
+    def convert(self, value, key):
+        self._require_type(key, value, isinstance(value, str), "a string")
+        if value not in self.options:
+            self._reject(key, value, "is not one of the choices")
+        return value
+
+
+class _Text(_Kind):
+    """Free text bound for the wire (export names, NBD_INFO_DESCRIPTION): length in UTF-8 bytes."""
+
+    type_name = "str"
+
+    def __init__(self, min_bytes: int, max_bytes: int, *, reserved_prefix: str | None = None):
+        self.min_bytes, self.max_bytes, self.reserved_prefix = min_bytes, max_bytes, reserved_prefix
+        self.allowed = f"{min_bytes} to {max_bytes} bytes of UTF-8, no NUL"
+        if reserved_prefix:
+            self.allowed += f", not starting with {json.dumps(reserved_prefix)}"
+
+    def convert(self, value, key):
+        self._require_type(key, value, isinstance(value, str), "a string")
+        try:
+            length = len(value.encode("utf-8"))
+        except UnicodeEncodeError:  # lone surrogates: only reachable from Python callers
+            length = None
+        if length is None:
+            self._reject(key, value, "is not encodable as UTF-8")
+        if "\0" in value:
+            self._reject(key, value, "contains a NUL character")
+        if not self.min_bytes <= length <= self.max_bytes:
+            self._reject(key, value, f"is {length} bytes long")
+        if self.reserved_prefix and value.startswith(self.reserved_prefix):
+            self._reject(key, value, f"starts with the reserved prefix {self.reserved_prefix!r}")
+        return value
+
+
+class _PathText(_Kind):
+    """A filesystem path, lexically normalised (no filesystem access, symlinks not followed).
+
+    Whether a relative path is allowed, and what it is relative to, depends on the key; the
+    builders resolve relative paths. Config parsing never touches the filesystem, so it gives
+    the same answer on a build host as on the server.
+    """
+
+    type_name = "path"
+
+    def __init__(self, allowed: str, *, absolute: bool = False, empty_is_none: bool = False,
+                 max_bytes: int | None = None):
+        self.allowed, self.absolute = allowed, absolute
+        self.empty_is_none, self.max_bytes = empty_is_none, max_bytes
+
+    def convert(self, value, key):
+        self._require_type(key, value, isinstance(value, str), "a string")
+        if value == "":
+            if self.empty_is_none:
+                return None
+            self._reject(key, value, "is empty")
+        if "\0" in value:
+            self._reject(key, value, "contains a NUL character")
+        if self.absolute and not os.path.isabs(value):
+            self._reject(key, value, "is not an absolute path")
+        path = Path(os.path.normpath(value))
+        if self.max_bytes is not None and len(os.fsencode(path)) > self.max_bytes:
+            self._reject(key, value, f"is longer than {self.max_bytes} bytes")
+        return path
+
+
+class _Size(_Kind):
+    type_name = "size"
+
+    def __init__(self, minimum: int, maximum: int | None = None, *, multiple_of: int = 1,
+                 power_of_two: bool = False):
+        self.minimum, self.maximum = minimum, maximum
+        self.multiple_of, self.power_of_two = multiple_of, power_of_two
+        what = "a power-of-two size" if power_of_two else "a size"
+        if maximum is not None:
+            self.allowed = f"{what} from {format_size(minimum)} to {format_size(maximum)}"
+        else:
+            self.allowed = f"{what} >= {format_size(minimum)}"
+        if multiple_of > 1:
+            self.allowed += f", a multiple of {multiple_of}"
+
+    def convert(self, value, key):
+        size = parse_size(value, key)
+        # No silent rounding to the page size: the operator would not get the size they wrote.
+        if size < self.minimum or (self.maximum is not None and size > self.maximum):
+            self._reject(key, value, f"{size} bytes is out of range")
+        if size % self.multiple_of:
+            self._reject(key, value, f"{size} bytes is not a multiple of {self.multiple_of}")
+        if self.power_of_two and not _is_power_of_two(size):
+            self._reject(key, value, f"{size} bytes is not a power of two")
+        return size
+
+
+class _Duration(_Kind):
+    type_name = "duration"
+    allowed = DURATION_SYNTAX
+
+    def convert(self, value, key):
+        return parse_duration(value, key)
+
+
+class _ListenAddresses(_Kind):
+    """TCP listen addresses -> tuple of (host, port); host "" means every address."""
+
+    type_name = "list of str"
+    allowed = (
+        'a list of "HOST:PORT" or "[IPV6]:PORT"; HOST is an IPv4 literal, "localhost", '
+        'or "" / "*" for any address; PORT 0..65535; no duplicates'
+    )
+
+    def convert(self, value, key):
+        self._require_type(key, value, isinstance(value, (list, tuple)), "an array")
+        addresses = []
+        for index, text in enumerate(value):
+            address = self._parse_one(text, f"{key}[{index}]")
+            if address in addresses:
+                self._reject(f"{key}[{index}]", text, "is listed twice")
+            addresses.append(address)
+        return tuple(addresses)
+
+    def _parse_one(self, text, key) -> tuple[str, int]:
+        self._require_type(key, text, isinstance(text, str), "a string")
+        if text.startswith("["):
+            # "[v6]:port". Bracketed v4 ("[127.0.0.1]:1") is not a URL form anyone expects.
+            host_text, bracket_colon, port_text = text[1:].partition("]:")
+            if not bracket_colon:
+                self._reject(key, text, 'is not "[IPV6]:PORT"')
+            host = _ip_literal(ipaddress.IPv6Address, host_text)
+            if host is None:
+                self._reject(key, text, f"{host_text!r} is not an IPv6 address")
+        else:
+            host_text, colon, port_text = text.rpartition(":")
+            if not colon:
+                self._reject(key, text, "has no :PORT")
+            if ":" in host_text:
+                self._reject(key, text, 'is an unbracketed IPv6 address (write "[::1]:10809")')
+            if host_text in ("", "*"):
+                host = ""  # one spelling for "any", so consumers need not know about "*"
+            elif host_text == "localhost":
+                host = "localhost"
+            else:
+                host = _ip_literal(ipaddress.IPv4Address, host_text)
+                if host is None:
+                    # Host names other than localhost are refused: resolving them would make
+                    # what the daemon listens on depend on DNS at boot time.
+                    self._reject(key, text, f"{host_text!r} is not an IP address or \"localhost\"")
+        if not re.fullmatch(r"[0-9]{1,5}", port_text, re.ASCII) or int(port_text) > 65535:
+            self._reject(key, text, f"port {port_text!r} is not 0..65535")
+        return host, int(port_text)
+
+
+def _ip_literal(address_class, text: str) -> str | None:
+    """The canonical spelling of an IP literal ("0::1" -> "::1"), or None if it is not one."""
+    try:
+        return str(address_class(text))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema. Defaults are written as they would be in the TOML file, go through the same
+# kind as a user-supplied value, and are rendered verbatim into the reference.
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED = _Required()  # the key must be present
+_OPTIONAL = _ABSENT  # the key may be absent; its value is then None
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    kind: _Kind
+    default: object
+    meaning: str
+    also: str = ""  # rules involving other keys, for the reference (checked in _build_*)
+
+
+_DAEMON = (
+    _Field("state_dir", _PathText("a path; relative paths are resolved against the directory "
+                                  "containing the config file"),
+           "/var/lib/netswapd",
+           "Directory holding export files, per-node swap files and daemon state."),
+    _Field("log_level", _Choice("debug", "info", "warning", "error"), "info",
+           "Least severe message that is logged."),
+    _Field("workers", _Integer(1, 256), 8,
+           "I/O threads shared by all connections."),
+    _Field("shutdown_timeout", _Duration(), "30s",
+           "On SIGTERM/SIGINT, how long in-flight requests may take to finish before "
+           "connections are closed."),
+)
+
+_POOL = (
+    _Field("size", _Size(MiB, multiple_of=4096), "256MiB",
+           "Size of the mlocked pool every request payload is carved from; the daemon's "
+           "memory for request data never exceeds it.",
+           also="and >= nbd.max_request"),
+    _Field("lock", _Choice("required", "best-effort", "off"), "required",
+           'Whether the pool is mlocked: "required" refuses to start if it cannot be, '
+           '"best-effort" logs a warning and continues, "off" never tries.'),
+)
+
+_NBD = (
+    _Field("listen", _ListenAddresses(), ["127.0.0.1:10809", "[::1]:10809"],
+           "TCP addresses to serve NBD on; an empty list serves TCP nowhere."),
+    _Field("unix_socket", _PathText('an absolute path of at most 107 bytes, or "" to disable',
+                                    absolute=True, empty_is_none=True,
+                                    max_bytes=107),  # sun_path is 108 bytes including the NUL
+           "/run/netswapd/nbd.sock",
+           "Unix socket to serve NBD on, for local clients."),
+    _Field("max_request", _Size(4 * KiB, 128 * MiB, power_of_two=True), "32MiB",
+           "Largest READ/WRITE payload served (advertised as the maximum block size); "
+           "larger requests are refused."),
+    _Field("max_inflight", _Integer(1, 1024), 128,
+           "Requests one connection may have in flight; with max_request, bounds how much of "
+           "the pool one node can hold."),
+    _Field("handshake_timeout", _Duration(), "10s",
+           "Time a new connection has to finish NBD negotiation before it is dropped."),
+    _Field("block_size_min", _Integer(1, 65536, power_of_two=True), 1,
+           "Advertised minimum block size: the alignment clients must respect."),
+    _Field("block_size_preferred", _Integer(512, 128 * MiB, power_of_two=True), 4096,
+           "Advertised preferred block size: the alignment clients should use for speed.",
+           also="and >= nbd.block_size_min and <= nbd.max_request"),
+)
+
+_SWAP = (
+    _Field("enabled", _Boolean(), True,
+           'Whether a client asking for export "swap/<node>" gets its own swap export, '
+           "created from this template."),
+    _Field("size", _Size(MiB, multiple_of=4096), "1GiB",
+           "Size of each node's swap export.",
+           also="and a multiple of nbd.block_size_min"),
+    _Field("backend", _Choice("file", "memory"), "file",
+           "Where per-node swap data lives: a sparse file in directory, or server RAM "
+           "(lost when the daemon stops)."),
+    _Field("directory", _PathText("a path, relative to daemon.state_dir or absolute"), "swap",
+           "Directory for per-node swap files.",
+           also="and must resolve strictly inside daemon.state_dir"),
+    _Field("description", _Text(0, 4096), "netswap per-node swap",
+           "Description sent to clients (NBD_INFO_DESCRIPTION)."),
+)
+
+_EXPORT = (
+    _Field("name", _Text(1, 255, reserved_prefix="swap/"), _REQUIRED,
+           "Export name clients ask for.",
+           also="and unique among exports"),
+    _Field("backend", _Choice("file", "memory"), "file",
+           "Where the export's data lives: the file at path, or server RAM (lost when the "
+           "daemon stops)."),
+    _Field("path", _PathText("a path, relative to daemon.state_dir or absolute"), _OPTIONAL,
+           "Backing file of a file export.",
+           also='required for backend "file", forbidden for "memory"; unique among exports; '
+                "not inside swap.directory"),
+    _Field("size", _Size(4096, multiple_of=4096), _REQUIRED,
+           "Export size.",
+           also="and a multiple of nbd.block_size_min"),
+    _Field("read_only", _Boolean(), False,
+           "Serve the export read-only (writes are refused)."),
+    _Field("description", _Text(0, 4096), "",
+           "Description sent to clients (NBD_INFO_DESCRIPTION)."),
+)
+
+# Fixed sections, in file and documentation order; "exports" is an array of tables.
+_SECTIONS = {"daemon": _DAEMON, "pool": _POOL, "nbd": _NBD, "swap": _SWAP}
+_TOP_LEVEL = (*_SECTIONS, "exports")
+
+KEYS: tuple[str, ...] = (
+    *(f"{section}.{field.name}" for section, fields in _SECTIONS.items() for field in fields),
+    *(f"exports[].{field.name}" for field in _EXPORT),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed result.
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path  # absolute
+    log_level: str
+    workers: int
+    shutdown_timeout: float  # seconds
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    size: int  # bytes
+    lock: str
+
+
+@dataclass(frozen=True)
+class NbdConfig:
+    listen: tuple[tuple[str, int], ...]  # (host, port); host "" = any address
+    unix_socket: Path | None
+    max_request: int  # bytes
+    max_inflight: int
+    handshake_timeout: float  # seconds
+    block_size_min: int
+    block_size_preferred: int
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    enabled: bool
+    size: int  # bytes
+    backend: str
+    directory: Path  # absolute, strictly inside daemon.state_dir
+    description: str
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    name: str
+    backend: str
+    path: Path | None  # absolute for "file", None for "memory"
+    size: int  # bytes
+    read_only: bool
+    description: str
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig
+    pool: PoolConfig
+    nbd: NbdConfig
+    swap: SwapConfig
+    exports: tuple[ExportConfig, ...]
+    source: str  # the file this came from, or "<string>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _key_path(prefix: str, name: str) -> str:
+    # Quote keys that are not TOML bare keys, so `daemon."log level"` reads as one key.
+    shown = name if re.fullmatch(r"[A-Za-z0-9_-]+", name, re.ASCII) else json.dumps(name)
+    return f"{prefix}.{shown}" if prefix else shown
+
+
+def _reject_unknown_keys(table: Mapping, prefix: str, known: tuple[str, ...]) -> None:
+    for name, value in table.items():
+        if name in known:
+            continue
+        problem = "unknown key"
+        close = difflib.get_close_matches(str(name), known, n=1)
+        if close:
+            problem += f" (did you mean {close[0]!r}?)"
+        elif not prefix:  # a key written above its [section] header, e.g. top-level "workers"
+            owners = [s for s, fields in _SECTIONS.items() if name in {f.name for f in fields}]
+            if owners:
+                problem += f" (did you mean it under [{'] or ['.join(owners)}]?)"
+        raise ConfigError(_key_path(prefix, str(name)), problem, value=value,
+                          allowed=", ".join(known))
+
+
+def _read_table(table, prefix: str, fields: tuple[_Field, ...]) -> tuple[dict, dict]:
+    """Check one TOML table against its fields.
+
+    Returns (values, written): the converted values, and the raw values they came from
+    (the default where the key was absent), so that errors about rules between keys can
+    quote what the operator wrote rather than a byte count.
+    """
+    if not isinstance(table, Mapping):
+        raise ConfigError(prefix, f"is {_describe_type(table)}, not a table", value=table,
+                          allowed=f"a table ([{prefix}])")
+    _reject_unknown_keys(table, prefix, tuple(field.name for field in fields))
+    values, written = {}, {}
+    for field in fields:
+        key = _key_path(prefix, field.name)
+        raw = table.get(field.name, field.default)
+        if raw is _REQUIRED:
+            raise ConfigError(key, "is required but missing", allowed=field.kind.allowed)
+        written[field.name] = raw
+        values[field.name] = None if raw is _OPTIONAL else field.kind.convert(raw, key)
+    return values, written
+
+
+def _under(base: Path, path: Path) -> Path:
+    """path resolved against base, lexically: base / "../x" leaves base."""
+    return Path(os.path.normpath(base / path))
+
+
+def _check_multiple_of_block(size: int, key: str, written, nbd: NbdConfig) -> None:
+    # NBD clients may only address whole minimum-size blocks; a ragged tail would be
+    # unreachable, or reachable only through requests the server promised not to need.
+    if size % nbd.block_size_min:
+        raise ConfigError(
+            key, f"{size} bytes is not a multiple of nbd.block_size_min ({nbd.block_size_min})",
+            value=written, allowed="a multiple of nbd.block_size_min",
+        )
+
+
+def _build_daemon(table, base_dir: Path | None) -> DaemonConfig:
+    values, written = _read_table(table, "daemon", _DAEMON)
+    state_dir = values["state_dir"]
+    if not state_dir.is_absolute():
+        if base_dir is None:
+            raise ConfigError(
+                "daemon.state_dir", "is relative, and there is no config file to resolve it "
+                "against", value=written["state_dir"], allowed="an absolute path",
+            )
+        values["state_dir"] = _under(base_dir, state_dir)
+    return DaemonConfig(**values)
+
+
+def _build_pool(table, nbd: NbdConfig, nbd_written: dict) -> PoolConfig:
+    values, written = _read_table(table, "pool", _POOL)
+    # Every payload is one contiguous pool buffer, so a pool smaller than the largest request
+    # would accept a client and then be unable to serve it.
+    if values["size"] < nbd.max_request:
+        raise ConfigError(
+            "pool.size",
+            f"{values['size']} bytes is smaller than nbd.max_request = "
+            f"{nbd_written['max_request']!r} ({nbd.max_request} bytes)",
+            value=written["size"], allowed="pool.size >= nbd.max_request",
+        )
+    return PoolConfig(**values)
+
+
+def _build_nbd(table) -> tuple[NbdConfig, dict]:
+    values, written = _read_table(table, "nbd", _NBD)
+    preferred, minimum = values["block_size_preferred"], values["block_size_min"]
+    # The NBD spec: preferred >= minimum and <= maximum (our maximum is max_request); the
+    # 512 floor is the kind's range, as no client does useful I/O in smaller units.
+    if not minimum <= preferred <= values["max_request"]:
+        raise ConfigError(
+            "nbd.block_size_preferred",
+            f"is outside nbd.block_size_min = {minimum} .. nbd.max_request = "
+            f"{written['max_request']!r} ({values['max_request']} bytes)",
+            value=written["block_size_preferred"],
+            allowed="a power of two >= max(nbd.block_size_min, 512) and <= nbd.max_request",
+        )
+    return NbdConfig(**values), written
+
+
+def _build_swap(table, state_dir: Path, nbd: NbdConfig) -> SwapConfig:
+    values, written = _read_table(table, "swap", _SWAP)
+    directory = _under(state_dir, values["directory"])
+    # Per-node swap files are named after client-chosen node names and deleted on detach;
+    # keeping them in their own subdirectory of state_dir keeps that churn away from
+    # everything else the daemon owns.
+    if directory == state_dir or not directory.is_relative_to(state_dir):
+        raise ConfigError(
+            "swap.directory", f"resolves to {str(directory)!r}, not inside daemon.state_dir "
+            f"{str(state_dir)!r}", value=written["directory"],
+            allowed="a directory strictly inside daemon.state_dir",
+        )
+    values["directory"] = directory
+    _check_multiple_of_block(values["size"], "swap.size", written["size"], nbd)
+    return SwapConfig(**values)
+
+
+def _build_exports(array, state_dir: Path, swap: SwapConfig, nbd: NbdConfig):
+    if not isinstance(array, (list, tuple)):
+        raise ConfigError("exports", f"is {_describe_type(array)}, not an array of tables",
+                          value=array, allowed="[[exports]] tables")
+    exports: list[ExportConfig] = []
+    owner_of_name: dict[str, str] = {}
+    owner_of_path: dict[Path, str] = {}
+    for index, table in enumerate(array):
+        prefix = f"exports[{index}]"
+        values, written = _read_table(table, prefix, _EXPORT)
+
+        name = values["name"]
+        if name in owner_of_name:
+            raise ConfigError(f"{prefix}.name", f"is already the name of {owner_of_name[name]}",
+                              value=name, allowed="a name unique among exports")
+        owner_of_name[name] = prefix
+
+        path_key = f"{prefix}.path"
+        if values["backend"] == "memory":
+            if values["path"] is not None:
+                raise ConfigError(path_key, 'is set, but backend "memory" has no backing file',
+                                  value=written["path"],
+                                  allowed='no path for backend "memory"')
+        else:
+            if values["path"] is None:
+                raise ConfigError(path_key, f'is required for backend {values["backend"]!r}',
+                                  allowed="a path, relative to daemon.state_dir or absolute")
+            path = values["path"] = _under(state_dir, values["path"])
+            # Two exports on one file would corrupt each other; a file inside the swap
+            # directory could be taken, or deleted, as some node's swap file.
+            if path in owner_of_path:
+                raise ConfigError(path_key, f"is already the backing file of "
+                                  f"{owner_of_path[path]}", value=written["path"],
+                                  allowed="a path unique among exports")
+            if path.is_relative_to(swap.directory):
+                raise ConfigError(path_key, f"resolves to {str(path)!r}, inside swap.directory "
+                                  f"{str(swap.directory)!r}", value=written["path"],
+                                  allowed="a path outside swap.directory")
+            owner_of_path[path] = prefix
+
+        _check_multiple_of_block(values["size"], f"{prefix}.size", written["size"], nbd)
+        exports.append(ExportConfig(**values))
+    return tuple(exports)
+
+
+def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document. Missing keys take their defaults.
+
+    base_dir is what a relative daemon.state_dir is resolved against (load() passes the
+    config file's directory); without it a relative state_dir is an error.
+    """
+    try:
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(None, f"the document is {_describe_type(mapping)}, not a table")
+        _reject_unknown_keys(mapping, "", _TOP_LEVEL)
+        # Order matters: later sections are checked against earlier ones.
+        daemon = _build_daemon(mapping.get("daemon", {}), base_dir)
+        nbd, nbd_written = _build_nbd(mapping.get("nbd", {}))
+        pool = _build_pool(mapping.get("pool", {}), nbd, nbd_written)
+        swap = _build_swap(mapping.get("swap", {}), daemon.state_dir, nbd)
+        exports = _build_exports(mapping.get("exports", []), daemon.state_dir, swap, nbd)
+    except ConfigError as error:
+        error.source = source
+        raise
+    return Config(daemon=daemon, pool=pool, nbd=nbd, swap=swap, exports=exports, source=source)
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and validate a TOML config file. Every failure, I/O included, is a ConfigError."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(None, f"cannot read: {error.strerror or error}", source=source) from error
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(None, f"is not UTF-8 (byte {error.start})", source=source) from None
+    except tomllib.TOMLDecodeError as error:
+        # tomllib's message ends in "(at line L, column C)".
+        raise ConfigError(None, f"TOML syntax error: {error}", source=source) from None
+    # absolute(), not resolve(): relative paths follow the file as the operator named it.
+    return parse(document, source=source, base_dir=path.absolute().parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference table (docs-config.md), generated from the schema.
+
+
+def _toml_literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_literal(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # valid as a TOML basic string
+    return str(value)
+
+
+def reference_table() -> str:
+    """The Markdown table of every key: key, type, default, allowed values, meaning."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = [
+        "| key | type | default | allowed values | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    tables = [*_SECTIONS.items(), ("exports[]", _EXPORT)]
+    for section, fields in tables:
+        for field in fields:
+            if field.default is _REQUIRED:
+                default = "*required*"
+            elif field.default is _OPTIONAL:
+                default = "*none*"
+            else:
+                default = f"`{cell(_toml_literal(field.default))}`"
+            allowed = field.kind.allowed + (f"; {field.also}" if field.also else "")
+            rows.append(f"| `{section}.{field.name}` | {field.kind.type_name} | {default} "
+                        f"| {cell(allowed)} | {cell(field.meaning)} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_table(), end="")

@@ -1,0 +1,434 @@
+"""Configuration: TOML -> typed, validated, frozen objects; every error names key, value, rule."""
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import pytest
+
+from netswap import config
+from netswap.config import ConfigError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def error_of(mapping, **kwargs) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(mapping, **kwargs)
+    return caught.value
+
+
+def with_exports(*exports, **sections):
+    return {**sections, "exports": list(exports)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and durations.
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (0, 0),
+        (4096, 4096),
+        ("4096", 4096),
+        ("4096B", 4096),
+        ("512KiB", 512 << 10),
+        ("512K", 512 << 10),
+        ("64MiB", 64 * MiB),
+        ("64M", 64 * MiB),
+        ("1GiB", GiB),
+        ("2TiB", 2 << 40),
+        ("1kB", 1000),
+        ("100MB", 100_000_000),
+        ("4GB", 4_000_000_000),
+        ("1 GiB", GiB),
+        (" 8MiB ", 8 * MiB),
+    ],
+)
+def test_parse_size_accepts(text, expected):
+    assert config.parse_size(text, "pool.size") == expected
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("1.5GiB", "whole number"),
+        ("64XB", "unknown unit 'XB'"),
+        ("64KB", "unknown unit 'KB'"),  # ambiguous between 1000 and 1024: refused
+        ("64mb", "unknown unit 'mb'"),
+        ("GiB", "not a size"),
+        ("", "not a size"),
+        ("-1", "not a size"),
+        ("٤٠٩٦", "not a size"),  # non-ASCII digits that int() would accept
+        (-4096, "negative"),
+        (1.5, "is a float"),
+        (True, "is a boolean"),
+        ([4096], "is an array"),
+    ],
+)
+def test_parse_size_rejects(value, problem):
+    with pytest.raises(ConfigError) as caught:
+        config.parse_size(value, "exports[1].size")
+    message = str(caught.value)
+    assert f"exports[1].size = {value!r}" in message
+    assert problem in message
+    assert "KiB" in message and "kB" in message  # the allowed syntax is spelled out
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        (30, 30.0),
+        (0.25, 0.25),
+        ("10s", 10.0),
+        ("500ms", 0.5),
+        ("100ms", 0.1),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        (" 2 m ", 120.0),
+    ],
+)
+def test_parse_duration_accepts(value, seconds):
+    assert config.parse_duration(value, "daemon.shutdown_timeout") == seconds
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("10", "no unit"),  # seconds or milliseconds? refuse to guess
+        ("5d", "unknown unit 'd'"),
+        ("soon", "not a duration"),
+        ("-1s", "not a duration"),
+        (0, "> 0"),
+        ("0ms", "> 0"),
+        (-3, "> 0"),
+        (float("inf"), "finite"),
+        (float("nan"), "finite"),
+        (True, "is a boolean"),
+    ],
+)
+def test_parse_duration_rejects(value, problem):
+    with pytest.raises(ConfigError) as caught:
+        config.parse_duration(value, "nbd.handshake_timeout")
+    message = str(caught.value)
+    assert f"nbd.handshake_timeout = {value!r}" in message
+    assert problem in message
+    assert '"500ms"' in message
+
+
+def test_format_size():
+    assert config.format_size(32 * MiB) == "32MiB"
+    assert config.format_size(1536 * MiB) == "1536MiB"
+    assert config.format_size(1000) == "1000 bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults and the typed result.
+
+
+def test_empty_document_gives_defaults():
+    cfg = config.parse({})
+    assert cfg.daemon == config.DaemonConfig(
+        state_dir=Path("/var/lib/netswapd"), log_level="info", workers=8, shutdown_timeout=30.0
+    )
+    assert cfg.pool == config.PoolConfig(size=256 * MiB, lock="required")
+    assert cfg.nbd == config.NbdConfig(
+        listen=(("127.0.0.1", 10809), ("::1", 10809)),
+        unix_socket=Path("/run/netswapd/nbd.sock"),
+        max_request=32 * MiB,
+        max_inflight=128,
+        handshake_timeout=10.0,
+        block_size_min=1,
+        block_size_preferred=4096,
+    )
+    assert cfg.swap == config.SwapConfig(
+        enabled=True,
+        size=GiB,
+        backend="file",
+        directory=Path("/var/lib/netswapd/swap"),
+        description="netswap per-node swap",
+    )
+    assert cfg.exports == ()
+    assert cfg.source == "<string>"
+
+
+def test_result_is_frozen():
+    cfg = config.parse({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.pool.size = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.daemon = None
+
+
+def test_exports_are_typed_and_paths_resolved():
+    cfg = config.parse(
+        with_exports(
+            {"name": "scratch", "path": "scratch.img", "size": "1GiB"},
+            {"name": "abs", "path": "/srv/images/abs.img", "size": 8192, "read_only": True},
+            {"name": "ram", "backend": "memory", "size": "256MiB", "description": "remote RAM"},
+            daemon={"state_dir": "/srv/netswap"},
+        )
+    )
+    assert cfg.exports == (
+        config.ExportConfig("scratch", "file", Path("/srv/netswap/scratch.img"), GiB, False, ""),
+        config.ExportConfig("abs", "file", Path("/srv/images/abs.img"), 8192, True, ""),
+        config.ExportConfig("ram", "memory", None, 256 * MiB, False, "remote RAM"),
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:10809", ("127.0.0.1", 10809)),
+        ("[::1]:10809", ("::1", 10809)),
+        ("[0:0::1]:1", ("::1", 1)),  # canonical spelling, so duplicates are caught
+        ("[::]:0", ("::", 0)),
+        ("*:10809", ("", 10809)),
+        (":10809", ("", 10809)),
+        ("localhost:65535", ("localhost", 65535)),
+        ("[fe80::1%eth0]:10809", ("fe80::1%eth0", 10809)),
+    ],
+)
+def test_listen_addresses(text, expected):
+    assert config.parse({"nbd": {"listen": [text]}}).nbd.listen == (expected,)
+
+
+def test_listen_may_be_empty_and_unix_socket_disabled():
+    nbd = config.parse({"nbd": {"listen": [], "unix_socket": ""}}).nbd
+    assert nbd.listen == ()
+    assert nbd.unix_socket is None
+
+
+def test_relative_state_dir_is_resolved_against_the_config_file(tmp_path):
+    (tmp_path / "etc").mkdir()
+    config_file = tmp_path / "etc" / "netswapd.toml"
+    config_file.write_text('[daemon]\nstate_dir = "../state"\n')
+    cfg = config.load(config_file)
+    assert cfg.daemon.state_dir == tmp_path / "state"
+    assert cfg.swap.directory == tmp_path / "state" / "swap"
+    assert cfg.source == str(config_file)
+
+
+def test_relative_state_dir_without_a_file_is_an_error():
+    error = error_of({"daemon": {"state_dir": "state"}})
+    assert error.key == "daemon.state_dir"
+    assert "'state'" in str(error) and "absolute path" in str(error)
+    assert config.parse({"daemon": {"state_dir": "state"}}, base_dir=Path("/etc")).daemon.state_dir == Path("/etc/state")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: each names the key path, the value as written, and what is allowed.
+
+ERROR_CASES = [
+    # (id, document, key, value, fragment of the allowed set)
+    ("unknown top-level", {"deamon": {}}, "deamon", {}, "daemon, pool, nbd, swap, exports"),
+    ("key above its section", {"workers": 4}, "workers", 4, "daemon, pool, nbd, swap, exports"),
+    ("unknown nested", {"daemon": {"wrokers": 4}}, "daemon.wrokers", 4,
+     "state_dir, log_level, workers, shutdown_timeout"),
+    ("unknown in export", with_exports({"name": "a", "size": 4096, "backend": "memory",
+                                        "readonly": True}),
+     "exports[0].readonly", True, "name, backend, path, size, read_only, description"),
+    ("section not a table", {"pool": "256MiB"}, "pool", "256MiB", "a table ([pool])"),
+    ("exports not an array", {"exports": {"name": "a"}}, "exports", {"name": "a"},
+     "[[exports]]"),
+    ("string for int", {"daemon": {"workers": "8"}}, "daemon.workers", "8",
+     "an integer from 1 to 256"),
+    ("float for int", {"daemon": {"workers": 8.0}}, "daemon.workers", 8.0,
+     "an integer from 1 to 256"),
+    ("bool for int", {"nbd": {"max_inflight": True}}, "nbd.max_inflight", True,
+     "an integer from 1 to 1024"),
+    ("string for bool", {"swap": {"enabled": "yes"}}, "swap.enabled", "yes", "true or false"),
+    ("int for bool", {"swap": {"enabled": 1}}, "swap.enabled", 1, "true or false"),
+    ("bad size string", {"pool": {"size": "1.5GiB"}}, "pool.size", "1.5GiB", "KiB"),
+    ("bad size unit", {"swap": {"size": "1 gigabyte"}}, "swap.size", "1 gigabyte", "GiB"),
+    ("bad duration", {"daemon": {"shutdown_timeout": "30"}}, "daemon.shutdown_timeout", "30",
+     '"10s"'),
+    ("zero duration", {"nbd": {"handshake_timeout": 0}}, "nbd.handshake_timeout", 0, "> 0"),
+    ("workers 0", {"daemon": {"workers": 0}}, "daemon.workers", 0, "from 1 to 256"),
+    ("workers 257", {"daemon": {"workers": 257}}, "daemon.workers", 257, "from 1 to 256"),
+    ("inflight 2000", {"nbd": {"max_inflight": 2000}}, "nbd.max_inflight", 2000,
+     "from 1 to 1024"),
+    ("bad log level", {"daemon": {"log_level": "verbose"}}, "daemon.log_level", "verbose",
+     '"debug", "info", "warning", "error"'),
+    ("log level is case-sensitive", {"daemon": {"log_level": "INFO"}}, "daemon.log_level",
+     "INFO", '"info"'),
+    ("bad lock", {"pool": {"lock": "yes"}}, "pool.lock", "yes",
+     '"required", "best-effort", "off"'),
+    ("pool too small", {"pool": {"size": "512KiB"}}, "pool.size", "512KiB", ">= 1MiB"),
+    ("pool not page multiple", {"pool": {"size": 2 * MiB + 100}}, "pool.size", 2 * MiB + 100,
+     "a multiple of 4096"),
+    ("max_request not power of two", {"nbd": {"max_request": "48MiB"}}, "nbd.max_request",
+     "48MiB", "power-of-two size from 4KiB to 128MiB"),
+    ("max_request too big", {"nbd": {"max_request": "256MiB"}, "pool": {"size": "1GiB"}},
+     "nbd.max_request", "256MiB", "from 4KiB to 128MiB"),
+    ("max_request too small", {"nbd": {"max_request": 2048}}, "nbd.max_request", 2048,
+     "from 4KiB to 128MiB"),
+    ("block_size_min not power of two", {"nbd": {"block_size_min": 3}}, "nbd.block_size_min",
+     3, "a power of two from 1 to 65536"),
+    ("block_size_min too big", {"nbd": {"block_size_min": 131072}}, "nbd.block_size_min",
+     131072, "a power of two from 1 to 65536"),
+    ("preferred below 512", {"nbd": {"block_size_preferred": 256}},
+     "nbd.block_size_preferred", 256, "a power of two from 512"),
+    ("preferred below min", {"nbd": {"block_size_min": 65536, "block_size_preferred": 4096}},
+     "nbd.block_size_preferred", 4096, ">= max(nbd.block_size_min, 512)"),
+    ("preferred above max_request", {"nbd": {"max_request": "4KiB",
+                                             "block_size_preferred": 8192}},
+     "nbd.block_size_preferred", 8192, "<= nbd.max_request"),
+    ("pool smaller than max_request", {"pool": {"size": "16MiB"}}, "pool.size", "16MiB",
+     "pool.size >= nbd.max_request"),
+    ("listen without port", {"nbd": {"listen": ["127.0.0.1"]}}, "nbd.listen[0]", "127.0.0.1",
+     '"HOST:PORT" or "[IPV6]:PORT"'),
+    ("listen unbracketed v6", {"nbd": {"listen": ["127.0.0.1:1", "::1:10809"]}},
+     "nbd.listen[1]", "::1:10809", '"[IPV6]:PORT"'),
+    ("listen host name", {"nbd": {"listen": ["example.com:10809"]}}, "nbd.listen[0]",
+     "example.com:10809", '"localhost"'),
+    ("listen port too big", {"nbd": {"listen": ["127.0.0.1:65536"]}}, "nbd.listen[0]",
+     "127.0.0.1:65536", "PORT 0..65535"),
+    ("listen port not a number", {"nbd": {"listen": ["127.0.0.1:nbd"]}}, "nbd.listen[0]",
+     "127.0.0.1:nbd", "PORT 0..65535"),
+    ("listen bracketed v4", {"nbd": {"listen": ["[127.0.0.1]:1"]}}, "nbd.listen[0]",
+     "[127.0.0.1]:1", '"[IPV6]:PORT"'),
+    ("listen duplicate", {"nbd": {"listen": ["*:1", ":1"]}}, "nbd.listen[1]", ":1",
+     "no duplicates"),
+    ("listen not a list", {"nbd": {"listen": "127.0.0.1:10809"}}, "nbd.listen",
+     "127.0.0.1:10809", "a list of"),
+    ("unix socket relative", {"nbd": {"unix_socket": "nbd.sock"}}, "nbd.unix_socket",
+     "nbd.sock", 'an absolute path of at most 107 bytes, or "" to disable'),
+    ("unix socket too long", {"nbd": {"unix_socket": "/run/" + "x" * 103}}, "nbd.unix_socket",
+     "/run/" + "x" * 103, "at most 107 bytes"),
+    ("swap.directory escapes", {"swap": {"directory": "../elsewhere"}}, "swap.directory",
+     "../elsewhere", "strictly inside daemon.state_dir"),
+    ("swap.directory absolute outside", {"swap": {"directory": "/tmp/swap"}}, "swap.directory",
+     "/tmp/swap", "strictly inside daemon.state_dir"),
+    ("swap.directory is state_dir", {"swap": {"directory": "a/.."}}, "swap.directory",
+     "a/..", "strictly inside daemon.state_dir"),
+    ("swap size not block multiple", {"nbd": {"block_size_min": 65536,
+                                              "block_size_preferred": 65536},
+                                      "swap": {"size": MiB + 4096}},
+     "swap.size", MiB + 4096, "a multiple of nbd.block_size_min"),
+    ("export name missing", with_exports({"backend": "memory", "size": 4096}),
+     "exports[0].name", None, "1 to 255 bytes of UTF-8"),
+    ("export name empty", with_exports({"name": "", "backend": "memory", "size": 4096}),
+     "exports[0].name", "", "1 to 255 bytes of UTF-8"),
+    ("export name too long", with_exports({"name": "é" * 128, "backend": "memory",
+                                           "size": 4096}),
+     "exports[0].name", "é" * 128, "1 to 255 bytes of UTF-8"),
+    ("export name NUL", with_exports({"name": "a\0b", "backend": "memory", "size": 4096}),
+     "exports[0].name", "a\0b", "no NUL"),
+    ("export name reserved", with_exports({"name": "swap/node1", "backend": "memory",
+                                           "size": 4096}),
+     "exports[0].name", "swap/node1", 'not starting with "swap/"'),
+    ("export name duplicate", with_exports({"name": "a", "backend": "memory", "size": 4096},
+                                           {"name": "b", "backend": "memory", "size": 4096},
+                                           {"name": "a", "backend": "memory", "size": 8192}),
+     "exports[2].name", "a", "unique among exports"),
+    ("export size missing", with_exports({"name": "a", "backend": "memory"}),
+     "exports[0].size", None, "a size >= 4KiB"),
+    ("export size too small", with_exports({"name": "a", "backend": "memory", "size": 512}),
+     "exports[0].size", 512, "a size >= 4KiB, a multiple of 4096"),
+    ("export size not page multiple", with_exports({"name": "a", "backend": "memory",
+                                                    "size": "10000"}),
+     "exports[0].size", "10000", "a multiple of 4096"),
+    ("export size not block multiple", with_exports({"name": "a", "backend": "memory",
+                                                     "size": "8KiB"},
+                                                    nbd={"block_size_min": 65536,
+                                                         "block_size_preferred": 65536}),
+     "exports[0].size", "8KiB", "a multiple of nbd.block_size_min"),
+    ("export bad backend", with_exports({"name": "a", "backend": "nvme", "size": 4096}),
+     "exports[0].backend", "nvme", '"file", "memory"'),
+    ("file export without path", with_exports({"name": "a", "size": 4096}),
+     "exports[0].path", None, "relative to daemon.state_dir or absolute"),
+    ("memory export with path", with_exports({"name": "a", "backend": "memory",
+                                              "path": "a.img", "size": 4096}),
+     "exports[0].path", "a.img", 'no path for backend "memory"'),
+    ("export path duplicate", with_exports({"name": "a", "path": "x.img", "size": 4096},
+                                           {"name": "b", "path": "/var/lib/netswapd/x.img",
+                                            "size": 4096}),
+     "exports[1].path", "/var/lib/netswapd/x.img", "unique among exports"),
+    ("export path in swap dir", with_exports({"name": "a", "path": "swap/node1",
+                                              "size": 4096}),
+     "exports[0].path", "swap/node1", "outside swap.directory"),
+    ("export read_only not bool", with_exports({"name": "a", "backend": "memory",
+                                                "size": 4096, "read_only": "no"}),
+     "exports[0].read_only", "no", "true or false"),
+]
+
+
+@pytest.mark.parametrize(
+    "document, key, value, allowed", [case[1:] for case in ERROR_CASES],
+    ids=[case[0] for case in ERROR_CASES],
+)
+def test_error_names_key_value_and_allowed(document, key, value, allowed):
+    error = error_of(document, source="test.toml")
+    message = str(error)
+    assert isinstance(error, ValueError)
+    assert error.key == key
+    assert message.startswith(f"test.toml: {key}")
+    if value is not None:  # None: the key is missing, so there is no value to show
+        assert f"{key} = {value!r}" in message
+    assert f"allowed: " in message and allowed in message, message
+
+
+def test_unknown_key_suggests_the_near_miss():
+    assert "did you mean 'max_request'?" in str(error_of({"nbd": {"max_requests": "1MiB"}}))
+    assert "under [daemon]" in str(error_of({"workers": 4}))
+
+
+def test_pool_smaller_than_max_request_names_both_keys():
+    message = str(error_of({"pool": {"size": "16MiB"}, "nbd": {"max_request": "32MiB"}}))
+    assert "pool.size = '16MiB'" in message
+    assert "nbd.max_request = '32MiB'" in message
+
+
+def test_error_survives_pickling():
+    # Errors cross process boundaries (multiprocessing, logging queues) intact.
+    error = error_of({"daemon": {"workers": 0}}, source="x.toml")
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error)
+    assert (copy.key, copy.value, copy.source) == ("daemon.workers", 0, "x.toml")
+
+
+def test_huge_values_are_abbreviated_in_errors():
+    message = str(error_of({"daemon": {"log_level": "x" * 10_000}}))
+    assert len(message) < 500
+
+
+# ---------------------------------------------------------------------------------------------
+# load(): file-level errors name the file.
+
+
+def test_syntax_error_names_file_line_and_column(tmp_path):
+    config_file = tmp_path / "netswapd.toml"
+    config_file.write_text('[daemon]\nworkers = 4\nlog_level = \n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(config_file)
+    message = str(caught.value)
+    assert message.startswith(f"{config_file}: TOML syntax error")
+    assert "line 3" in message and "column" in message
+
+
+def test_validation_error_names_file(tmp_path):
+    config_file = tmp_path / "netswapd.toml"
+    config_file.write_text('[[exports]]\nname = "swap/x"\nbackend = "memory"\nsize = 4096\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(config_file)
+    assert str(caught.value).startswith(f"{config_file}: exports[0].name = 'swap/x'")
+    assert caught.value.source == str(config_file)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        config.load(tmp_path / "absent.toml")
+    assert str(tmp_path / "absent.toml") in str(caught.value)
+    assert "cannot read" in str(caught.value)
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path):
+    config_file = tmp_path / "latin1.toml"
+    config_file.write_bytes(b'[swap]\ndescription = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(config_file)
+    assert str(config_file) in str(caught.value) and "UTF-8" in str(caught.value)
