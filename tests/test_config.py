@@ -2,6 +2,8 @@
 
 import dataclasses
 import pickle
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -432,3 +434,52 @@ def test_non_utf8_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as caught:
         config.load(config_file)
     assert str(config_file) in str(caught.value) and "UTF-8" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default config (config/netswapd.toml).
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "netswapd.toml"
+
+
+def test_default_config_loads_with_the_documented_values():
+    cfg = config.load(DEFAULT_CONFIG)
+    assert cfg.daemon.state_dir == Path("/var/lib/netswapd")
+    assert cfg.pool == config.PoolConfig(size=256 * MiB, lock="required")
+    assert cfg.nbd.listen == (("127.0.0.1", 10809), ("::1", 10809))
+    assert cfg.nbd.unix_socket == Path("/run/netswapd/nbd.sock")
+    assert (cfg.swap.enabled, cfg.swap.size, cfg.swap.backend) == (True, GiB, "file")
+    assert cfg.swap.directory == Path("/var/lib/netswapd/swap")
+    scratch, ram = cfg.exports
+    assert (scratch.name, scratch.backend, scratch.path, scratch.size, scratch.read_only) == (
+        "scratch", "file", Path("/var/lib/netswapd/scratch.img"), GiB, False)
+    assert scratch.description
+    assert ram == config.ExportConfig("ram", "memory", None, 256 * MiB, False, "remote RAM")
+    assert cfg.source == str(DEFAULT_CONFIG)
+
+
+def test_default_config_spells_out_every_default():
+    # Deleting any line of the default file must change nothing (exports aside: they are
+    # examples), so the file is an honest description of what an empty file means.
+    cfg, defaults = config.load(DEFAULT_CONFIG), config.parse({})
+    for section in ("daemon", "pool", "nbd", "swap"):
+        assert getattr(cfg, section) == getattr(defaults, section), section
+
+
+def test_default_config_sets_every_key_with_a_comment():
+    text = DEFAULT_CONFIG.read_text()
+    document = tomllib.loads(text)
+    present = {f"{section}.{key}" for section, table in document.items()
+               if section != "exports" for key in table}
+    present |= {f"exports[].{key}" for export in document["exports"] for key in export}
+    assert present == set(config.KEYS)
+
+    # Every key up to the first export's last line (which documents the export keys) sits
+    # directly under a comment saying why an operator would change it; later exports are
+    # examples and may be terse.
+    second_export = [m.start() for m in re.finditer(r"^\[\[exports\]\]", text, re.M)][1]
+    lines = text[:second_export].splitlines()
+    assert any(line.startswith("read_only =") for line in lines)  # the cut kept export 1
+    for above, line in zip(lines, lines[1:]):
+        if re.match(r"[a-z_]+ *=", line):
+            assert above.startswith("#"), f"no comment above {line!r}"
