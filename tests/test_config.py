@@ -483,3 +483,19 @@ def test_default_config_sets_every_key_with_a_comment():
     for above, line in zip(lines, lines[1:]):
         if re.match(r"[a-z_]+ *=", line):
             assert above.startswith("#"), f"no comment above {line!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference documentation (docs-config.md) is generated from the schema.
+
+DOCS = Path(__file__).resolve().parents[1] / "docs-config.md"
+
+
+def test_reference_table_is_current():
+    # Regenerate with: PYTHONPATH=daemon python3 -m netswap.config
+    assert config.reference_table() in DOCS.read_text()
+
+
+def test_reference_table_has_one_row_per_key():
+    rows = [line for line in config.reference_table().splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(config.KEYS)
