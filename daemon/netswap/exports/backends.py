@@ -31,7 +31,6 @@ import logging
 import mmap
 import os
 import stat
-import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
