@@ -218,7 +218,8 @@ def test_relative_state_dir_without_a_file_is_an_error():
     error = error_of({"daemon": {"state_dir": "state"}})
     assert error.key == "daemon.state_dir"
     assert "'state'" in str(error) and "absolute path" in str(error)
-    assert config.parse({"daemon": {"state_dir": "state"}}, base_dir=Path("/etc")).daemon.state_dir == Path("/etc/state")
+    cfg = config.parse({"daemon": {"state_dir": "state"}}, base_dir=Path("/etc"))
+    assert cfg.daemon.state_dir == Path("/etc/state")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +237,8 @@ ERROR_CASES = [
     ("section not a table", {"pool": "256MiB"}, "pool", "256MiB", "a table ([pool])"),
     ("exports not an array", {"exports": {"name": "a"}}, "exports", {"name": "a"},
      "[[exports]]"),
+    ("export not a table", {"exports": ["scratch"]}, "exports[0]", "scratch",
+     "a table ([[exports]])"),
     ("string for int", {"daemon": {"workers": "8"}}, "daemon.workers", "8",
      "an integer from 1 to 256"),
     ("float for int", {"daemon": {"workers": 8.0}}, "daemon.workers", 8.0,

@@ -16,7 +16,7 @@ Public API:
     parse(mapping, source="<string>") -> Config
     parse_size(value, key) -> int            "64MiB" -> 67108864
     parse_duration(value, key) -> float      "500ms" -> 0.5
-    ConfigError                              a ValueError with .key .value .problem .allowed .source
+    ConfigError                              ValueError: .key .value .problem .allowed .source
     Config, DaemonConfig, PoolConfig, NbdConfig, SwapConfig, ExportConfig
     KEYS, reference_table()                  the documented key paths; the Markdown reference
 """
@@ -37,15 +37,15 @@ from decimal import Decimal
 from pathlib import Path
 
 __all__ = [
+    "DURATION_SYNTAX",
+    "KEYS",
+    "SIZE_SYNTAX",
     "Config",
     "ConfigError",
     "DaemonConfig",
     "ExportConfig",
-    "DURATION_SYNTAX",
-    "KEYS",
     "NbdConfig",
     "PoolConfig",
-    "SIZE_SYNTAX",
     "SwapConfig",
     "format_size",
     "load",
@@ -182,7 +182,7 @@ def parse_size(value, key: str) -> int:
     match = _SIZE_RE.fullmatch(value.strip())
     if match is None:
         if re.fullmatch(r"\s*[0-9]*\.[0-9]+\s*[A-Za-z]*\s*", value, re.ASCII):
-            problem = "is not a whole number; use a smaller unit (e.g. \"1536MiB\", not \"1.5GiB\")"
+            problem = 'is not a whole number; use a smaller unit ("1536MiB", not "1.5GiB")'
         else:
             problem = "is not a size"
         raise ConfigError(key, problem, value=value, allowed=SIZE_SYNTAX)
@@ -232,7 +232,9 @@ def parse_duration(value, key: str) -> float:
             allowed=DURATION_SYNTAX,
         )
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(key, "is not a finite duration > 0", value=value, allowed=DURATION_SYNTAX)
+        raise ConfigError(
+            key, "is not a finite duration > 0", value=value, allowed=DURATION_SYNTAX
+        )
     return seconds
 
 
@@ -303,7 +305,8 @@ class _Text(_Kind):
     type_name = "str"
 
     def __init__(self, min_bytes: int, max_bytes: int, *, reserved_prefix: str | None = None):
-        self.min_bytes, self.max_bytes, self.reserved_prefix = min_bytes, max_bytes, reserved_prefix
+        self.min_bytes, self.max_bytes = min_bytes, max_bytes
+        self.reserved_prefix = reserved_prefix
         self.allowed = f"{min_bytes} to {max_bytes} bytes of UTF-8, no NUL"
         if reserved_prefix:
             self.allowed += f", not starting with {json.dumps(reserved_prefix)}"
@@ -650,8 +653,9 @@ def _reject_unknown_keys(table: Mapping, prefix: str, known: tuple[str, ...]) ->
                           allowed=", ".join(known))
 
 
-def _read_table(table, prefix: str, fields: tuple[_Field, ...]) -> tuple[dict, dict]:
-    """Check one TOML table against its fields.
+def _read_table(table, prefix: str, fields: tuple[_Field, ...], header: str = ""
+                ) -> tuple[dict, dict]:
+    """Check one TOML table against its fields; header is how the table is written in TOML.
 
     Returns (values, written): the converted values, and the raw values they came from
     (the default where the key was absent), so that errors about rules between keys can
@@ -659,7 +663,7 @@ def _read_table(table, prefix: str, fields: tuple[_Field, ...]) -> tuple[dict, d
     """
     if not isinstance(table, Mapping):
         raise ConfigError(prefix, f"is {_describe_type(table)}, not a table", value=table,
-                          allowed=f"a table ([{prefix}])")
+                          allowed=f"a table ({header or f'[{prefix}]'})")
     _reject_unknown_keys(table, prefix, tuple(field.name for field in fields))
     values, written = {}, {}
     for field in fields:
@@ -756,7 +760,7 @@ def _build_exports(array, state_dir: Path, swap: SwapConfig, nbd: NbdConfig):
     owner_of_path: dict[Path, str] = {}
     for index, table in enumerate(array):
         prefix = f"exports[{index}]"
-        values, written = _read_table(table, prefix, _EXPORT)
+        values, written = _read_table(table, prefix, _EXPORT, header="[[exports]]")
 
         name = values["name"]
         if name in owner_of_name:
@@ -798,6 +802,8 @@ def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None =
     base_dir is what a relative daemon.state_dir is resolved against (load() passes the
     config file's directory); without it a relative state_dir is an error.
     """
+    if base_dir is not None:
+        base_dir = Path(base_dir).absolute()
     try:
         if not isinstance(mapping, Mapping):
             raise ConfigError(None, f"the document is {_describe_type(mapping)}, not a table")
@@ -821,7 +827,8 @@ def load(path: str | os.PathLike) -> Config:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise ConfigError(None, f"cannot read: {error.strerror or error}", source=source) from error
+        problem = f"cannot read: {error.strerror or error}"
+        raise ConfigError(None, problem, source=source) from error
     try:
         document = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as error:
