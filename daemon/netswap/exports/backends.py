@@ -248,9 +248,10 @@ class FileBackend(Backend):
     def read_into(self, offset: int, view: memoryview) -> None:
         length = view.nbytes
         _check_range(self.size, offset, length)
-        done = os.preadv(self._fd, [view], offset) if length else 0
+        done = 0
         while done < length:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
+            chunk = view if done == 0 else view[done:]
+            got = os.preadv(self._fd, [chunk], offset + done)
             if got == 0:
                 # EOF inside the export: the file was truncated behind our back.  A sparse file
                 # reads zeros past its data, so behave as if the missing tail were a hole.
