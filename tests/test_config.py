@@ -394,6 +394,8 @@ def test_error_survives_pickling():
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error)
     assert (copy.key, copy.value, copy.source) == ("daemon.workers", 0, "x.toml")
+    missing = error_of(with_exports({"backend": "memory", "size": 4096}))
+    assert str(pickle.loads(pickle.dumps(missing))) == str(missing)  # no "= <absent>"
 
 
 def test_huge_values_are_abbreviated_in_errors():

@@ -67,6 +67,11 @@ class _Absent:
     def __repr__(self) -> str:
         return "<absent>"
 
+    def __reduce__(self):
+        # Unpickle to the one instance, so that `value is _ABSENT` holds in a ConfigError
+        # that crossed a process boundary.
+        return "_ABSENT"
+
 
 _ABSENT = _Absent()
 
