@@ -51,6 +51,27 @@ def blocks_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def run_in_threads(count: int, target) -> None:
+    """Run target(index) on ``count`` threads released together; re-raise the first failure."""
+    start = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def body(index: int) -> None:
+        try:
+            start.wait()
+            target(index)
+        except BaseException as e:  # surfaced in the calling thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture
 def file_backend(tmp_path):
     backend = FileBackend(tmp_path / "disk.img", 64 * MiB, read_only=False, create=True)
@@ -145,28 +166,17 @@ def test_flush_fua_and_cache_succeed(any_backend):
 def test_concurrent_writers_and_readers(any_backend):
     """16 threads, each owning a stripe of 64 KiB blocks, writing then verifying in parallel."""
     threads, blocks_per_thread, block = 16, 32, 64 * 1024
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads)
 
     def worker(t: int) -> None:
-        try:
-            start.wait()
-            buf = memoryview(bytearray(block))
-            for i in range(blocks_per_thread):
-                offset = (i * threads + t) * block  # interleaved stripes
-                data = pattern(block, seed=t * 1000 + i)
-                any_backend.write_from(offset, data, fua=(i % 8 == 0))
-                any_backend.read_into(offset, buf)
-                assert buf == data
-        except BaseException as e:  # surfaced in the main thread below
-            errors.append(e)
+        buf = memoryview(bytearray(block))
+        for i in range(blocks_per_thread):
+            offset = (i * threads + t) * block  # interleaved stripes
+            data = pattern(block, seed=t * 1000 + i)
+            any_backend.write_from(offset, data, fua=(i % 8 == 0))
+            any_backend.read_into(offset, buf)
+            assert buf == data
 
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert not errors, errors
+    run_in_threads(threads, worker)
     for t in range(threads):
         for i in range(blocks_per_thread):
             offset = (i * threads + t) * block
@@ -520,17 +530,7 @@ def test_concurrent_first_lookups_create_one_export(state, monkeypatch):
     monkeypatch.setattr(registry_mod, "FileBackend", counting)
     with ExportRegistry([], swap_template(), state) as registry:
         results: list = []
-        start = threading.Barrier(16)
-
-        def connect():
-            start.wait()
-            results.append(registry.lookup("swap/racer"))
-
-        threads = [threading.Thread(target=connect) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_in_threads(16, lambda _: results.append(registry.lookup("swap/racer")))
         assert len(results) == 16
         assert all(r is results[0] for r in results)
         assert constructed == [state / "swap" / "racer.img"]
