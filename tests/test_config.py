@@ -491,9 +491,9 @@ def test_default_config_sets_every_key_with_a_comment():
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference documentation (docs-config.md) is generated from the schema.
+# The README's configuration reference is generated from the schema.
 
-DOCS = Path(__file__).resolve().parents[1] / "docs-config.md"
+DOCS = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_reference_table_is_current():

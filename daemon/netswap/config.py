@@ -3,7 +3,7 @@
 Every key is described exactly once, in the schema tables below (_DAEMON, _POOL, _NBD, _SWAP,
 _EXPORT): its kind (which type-checks, converts and range-checks the raw TOML value), its
 default and its meaning. The validator, the error messages and the configuration reference
-(docs-config.md, printed by `python3 -m netswap.config`) are all driven by those tables, so
+(the README's configuration reference, printed by `python3 -m netswap.config`) are all driven by those tables, so
 they cannot drift apart. Rules that relate two keys (pool.size >= nbd.max_request, paths
 inside daemon.state_dir, unique export names) cannot be stated per key; they live in the
 _build_* functions, each next to the section it completes.
@@ -846,7 +846,7 @@ def load(path: str | os.PathLike) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference table (docs-config.md), generated from the schema.
+# The reference table (in README.md), generated from the schema.
 
 
 def _toml_literal(value) -> str:
