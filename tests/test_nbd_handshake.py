@@ -243,3 +243,15 @@ def test_no_data_accepted_after_transmission_starts():
     send(hs, C.OPT_GO, info_data(b"disk"))
     with pytest.raises(ProtocolError):
         hs.receive_data(b"x")
+
+
+def test_export_that_fails_to_open_gets_an_error_reply_not_a_dropped_connection():
+    def lookup(name):
+        raise OSError(28, "No space left on device")
+
+    hs = ServerHandshake(lookup, lambda: [], LIMITS)
+    hs.receive_data(struct.pack(">I", C.CLIENT_FLAG_FIXED_NEWSTYLE))
+    event = send(hs, C.OPT_GO, info_data(b"swap/n1"))
+    [(_, rtype, message)] = parse_replies(event.data)
+    assert rtype == C.REP_ERR_UNKNOWN and b"No space left" in message
+    assert hs.lookup_failures == 1 and not hs.done

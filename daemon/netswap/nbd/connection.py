@@ -95,7 +95,14 @@ class Connection:
         """Haggle options; True when the connection enters transmission."""
         server = self.server
         handshake = ServerHandshake(server.registry.lookup, server.registry.list, server.block_limits)
-        deadline = time.monotonic() + server.config.nbd.handshake_timeout
+        try:
+            return self._haggle(handshake)
+        finally:
+            if handshake.lookup_failures:
+                server.counters.inc("export_open_failures", amount=handshake.lookup_failures)
+
+    def _haggle(self, handshake: ServerHandshake) -> bool:
+        deadline = time.monotonic() + self.server.config.nbd.handshake_timeout
         self.sock.sendall(handshake.greeting())
         while True:
             event = handshake.next_event()

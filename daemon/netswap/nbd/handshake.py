@@ -139,6 +139,7 @@ class ServerHandshake:
         self._client_flags: Optional[int] = None
         self._options_seen = 0
         self._structured_replies = False
+        self.lookup_failures = 0  # exports that exist but failed to open (counted by the transport)
         self.done = False
 
     @staticmethod
@@ -250,9 +251,16 @@ class ServerHandshake:
             return Reply(error_reply(option, C.REP_ERR_INVALID, request), option)
         raw_name, info_ids = request
         name = self._decode_name(raw_name)
-        export = self._lookup(name) if name is not None else None
+        shown = raw_name[:64].decode(errors="replace")
+        try:
+            export = self._lookup(name) if name is not None else None
+        except OSError as exc:
+            # The export exists but cannot be opened now (e.g. no space to create a node's
+            # swap file): the client gets a reply that says why, not a dropped connection.
+            self.lookup_failures += 1
+            message = f"export {shown!r} cannot be opened: {exc.strerror or exc}"
+            return Reply(error_reply(option, C.REP_ERR_UNKNOWN, message), option)
         if export is None:
-            shown = raw_name[:64].decode(errors="replace")
             return Reply(error_reply(option, C.REP_ERR_UNKNOWN, f"no export named {shown!r}"), option)
 
         flags = transmission_flags(export, self._structured_replies)
