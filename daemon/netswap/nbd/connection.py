@@ -68,6 +68,10 @@ class Connection:
         except (ConnectionError, TimeoutError, OSError) as exc:
             counters.inc("connection_lost", type(exc).__name__)
             log.info("%s: connection lost: %s", self.peer, exc)
+        except Exception:
+            # A bug of ours: it costs this one connection, never the daemon or other clients.
+            counters.inc("internal_errors")
+            log.exception("%s: internal error, closing the connection", self.peer)
         finally:
             self._finish()
 
@@ -225,6 +229,8 @@ class Connection:
                 f"WRITE payload of {request.length} bytes exceeds the drain limit {limit}",
                 "write_too_large",
             )
+        if not parser.payload_left:
+            return  # a zero-length WRITE has nothing to drain
         scratch = self._alloc(min(request.length, _DRAIN_CHUNK))
         try:
             view = scratch.view

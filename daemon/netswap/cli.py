@@ -1,0 +1,46 @@
+"""The `netswapd` command line: run the daemon, or check a config file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .config import ConfigError, load
+
+DEFAULT_CONFIG = "config/netswapd.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netswapd", description="Serve swap space to diskless nodes over NBD."
+    )
+    parser.add_argument("--version", action="version", version=f"netswapd {__version__}")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("run", help="run the daemon (the default)")
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("path", help="the config file to check")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = args.path if args.command == "check-config" else args.config
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        print(f"netswapd: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"{path}: ok ({len(config.exports)} static exports, pool {config.pool.size} bytes)")
+        return 0
+    from .daemon import run  # importing the daemon loads the C pool; check-config needs neither
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
