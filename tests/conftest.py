@@ -1,0 +1,158 @@
+"""Shared fixtures: a real netswapd process on loopback, configured per test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Debian's libnbd binding lives in the system Python's dist-packages; the test process (and
+# only it) may import it from there. Appended, so it never shadows what pip installed.
+DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+
+
+def import_libnbd():
+    if DEBIAN_DIST_PACKAGES not in sys.path:
+        sys.path.append(DEBIAN_DIST_PACKAGES)
+    import nbd
+
+    return nbd
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    """A running netswapd and how to reach it."""
+
+    port: int
+    unix_socket: Path
+    state_dir: Path
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen = field(repr=False)
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def unix_uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.unix_socket}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        return self.process.returncode
+
+
+def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extra: str = "",
+                 pool: str = "128MiB", swap_size: str = "64MiB", exports: str | None = None) -> None:
+    if exports is None:
+        exports = """
+            [[exports]]
+            name = "disk"
+            backend = "file"
+            path = "disk.img"
+            size = "64MiB"
+            description = "a file export"
+
+            [[exports]]
+            name = "ram"
+            backend = "memory"
+            size = "64MiB"
+            description = "remote RAM"
+
+            [[exports]]
+            name = "ro"
+            backend = "file"
+            path = "ro.img"
+            size = "1MiB"
+            read_only = true
+            description = "read only"
+        """
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [daemon]
+            state_dir = "{state_dir}"
+            log_level = "debug"
+            workers = 4
+            shutdown_timeout = 20
+
+            [pool]
+            size = "{pool}"
+            lock = "best-effort"
+
+            [nbd]
+            listen = ["127.0.0.1:{port}", "[::1]:{port}"]
+            unix_socket = "{unix_socket}"
+
+            [swap]
+            enabled = true
+            size = "{swap_size}"
+            """
+        )
+        + textwrap.dedent(exports)
+        + textwrap.dedent(extra)
+    )
+
+
+def start_daemon(tmp: Path, **config) -> Daemon:
+    state_dir = tmp / "state"
+    state_dir.mkdir(exist_ok=True)
+    # A read-only export needs its file to exist before the daemon starts.
+    ro = state_dir / "ro.img"
+    if not ro.exists():
+        ro.write_bytes(bytes(range(256)) * 4096)
+    port = free_port()
+    unix_socket = tmp / "nbd.sock"
+    config_path = tmp / "netswapd.toml"
+    write_config(config_path, state_dir, port, unix_socket, **config)
+    log_path = tmp / "netswapd.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "netswap", "--config", str(config_path)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    log.close()
+    daemon = Daemon(port, unix_socket, state_dir, config_path, log_path, process)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"netswapd exited with {process.returncode}:\n{daemon.log()}")
+        if "listening on" in daemon.log():
+            return daemon
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"netswapd did not start:\n{daemon.log()}")
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    running = start_daemon(tmp_path)
+    yield running
+    code = running.stop()
+    log = running.log()
+    assert "Traceback" not in log, log
+    assert code == 0, log
