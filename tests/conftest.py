@@ -67,7 +67,8 @@ class Daemon:
 
 
 def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extra: str = "",
-                 pool: str = "128MiB", swap_size: str = "64MiB", exports: str | None = None) -> None:
+                 pool: str = "128MiB", swap_size: str = "64MiB", exports: str | None = None,
+                 nbd_options: str = "") -> None:
     if exports is None:
         exports = """
             [[exports]]
@@ -107,6 +108,7 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             [nbd]
             listen = ["127.0.0.1:{port}", "[::1]:{port}"]
             unix_socket = "{unix_socket}"
+            {nbd_options}
 
             [swap]
             enabled = true
