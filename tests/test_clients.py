@@ -134,7 +134,8 @@ offset=0
 offset=32m
 """
     )
-    out = run("fio", "--output-format=json", str(job), timeout=600)
+    # fio leaves verify state files in its working directory: keep them in tmp_path.
+    out = run("fio", "--output-format=json", str(job), timeout=600, cwd=tmp_path)
     result = json.loads(out[out.index("{"):])
     for job_result in result["jobs"]:
         assert job_result["error"] == 0
