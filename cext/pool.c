@@ -1,0 +1,445 @@
+/*
+ * netswap request-memory pool: see pool.h for the contract.
+ *
+ * Allocator: binary buddy over POOL_BLOCK_SIZE min blocks.  A block of order k
+ * spans 2^k min blocks and starts at a min-block index that is a multiple of
+ * 2^k; its buddy is at index ^ 2^k.  Free blocks sit on one doubly linked list
+ * per order.  The list nodes live in `meta`, an array beside the arena with
+ * one entry per min block, never inside the arena: payload memory may be
+ * wiped, handed to the kernel with recv/pwritev, or read by a client, and the
+ * allocator must not depend on it.
+ *
+ * Every operation walks at most one level per order, and the number of
+ * orders is fixed when the pool is created (log2 of the arena's min blocks,
+ * at most POOL_MAX_ORDERS), so alloc and free are O(1) in the number of
+ * blocks in use.  The smallest non-empty order is found with a bit scan.
+ */
+#define _GNU_SOURCE
+#include "pool.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <time.h>
+
+/* 2^31 min blocks (8 TiB) keeps block indices, and index + 2^order, inside
+ * uint32_t and the set of non-empty orders inside one uint32_t. */
+#define POOL_MAX_ORDERS 32
+#define POOL_MAX_BLOCKS (UINT32_C(1) << (POOL_MAX_ORDERS - 1))
+#define NO_BLOCK UINT32_MAX
+
+enum block_state {
+    BLOCK_INTERIOR = 0, /* not the first min block of any block */
+    BLOCK_FREE,
+    BLOCK_ALLOCATED,
+};
+
+/* Per min block.  Only the entry at the head (first min block) of a free or
+ * allocated block is meaningful; the rest are BLOCK_INTERIOR. */
+struct block_meta {
+    uint32_t next, prev; /* free-list links, while BLOCK_FREE */
+    uint8_t order;
+    uint8_t state;
+};
+
+struct pool {
+    /* Guards everything below that changes after pool_create.  One lock for
+     * the free lists and the counters, so that a decision on free_bytes (the
+     * coming watermark) and the block it grants are one atomic step. */
+    pthread_mutex_t mutex;
+    pthread_cond_t freed; /* broadcast on free while waiters > 0 */
+    unsigned waiters;
+    bool closed;
+
+    unsigned char *base;
+    size_t size;
+    size_t locked_bytes;
+    uint32_t nblocks;
+    unsigned max_order;
+
+    uint32_t free_head[POOL_MAX_ORDERS];
+    uint32_t nonempty_orders; /* bit k set iff free_head[k] != NO_BLOCK */
+    struct block_meta *meta;  /* nblocks entries */
+
+    struct pool_stats stats;
+};
+
+static size_t block_bytes(unsigned order)
+{
+    return (size_t)POOL_BLOCK_SIZE << order;
+}
+
+static void free_list_push(struct pool *pool, uint32_t idx, unsigned order)
+{
+    struct block_meta *m = &pool->meta[idx];
+    uint32_t head = pool->free_head[order];
+
+    m->state = BLOCK_FREE;
+    m->order = (uint8_t)order;
+    m->prev = NO_BLOCK;
+    m->next = head;
+    if (head != NO_BLOCK)
+        pool->meta[head].prev = idx;
+    pool->free_head[order] = idx;
+    pool->nonempty_orders |= UINT32_C(1) << order;
+}
+
+static void free_list_unlink(struct pool *pool, uint32_t idx, unsigned order)
+{
+    struct block_meta *m = &pool->meta[idx];
+
+    if (m->prev != NO_BLOCK)
+        pool->meta[m->prev].next = m->next;
+    else
+        pool->free_head[order] = m->next;
+    if (m->next != NO_BLOCK)
+        pool->meta[m->next].prev = m->prev;
+    if (pool->free_head[order] == NO_BLOCK)
+        pool->nonempty_orders &= ~(UINT32_C(1) << order);
+}
+
+/* Take a block of exactly `order`, splitting the smallest larger free block
+ * if need be.  Returns its head index or NO_BLOCK.  Caller holds the mutex. */
+static uint32_t take_block(struct pool *pool, unsigned order)
+{
+    uint32_t candidates = pool->nonempty_orders >> order;
+    unsigned k;
+    uint32_t idx;
+
+    if (candidates == 0)
+        return NO_BLOCK;
+    k = order + (unsigned)__builtin_ctz(candidates);
+    idx = pool->free_head[k];
+    free_list_unlink(pool, idx, k);
+    /* Keep the lower half, free the upper half, until the size fits. */
+    while (k > order) {
+        k--;
+        free_list_push(pool, idx + (UINT32_C(1) << k), k);
+    }
+    pool->meta[idx].state = BLOCK_ALLOCATED;
+    pool->meta[idx].order = (uint8_t)order;
+    return idx;
+}
+
+/* Return the allocated block at `idx`, merging it with free buddies.
+ * Caller holds the mutex and has checked that `idx` is allocated. */
+static void give_block(struct pool *pool, uint32_t idx)
+{
+    unsigned k = pool->meta[idx].order;
+
+    pool->meta[idx].state = BLOCK_INTERIOR;
+    for (;;) {
+        uint32_t buddy = idx ^ (UINT32_C(1) << k);
+
+        /* A buddy past the arena's end means this block is one of the
+         * power-of-two chunks the arena was carved into: nothing to merge. */
+        if ((uint64_t)buddy + (UINT64_C(1) << k) > pool->nblocks)
+            break;
+        if (pool->meta[buddy].state != BLOCK_FREE || pool->meta[buddy].order != k)
+            break;
+        free_list_unlink(pool, buddy, k);
+        pool->meta[buddy].state = BLOCK_INTERIOR;
+        if (buddy < idx)
+            idx = buddy;
+        k++;
+    }
+    free_list_push(pool, idx, k);
+}
+
+/* Smallest order whose block holds `size` bytes (size > 0). */
+static unsigned order_for_size(size_t size)
+{
+    uint64_t blocks = ((uint64_t)size + POOL_BLOCK_SIZE - 1) >> POOL_BLOCK_SHIFT;
+
+    return blocks == 1 ? 0 : 64 - (unsigned)__builtin_clzll(blocks - 1);
+}
+
+/* Carve the arena into the largest aligned power-of-two blocks, biggest
+ * first, so that an arena of any block count is fully usable.  Since each
+ * chunk starts at the sum of the larger ones, it is aligned to its size. */
+static void carve_arena(struct pool *pool)
+{
+    uint32_t idx = 0;
+    uint32_t remaining = pool->nblocks;
+
+    for (unsigned k = 0; k < POOL_MAX_ORDERS; k++)
+        pool->free_head[k] = NO_BLOCK;
+    pool->max_order = 31 - (unsigned)__builtin_clz(remaining);
+    while (remaining != 0) {
+        unsigned k = 31 - (unsigned)__builtin_clz(remaining);
+
+        free_list_push(pool, idx, k);
+        idx += UINT32_C(1) << k;
+        remaining -= UINT32_C(1) << k;
+    }
+}
+
+static unsigned char *map_arena(size_t size)
+{
+    unsigned char *base;
+
+    /* MAP_POPULATE faults the pages in up front but does not report failure,
+     * so every page is also written below: whatever the lock mode, the
+     * arena is backed by real private pages before the first request. */
+    base = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (base == MAP_FAILED)
+        return NULL;
+    for (size_t off = 0; off < size; off += POOL_BLOCK_SIZE)
+        ((volatile unsigned char *)base)[off] = 0;
+
+    /* Not in children: a fork would otherwise turn every arena page
+     * copy-on-write, and the daemon's next write would fault and allocate.
+     * Not in core dumps: the arena holds the nodes' swapped-out memory.
+     * Both are hardening only, so a kernel refusing them is not fatal. */
+    (void)madvise(base, size, MADV_DONTFORK);
+    (void)madvise(base, size, MADV_DONTDUMP);
+    return base;
+}
+
+struct pool *pool_create(size_t size, int lock_mode, int *lock_errno)
+{
+    struct pool *pool = NULL;
+    pthread_condattr_t condattr;
+    int err;
+
+    *lock_errno = 0;
+    if (size == 0 || size > (size_t)POOL_MAX_BLOCKS * POOL_BLOCK_SIZE ||
+        lock_mode < POOL_LOCK_OFF || lock_mode > POOL_LOCK_REQUIRED) {
+        errno = EINVAL;
+        return NULL;
+    }
+    size = (size + POOL_BLOCK_SIZE - 1) & ~(size_t)(POOL_BLOCK_SIZE - 1);
+
+    pool = calloc(1, sizeof(*pool));
+    if (pool == NULL)
+        return NULL;
+    pool->size = size;
+    pool->nblocks = (uint32_t)(size >> POOL_BLOCK_SHIFT);
+    pool->meta = calloc(pool->nblocks, sizeof(*pool->meta));
+    if (pool->meta == NULL)
+        goto fail_free;
+
+    pool->base = map_arena(size);
+    if (pool->base == NULL)
+        goto fail_free;
+    if (lock_mode != POOL_LOCK_OFF) {
+        if (mlock(pool->base, size) == 0) {
+            pool->locked_bytes = size;
+        } else {
+            *lock_errno = errno;
+            if (lock_mode == POOL_LOCK_REQUIRED)
+                goto fail_unmap;
+        }
+    }
+
+    /* Timed waits measure a duration, so they must not jump with the wall
+     * clock. */
+    err = pthread_condattr_init(&condattr);
+    if (err == 0) {
+        err = pthread_condattr_setclock(&condattr, CLOCK_MONOTONIC);
+        if (err == 0)
+            err = pthread_cond_init(&pool->freed, &condattr);
+        pthread_condattr_destroy(&condattr);
+    }
+    if (err != 0) {
+        errno = err;
+        goto fail_unmap;
+    }
+    err = pthread_mutex_init(&pool->mutex, NULL);
+    if (err != 0) {
+        pthread_cond_destroy(&pool->freed);
+        errno = err;
+        goto fail_unmap;
+    }
+
+    carve_arena(pool);
+    pool->stats.free_bytes = size;
+    return pool;
+
+fail_unmap:
+    err = errno;
+    munmap(pool->base, size);
+    errno = err;
+fail_free:
+    err = errno;
+    free(pool->meta);
+    free(pool);
+    errno = err;
+    return NULL;
+}
+
+int pool_close(struct pool *pool)
+{
+    pthread_mutex_lock(&pool->mutex);
+    if (pool->closed) {
+        pthread_mutex_unlock(&pool->mutex);
+        return 0;
+    }
+    if (pool->stats.in_use_bytes != 0) {
+        pthread_mutex_unlock(&pool->mutex);
+        errno = EBUSY;
+        return -1;
+    }
+    pool->closed = true;
+    munmap(pool->base, pool->size);
+    pool->base = NULL;
+    pool->locked_bytes = 0;
+    pthread_cond_broadcast(&pool->freed);
+    pthread_mutex_unlock(&pool->mutex);
+    return 0;
+}
+
+void pool_destroy(struct pool *pool)
+{
+    if (!pool->closed)
+        munmap(pool->base, pool->size);
+    pthread_cond_destroy(&pool->freed);
+    pthread_mutex_destroy(&pool->mutex);
+    free(pool->meta);
+    free(pool);
+}
+
+/* Absolute CLOCK_MONOTONIC time `timeout_ns` from now, saturating. */
+static struct timespec deadline_after(int64_t timeout_ns)
+{
+    struct timespec now;
+    int64_t sec = timeout_ns / 1000000000;
+    long nsec = (long)(timeout_ns % 1000000000);
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec > INT64_MAX - sec - 1)
+        return (struct timespec){.tv_sec = INT64_MAX, .tv_nsec = 0};
+    now.tv_sec += sec;
+    now.tv_nsec += nsec;
+    if (now.tv_nsec >= 1000000000) {
+        now.tv_sec++;
+        now.tv_nsec -= 1000000000;
+    }
+    return now;
+}
+
+int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int64_t timeout_ns)
+{
+    unsigned order;
+    uint32_t idx;
+    struct timespec deadline;
+    bool waited = false, timed_out = false;
+    int err;
+
+    /* POOL_EMERGENCY is accepted and has no effect yet: without a
+     * watermark every allocation may use every free byte. */
+    if (size == 0 || size > pool_max_alloc(pool) || (flags & ~(unsigned)POOL_EMERGENCY)) {
+        errno = EINVAL;
+        return -1;
+    }
+    order = order_for_size(size);
+
+    pthread_mutex_lock(&pool->mutex);
+    for (;;) {
+        if (pool->closed) {
+            err = ESHUTDOWN;
+            break;
+        }
+        idx = take_block(pool, order);
+        if (idx != NO_BLOCK) {
+            struct pool_stats *s = &pool->stats;
+
+            s->in_use_bytes += block_bytes(order);
+            s->free_bytes -= block_bytes(order);
+            s->allocs++;
+            if (s->in_use_bytes > s->high_water_bytes)
+                s->high_water_bytes = s->in_use_bytes;
+            pthread_mutex_unlock(&pool->mutex);
+            return (int64_t)idx << POOL_BLOCK_SHIFT;
+        }
+        /* Checked after the last try, so that a block freed just as the
+         * timeout expired is still taken. */
+        if (timeout_ns == 0 || timed_out) {
+            err = timeout_ns == 0 ? ENOMEM : ETIMEDOUT;
+            pool->stats.failures++;
+            break;
+        }
+        if (!waited) {
+            waited = true;
+            pool->stats.waits++;
+            if (timeout_ns > 0)
+                deadline = deadline_after(timeout_ns);
+        }
+        pool->waiters++;
+        if (timeout_ns > 0)
+            timed_out = pthread_cond_timedwait(&pool->freed, &pool->mutex, &deadline) == ETIMEDOUT;
+        else
+            pthread_cond_wait(&pool->freed, &pool->mutex);
+        pool->waiters--;
+    }
+    pthread_mutex_unlock(&pool->mutex);
+    errno = err;
+    return -1;
+}
+
+int pool_free(struct pool *pool, int64_t offset)
+{
+    uint32_t idx;
+    unsigned order;
+
+    if (offset < 0 || (uint64_t)offset >= pool->size || (offset & (POOL_BLOCK_SIZE - 1))) {
+        errno = EINVAL;
+        return -1;
+    }
+    idx = (uint32_t)(offset >> POOL_BLOCK_SHIFT);
+
+    pthread_mutex_lock(&pool->mutex);
+    /* Catches double frees and stray offsets instead of corrupting lists. */
+    if (pool->meta[idx].state != BLOCK_ALLOCATED) {
+        pthread_mutex_unlock(&pool->mutex);
+        errno = EINVAL;
+        return -1;
+    }
+    order = pool->meta[idx].order;
+    give_block(pool, idx);
+    pool->stats.in_use_bytes -= block_bytes(order);
+    pool->stats.free_bytes += block_bytes(order);
+    pool->stats.frees++;
+    /* Broadcast, not signal: waiters want different sizes, and the one a
+     * signal would wake may not fit while another would. */
+    if (pool->waiters != 0)
+        pthread_cond_broadcast(&pool->freed);
+    pthread_mutex_unlock(&pool->mutex);
+    return 0;
+}
+
+void pool_get_stats(struct pool *pool, struct pool_stats *out)
+{
+    pthread_mutex_lock(&pool->mutex);
+    *out = pool->stats;
+    pthread_mutex_unlock(&pool->mutex);
+}
+
+void *pool_base(const struct pool *pool)
+{
+    return pool->base;
+}
+
+size_t pool_size(const struct pool *pool)
+{
+    return pool->size;
+}
+
+size_t pool_max_alloc(const struct pool *pool)
+{
+    return block_bytes(pool->max_order);
+}
+
+size_t pool_locked_bytes(struct pool *pool)
+{
+    size_t locked;
+
+    /* Under the mutex because pool_close zeroes it. */
+    pthread_mutex_lock(&pool->mutex);
+    locked = pool->locked_bytes;
+    pthread_mutex_unlock(&pool->mutex);
+    return locked;
+}
