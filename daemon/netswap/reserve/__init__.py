@@ -1,0 +1,5 @@
+"""Python face of the request-memory pool (cext/pool.c)."""
+
+from netswap.reserve.pool import Buffer, LockError, Pool, PoolError
+
+__all__ = ["Buffer", "LockError", "Pool", "PoolError"]
