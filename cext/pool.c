@@ -4,10 +4,11 @@
  * Allocator: binary buddy over POOL_BLOCK_SIZE min blocks.  A block of order k
  * spans 2^k min blocks and starts at a min-block index that is a multiple of
  * 2^k; its buddy is at index ^ 2^k.  Free blocks sit on one doubly linked list
- * per order.  The list nodes live in `meta`, an array beside the arena with
- * one entry per min block, never inside the arena: payload memory may be
- * wiped, handed to the kernel with recv/pwritev, or read by a client, and the
- * allocator must not depend on it.
+ * per order.  The list nodes live in `meta`, an array with one entry per min
+ * block, never inside the arena: payload memory may be wiped, handed to the
+ * kernel with recv/pwritev, or read by a client, and the allocator must not
+ * depend on it.  `meta` and struct pool share their own mapping, prefaulted
+ * and locked like the arena, since every alloc and free touches them.
  *
  * Every operation walks at most one level per order, and the number of
  * orders is fixed when the pool is created (log2 of the arena's min blocks,
@@ -20,7 +21,6 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
-#include <stdlib.h>
 #include <sys/mman.h>
 #include <time.h>
 
@@ -53,15 +53,16 @@ struct pool {
     unsigned waiters;
     bool closed;
 
+    size_t control_size; /* this struct and meta: one mapping */
     unsigned char *base;
     size_t size;
-    size_t locked_bytes;
+    size_t locked_bytes; /* size when the arena and this mapping are locked */
     uint32_t nblocks;
     unsigned max_order;
 
     uint32_t free_head[POOL_MAX_ORDERS];
     uint32_t nonempty_orders; /* bit k set iff free_head[k] != NO_BLOCK */
-    struct block_meta *meta;  /* nblocks entries */
+    struct block_meta *meta;  /* nblocks entries, right after this struct */
 
     struct pool_stats stats;
 };
@@ -176,33 +177,72 @@ static void carve_arena(struct pool *pool)
     }
 }
 
-static unsigned char *map_arena(size_t size)
+/* Anonymous private memory, faulted in now.  MAP_POPULATE does the bulk of
+ * the faulting but does not report failure, so every page is also written:
+ * whatever the lock mode, the memory is backed by real private pages (not
+ * the shared zero page) before the first request.  Not inherited by
+ * children: a fork would otherwise make every page copy-on-write, and the
+ * daemon's next write would fault and allocate.  MADV_DONTFORK is hardening
+ * only, so a kernel refusing it is not fatal. */
+static void *map_prefaulted(size_t size)
 {
     unsigned char *base;
 
-    /* MAP_POPULATE faults the pages in up front but does not report failure,
-     * so every page is also written below: whatever the lock mode, the
-     * arena is backed by real private pages before the first request. */
     base = mmap(NULL, size, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (base == MAP_FAILED)
         return NULL;
     for (size_t off = 0; off < size; off += POOL_BLOCK_SIZE)
         ((volatile unsigned char *)base)[off] = 0;
-
-    /* Not in children: a fork would otherwise turn every arena page
-     * copy-on-write, and the daemon's next write would fault and allocate.
-     * Not in core dumps: the arena holds the nodes' swapped-out memory.
-     * Both are hardening only, so a kernel refusing them is not fatal. */
     (void)madvise(base, size, MADV_DONTFORK);
-    (void)madvise(base, size, MADV_DONTDUMP);
     return base;
+}
+
+/* Lock the control mapping and the arena together, or neither: the
+ * allocator's own state must be as resident as the memory it hands out.
+ * Returns 0 or the mlock errno. */
+static int lock_mappings(struct pool *pool)
+{
+    int err;
+
+    if (mlock(pool, pool->control_size) != 0)
+        return errno;
+    if (mlock(pool->base, pool->size) != 0) {
+        err = errno;
+        munlock(pool, pool->control_size);
+        return err;
+    }
+    pool->locked_bytes = pool->size;
+    return 0;
+}
+
+static int init_sync(struct pool *pool)
+{
+    pthread_condattr_t condattr;
+    int err;
+
+    /* Timed waits measure a duration, so they must not jump with the wall
+     * clock. */
+    err = pthread_condattr_init(&condattr);
+    if (err != 0)
+        return err;
+    err = pthread_condattr_setclock(&condattr, CLOCK_MONOTONIC);
+    if (err == 0)
+        err = pthread_cond_init(&pool->freed, &condattr);
+    pthread_condattr_destroy(&condattr);
+    if (err != 0)
+        return err;
+    err = pthread_mutex_init(&pool->mutex, NULL);
+    if (err != 0)
+        pthread_cond_destroy(&pool->freed);
+    return err;
 }
 
 struct pool *pool_create(size_t size, int lock_mode, int *lock_errno)
 {
-    struct pool *pool = NULL;
-    pthread_condattr_t condattr;
+    struct pool *pool;
+    uint32_t nblocks;
+    size_t control_size;
     int err;
 
     *lock_errno = 0;
@@ -212,61 +252,50 @@ struct pool *pool_create(size_t size, int lock_mode, int *lock_errno)
         return NULL;
     }
     size = (size + POOL_BLOCK_SIZE - 1) & ~(size_t)(POOL_BLOCK_SIZE - 1);
+    nblocks = (uint32_t)(size >> POOL_BLOCK_SHIFT);
 
-    pool = calloc(1, sizeof(*pool));
+    /* The struct and the block metadata share one mapping, so they are
+     * prefaulted and locked like the arena (heap memory would be neither). */
+    control_size = sizeof(*pool) + (size_t)nblocks * sizeof(struct block_meta);
+    pool = map_prefaulted(control_size);
     if (pool == NULL)
         return NULL;
+    pool->control_size = control_size;
+    pool->meta = (struct block_meta *)(pool + 1);
     pool->size = size;
-    pool->nblocks = (uint32_t)(size >> POOL_BLOCK_SHIFT);
-    pool->meta = calloc(pool->nblocks, sizeof(*pool->meta));
-    if (pool->meta == NULL)
-        goto fail_free;
+    pool->nblocks = nblocks;
 
-    pool->base = map_arena(size);
+    pool->base = map_prefaulted(size);
     if (pool->base == NULL)
-        goto fail_free;
+        goto fail_unmap_control;
+    /* The arena holds the nodes' swapped-out memory: keep it out of core
+     * dumps.  Hardening only, like MADV_DONTFORK. */
+    (void)madvise(pool->base, size, MADV_DONTDUMP);
+
     if (lock_mode != POOL_LOCK_OFF) {
-        if (mlock(pool->base, size) == 0) {
-            pool->locked_bytes = size;
-        } else {
-            *lock_errno = errno;
-            if (lock_mode == POOL_LOCK_REQUIRED)
-                goto fail_unmap;
+        *lock_errno = lock_mappings(pool);
+        if (*lock_errno != 0 && lock_mode == POOL_LOCK_REQUIRED) {
+            errno = *lock_errno;
+            goto fail_unmap_arena;
         }
     }
-
-    /* Timed waits measure a duration, so they must not jump with the wall
-     * clock. */
-    err = pthread_condattr_init(&condattr);
-    if (err == 0) {
-        err = pthread_condattr_setclock(&condattr, CLOCK_MONOTONIC);
-        if (err == 0)
-            err = pthread_cond_init(&pool->freed, &condattr);
-        pthread_condattr_destroy(&condattr);
-    }
+    err = init_sync(pool);
     if (err != 0) {
         errno = err;
-        goto fail_unmap;
-    }
-    err = pthread_mutex_init(&pool->mutex, NULL);
-    if (err != 0) {
-        pthread_cond_destroy(&pool->freed);
-        errno = err;
-        goto fail_unmap;
+        goto fail_unmap_arena;
     }
 
     carve_arena(pool);
     pool->stats.free_bytes = size;
     return pool;
 
-fail_unmap:
+fail_unmap_arena:
     err = errno;
     munmap(pool->base, size);
     errno = err;
-fail_free:
+fail_unmap_control:
     err = errno;
-    free(pool->meta);
-    free(pool);
+    munmap(pool, control_size);
     errno = err;
     return NULL;
 }
@@ -285,6 +314,9 @@ int pool_close(struct pool *pool)
     }
     pool->closed = true;
     munmap(pool->base, pool->size);
+    /* The mutex and counters stay (pool_destroy frees them); pinning them
+     * no longer serves a data path. */
+    munlock(pool, pool->control_size);
     pool->base = NULL;
     pool->locked_bytes = 0;
     pthread_cond_broadcast(&pool->freed);
@@ -298,8 +330,7 @@ void pool_destroy(struct pool *pool)
         munmap(pool->base, pool->size);
     pthread_cond_destroy(&pool->freed);
     pthread_mutex_destroy(&pool->mutex);
-    free(pool->meta);
-    free(pool);
+    munmap(pool, pool->control_size);
 }
 
 /* Absolute CLOCK_MONOTONIC time `timeout_ns` from now, saturating. */

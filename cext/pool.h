@@ -45,7 +45,8 @@ struct pool;
 
 /*
  * Map an arena of `size` bytes (rounded up to POOL_BLOCK_SIZE), prefault it
- * and lock it per `lock_mode`.  On success returns the pool; *lock_errno is 0
+ * and lock it per `lock_mode`, together with the allocator's own metadata
+ * (about 0.3% of `size`).  On success returns the pool; *lock_errno is 0
  * if the arena is locked or locking was off, else the mlock errno (best-effort
  * mode).  On failure returns NULL with errno set; if the failure was the
  * mlock required by POOL_LOCK_REQUIRED, *lock_errno holds that errno too.
