@@ -4,6 +4,7 @@ setup.py names it in cffi_modules, so `pip install .` and `pip install -e .`
 compile cext/pool.c into the package.
 """
 
+import re
 from pathlib import Path
 
 from cffi import FFI
@@ -14,43 +15,19 @@ CEXT_DIR = Path(__file__).resolve().parent
 
 ffibuilder = FFI()
 
-# Mirrors pool.h.  API mode compiles these declarations against the real
-# header, so a mismatch is a build error, not a silent ABI bug.
-ffibuilder.cdef(
-    """
-    #define POOL_BLOCK_SIZE 4096
-    #define POOL_EMERGENCY 1
+def cdef_from_header(header: str) -> str:
+    """pool.h as cffi's cdef parser accepts it: no comments, include guard or #include,
+    only the integer #defines. Taking the declarations from the header itself keeps one
+    copy of the API; API mode still compiles them against the real header."""
+    text = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
+    kept = [
+        line for line in text.splitlines()
+        if not line.lstrip().startswith("#") or re.fullmatch(r"\s*#define\s+\w+\s+\d+\s*", line)
+    ]
+    return "\n".join(kept)
 
-    enum pool_lock_mode {
-        POOL_LOCK_OFF = 0,
-        POOL_LOCK_BEST_EFFORT = 1,
-        POOL_LOCK_REQUIRED = 2,
-    };
 
-    struct pool_stats {
-        uint64_t in_use_bytes;
-        uint64_t free_bytes;
-        uint64_t allocs;
-        uint64_t frees;
-        uint64_t failures;
-        uint64_t waits;
-        uint64_t high_water_bytes;
-    };
-
-    struct pool;
-
-    struct pool *pool_create(size_t size, int lock_mode, int *lock_errno);
-    int pool_close(struct pool *pool);
-    void pool_destroy(struct pool *pool);
-    int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int64_t timeout_ns);
-    int pool_free(struct pool *pool, int64_t offset);
-    void pool_get_stats(struct pool *pool, struct pool_stats *out);
-    void *pool_base(const struct pool *pool);
-    size_t pool_size(const struct pool *pool);
-    size_t pool_max_alloc(const struct pool *pool);
-    size_t pool_locked_bytes(struct pool *pool);
-    """
-)
+ffibuilder.cdef(cdef_from_header((CEXT_DIR / "pool.h").read_text()))
 
 ffibuilder.set_source(
     "netswap._pool",
