@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import run_in_threads
+
 from netswap.exports import backends as backends_mod
 from netswap.exports import registry as registry_mod
 from netswap.exports import (
@@ -49,27 +51,6 @@ def read(backend, offset: int, length: int) -> bytes:
 
 def blocks_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
-
-
-def run_in_threads(count: int, target) -> None:
-    """Run target(index) on ``count`` threads released together; re-raise the first failure."""
-    start = threading.Barrier(count)
-    errors: list[BaseException] = []
-
-    def body(index: int) -> None:
-        try:
-            start.wait()
-            target(index)
-        except BaseException as e:  # surfaced in the calling thread below
-            errors.append(e)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture

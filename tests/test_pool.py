@@ -14,6 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from conftest import run_in_threads
 from netswap.reserve import Buffer, LockError, Pool, PoolError
 
 BLOCK = 4096
@@ -200,7 +201,6 @@ TestPoolModel.settings = settings(max_examples=60, stateful_step_count=60, deadl
 
 def test_many_threads_never_share_or_corrupt_memory():
     threads, rounds = 8, 3000
-    errors = []
     # Small enough that threads run it dry, so failures and timed waits happen too.
     with Pool(MiB, lock="off") as p:
         owners = {}  # block offset -> thread, for an overlap check at alloc time
@@ -209,43 +209,35 @@ def test_many_threads_never_share_or_corrupt_memory():
         def worker(tid):
             rng = random.Random(tid)
             held = []
-            try:
-                for i in range(rounds):
-                    if held and (len(held) >= 8 or rng.random() < 0.5):
-                        buf, expected = held.pop(rng.randrange(len(held)))
-                        assert buf.view == expected, f"thread {tid}: buffer at {buf.offset} corrupted"
-                        with owners_lock:
-                            del owners[buf.offset]
-                        buf.release()
-                        continue
-                    size = rng.choice([rng.randint(1, 8192), rng.randint(8193, 128 * 1024)])
-                    buf = p.alloc(size, timeout=rng.choice([0, 0.001]))
-                    if buf is None:
-                        continue
-                    with owners_lock:
-                        span = range(buf.offset, buf.offset + block_bytes(size))
-                        for off, (other, other_size) in owners.items():
-                            assert span.stop <= off or off + block_bytes(other_size) <= span.start, (
-                                f"thread {tid} got {span} overlapping thread {other} at {off}"
-                            )
-                        owners[buf.offset] = (tid, size)
-                    expected = pattern(tid << 32 | i, size)
-                    buf.view[:] = expected
-                    held.append((buf, expected))
-                for buf, expected in held:
-                    assert buf.view == expected
+            for i in range(rounds):
+                if held and (len(held) >= 8 or rng.random() < 0.5):
+                    buf, expected = held.pop(rng.randrange(len(held)))
+                    assert buf.view == expected, f"thread {tid}: buffer at {buf.offset} corrupted"
                     with owners_lock:
                         del owners[buf.offset]
                     buf.release()
-            except BaseException as exc:  # reported by the main thread
-                errors.append(exc)
+                    continue
+                size = rng.choice([rng.randint(1, 8192), rng.randint(8193, 128 * 1024)])
+                buf = p.alloc(size, timeout=rng.choice([0, 0.001]))
+                if buf is None:
+                    continue
+                with owners_lock:
+                    span = range(buf.offset, buf.offset + block_bytes(size))
+                    for off, (other, other_size) in owners.items():
+                        assert span.stop <= off or off + block_bytes(other_size) <= span.start, (
+                            f"thread {tid} got {span} overlapping thread {other} at {off}"
+                        )
+                    owners[buf.offset] = (tid, size)
+                expected = pattern(tid << 32 | i, size)
+                buf.view[:] = expected
+                held.append((buf, expected))
+            for buf, expected in held:
+                assert buf.view == expected
+                with owners_lock:
+                    del owners[buf.offset]
+                buf.release()
 
-        workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-        assert not errors, errors
+        run_in_threads(threads, worker)
         s = p.stats()
         assert s["in_use_bytes"] == 0 and s["free_bytes"] == p.size
         assert s["allocs"] == s["frees"] > threads * rounds // 4
