@@ -255,3 +255,35 @@ def test_export_that_fails_to_open_gets_an_error_reply_not_a_dropped_connection(
     [(_, rtype, message)] = parse_replies(event.data)
     assert rtype == C.REP_ERR_UNKNOWN and b"No space left" in message
     assert hs.lookup_failures == 1 and not hs.done
+
+
+def refusing_handshake():
+    from netswap.errors import AttachRefused
+
+    def attach(export):
+        raise AttachRefused("the pool cannot back this node's reserve", "reserve")
+
+    hs = ServerHandshake(EXPORTS.get, lambda: [], LIMITS, attach)
+    hs.receive_data(struct.pack(">I", C.CLIENT_FLAG_FIXED_NEWSTYLE))
+    return hs
+
+
+def test_go_refused_attach_gets_err_policy_with_the_reason():
+    hs = refusing_handshake()
+    event = send(hs, C.OPT_GO, info_data(b"disk"))
+    [(_, rtype, message)] = parse_replies(event.data)
+    assert rtype == C.REP_ERR_POLICY and b"cannot back" in message and not hs.done
+    # INFO does not attach: it only describes the export.
+    assert isinstance(send(hs, C.OPT_INFO, info_data(b"disk")), Reply)
+
+
+def test_export_name_refused_attach_closes():
+    with pytest.raises(ProtocolError) as err:
+        send(refusing_handshake(), C.OPT_EXPORT_NAME, b"disk")
+    assert err.value.reason == "attach_refused"
+
+
+def test_ready_carries_the_attachment():
+    hs = ServerHandshake(EXPORTS.get, lambda: [], LIMITS, lambda export: ("attached", export.name))
+    hs.receive_data(struct.pack(">I", C.CLIENT_FLAG_FIXED_NEWSTYLE))
+    assert send(hs, C.OPT_GO, info_data(b"disk")).attachment == ("attached", "disk")

@@ -171,3 +171,23 @@ def test_reply_header_never_structured_unless_negotiated():
             assert struct.unpack_from(">I", data)[0] == C.SIMPLE_REPLY_MAGIC
             data = reply_header(req(command), error, structured=True)
             assert struct.unpack_from(">I", data)[0] == C.STRUCTURED_REPLY_MAGIC
+
+
+def test_parser_runs_on_a_window_it_is_given():
+    window = memoryview(bytearray(64))
+    parser = RequestParser(window)
+    parser.receive_data(header(C.CMD_READ, length=1, cookie=1) + header(C.CMD_READ, length=1, cookie=2)[:10])
+    assert parser.next_request().cookie == 1
+    parser.receive_data(header(C.CMD_READ, length=1, cookie=2)[10:])
+    assert parser.next_request().cookie == 2
+    assert bytes(window[:4]) == struct.pack(">I", C.REQUEST_MAGIC)  # the bytes really live there
+
+
+def test_discard_payload_drops_only_the_payload():
+    parser = RequestParser()
+    parser.receive_data(header(C.CMD_WRITE, length=6, cookie=1) + b"abc")
+    parser.next_request()
+    assert parser.discard_payload() == 3 and parser.payload_left == 3
+    parser.receive_data(b"def" + header(C.CMD_FLUSH, cookie=2))
+    assert parser.discard_payload() == 3 and parser.payload_left == 0
+    assert parser.next_request().cookie == 2

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol
 
+from ..errors import AttachRefused
 from . import constants as C
 from .errors import ProtocolError
 
@@ -85,6 +86,7 @@ class Ready:
     export: object
     transmission_flags: int
     structured_replies: bool
+    attachment: object = None  # what `attach` returned; the transport releases it at close
 
 
 Event = Reply | Abort | Ready
@@ -131,8 +133,10 @@ class ServerHandshake:
         lookup: Callable[[str], Optional[ExportView]],
         list_exports: Callable[[], Iterable[tuple[str, str]]],
         limits: BlockLimits,
+        attach: Callable[[ExportView], object] = lambda export: None,
     ) -> None:
         self._lookup = lookup
+        self._attach = attach
         self._list_exports = list_exports
         self._limits = limits
         self._buffer = bytearray()
@@ -217,13 +221,17 @@ class ServerHandshake:
         export = self._lookup(name) if name is not None else None
         if export is None:
             raise ProtocolError(f"EXPORT_NAME for unknown export {data[:64]!r}", "unknown_export")
+        try:
+            attachment = self._attach(export)
+        except AttachRefused as exc:
+            raise ProtocolError(f"EXPORT_NAME {export.name!r} refused: {exc}", "attach_refused") from exc
         self.done = True
         flags = transmission_flags(export, structured_replies=False)
         reply = struct.pack(">QH", export.size, flags)
         if not self.no_zeroes:
             reply += bytes(124)
         # EXPORT_NAME predates structured replies; a client using it gets simple replies.
-        return Ready(reply, export, flags, structured_replies=False)
+        return Ready(reply, export, flags, structured_replies=False, attachment=attachment)
 
     def _list(self, data: bytes) -> Event:
         if data:
@@ -285,8 +293,13 @@ class ServerHandshake:
         reply += option_reply(option, C.REP_ACK)
         if option == C.OPT_INFO:
             return Reply(reply, option)
+        try:
+            # GO is where a node commits to the export: for swap, the seed's swapon.
+            attachment = self._attach(export)
+        except AttachRefused as exc:
+            return Reply(error_reply(option, C.REP_ERR_POLICY, str(exc)), option)
         self.done = True
-        return Ready(reply, export, flags, self._structured_replies)
+        return Ready(reply, export, flags, self._structured_replies, attachment)
 
     @staticmethod
     def _decode_name(raw: bytes) -> Optional[str]:

@@ -68,11 +68,13 @@ class Request:
 class RequestParser:
     """Turns the bytes a client sends in transmission into `Request`s."""
 
-    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
-        if window < C.REQUEST_HEADER_SIZE:
+    def __init__(self, window: int | memoryview = DEFAULT_WINDOW) -> None:
+        """`window` is a size, or the memory to use (the transport passes a pool buffer, so
+        that even the receive window of a swap connection is backed by its reserve)."""
+        view = memoryview(bytearray(window)) if isinstance(window, int) else window
+        if len(view) < C.REQUEST_HEADER_SIZE:
             raise ValueError("window smaller than a request header")
-        self._buffer = bytearray(window)
-        self._view = memoryview(self._buffer)
+        self._view = view
         self._start = 0
         self._end = 0
         self._payload_left = 0
@@ -90,16 +92,16 @@ class RequestParser:
         """The free space the transport should receive into."""
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buffer) - self._end < C.REQUEST_HEADER_SIZE:
+        elif len(self._view) - self._end < C.REQUEST_HEADER_SIZE:
             # Slide the partial header to the front so a whole one always fits.
             count = self._end - self._start
-            self._buffer[:count] = self._buffer[self._start : self._end]
+            self._view[:count] = self._view[self._start : self._end]
             self._start, self._end = 0, count
         return self._view[self._end :]
 
     def advance(self, count: int) -> None:
         """`count` bytes were received into `recv_window()`."""
-        if count < 0 or self._end + count > len(self._buffer):
+        if count < 0 or self._end + count > len(self._view):
             raise ValueError("advance past the receive window")
         self._end += count
 
@@ -122,7 +124,7 @@ class RequestParser:
         if self._end - self._start < C.REQUEST_HEADER_SIZE:
             return None
         magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(
-            self._buffer, self._start
+            self._view, self._start
         )
         if magic != C.REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#010x}", "bad_request_magic")
@@ -139,6 +141,13 @@ class RequestParser:
             dest[:count] = self._view[self._start : self._start + count]
             self._start += count
             self._payload_left -= count
+        return count
+
+    def discard_payload(self) -> int:
+        """Drop the buffered part of the current payload (a rejected WRITE); return the count."""
+        count = min(self._end - self._start, self._payload_left)
+        self._start += count
+        self._payload_left -= count
         return count
 
     def payload_received(self, count: int) -> None:
