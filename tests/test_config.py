@@ -131,12 +131,16 @@ def test_format_size():
 # Defaults and the typed result.
 
 
+DEFAULT_POOL = config.PoolConfig(size=None, lock="required", normal_budget=64 * MiB,
+                                 headroom=8 * MiB, non_swap_exhausted="wait")
+
+
 def test_empty_document_gives_defaults():
     cfg = config.parse({})
     assert cfg.daemon == config.DaemonConfig(
         state_dir=Path("/var/lib/netswapd"), log_level="info", workers=8, shutdown_timeout=30.0
     )
-    assert cfg.pool == config.PoolConfig(size=256 * MiB, lock="required")
+    assert cfg.pool == DEFAULT_POOL
     assert cfg.nbd == config.NbdConfig(
         listen=(("127.0.0.1", 10809), ("::1", 10809)),
         unix_socket=Path("/run/netswapd/nbd.sock"),
@@ -204,6 +208,18 @@ def test_listen_may_be_empty_and_unix_socket_disabled():
     assert nbd.unix_socket is None
 
 
+@pytest.mark.parametrize("size, expected", [("auto", None), ("128MiB", 128 * MiB),
+                                            (32 * MiB, 32 * MiB)])
+def test_pool_size_is_auto_or_a_size(size, expected):
+    assert config.parse({"pool": {"size": size}}).pool.size == expected
+
+
+def test_auto_pool_size_is_not_held_against_max_request():
+    # "auto" is computed at start from the reservations, which cover the largest request.
+    cfg = config.parse({"nbd": {"max_request": "128MiB"}, "pool": {"normal_budget": "128MiB"}})
+    assert cfg.pool.size is None
+
+
 def test_relative_state_dir_is_resolved_against_the_config_file(tmp_path):
     (tmp_path / "etc").mkdir()
     config_file = tmp_path / "etc" / "netswapd.toml"
@@ -262,9 +278,20 @@ ERROR_CASES = [
      "INFO", '"info"'),
     ("bad lock", {"pool": {"lock": "yes"}}, "pool.lock", "yes",
      '"required", "best-effort", "off"'),
-    ("pool too small", {"pool": {"size": "512KiB"}}, "pool.size", "512KiB", ">= 1MiB"),
+    ("pool too small", {"pool": {"size": "512KiB"}}, "pool.size", "512KiB",
+     '"auto", or a size >= 1MiB'),
     ("pool not page multiple", {"pool": {"size": 2 * MiB + 100}}, "pool.size", 2 * MiB + 100,
      "a multiple of 4096"),
+    ("pool auto is case-sensitive", {"pool": {"size": "Auto"}}, "pool.size", "Auto",
+     '"auto", or an integer number of bytes'),
+    ("pool size a bool", {"pool": {"size": True}}, "pool.size", True, '"auto", or'),
+    ("normal budget not page multiple", {"pool": {"normal_budget": 40 * MiB + 512}},
+     "pool.normal_budget", 40 * MiB + 512, "a size >= 4KiB, a multiple of 4096"),
+    ("headroom negative", {"pool": {"headroom": -1}}, "pool.headroom", -1, "KiB"),
+    ("headroom not page multiple", {"pool": {"headroom": "6000"}}, "pool.headroom", "6000",
+     "a multiple of 4096"),
+    ("bad non_swap_exhausted", {"pool": {"non_swap_exhausted": "fail"}},
+     "pool.non_swap_exhausted", "fail", '"wait", "enomem"'),
     ("max_request not power of two", {"nbd": {"max_request": "48MiB"}}, "nbd.max_request",
      "48MiB", "power-of-two size from 4KiB to 128MiB"),
     ("max_request too big", {"nbd": {"max_request": "256MiB"}, "pool": {"size": "1GiB"}},
@@ -284,6 +311,8 @@ ERROR_CASES = [
      "nbd.block_size_preferred", 8192, "<= nbd.max_request"),
     ("pool smaller than max_request", {"pool": {"size": "16MiB"}}, "pool.size", "16MiB",
      "pool.size >= nbd.max_request"),
+    ("normal budget smaller than max_request", {"pool": {"normal_budget": "16MiB"}},
+     "pool.normal_budget", "16MiB", "pool.normal_budget >= nbd.max_request"),
     ("listen without port", {"nbd": {"listen": ["127.0.0.1"]}}, "nbd.listen[0]", "127.0.0.1",
      '"HOST:PORT" or "[IPV6]:PORT"'),
     ("listen unbracketed v6", {"nbd": {"listen": ["127.0.0.1:1", "::1:10809"]}},
@@ -382,9 +411,10 @@ def test_unknown_key_suggests_the_near_miss():
     assert "under [daemon]" in str(error_of({"workers": 4}))
 
 
-def test_pool_smaller_than_max_request_names_both_keys():
-    message = str(error_of({"pool": {"size": "16MiB"}, "nbd": {"max_request": "32MiB"}}))
-    assert "pool.size = '16MiB'" in message
+@pytest.mark.parametrize("key", ["size", "normal_budget"])
+def test_pool_smaller_than_max_request_names_both_keys(key):
+    message = str(error_of({"pool": {key: "16MiB"}, "nbd": {"max_request": "32MiB"}}))
+    assert f"pool.{key} = '16MiB'" in message
     assert "nbd.max_request = '32MiB'" in message
 
 
@@ -450,7 +480,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "netswapd.toml
 def test_default_config_loads_with_the_documented_values():
     cfg = config.load(DEFAULT_CONFIG)
     assert cfg.daemon.state_dir == Path("/var/lib/netswapd")
-    assert cfg.pool == config.PoolConfig(size=256 * MiB, lock="required")
+    assert cfg.pool == DEFAULT_POOL
     assert cfg.nbd.listen == (("127.0.0.1", 10809), ("::1", 10809))
     assert cfg.nbd.unix_socket == Path("/run/netswapd/nbd.sock")
     assert (cfg.swap.enabled, cfg.swap.size, cfg.swap.backend) == (True, GiB, "file")

@@ -3,10 +3,10 @@
 Every key is described exactly once, in the schema tables below (_DAEMON, _POOL, _NBD, _SWAP,
 _EXPORT): its kind (which type-checks, converts and range-checks the raw TOML value), its
 default and its meaning. The validator, the error messages and the configuration reference
-(the README's configuration reference, printed by `python3 -m netswap.config`) are all driven by those tables, so
-they cannot drift apart. Rules that relate two keys (pool.size >= nbd.max_request, paths
-inside daemon.state_dir, unique export names) cannot be stated per key; they live in the
-_build_* functions, each next to the section it completes.
+(the README's configuration reference, printed by `python3 -m netswap.config`) are all driven
+by those tables, so they cannot drift apart. Rules that relate two keys (pool.normal_budget >=
+nbd.max_request, paths inside daemon.state_dir, unique export names) cannot be stated per key;
+they live in the _build_* functions, each next to the section it completes.
 
 Every problem is a ConfigError naming the file, the full key path, the offending value and
 what would be accepted, so an operator can fix the file without reading this code.
@@ -27,6 +27,7 @@ import difflib
 import ipaddress
 import json
 import math
+import operator
 import os
 import re
 import reprlib
@@ -399,6 +400,26 @@ class _Duration(_Kind):
         return parse_duration(value, key)
 
 
+class _AutoOr(_Kind):
+    """The string "auto" (-> None: the daemon derives the value) or a value of another kind."""
+
+    def __init__(self, kind: _Kind):
+        self.kind = kind
+        self.type_name = f'"auto" or {kind.type_name}'
+        self.allowed = f'"auto", or {kind.allowed}'
+
+    def convert(self, value, key):
+        if value == "auto":
+            return None
+        try:
+            return self.kind.convert(value, key)
+        except ConfigError as error:
+            # The inner kind's allowed text may be more specific than its summary (the size
+            # syntax after a parse error); keep it, and say that "auto" was an option too.
+            error.allowed = f'"auto", or {error.allowed}'
+            raise
+
+
 class _ListenAddresses(_Kind):
     """TCP listen addresses -> tuple of (host, port); host "" means every address."""
 
@@ -495,13 +516,25 @@ _DAEMON = (
 )
 
 _POOL = (
-    _Field("size", _Size(MiB, multiple_of=4096), "256MiB",
+    _Field("size", _AutoOr(_Size(MiB, multiple_of=4096)), "auto",
            "Size of the mlocked pool every request payload is carved from; the daemon's "
-           "memory for request data never exceeds it.",
-           also="and >= nbd.max_request"),
+           'memory for request data never exceeds it. "auto" sizes it to the reservations '
+           "(pool.normal_budget and the swap reserve) plus pool.headroom.",
+           also="an explicit size must be >= nbd.max_request, and at start >= the "
+                "reservations plus pool.headroom"),
     _Field("lock", _Choice("required", "best-effort", "off"), "required",
            'Whether the pool is mlocked: "required" refuses to start if it cannot be, '
            '"best-effort" logs a warning and continues, "off" never tries.'),
+    _Field("normal_budget", _Size(4 * KiB, multiple_of=4096), "64MiB",
+           "Pool memory shared by non-swap requests and by swap requests before they fall "
+           "back to their reserve; attaching swap nodes never takes it.",
+           also="and >= nbd.max_request"),
+    _Field("headroom", _Size(0, multiple_of=4096), "8MiB",
+           "Slack on top of the reservations the pool must cover, for allocator "
+           "fragmentation."),
+    _Field("non_swap_exhausted", _Choice("wait", "enomem"), "wait",
+           'What a non-swap request gets when the normal budget is used up: "wait" queues it '
+           'until memory is freed, "enomem" fails it at once with ENOMEM.'),
 )
 
 _NBD = (
@@ -588,8 +621,11 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    size: int  # bytes
+    size: int | None  # bytes; None = "auto", computed from the reserve tree at start
     lock: str
+    normal_budget: int  # bytes
+    headroom: int  # bytes
+    non_swap_exhausted: str  # "wait" | "enomem"
 
 
 @dataclass(frozen=True)
@@ -696,6 +732,33 @@ def _check_multiple_of_block(size: int, key: str, written, nbd: NbdConfig) -> No
         )
 
 
+# relation -> (test, what a failing value is, in words)
+_RELATIONS = {
+    ">=": (operator.ge, "smaller than"),
+    "<=": (operator.le, "larger than"),
+    ">": (operator.gt, "not larger than"),
+    "<": (operator.lt, "not smaller than"),
+}
+
+
+def _require_relation(key: str, value, written, relation: str,
+                      other_key: str, other_value, other_written, *, in_bytes: bool = False
+                      ) -> None:
+    """Enforce `key relation other_key`; the error quotes both keys as the operator wrote them.
+
+    in_bytes adds the byte counts, since "256MiB" vs 268435456 is not comparable at a glance.
+    """
+    holds, failure = _RELATIONS[relation]
+    if holds(value, other_value):
+        return
+    if in_bytes:
+        problem = (f"{value} bytes is {failure} {other_key} = {other_written!r} "
+                   f"({other_value} bytes)")
+    else:
+        problem = f"is {failure} {other_key} = {other_written!r}"
+    raise ConfigError(key, problem, value=written, allowed=f"{key} {relation} {other_key}")
+
+
 def _build_daemon(table, base_dir: Path | None) -> DaemonConfig:
     values, written = _read_table(table, "daemon", _DAEMON)
     state_dir = values["state_dir"]
@@ -712,14 +775,16 @@ def _build_daemon(table, base_dir: Path | None) -> DaemonConfig:
 def _build_pool(table, nbd: NbdConfig, nbd_written: dict) -> PoolConfig:
     values, written = _read_table(table, "pool", _POOL)
     # Every payload is one contiguous pool buffer, so a pool smaller than the largest request
-    # would accept a client and then be unable to serve it.
-    if values["size"] < nbd.max_request:
-        raise ConfigError(
-            "pool.size",
-            f"{values['size']} bytes is smaller than nbd.max_request = "
-            f"{nbd_written['max_request']!r} ({nbd.max_request} bytes)",
-            value=written["size"], allowed="pool.size >= nbd.max_request",
-        )
+    # would accept a client and then be unable to serve it; likewise a normal budget smaller
+    # than one request would make a largest non-swap request wait forever (or always fail).
+    # "auto" needs no check here: it is computed at start from the reserve tree, which
+    # includes the budget.
+    # (Whether an explicit size covers that tree is checked at start too: reserve/tree.py.)
+    for name in ("size", "normal_budget"):
+        if values[name] is not None:
+            _require_relation(f"pool.{name}", values[name], written[name], ">=",
+                              "nbd.max_request", nbd.max_request, nbd_written["max_request"],
+                              in_bytes=True)
     return PoolConfig(**values)
 
 
