@@ -1,6 +1,7 @@
 """Configuration: TOML -> typed, validated, frozen objects; every error names key, value, rule."""
 
 import dataclasses
+import ipaddress
 import pickle
 import re
 import tomllib
@@ -156,6 +157,12 @@ def test_empty_document_gives_defaults():
         backend="file",
         directory=Path("/var/lib/netswapd/swap"),
         description="netswap per-node swap",
+        max_nodes=16,
+        reserve_inflight=32,
+        reserve_request=128 << 10,
+        max_connections=4,
+        detach_grace=30.0,
+        node_networks=(),
     )
     assert cfg.exports == ()
     assert cfg.source == "<string>"
@@ -218,6 +225,20 @@ def test_auto_pool_size_is_not_held_against_max_request():
     # "auto" is computed at start from the reservations, which cover the largest request.
     cfg = config.parse({"nbd": {"max_request": "128MiB"}, "pool": {"normal_budget": "128MiB"}})
     assert cfg.pool.size is None
+
+
+def test_node_networks_are_parsed_into_networks():
+    networks = config.parse({"swap": {"node_networks": [
+        "10.0.0.0/24", "fd00:1::/64", "192.168.1.7", "2001:db8::1", "172.16.0.0/255.240.0.0",
+    ]}}).swap.node_networks
+    assert networks == (
+        ipaddress.ip_network("10.0.0.0/24"),
+        ipaddress.ip_network("fd00:1::/64"),
+        ipaddress.ip_network("192.168.1.7/32"),  # a bare address is the one-host network
+        ipaddress.ip_network("2001:db8::1/128"),
+        ipaddress.ip_network("172.16.0.0/12"),
+    )
+    assert ipaddress.ip_address("10.0.0.9") in networks[0]
 
 
 def test_relative_state_dir_is_resolved_against_the_config_file(tmp_path):
@@ -313,6 +334,41 @@ ERROR_CASES = [
      "pool.size >= nbd.max_request"),
     ("normal budget smaller than max_request", {"pool": {"normal_budget": "16MiB"}},
      "pool.normal_budget", "16MiB", "pool.normal_budget >= nbd.max_request"),
+    ("max_nodes 0", {"swap": {"max_nodes": 0}}, "swap.max_nodes", 0, "from 1 to 4096"),
+    ("max_nodes 4097", {"swap": {"max_nodes": 4097}}, "swap.max_nodes", 4097,
+     "from 1 to 4096"),
+    ("reserve_inflight 0", {"swap": {"reserve_inflight": 0}}, "swap.reserve_inflight", 0,
+     "from 1 to 1024"),
+    ("reserve_inflight 1025", {"swap": {"reserve_inflight": 1025}}, "swap.reserve_inflight",
+     1025, "from 1 to 1024"),
+    ("max_connections 65", {"swap": {"max_connections": 65}}, "swap.max_connections", 65,
+     "from 1 to 64"),
+    ("reserve_request not power of two", {"swap": {"reserve_request": "96KiB"}},
+     "swap.reserve_request", "96KiB", "a power-of-two size from 4KiB to 128MiB"),
+    ("reserve_request too small", {"swap": {"reserve_request": 2048}},
+     "swap.reserve_request", 2048, "a power-of-two size from 4KiB"),
+    ("reserve_request above max_request", {"nbd": {"max_request": "64KiB"}},
+     "swap.reserve_request", "128KiB", "swap.reserve_request <= nbd.max_request"),
+    ("detach_grace zero", {"swap": {"detach_grace": 0}}, "swap.detach_grace", 0, "> 0"),
+    ("detach_grace without unit", {"swap": {"detach_grace": "30"}}, "swap.detach_grace", "30",
+     '"10s"'),
+    ("node_networks not a list", {"swap": {"node_networks": "10.0.0.0/8"}},
+     "swap.node_networks", "10.0.0.0/8", "a list of CIDR networks"),
+    ("node_networks item not a string", {"swap": {"node_networks": [10]}},
+     "swap.node_networks[0]", 10, "a list of CIDR networks"),
+    ("node_networks not a network", {"swap": {"node_networks": ["10.0.0.0/24", "nodes"]}},
+     "swap.node_networks[1]", "nodes", "IPv4 or IPv6"),
+    ("node_networks prefix too long", {"swap": {"node_networks": ["10.0.0.0/33"]}},
+     "swap.node_networks[0]", "10.0.0.0/33", "IPv4 or IPv6"),
+    ("node_networks host bits", {"swap": {"node_networks": ["10.0.0.5/24"]}},
+     "swap.node_networks[0]", "10.0.0.5/24", "host bits clear"),
+    ("node_networks v6 host bits", {"swap": {"node_networks": ["fd00::1/64"]}},
+     "swap.node_networks[0]", "fd00::1/64", "host bits clear"),
+    ("node_networks zone", {"swap": {"node_networks": ["fe80::%eth0/64"]}},
+     "swap.node_networks[0]", "fe80::%eth0/64", "CIDR networks"),
+    ("node_networks duplicate", {"swap": {"node_networks": ["10.0.0.0/24",
+                                                            "10.0.0.0/255.255.255.0"]}},
+     "swap.node_networks[1]", "10.0.0.0/255.255.255.0", "no duplicates"),
     ("listen without port", {"nbd": {"listen": ["127.0.0.1"]}}, "nbd.listen[0]", "127.0.0.1",
      '"HOST:PORT" or "[IPV6]:PORT"'),
     ("listen unbracketed v6", {"nbd": {"listen": ["127.0.0.1:1", "::1:10809"]}},
@@ -416,6 +472,18 @@ def test_pool_smaller_than_max_request_names_both_keys(key):
     message = str(error_of({"pool": {key: "16MiB"}, "nbd": {"max_request": "32MiB"}}))
     assert f"pool.{key} = '16MiB'" in message
     assert "nbd.max_request = '32MiB'" in message
+
+
+def test_reserve_request_above_max_request_names_both_keys():
+    message = str(error_of({"swap": {"reserve_request": "1MiB"},
+                            "nbd": {"max_request": "512KiB"}}))
+    assert "swap.reserve_request = '1MiB'" in message
+    assert "nbd.max_request = '512KiB'" in message
+
+
+def test_host_bits_error_shows_the_network_and_the_host():
+    message = str(error_of({"swap": {"node_networks": ["10.0.0.5/24"]}}))
+    assert '"10.0.0.0/24"' in message and '"10.0.0.5/32"' in message
 
 
 def test_error_survives_pickling():

@@ -420,27 +420,37 @@ class _AutoOr(_Kind):
             raise
 
 
-class _ListenAddresses(_Kind):
-    """TCP listen addresses -> tuple of (host, port); host "" means every address."""
+class _UniqueStrings(_Kind):
+    """An array of strings, each parsed by _parse_one -> tuple; duplicates (after parsing, so
+    two spellings of one value count) are errors, as they are always a copy-paste slip."""
 
     type_name = "list of str"
+
+    def convert(self, value, key):
+        self._require_type(key, value, isinstance(value, (list, tuple)), "an array")
+        items = []
+        for index, text in enumerate(value):
+            item_key = f"{key}[{index}]"
+            self._require_type(item_key, text, isinstance(text, str), "a string")
+            item = self._parse_one(text, item_key)
+            if item in items:
+                self._reject(item_key, text, "is listed twice")
+            items.append(item)
+        return tuple(items)
+
+    def _parse_one(self, text: str, key: str):
+        raise NotImplementedError
+
+
+class _ListenAddresses(_UniqueStrings):
+    """TCP listen addresses -> tuple of (host, port); host "" means every address."""
+
     allowed = (
         'a list of "HOST:PORT" or "[IPV6]:PORT"; HOST is an IPv4 literal, "localhost", '
         'or "" / "*" for any address; PORT 0..65535; no duplicates'
     )
 
-    def convert(self, value, key):
-        self._require_type(key, value, isinstance(value, (list, tuple)), "an array")
-        addresses = []
-        for index, text in enumerate(value):
-            address = self._parse_one(text, f"{key}[{index}]")
-            if address in addresses:
-                self._reject(f"{key}[{index}]", text, "is listed twice")
-            addresses.append(address)
-        return tuple(addresses)
-
     def _parse_one(self, text, key) -> tuple[str, int]:
-        self._require_type(key, text, isinstance(text, str), "a string")
         if text.startswith("["):
             # "[v6]:port". Bracketed v4 ("[127.0.0.1]:1") is not a URL form anyone expects.
             host_text, bracket_colon, port_text = text[1:].partition("]:")
@@ -468,6 +478,34 @@ class _ListenAddresses(_Kind):
         if not re.fullmatch(r"[0-9]{1,5}", port_text, re.ASCII) or int(port_text) > 65535:
             self._reject(key, text, f"port {port_text!r} is not 0..65535")
         return host, int(port_text)
+
+
+class _Networks(_UniqueStrings):
+    """IP networks (v4 and v6 mixed) -> tuple of ipaddress.IPv4Network / IPv6Network.
+
+    Host bits must be clear: "10.0.0.5/24" is refused rather than widened to 10.0.0.0/24,
+    because these lists grant access (to the emergency reserve, say) and a slip should not
+    silently grant it to a whole subnet. A bare address is the one-host network.
+    """
+
+    allowed = (
+        'a list of CIDR networks, IPv4 or IPv6, e.g. "10.0.0.0/24", "fd00::/64", or a bare '
+        "address for one host; host bits clear; no duplicates"
+    )
+
+    def _parse_one(self, text, key):
+        if "%" in text:
+            # A zone (fe80::%eth0/64) is a property of a link, not of the peers on it.
+            self._reject(key, text, "has a zone index (%...); write the network without it")
+        try:
+            interface = ipaddress.ip_interface(text)
+        except ValueError:
+            self._reject(key, text, "is not an IPv4 or IPv6 network")
+        network = interface.network
+        if interface.ip != network.network_address:
+            self._reject(key, text, f'has host bits set: the network is "{network}", the one '
+                                    f'host "{interface.ip}/{network.max_prefixlen}"')
+        return network
 
 
 def _ip_literal(address_class, text: str) -> str | None:
@@ -575,6 +613,22 @@ _SWAP = (
            also="and must resolve strictly inside daemon.state_dir"),
     _Field("description", _Text(0, 4096), "netswap per-node swap",
            "Description sent to clients (NBD_INFO_DESCRIPTION)."),
+    _Field("max_nodes", _Integer(1, 4096), 16,
+           "Swap nodes attached at once; the pool holds a reserve for each."),
+    _Field("reserve_inflight", _Integer(1, 1024), 32,
+           "Swap requests in flight per node that its reserve covers."),
+    _Field("reserve_request", _Size(4 * KiB, 128 * MiB, power_of_two=True), "128KiB",
+           "Request size the reserve covers: what a node's swap I/O is split into (its "
+           "max_sectors_kb).",
+           also="and <= nbd.max_request"),
+    _Field("max_connections", _Integer(1, 64), 4,
+           "Connections per node whose receive windows the reserve covers."),
+    _Field("detach_grace", _Duration(), "30s",
+           "How long a node's reserve stays connected after its last connection closes, so "
+           "a reconnecting node finds it still there."),
+    _Field("node_networks", _Networks(), [],
+           "Peers whose connections are treated as swap (emergency) traffic from accept, "
+           "before their export is known."),
 )
 
 _EXPORT = (
@@ -646,6 +700,12 @@ class SwapConfig:
     backend: str
     directory: Path  # absolute, strictly inside daemon.state_dir
     description: str
+    max_nodes: int
+    reserve_inflight: int
+    reserve_request: int  # bytes, a power of two
+    max_connections: int
+    detach_grace: float  # seconds
+    node_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # host bits clear
 
 
 @dataclass(frozen=True)
@@ -804,7 +864,7 @@ def _build_nbd(table) -> tuple[NbdConfig, dict]:
     return NbdConfig(**values), written
 
 
-def _build_swap(table, state_dir: Path, nbd: NbdConfig) -> SwapConfig:
+def _build_swap(table, state_dir: Path, nbd: NbdConfig, nbd_written: dict) -> SwapConfig:
     values, written = _read_table(table, "swap", _SWAP)
     directory = _under(state_dir, values["directory"])
     # Per-node swap files are named after client-chosen node names and deleted on detach;
@@ -818,6 +878,11 @@ def _build_swap(table, state_dir: Path, nbd: NbdConfig) -> SwapConfig:
         )
     values["directory"] = directory
     _check_multiple_of_block(values["size"], "swap.size", written["size"], nbd)
+    # reserve_request describes one request; one larger than any the server accepts
+    # describes requests that cannot happen, most likely nbd.max_request lowered alone.
+    _require_relation("swap.reserve_request", values["reserve_request"],
+                      written["reserve_request"], "<=", "nbd.max_request", nbd.max_request,
+                      nbd_written["max_request"], in_bytes=True)
     return SwapConfig(**values)
 
 
@@ -882,7 +947,7 @@ def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None =
         daemon = _build_daemon(mapping.get("daemon", {}), base_dir)
         nbd, nbd_written = _build_nbd(mapping.get("nbd", {}))
         pool = _build_pool(mapping.get("pool", {}), nbd, nbd_written)
-        swap = _build_swap(mapping.get("swap", {}), daemon.state_dir, nbd)
+        swap = _build_swap(mapping.get("swap", {}), daemon.state_dir, nbd, nbd_written)
         exports = _build_exports(mapping.get("exports", []), daemon.state_dir, swap, nbd)
     except ConfigError as error:
         error.source = source
