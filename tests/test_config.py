@@ -164,6 +164,8 @@ def test_empty_document_gives_defaults():
         detach_grace=30.0,
         node_networks=(),
     )
+    assert cfg.network == config.NetworkConfig(priority=6, dscp=46, mark=0, shape=False,
+                                               interface="")
     assert cfg.exports == ()
     assert cfg.source == "<string>"
 
@@ -262,10 +264,12 @@ def test_relative_state_dir_without_a_file_is_an_error():
 # ---------------------------------------------------------------------------------------------
 # Errors: each names the key path, the value as written, and what is allowed.
 
+ALL_SECTIONS = "daemon, pool, nbd, swap, network, exports"
+
 ERROR_CASES = [
     # (id, document, key, value, fragment of the allowed set)
-    ("unknown top-level", {"deamon": {}}, "deamon", {}, "daemon, pool, nbd, swap, exports"),
-    ("key above its section", {"workers": 4}, "workers", 4, "daemon, pool, nbd, swap, exports"),
+    ("unknown top-level", {"deamon": {}}, "deamon", {}, ALL_SECTIONS),
+    ("key above its section", {"workers": 4}, "workers", 4, ALL_SECTIONS),
     ("unknown nested", {"daemon": {"wrokers": 4}}, "daemon.wrokers", 4,
      "state_dir, log_level, workers, shutdown_timeout"),
     ("unknown in export", with_exports({"name": "a", "size": 4096, "backend": "memory",
@@ -399,6 +403,29 @@ ERROR_CASES = [
                                               "block_size_preferred": 65536},
                                       "swap": {"size": MiB + 4096}},
      "swap.size", MiB + 4096, "a multiple of nbd.block_size_min"),
+    ("priority 8", {"network": {"priority": 8}}, "network.priority", 8, "from 0 to 7"),
+    ("priority negative", {"network": {"priority": -1}}, "network.priority", -1,
+     "from 0 to 7"),
+    ("dscp 64", {"network": {"dscp": 64}}, "network.dscp", 64, "from 0 to 63"),
+    ("dscp as string", {"network": {"dscp": "EF"}}, "network.dscp", "EF", "from 0 to 63"),
+    ("mark above 32 bits", {"network": {"mark": 2**32}}, "network.mark", 2**32,
+     "from 0 to 4294967295"),
+    ("mark negative", {"network": {"mark": -1}}, "network.mark", -1, "from 0 to 4294967295"),
+    ("shape not bool", {"network": {"shape": "yes"}}, "network.shape", "yes", "true or false"),
+    ("interface too long", {"network": {"interface": "a" * 16}}, "network.interface",
+     "a" * 16, "1 to 15 ASCII characters"),
+    ("interface alias", {"network": {"interface": "eth0:1"}}, "network.interface", "eth0:1",
+     'no whitespace, "/" or ":"'),
+    ("interface path", {"network": {"interface": "../eth0"}}, "network.interface", "../eth0",
+     'no whitespace, "/" or ":"'),
+    ("interface dot-dot", {"network": {"interface": ".."}}, "network.interface", "..",
+     'not "." or ".."'),
+    ("interface space", {"network": {"interface": "eth 0"}}, "network.interface", "eth 0",
+     "no whitespace"),
+    ("interface not ASCII", {"network": {"interface": "eth\u20110"}}, "network.interface",
+     "eth\u20110", "ASCII"),
+    ("shape without interface", {"network": {"shape": True}}, "network.interface", "",
+     "an interface name when network.shape = true"),
     ("export name missing", with_exports({"backend": "memory", "size": 4096}),
      "exports[0].name", None, "1 to 255 bytes of UTF-8"),
     ("export name empty", with_exports({"name": "", "backend": "memory", "size": 4096}),
@@ -486,6 +513,16 @@ def test_host_bits_error_shows_the_network_and_the_host():
     assert '"10.0.0.0/24"' in message and '"10.0.0.5/32"' in message
 
 
+def test_shape_without_interface_names_both_keys():
+    message = str(error_of({"network": {"shape": True, "interface": ""}}))
+    assert "network.interface = ''" in message and "network.shape = true" in message
+
+
+def test_shape_with_interface():
+    network = config.parse({"network": {"shape": True, "interface": "eth1"}}).network
+    assert (network.shape, network.interface) == (True, "eth1")
+
+
 def test_error_survives_pickling():
     # Errors cross process boundaries (multiprocessing, logging queues) intact.
     error = error_of({"daemon": {"workers": 0}}, source="x.toml")
@@ -565,7 +602,7 @@ def test_default_config_spells_out_every_default():
     # Deleting any line of the default file must change nothing (exports aside: they are
     # examples), so the file is an honest description of what an empty file means.
     cfg, defaults = config.load(DEFAULT_CONFIG), config.parse({})
-    for section in ("daemon", "pool", "nbd", "swap"):
+    for section in ("daemon", "pool", "nbd", "swap", "network"):
         assert getattr(cfg, section) == getattr(defaults, section), section
 
 

@@ -334,6 +334,27 @@ class _Text(_Kind):
         return value
 
 
+class _InterfaceName(_Kind):
+    """A network interface name as the kernel accepts one (dev_valid_name), or "" for none.
+
+    ASCII only: the kernel would take other bytes, but in a config file they are far more
+    likely a pasted look-alike character than a real interface name.
+    """
+
+    type_name = "str"
+    allowed = ('an interface name of 1 to 15 ASCII characters, no whitespace, "/" or ":", '
+               'not "." or ".."; or "" for none')
+
+    def convert(self, value, key):
+        self._require_type(key, value, isinstance(value, str), "a string")
+        # 15: IFNAMSIZ (16) less the NUL. "/" and "." / ".." would be path components under
+        # /sys/class/net; ":" separates an alias label.
+        if value and (not re.fullmatch(r"[!-~]{1,15}", value, re.ASCII)
+                      or re.search(r"[/:]", value) or value in (".", "..")):
+            self._reject(key, value, "is not a valid interface name")
+        return value
+
+
 class _PathText(_Kind):
     """A filesystem path, lexically normalised (no filesystem access, symlinks not followed).
 
@@ -631,6 +652,22 @@ _SWAP = (
            "before their export is known."),
 )
 
+_NETWORK = (
+    _Field("priority", _Integer(0, 7), 6,
+           "SO_PRIORITY of swap connections: the kernel's queueing priority for their "
+           "packets (above 6 needs CAP_NET_ADMIN)."),
+    _Field("dscp", _Integer(0, 63), 46,
+           "DSCP of swap connections (IP_TOS / IPV6_TCLASS), for switches and routers; 46 is "
+           "EF (expedited forwarding)."),
+    _Field("mark", _Integer(0, 2**32 - 1), 0,
+           "SO_MARK of swap connections, for firewall and routing rules; 0 leaves it unset."),
+    _Field("shape", _Boolean(), False,
+           "Install a prio qdisc on interface that sends swap-marked traffic first."),
+    _Field("interface", _InterfaceName(), "",
+           "The serving interface, for shape.",
+           also="required (not empty) when network.shape = true"),
+)
+
 _EXPORT = (
     _Field("name", _Text(1, 255, reserved_prefix="swap/"), _REQUIRED,
            "Export name clients ask for.",
@@ -652,7 +689,8 @@ _EXPORT = (
 )
 
 # Fixed sections, in file and documentation order; "exports" is an array of tables.
-_SECTIONS = {"daemon": _DAEMON, "pool": _POOL, "nbd": _NBD, "swap": _SWAP}
+_SECTIONS = {"daemon": _DAEMON, "pool": _POOL, "nbd": _NBD, "swap": _SWAP,
+             "network": _NETWORK}
 _TOP_LEVEL = (*_SECTIONS, "exports")
 
 KEYS: tuple[str, ...] = (
@@ -709,6 +747,15 @@ class SwapConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    priority: int  # SO_PRIORITY
+    dscp: int  # the upper six bits of IP_TOS / IPV6_TCLASS
+    mark: int  # SO_MARK; 0 = leave unset
+    shape: bool
+    interface: str  # "" = none; never "" when shape is true
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     name: str
     backend: str
@@ -724,6 +771,7 @@ class Config:
     pool: PoolConfig
     nbd: NbdConfig
     swap: SwapConfig
+    network: NetworkConfig
     exports: tuple[ExportConfig, ...]
     source: str  # the file this came from, or "<string>"
 
@@ -886,6 +934,19 @@ def _build_swap(table, state_dir: Path, nbd: NbdConfig, nbd_written: dict) -> Sw
     return SwapConfig(**values)
 
 
+def _build_network(table) -> NetworkConfig:
+    values, written = _read_table(table, "network", _NETWORK)
+    # Refused rather than ignored: an operator who asked for shaping and gets none finds out
+    # only when swap traffic stalls behind bulk traffic.
+    if values["shape"] and not values["interface"]:
+        raise ConfigError(
+            "network.interface", "is empty, but network.shape = true needs the interface to "
+            "shape", value=written["interface"],
+            allowed="an interface name when network.shape = true",
+        )
+    return NetworkConfig(**values)
+
+
 def _build_exports(array, state_dir: Path, swap: SwapConfig, nbd: NbdConfig):
     if not isinstance(array, (list, tuple)):
         raise ConfigError("exports", f"is {_describe_type(array)}, not an array of tables",
@@ -948,11 +1009,13 @@ def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None =
         nbd, nbd_written = _build_nbd(mapping.get("nbd", {}))
         pool = _build_pool(mapping.get("pool", {}), nbd, nbd_written)
         swap = _build_swap(mapping.get("swap", {}), daemon.state_dir, nbd, nbd_written)
+        network = _build_network(mapping.get("network", {}))
         exports = _build_exports(mapping.get("exports", []), daemon.state_dir, swap, nbd)
     except ConfigError as error:
         error.source = source
         raise
-    return Config(daemon=daemon, pool=pool, nbd=nbd, swap=swap, exports=exports, source=source)
+    return Config(daemon=daemon, pool=pool, nbd=nbd, swap=swap, network=network,
+                  exports=exports, source=source)
 
 
 def load(path: str | os.PathLike) -> Config:
