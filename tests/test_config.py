@@ -166,6 +166,10 @@ def test_empty_document_gives_defaults():
     )
     assert cfg.network == config.NetworkConfig(priority=6, dscp=46, mark=0, shape=False,
                                                interface="")
+    assert cfg.pressure == config.PressureConfig(
+        enabled=True, interval=1.0, psi_enter=10.0, psi_exit=5.0,
+        available_enter=256 * MiB, available_exit=512 * MiB,
+    )
     assert cfg.exports == ()
     assert cfg.source == "<string>"
 
@@ -264,7 +268,7 @@ def test_relative_state_dir_without_a_file_is_an_error():
 # ---------------------------------------------------------------------------------------------
 # Errors: each names the key path, the value as written, and what is allowed.
 
-ALL_SECTIONS = "daemon, pool, nbd, swap, network, exports"
+ALL_SECTIONS = "daemon, pool, nbd, swap, network, pressure, exports"
 
 ERROR_CASES = [
     # (id, document, key, value, fragment of the allowed set)
@@ -426,6 +430,31 @@ ERROR_CASES = [
      "eth\u20110", "ASCII"),
     ("shape without interface", {"network": {"shape": True}}, "network.interface", "",
      "an interface name when network.shape = true"),
+    ("psi_enter above 100", {"pressure": {"psi_enter": 100.5}}, "pressure.psi_enter", 100.5,
+     "a number from 0 to 100"),
+    ("psi_exit negative", {"pressure": {"psi_exit": -1}}, "pressure.psi_exit", -1,
+     "a number from 0 to 100"),
+    ("psi_enter nan", {"pressure": {"psi_enter": float("nan")}}, "pressure.psi_enter",
+     float("nan"),
+     "a number from 0 to 100"),
+    ("psi_enter bool", {"pressure": {"psi_enter": True}}, "pressure.psi_enter", True,
+     "a number from 0 to 100"),
+    ("psi_enter string", {"pressure": {"psi_enter": "10%"}}, "pressure.psi_enter", "10%",
+     "a number from 0 to 100"),
+    ("psi_exit equal to psi_enter", {"pressure": {"psi_enter": 10, "psi_exit": 10.0}},
+     "pressure.psi_exit", 10.0, "pressure.psi_exit < pressure.psi_enter"),
+    ("psi_exit above psi_enter", {"pressure": {"psi_exit": 20}}, "pressure.psi_exit", 20,
+     "pressure.psi_exit < pressure.psi_enter"),
+    ("available_exit equal", {"pressure": {"available_exit": "256MiB"}},
+     "pressure.available_exit", "256MiB", "pressure.available_exit > pressure.available_enter"),
+    ("available_enter above exit", {"pressure": {"available_enter": "1GiB"}},
+     "pressure.available_exit", "512MiB",
+     "pressure.available_exit > pressure.available_enter"),
+    ("available_enter bad size", {"pressure": {"available_enter": "lots"}},
+     "pressure.available_enter", "lots", "KiB"),
+    ("interval zero", {"pressure": {"interval": "0s"}}, "pressure.interval", "0s", "> 0"),
+    ("pressure enabled not bool", {"pressure": {"enabled": "true"}}, "pressure.enabled",
+     "true", "true or false"),
     ("export name missing", with_exports({"backend": "memory", "size": 4096}),
      "exports[0].name", None, "1 to 255 bytes of UTF-8"),
     ("export name empty", with_exports({"name": "", "backend": "memory", "size": 4096}),
@@ -523,6 +552,29 @@ def test_shape_with_interface():
     assert (network.shape, network.interface) == (True, "eth1")
 
 
+@pytest.mark.parametrize("enter, exit", [(10, 5), (10.0, 5.5), (100, 0), (0.5, 0)])
+def test_psi_thresholds_accept_integers_and_floats(enter, exit):
+    pressure = config.parse({"pressure": {"psi_enter": enter, "psi_exit": exit}}).pressure
+    assert (pressure.psi_enter, pressure.psi_exit) == (enter, exit)
+    assert type(pressure.psi_enter) is float and type(pressure.psi_exit) is float
+
+
+@pytest.mark.parametrize("document, key, other", [
+    ({"pressure": {"psi_enter": 5, "psi_exit": 7.5}}, "pressure.psi_exit = 7.5",
+     "pressure.psi_enter = 5"),
+    ({"pressure": {"available_enter": "1GiB", "available_exit": "512MiB"}},
+     "pressure.available_exit = '512MiB'", "pressure.available_enter = '1GiB'"),
+])
+def test_pressure_hysteresis_errors_name_both_keys(document, key, other):
+    message = str(error_of(document))
+    assert key in message and other in message
+
+
+def test_pressure_thresholds_are_checked_even_when_disabled():
+    # So that enabling the monitor later cannot turn up a broken pair.
+    assert error_of({"pressure": {"enabled": False, "psi_exit": 50}}).key == "pressure.psi_exit"
+
+
 def test_error_survives_pickling():
     # Errors cross process boundaries (multiprocessing, logging queues) intact.
     error = error_of({"daemon": {"workers": 0}}, source="x.toml")
@@ -602,7 +654,7 @@ def test_default_config_spells_out_every_default():
     # Deleting any line of the default file must change nothing (exports aside: they are
     # examples), so the file is an honest description of what an empty file means.
     cfg, defaults = config.load(DEFAULT_CONFIG), config.parse({})
-    for section in ("daemon", "pool", "nbd", "swap", "network"):
+    for section in ("daemon", "pool", "nbd", "swap", "network", "pressure"):
         assert getattr(cfg, section) == getattr(defaults, section), section
 
 

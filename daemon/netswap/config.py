@@ -291,6 +291,23 @@ class _Integer(_Kind):
         return value
 
 
+class _Number(_Kind):
+    """A TOML integer or float -> float; integers too, since "psi_enter = 10" means 10.0."""
+
+    type_name = "float"
+
+    def __init__(self, minimum: float, maximum: float):
+        self.minimum, self.maximum = minimum, maximum
+        self.allowed = f"a number from {minimum:g} to {maximum:g}"
+
+    def convert(self, value, key):
+        self._require_type(key, value, _is_integer(value) or isinstance(value, float),
+                           "a number")
+        if not self.minimum <= value <= self.maximum:  # also refuses nan
+            self._reject(key, value, "is out of range")
+        return float(value)
+
+
 class _Choice(_Kind):
     type_name = "str"
 
@@ -668,6 +685,25 @@ _NETWORK = (
            also="required (not empty) when network.shape = true"),
 )
 
+_PRESSURE = (
+    _Field("enabled", _Boolean(), True,
+           "Watch this server's memory pressure (PSI and MemAvailable) and run in "
+           "emergency mode while it is high."),
+    _Field("interval", _Duration(), "1s",
+           "How often /proc/pressure/memory and MemAvailable are read when PSI triggers are "
+           "unavailable."),
+    _Field("psi_enter", _Number(0, 100), 10.0,
+           'Memory PSI "some" avg10 (%) at or above which emergency mode starts.'),
+    _Field("psi_exit", _Number(0, 100), 5.0,
+           "Memory PSI avg10 (%) below which emergency mode may end.",
+           also="and < pressure.psi_enter"),
+    _Field("available_enter", _Size(0), "256MiB",
+           "MemAvailable at or below which emergency mode starts."),
+    _Field("available_exit", _Size(0), "512MiB",
+           "MemAvailable above which emergency mode may end.",
+           also="and > pressure.available_enter"),
+)
+
 _EXPORT = (
     _Field("name", _Text(1, 255, reserved_prefix="swap/"), _REQUIRED,
            "Export name clients ask for.",
@@ -690,7 +726,7 @@ _EXPORT = (
 
 # Fixed sections, in file and documentation order; "exports" is an array of tables.
 _SECTIONS = {"daemon": _DAEMON, "pool": _POOL, "nbd": _NBD, "swap": _SWAP,
-             "network": _NETWORK}
+             "network": _NETWORK, "pressure": _PRESSURE}
 _TOP_LEVEL = (*_SECTIONS, "exports")
 
 KEYS: tuple[str, ...] = (
@@ -756,6 +792,16 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class PressureConfig:
+    enabled: bool
+    interval: float  # seconds
+    psi_enter: float  # percent; psi_exit < psi_enter
+    psi_exit: float
+    available_enter: int  # bytes; available_exit > available_enter
+    available_exit: int
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     name: str
     backend: str
@@ -772,6 +818,7 @@ class Config:
     nbd: NbdConfig
     swap: SwapConfig
     network: NetworkConfig
+    pressure: PressureConfig
     exports: tuple[ExportConfig, ...]
     source: str  # the file this came from, or "<string>"
 
@@ -947,6 +994,19 @@ def _build_network(table) -> NetworkConfig:
     return NetworkConfig(**values)
 
 
+def _build_pressure(table) -> PressureConfig:
+    values, written = _read_table(table, "pressure", _PRESSURE)
+    # Hysteresis: emergency mode ends on the far side of a gap from where it starts, or a
+    # reading hovering at one threshold would flip it on and off every interval. Checked even
+    # when disabled, so that enabling the monitor later cannot turn up a broken pair.
+    _require_relation("pressure.psi_exit", values["psi_exit"], written["psi_exit"], "<",
+                      "pressure.psi_enter", values["psi_enter"], written["psi_enter"])
+    _require_relation("pressure.available_exit", values["available_exit"],
+                      written["available_exit"], ">", "pressure.available_enter",
+                      values["available_enter"], written["available_enter"], in_bytes=True)
+    return PressureConfig(**values)
+
+
 def _build_exports(array, state_dir: Path, swap: SwapConfig, nbd: NbdConfig):
     if not isinstance(array, (list, tuple)):
         raise ConfigError("exports", f"is {_describe_type(array)}, not an array of tables",
@@ -1010,12 +1070,13 @@ def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None =
         pool = _build_pool(mapping.get("pool", {}), nbd, nbd_written)
         swap = _build_swap(mapping.get("swap", {}), daemon.state_dir, nbd, nbd_written)
         network = _build_network(mapping.get("network", {}))
+        pressure = _build_pressure(mapping.get("pressure", {}))
         exports = _build_exports(mapping.get("exports", []), daemon.state_dir, swap, nbd)
     except ConfigError as error:
         error.source = source
         raise
     return Config(daemon=daemon, pool=pool, nbd=nbd, swap=swap, network=network,
-                  exports=exports, source=source)
+                  pressure=pressure, exports=exports, source=source)
 
 
 def load(path: str | os.PathLike) -> Config:
