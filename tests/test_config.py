@@ -170,6 +170,8 @@ def test_empty_document_gives_defaults():
         enabled=True, interval=1.0, psi_enter=10.0, psi_exit=5.0,
         available_enter=256 * MiB, available_exit=512 * MiB,
     )
+    assert cfg.protect == config.ProtectConfig(mlockall="best-effort", oom_score_adj=-1000,
+                                               io_flusher="best-effort")
     assert cfg.exports == ()
     assert cfg.source == "<string>"
 
@@ -247,6 +249,19 @@ def test_node_networks_are_parsed_into_networks():
     assert ipaddress.ip_address("10.0.0.9") in networks[0]
 
 
+def test_new_sections_take_what_is_written():
+    cfg = config.parse({
+        "network": {"priority": 0, "dscp": 0, "mark": 2**32 - 1, "shape": True,
+                    "interface": "bond0.100"},
+        "pressure": {"enabled": False, "interval": "250ms", "psi_enter": 40, "psi_exit": 2.5,
+                     "available_enter": 0, "available_exit": "1GiB"},
+        "protect": {"mlockall": "required", "oom_score_adj": 0, "io_flusher": "off"},
+    })
+    assert cfg.network == config.NetworkConfig(0, 0, 2**32 - 1, True, "bond0.100")
+    assert cfg.pressure == config.PressureConfig(False, 0.25, 40.0, 2.5, 0, GiB)
+    assert cfg.protect == config.ProtectConfig("required", 0, "off")
+
+
 def test_relative_state_dir_is_resolved_against_the_config_file(tmp_path):
     (tmp_path / "etc").mkdir()
     config_file = tmp_path / "etc" / "netswapd.toml"
@@ -268,7 +283,7 @@ def test_relative_state_dir_without_a_file_is_an_error():
 # ---------------------------------------------------------------------------------------------
 # Errors: each names the key path, the value as written, and what is allowed.
 
-ALL_SECTIONS = "daemon, pool, nbd, swap, network, pressure, exports"
+ALL_SECTIONS = "daemon, pool, nbd, swap, network, pressure, protect, exports"
 
 ERROR_CASES = [
     # (id, document, key, value, fragment of the allowed set)
@@ -455,6 +470,20 @@ ERROR_CASES = [
     ("interval zero", {"pressure": {"interval": "0s"}}, "pressure.interval", "0s", "> 0"),
     ("pressure enabled not bool", {"pressure": {"enabled": "true"}}, "pressure.enabled",
      "true", "true or false"),
+    ("mlockall bad", {"protect": {"mlockall": "yes"}}, "protect.mlockall", "yes",
+     '"required", "best-effort", "off"'),
+    ("mlockall bool", {"protect": {"mlockall": True}}, "protect.mlockall", True,
+     '"required", "best-effort", "off"'),
+    ("io_flusher bad", {"protect": {"io_flusher": "on"}}, "protect.io_flusher", "on",
+     '"required", "best-effort", "off"'),
+    ("oom_score_adj below -1000", {"protect": {"oom_score_adj": -1001}},
+     "protect.oom_score_adj", -1001, "from -1000 to 1000"),
+    ("oom_score_adj above 1000", {"protect": {"oom_score_adj": 1001}},
+     "protect.oom_score_adj", 1001, "from -1000 to 1000"),
+    ("oom_score_adj float", {"protect": {"oom_score_adj": -1000.0}},
+     "protect.oom_score_adj", -1000.0, "from -1000 to 1000"),
+    ("unknown key in protect", {"protect": {"mlock": "off"}}, "protect.mlock", "off",
+     "mlockall, oom_score_adj, io_flusher"),
     ("export name missing", with_exports({"backend": "memory", "size": 4096}),
      "exports[0].name", None, "1 to 255 bytes of UTF-8"),
     ("export name empty", with_exports({"name": "", "backend": "memory", "size": 4096}),
@@ -654,7 +683,7 @@ def test_default_config_spells_out_every_default():
     # Deleting any line of the default file must change nothing (exports aside: they are
     # examples), so the file is an honest description of what an empty file means.
     cfg, defaults = config.load(DEFAULT_CONFIG), config.parse({})
-    for section in ("daemon", "pool", "nbd", "swap", "network", "pressure"):
+    for section in ("daemon", "pool", "nbd", "swap", "network", "pressure", "protect"):
         assert getattr(cfg, section) == getattr(defaults, section), section
 
 

@@ -1,10 +1,10 @@
 """netswapd configuration: TOML in, typed, validated, frozen objects out.
 
 Every key is described exactly once, in the schema tables below (_DAEMON, _POOL, _NBD, _SWAP,
-_EXPORT): its kind (which type-checks, converts and range-checks the raw TOML value), its
-default and its meaning. The validator, the error messages and the configuration reference
-(the README's configuration reference, printed by `python3 -m netswap.config`) are all driven
-by those tables, so they cannot drift apart. Rules that relate two keys (pool.normal_budget >=
+_NETWORK, _PRESSURE, _PROTECT, _EXPORT): its kind (which type-checks, converts and
+range-checks the raw TOML value), its default and its meaning. The validator, the error
+messages and the configuration reference (the README's configuration reference, printed by
+`python3 -m netswap.config`) are all driven by those tables, so they cannot drift apart. Rules that relate two keys (pool.normal_budget >=
 nbd.max_request, paths inside daemon.state_dir, unique export names) cannot be stated per key;
 they live in the _build_* functions, each next to the section it completes.
 
@@ -17,7 +17,8 @@ Public API:
     parse_size(value, key) -> int            "64MiB" -> 67108864
     parse_duration(value, key) -> float      "500ms" -> 0.5
     ConfigError                              ValueError: .key .value .problem .allowed .source
-    Config, DaemonConfig, PoolConfig, NbdConfig, SwapConfig, ExportConfig
+    Config, DaemonConfig, PoolConfig, NbdConfig, SwapConfig, NetworkConfig, PressureConfig,
+    ProtectConfig, ExportConfig
     KEYS, reference_table()                  the documented key paths; the Markdown reference
 """
 
@@ -46,7 +47,10 @@ __all__ = [
     "DaemonConfig",
     "ExportConfig",
     "NbdConfig",
+    "NetworkConfig",
     "PoolConfig",
+    "PressureConfig",
+    "ProtectConfig",
     "SwapConfig",
     "format_size",
     "load",
@@ -591,6 +595,9 @@ _DAEMON = (
            "connections are closed."),
 )
 
+# How hard to insist on a protection the kernel may refuse for lack of rights or limits.
+_INSISTENCE = _Choice("required", "best-effort", "off")
+
 _POOL = (
     _Field("size", _AutoOr(_Size(MiB, multiple_of=4096)), "auto",
            "Size of the mlocked pool every request payload is carved from; the daemon's "
@@ -598,7 +605,7 @@ _POOL = (
            "(pool.normal_budget and the swap reserve) plus pool.headroom.",
            also="an explicit size must be >= nbd.max_request, and at start >= the "
                 "reservations plus pool.headroom"),
-    _Field("lock", _Choice("required", "best-effort", "off"), "required",
+    _Field("lock", _INSISTENCE, "required",
            'Whether the pool is mlocked: "required" refuses to start if it cannot be, '
            '"best-effort" logs a warning and continues, "off" never tries.'),
     _Field("normal_budget", _Size(4 * KiB, multiple_of=4096), "64MiB",
@@ -704,6 +711,20 @@ _PRESSURE = (
            also="and > pressure.available_enter"),
 )
 
+_PROTECT = (
+    _Field("mlockall", _INSISTENCE, "best-effort",
+           "mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), so the daemon's own code and "
+           'heap are never swapped out: "required" refuses to start without it, '
+           '"best-effort" warns, "off" never tries.'),
+    _Field("oom_score_adj", _Integer(-1000, 1000), -1000,
+           "Written to /proc/self/oom_score_adj; -1000 exempts the daemon from the OOM "
+           "killer."),
+    _Field("io_flusher", _INSISTENCE, "best-effort",
+           "prctl(PR_SET_IO_FLUSHER): the kernel does not make the daemon's allocations wait "
+           "on the swap I/O the daemon itself must complete (needs CAP_SYS_RESOURCE); "
+           '"required" refuses to start without it, "best-effort" warns, "off" never tries.'),
+)
+
 _EXPORT = (
     _Field("name", _Text(1, 255, reserved_prefix="swap/"), _REQUIRED,
            "Export name clients ask for.",
@@ -726,7 +747,7 @@ _EXPORT = (
 
 # Fixed sections, in file and documentation order; "exports" is an array of tables.
 _SECTIONS = {"daemon": _DAEMON, "pool": _POOL, "nbd": _NBD, "swap": _SWAP,
-             "network": _NETWORK, "pressure": _PRESSURE}
+             "network": _NETWORK, "pressure": _PRESSURE, "protect": _PROTECT}
 _TOP_LEVEL = (*_SECTIONS, "exports")
 
 KEYS: tuple[str, ...] = (
@@ -802,6 +823,13 @@ class PressureConfig:
 
 
 @dataclass(frozen=True)
+class ProtectConfig:
+    mlockall: str  # "required" | "best-effort" | "off"
+    oom_score_adj: int
+    io_flusher: str  # "required" | "best-effort" | "off"
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     name: str
     backend: str
@@ -819,6 +847,7 @@ class Config:
     swap: SwapConfig
     network: NetworkConfig
     pressure: PressureConfig
+    protect: ProtectConfig
     exports: tuple[ExportConfig, ...]
     source: str  # the file this came from, or "<string>"
 
@@ -1007,6 +1036,11 @@ def _build_pressure(table) -> PressureConfig:
     return PressureConfig(**values)
 
 
+def _build_protect(table) -> ProtectConfig:
+    values, _ = _read_table(table, "protect", _PROTECT)  # no rules between its keys
+    return ProtectConfig(**values)
+
+
 def _build_exports(array, state_dir: Path, swap: SwapConfig, nbd: NbdConfig):
     if not isinstance(array, (list, tuple)):
         raise ConfigError("exports", f"is {_describe_type(array)}, not an array of tables",
@@ -1071,12 +1105,13 @@ def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None =
         swap = _build_swap(mapping.get("swap", {}), daemon.state_dir, nbd, nbd_written)
         network = _build_network(mapping.get("network", {}))
         pressure = _build_pressure(mapping.get("pressure", {}))
+        protect = _build_protect(mapping.get("protect", {}))
         exports = _build_exports(mapping.get("exports", []), daemon.state_dir, swap, nbd)
     except ConfigError as error:
         error.source = source
         raise
     return Config(daemon=daemon, pool=pool, nbd=nbd, swap=swap, network=network,
-                  pressure=pressure, exports=exports, source=source)
+                  pressure=pressure, protect=protect, exports=exports, source=source)
 
 
 def load(path: str | os.PathLike) -> Config:
