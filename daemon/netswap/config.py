@@ -4,9 +4,10 @@ Every key is described exactly once, in the schema tables below (_DAEMON, _POOL,
 _NETWORK, _PRESSURE, _PROTECT, _EXPORT): its kind (which type-checks, converts and
 range-checks the raw TOML value), its default and its meaning. The validator, the error
 messages and the configuration reference (the README's configuration reference, printed by
-`python3 -m netswap.config`) are all driven by those tables, so they cannot drift apart. Rules that relate two keys (pool.normal_budget >=
-nbd.max_request, paths inside daemon.state_dir, unique export names) cannot be stated per key;
-they live in the _build_* functions, each next to the section it completes.
+`python3 -m netswap.config`) are all driven by those tables, so they cannot drift apart.
+Rules that relate two keys (pool.normal_budget >= nbd.max_request, paths inside
+daemon.state_dir, unique export names) cannot be stated per key; they live in the _build_*
+functions, each next to the section it completes.
 
 Every problem is a ConfigError naming the file, the full key path, the offending value and
 what would be accepted, so an operator can fix the file without reading this code.
