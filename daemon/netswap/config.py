@@ -418,8 +418,10 @@ class _Size(_Kind):
         what = "a power-of-two size" if power_of_two else "a size"
         if maximum is not None:
             self.allowed = f"{what} from {format_size(minimum)} to {format_size(maximum)}"
-        else:
+        elif minimum:
             self.allowed = f"{what} >= {format_size(minimum)}"
+        else:
+            self.allowed = what
         if multiple_of > 1:
             self.allowed += f", a multiple of {multiple_of}"
 
@@ -464,8 +466,11 @@ class _AutoOr(_Kind):
 
 
 class _UniqueStrings(_Kind):
-    """An array of strings, each parsed by _parse_one -> tuple; duplicates (after parsing, so
-    two spellings of one value count) are errors, as they are always a copy-paste slip."""
+    """An array of strings -> a tuple of what _parse_one makes of each.
+
+    Duplicates are errors, compared after parsing so that two spellings of one value count:
+    a list that names something twice was not written as meant.
+    """
 
     type_name = "list of str"
 
