@@ -22,7 +22,12 @@ setup(
     # The pool is C (cext/): built by cffi in API mode into netswap._pool.
     cffi_modules=["cext/build_pool.py:ffibuilder"],
     setup_requires=["cffi>=1.15"],
-    install_requires=["cffi>=1.15"],
+    install_requires=[
+        "cffi>=1.15",
+        # netpolicy.Shaper ([network] shape = true) builds its qdisc, classes and mark filter
+        # over rtnetlink; imported only when shaping is on.
+        "pyroute2>=0.9.1",
+    ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={"console_scripts": ["netswapd=netswap.cli:main"]},
 )
