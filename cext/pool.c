@@ -14,6 +14,14 @@
  * orders is fixed when the pool is created (log2 of the arena's min blocks,
  * at most POOL_MAX_ORDERS), so alloc and free are O(1) in the number of
  * blocks in use.  The smallest non-empty order is found with a bit scan.
+ *
+ * Reserve: the watermark and the group table sit beside the free lists under
+ * the one mutex, so the decision "may this allocation go below the
+ * watermark, and may its group be charged" and the block it grants are one
+ * atomic step (the seed's spin lock around usage).  A reserve block records
+ * its group in its head's metadata, which is how pool_free knows whom to
+ * uncharge without the caller having to say.  Group operations scan the
+ * table; they run on attach and detach, never per request.
  */
 #define _GNU_SOURCE
 #include "pool.h"
@@ -29,6 +37,20 @@
 #define POOL_MAX_ORDERS 32
 #define POOL_MAX_BLOCKS (UINT32_C(1) << (POOL_MAX_ORDERS - 1))
 #define NO_BLOCK UINT32_MAX
+/* block_meta.group of a block that is not charged to a group. */
+#define NO_GROUP UINT16_MAX
+
+/* A group id is its slot in the table plus the slot's generation, bumped on
+ * every destroy: a destroyed group's id is then refused rather than taken
+ * for whichever group got the slot next, which it would silently charge.
+ * 17 generation bits keep ids positive ints and make a stale id collide only
+ * after 2^17 groups have lived in its slot. */
+#define GROUP_SLOT_BITS 14
+#define GROUP_SLOT_MASK ((1u << GROUP_SLOT_BITS) - 1)
+#define GROUP_GENERATION_MASK ((1u << (31 - GROUP_SLOT_BITS)) - 1)
+
+_Static_assert(POOL_MAX_GROUPS == 1 << GROUP_SLOT_BITS, "a slot number fills the id's low bits");
+_Static_assert(POOL_MAX_GROUPS <= NO_GROUP, "slot numbers must fit block_meta.group");
 
 enum block_state {
     BLOCK_INTERIOR = 0, /* not the first min block of any block */
@@ -42,6 +64,17 @@ struct block_meta {
     uint32_t next, prev; /* free-list links, while BLOCK_FREE */
     uint8_t order;
     uint8_t state;
+    uint16_t group; /* while BLOCK_ALLOCATED: the slot of the group a reserve
+                     * block is charged to, NO_GROUP for a normal block */
+};
+
+struct pool_group {
+    struct pool_group_stats stats;
+    /* Threads in pool_alloc waiting with this group: destroy must not free
+     * a slot one of them will charge when it wakes. */
+    uint32_t waiters;
+    uint32_t generation; /* of the group in this slot now, or of the last one */
+    bool live;           /* created and not yet destroyed */
 };
 
 struct pool {
@@ -64,7 +97,8 @@ struct pool {
     uint32_t nonempty_orders; /* bit k set iff free_head[k] != NO_BLOCK */
     struct block_meta *meta;  /* nblocks entries, right after this struct */
 
-    struct pool_stats stats;
+    struct pool_stats stats; /* includes the watermark and min_normal */
+    struct pool_group groups[POOL_MAX_GROUPS];
 };
 
 static size_t block_bytes(unsigned order)
@@ -254,8 +288,9 @@ struct pool *pool_create(size_t size, int lock_mode, int *lock_errno)
     size = (size + POOL_BLOCK_SIZE - 1) & ~(size_t)(POOL_BLOCK_SIZE - 1);
     nblocks = (uint32_t)(size >> POOL_BLOCK_SHIFT);
 
-    /* The struct and the block metadata share one mapping, so they are
-     * prefaulted and locked like the arena (heap memory would be neither). */
+    /* The struct (with the group table) and the block metadata share one
+     * mapping, so they are prefaulted and locked like the arena (heap memory
+     * would be neither). */
     control_size = sizeof(*pool) + (size_t)nblocks * sizeof(struct block_meta);
     pool = map_prefaulted(control_size);
     if (pool == NULL)
@@ -352,29 +387,116 @@ static struct timespec deadline_after(int64_t timeout_ns)
     return now;
 }
 
-int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int64_t timeout_ns)
+/* The live group with this id, or NULL (never made, destroyed, or an id
+ * from a slot's earlier generation).  Caller holds the mutex. */
+static struct pool_group *live_group(struct pool *pool, int id)
+{
+    struct pool_group *g;
+
+    if (id < 0)
+        return NULL;
+    g = &pool->groups[(unsigned)id & GROUP_SLOT_MASK];
+    if (!g->live || g->generation != (unsigned)id >> GROUP_SLOT_BITS)
+        return NULL;
+    return g;
+}
+
+/* What stopped an allocation: decides whose waits and failures count it. */
+enum alloc_limit {
+    LIMIT_POOL,        /* the watermark, or no free block of the size */
+    LIMIT_RESERVATION, /* the group's usage would pass its reservation */
+};
+
+/* One attempt at an allocation of `order`, with `group` the group it may
+ * charge (NULL: normal only).  Returns the head index, or NO_BLOCK with
+ * *limit saying why.  Caller holds the mutex. */
+static uint32_t try_alloc(struct pool *pool, unsigned order, struct pool_group *group,
+                          enum alloc_limit *limit, bool *from_reserve)
+{
+    struct pool_stats *s = &pool->stats;
+    uint64_t bytes = block_bytes(order);
+    struct pool_group_stats *g;
+    uint32_t idx;
+
+    /* Normal path first, for emergency callers too: the reserve is for when
+     * the normal budget is gone, not a second budget.  No overflow: both
+     * terms are at most the arena size, far below 2^63. */
+    if (s->free_bytes >= s->watermark + bytes) {
+        idx = take_block(pool, order);
+        /* Failing here is fragmentation, and the reserve would not help: the
+         * same free lists back it. */
+        *limit = LIMIT_POOL;
+        if (idx != NO_BLOCK) {
+            pool->meta[idx].group = NO_GROUP;
+            *from_reserve = false;
+        }
+        return idx;
+    }
+    if (group == NULL || !group->stats.connected) {
+        *limit = LIMIT_POOL;
+        return NO_BLOCK;
+    }
+    /* Charge before using the reserve (seed part 4): a group may never hold
+     * more of it than it reserved.  Since normal allocations leave the
+     * watermark free, that keeps what every other connected group reserved
+     * there for it, except while a new connect's share is still held by
+     * normal blocks (see pool.h). */
+    g = &group->stats;
+    if (g->usage + bytes > g->reservation) {
+        *limit = LIMIT_RESERVATION;
+        return NO_BLOCK;
+    }
+    idx = take_block(pool, order);
+    if (idx == NO_BLOCK) {
+        /* Within its reservation, yet no block: a connect whose reserve
+         * normal blocks still hold, or fragmentation. */
+        *limit = LIMIT_POOL;
+        return NO_BLOCK;
+    }
+    g->usage += bytes;
+    if (g->usage > g->high_water)
+        g->high_water = g->usage;
+    g->emergency_allocs++;
+    s->emergency_allocs++;
+    s->emergency_in_use_bytes += bytes;
+    pool->meta[idx].group = (uint16_t)(group - pool->groups);
+    *from_reserve = true;
+    return idx;
+}
+
+int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int group,
+                   int64_t timeout_ns, int *emergency)
 {
     unsigned order;
     uint32_t idx;
     struct timespec deadline;
-    bool waited = false, timed_out = false;
+    bool waited = false, timed_out = false, from_reserve = false;
+    enum alloc_limit limit;
+    struct pool_group *g = NULL; /* the group it may charge */
     int err;
 
-    /* POOL_EMERGENCY is accepted and has no effect yet: without a
-     * watermark every allocation may use every free byte. */
-    if (size == 0 || size > pool_max_alloc(pool) || (flags & ~(unsigned)POOL_EMERGENCY)) {
+    if (size == 0 || size > pool_max_alloc(pool) || (flags & ~(unsigned)POOL_EMERGENCY) ||
+        ((flags & POOL_EMERGENCY) && group < -1)) {
         errno = EINVAL;
         return -1;
     }
     order = order_for_size(size);
 
     pthread_mutex_lock(&pool->mutex);
+    if ((flags & POOL_EMERGENCY) && group != -1) {
+        g = live_group(pool, group);
+        if (g == NULL) {
+            pthread_mutex_unlock(&pool->mutex);
+            errno = EINVAL;
+            return -1;
+        }
+    }
     for (;;) {
         if (pool->closed) {
             err = ESHUTDOWN;
             break;
         }
-        idx = take_block(pool, order);
+        idx = try_alloc(pool, order, g, &limit, &from_reserve);
         if (idx != NO_BLOCK) {
             struct pool_stats *s = &pool->stats;
 
@@ -384,31 +506,64 @@ int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int64_t timeo
             if (s->in_use_bytes > s->high_water_bytes)
                 s->high_water_bytes = s->in_use_bytes;
             pthread_mutex_unlock(&pool->mutex);
+            if (emergency != NULL)
+                *emergency = from_reserve;
             return (int64_t)idx << POOL_BLOCK_SHIFT;
         }
         /* Checked after the last try, so that a block freed just as the
          * timeout expired is still taken. */
         if (timeout_ns == 0 || timed_out) {
             err = timeout_ns == 0 ? ENOMEM : ETIMEDOUT;
-            pool->stats.failures++;
+            if (limit == LIMIT_RESERVATION)
+                g->stats.charge_failures++;
+            else
+                pool->stats.failures++;
             break;
         }
         if (!waited) {
             waited = true;
-            pool->stats.waits++;
+            if (limit == LIMIT_RESERVATION)
+                g->stats.charge_waits++;
+            else
+                pool->stats.waits++;
             if (timeout_ns > 0)
                 deadline = deadline_after(timeout_ns);
         }
         pool->waiters++;
+        if (g != NULL)
+            g->waiters++;
         if (timeout_ns > 0)
             timed_out = pthread_cond_timedwait(&pool->freed, &pool->mutex, &deadline) == ETIMEDOUT;
         else
             pthread_cond_wait(&pool->freed, &pool->mutex);
         pool->waiters--;
+        if (g != NULL)
+            g->waiters--;
     }
     pthread_mutex_unlock(&pool->mutex);
     errno = err;
     return -1;
+}
+
+/* Return a reserve block's bytes to its group.  A group cannot be destroyed
+ * while it has usage, so the slot is still its own. */
+static void uncharge(struct pool *pool, unsigned slot, uint64_t bytes)
+{
+    struct pool_group_stats *g = &pool->groups[slot].stats;
+
+    /* Never below zero (the seed's rule).  Exact accounting makes the clamp
+     * unreachable; it is there so that a bug shows as a low counter rather
+     * than one wrapped to 2^64. */
+    g->usage -= bytes < g->usage ? bytes : g->usage;
+    pool->stats.emergency_in_use_bytes -= bytes;
+}
+
+/* Anything that may let a waiting pool_alloc through (a free, a lower
+ * watermark, a newly connected group) wakes them all to retry. */
+static void wake_waiters(struct pool *pool)
+{
+    if (pool->waiters != 0)
+        pthread_cond_broadcast(&pool->freed);
 }
 
 int pool_free(struct pool *pool, int64_t offset)
@@ -430,14 +585,16 @@ int pool_free(struct pool *pool, int64_t offset)
         return -1;
     }
     order = pool->meta[idx].order;
+    if (pool->meta[idx].group != NO_GROUP)
+        uncharge(pool, pool->meta[idx].group, block_bytes(order));
     give_block(pool, idx);
     pool->stats.in_use_bytes -= block_bytes(order);
     pool->stats.free_bytes += block_bytes(order);
     pool->stats.frees++;
-    /* Broadcast, not signal: waiters want different sizes, and the one a
-     * signal would wake may not fit while another would. */
-    if (pool->waiters != 0)
-        pthread_cond_broadcast(&pool->freed);
+    /* Broadcast, not signal: waiters want different sizes, and different
+     * groups, and the one a signal would wake may not fit while another
+     * would. */
+    wake_waiters(pool);
     pthread_mutex_unlock(&pool->mutex);
     return 0;
 }
@@ -447,6 +604,147 @@ void pool_get_stats(struct pool *pool, struct pool_stats *out)
     pthread_mutex_lock(&pool->mutex);
     *out = pool->stats;
     pthread_mutex_unlock(&pool->mutex);
+}
+
+int pool_set_min_normal(struct pool *pool, uint64_t bytes)
+{
+    int err = 0;
+
+    pthread_mutex_lock(&pool->mutex);
+    if (bytes > pool->size)
+        err = EINVAL;
+    else if (pool->stats.watermark > pool->size - bytes)
+        err = ENOSPC;
+    else
+        pool->stats.min_normal = bytes;
+    pthread_mutex_unlock(&pool->mutex);
+    if (err != 0) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+int pool_group_create(struct pool *pool, uint64_t reservation)
+{
+    pthread_mutex_lock(&pool->mutex);
+    if (pool->closed) {
+        pthread_mutex_unlock(&pool->mutex);
+        errno = ESHUTDOWN;
+        return -1;
+    }
+    for (unsigned slot = 0; slot < POOL_MAX_GROUPS; slot++) {
+        struct pool_group *g = &pool->groups[slot];
+
+        if (!g->live) {
+            *g = (struct pool_group){
+                .stats.reservation = reservation,
+                .generation = g->generation,
+                .live = true,
+            };
+            pthread_mutex_unlock(&pool->mutex);
+            return (int)((g->generation << GROUP_SLOT_BITS) | slot);
+        }
+    }
+    pthread_mutex_unlock(&pool->mutex);
+    errno = ENOSPC;
+    return -1;
+}
+
+int pool_group_connect(struct pool *pool, int id)
+{
+    struct pool_stats *s = &pool->stats;
+    struct pool_group *g;
+    int err = 0;
+
+    pthread_mutex_lock(&pool->mutex);
+    g = live_group(pool, id);
+    if (g == NULL)
+        err = EINVAL;
+    else if (pool->closed)
+        err = ESHUTDOWN;
+    else if (!g->stats.connected) {
+        /* watermark + reservation > size - min_normal, written so that it
+         * cannot overflow: watermark <= size - min_normal always holds. */
+        if (g->stats.reservation > pool->size - s->min_normal - s->watermark) {
+            err = ENOSPC;
+        } else {
+            s->watermark += g->stats.reservation;
+            g->stats.connected = 1;
+            /* An emergency waiter of this group may now use the reserve. */
+            wake_waiters(pool);
+        }
+    }
+    /* Connecting a connected group is a no-op: raising the watermark twice
+     * for one reservation would leak it. */
+    pthread_mutex_unlock(&pool->mutex);
+    if (err != 0) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+int pool_group_disconnect(struct pool *pool, int id)
+{
+    struct pool_group *g;
+
+    pthread_mutex_lock(&pool->mutex);
+    g = live_group(pool, id);
+    if (g == NULL) {
+        pthread_mutex_unlock(&pool->mutex);
+        errno = EINVAL;
+        return -1;
+    }
+    if (g->stats.connected) {
+        pool->stats.watermark -= g->stats.reservation;
+        g->stats.connected = 0;
+        /* Normal waiters may fit above the lower watermark. */
+        wake_waiters(pool);
+    }
+    pthread_mutex_unlock(&pool->mutex);
+    return 0;
+}
+
+int pool_group_destroy(struct pool *pool, int id)
+{
+    struct pool_group *g;
+    int err = 0;
+
+    pthread_mutex_lock(&pool->mutex);
+    g = live_group(pool, id);
+    if (g == NULL)
+        err = EINVAL;
+    /* Usage > 0 means reserve blocks still name this slot in their metadata:
+     * reusing it would uncharge them from the wrong group. */
+    else if (g->stats.connected || g->stats.usage != 0 || g->waiters != 0)
+        err = EBUSY;
+    else {
+        g->live = false;
+        g->generation = (g->generation + 1) & GROUP_GENERATION_MASK;
+    }
+    pthread_mutex_unlock(&pool->mutex);
+    if (err != 0) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+int pool_group_stats(struct pool *pool, int id, struct pool_group_stats *out)
+{
+    struct pool_group *g;
+
+    pthread_mutex_lock(&pool->mutex);
+    g = live_group(pool, id);
+    if (g != NULL)
+        *out = g->stats;
+    pthread_mutex_unlock(&pool->mutex);
+    if (g == NULL) {
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
 }
 
 void *pool_base(const struct pool *pool)

@@ -9,6 +9,19 @@
  *
  * All functions are thread-safe.  They are called with the GIL released, so
  * the pool's own mutex is what serialises Python threads here.
+ *
+ * The reserve (the kernel's pages_emergency and reservation groups, mirrored):
+ * the pool keeps a *watermark*, the sum of the reservations of its connected
+ * groups.  Normal allocations never take free_bytes below it; the bytes under
+ * it are the reserve, which only emergency allocations (POOL_EMERGENCY, with
+ * a connected group) may use, and each only up to its group's reservation.
+ * A group's *usage* (reserve bytes it holds) is charged before the reserve is
+ * used and uncharged when the block is freed, under the pool mutex.
+ * Connecting a group raises the watermark by its reservation at once, but
+ * normal blocks may still hold the bytes it adds: they join the reserve as
+ * those blocks are freed, since no normal allocation may take them again.
+ * Until then the connected groups share a reserve short of the watermark
+ * (each still bounded by its own reservation).
  */
 #ifndef NETSWAP_POOL_H
 #define NETSWAP_POOL_H
@@ -22,7 +35,13 @@
 #define POOL_BLOCK_SIZE 4096
 
 /* pool_alloc flags. */
-#define POOL_EMERGENCY 1 /* caller serves swap and may use the reserve */
+#define POOL_EMERGENCY 1 /* may fall back to the group's reservation below the watermark */
+
+/* Size of the group table.  A swap node takes two groups (request buffers
+ * and receive windows), so this covers [swap] max_nodes = 4096 plus the
+ * daemon's own groups.  The table lives in the locked control mapping
+ * (64 bytes a group, 1 MiB in all). */
+#define POOL_MAX_GROUPS 16384
 
 enum pool_lock_mode {
     POOL_LOCK_OFF = 0,         /* never mlock (tests, unprivileged runs) */
@@ -34,11 +53,29 @@ enum pool_lock_mode {
 struct pool_stats {
     uint64_t in_use_bytes;     /* bytes in allocated blocks (block-rounded) */
     uint64_t free_bytes;       /* arena size - in_use_bytes, exactly */
-    uint64_t allocs;           /* successful pool_alloc calls */
+    uint64_t allocs;           /* successful pool_alloc calls, emergency ones included */
     uint64_t frees;            /* successful pool_free calls */
+    /* failures and waits count the calls the pool limited (the watermark, or
+     * no block of the size free); those its group's reservation limited are
+     * counted in that group's charge_failures and charge_waits instead. */
     uint64_t failures;         /* pool_alloc calls that found no room in time */
     uint64_t waits;            /* pool_alloc calls that had to wait */
     uint64_t high_water_bytes; /* largest in_use_bytes ever seen */
+    uint64_t watermark;        /* sum of the connected groups' reservations */
+    uint64_t min_normal;       /* bytes above the watermark no connect may take */
+    uint64_t emergency_allocs; /* allocations served from the reserve */
+    uint64_t emergency_in_use_bytes; /* bytes in reserve blocks now (sum of usages) */
+};
+
+/* One group's counters (see pool_group_stats). */
+struct pool_group_stats {
+    uint64_t reservation;      /* bytes this group may hold below the watermark */
+    uint64_t usage;            /* bytes it holds below the watermark now (block-rounded) */
+    uint64_t high_water;       /* max usage ever */
+    uint64_t emergency_allocs; /* allocations served from the reserve */
+    uint64_t charge_failures;  /* charges refused: usage + block > reservation, no wait left */
+    uint64_t charge_waits;     /* charges that had to wait for usage to drop */
+    uint64_t connected;        /* 1 while its reservation is part of the watermark */
 };
 
 struct pool;
@@ -46,7 +83,7 @@ struct pool;
 /*
  * Map an arena of `size` bytes (rounded up to POOL_BLOCK_SIZE), prefault it
  * and lock it per `lock_mode`, together with the allocator's own metadata
- * (about 0.3% of `size`).  On success returns the pool; *lock_errno is 0
+ * (about 0.3% of `size`, plus the group table).  On success returns the pool; *lock_errno is 0
  * if the arena is locked or locking was off, else the mlock errno (best-effort
  * mode).  On failure returns NULL with errno set; if the failure was the
  * mlock required by POOL_LOCK_REQUIRED, *lock_errno holds that errno too.
@@ -67,18 +104,61 @@ void pool_destroy(struct pool *pool);
 /*
  * Allocate the smallest block holding `size` bytes; return its offset in the
  * arena, or -1 with errno set:
- *   EINVAL     size is 0 or larger than pool_max_alloc, or unknown flags
+ *   EINVAL     size is 0 or larger than pool_max_alloc, unknown flags, or
+ *              POOL_EMERGENCY with a `group` that is neither -1 nor a live
+ *              group's id
  *   ENOMEM     nothing fits and timeout_ns == 0
  *   ETIMEDOUT  nothing fitted within timeout_ns
  *   ESHUTDOWN  the pool is closed
+ * A block is taken normally if free_bytes stays at or above the watermark.
+ * Otherwise, with POOL_EMERGENCY and a connected `group`, it is taken from the
+ * reserve if the group's usage + block stays within its reservation; the
+ * group is charged and the block remembers it, so pool_free uncharges it.
+ * `group` is ignored without POOL_EMERGENCY; -1 means none (normal only).
+ * On success *emergency (if not NULL) is set to 1 for a reserve block, else 0.
  * timeout_ns: 0 = fail at once, > 0 = wait up to that long for a free,
- * < 0 = wait as long as it takes.
+ * < 0 = wait as long as it takes (the __GFP_WAIT analog).
  */
-int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int64_t timeout_ns);
+int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int group,
+                   int64_t timeout_ns, int *emergency);
 
-/* Return the block at `offset` (as returned by pool_alloc).  Returns 0, or -1
- * with errno EINVAL if `offset` is not the start of an allocated block. */
+/* Return the block at `offset` (as returned by pool_alloc), uncharging its
+ * group if it came from the reserve.  Returns 0, or -1 with errno EINVAL if
+ * `offset` is not the start of an allocated block. */
 int pool_free(struct pool *pool, int64_t offset);
+
+/*
+ * The normal budget connects may never take: pool_group_connect refuses a
+ * group once watermark + reservation > size - min_normal.  Returns 0, or -1
+ * with errno EINVAL if bytes > size, ENOSPC if the current watermark is
+ * already above size - bytes.
+ */
+int pool_set_min_normal(struct pool *pool, uint64_t bytes);
+
+/* A new, disconnected group that may hold up to `reservation` bytes of the
+ * reserve once connected.  Returns its id (>= 0), or -1 with errno ENOSPC
+ * (POOL_MAX_GROUPS live already) or ESHUTDOWN.  Once the group is destroyed
+ * its id is refused (EINVAL) by every call, even after the table slot it
+ * named is reused. */
+int pool_group_create(struct pool *pool, uint64_t reservation);
+
+/* Add the group's reservation to the watermark.  Returns 0 (also if already
+ * connected), or -1 with errno EINVAL (no such group), ESHUTDOWN, or ENOSPC
+ * if watermark + reservation > size - min_normal: the pool cannot cover it. */
+int pool_group_connect(struct pool *pool, int id);
+
+/* Take the reservation out of the watermark; its blocks in use stay charged
+ * until freed, but it gets no new reserve blocks.  Returns 0 (also if not
+ * connected), or -1 with errno EINVAL (no such group). */
+int pool_group_disconnect(struct pool *pool, int id);
+
+/* Free the group's slot.  Returns 0, or -1 with errno EINVAL (no such group)
+ * or EBUSY (still connected, usage > 0, or a pool_alloc waiting on it). */
+int pool_group_destroy(struct pool *pool, int id);
+
+/* A consistent snapshot of one group's counters.  Returns 0, or -1 with errno
+ * EINVAL (no such group). */
+int pool_group_stats(struct pool *pool, int id, struct pool_group_stats *out);
 
 void pool_get_stats(struct pool *pool, struct pool_stats *out);
 

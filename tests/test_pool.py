@@ -322,7 +322,7 @@ def test_invalid_arguments_raise_value_error(pool):
         Pool(MiB, lock="sometimes")
 
 
-def test_emergency_is_accepted_but_not_from_reserve_yet(pool):
+def test_emergency_without_a_group_is_a_normal_allocation(pool):
     with pool.alloc(BLOCK, emergency=True) as buf:
         assert buf.emergency is False
 
@@ -341,6 +341,10 @@ def test_counters(pool):
         "failures": 0,
         "waits": 0,
         "high_water_bytes": 5 * BLOCK,
+        "watermark": 0,
+        "min_normal": 0,
+        "emergency_allocs": 0,
+        "emergency_in_use_bytes": 0,
     }
 
 

@@ -8,6 +8,13 @@ host may itself be short of memory.
 A Buffer is a writable memoryview slice of the arena; hand it to
 ``socket.recv_into``, ``os.preadv``/``os.pwritev`` and ``socket.sendmsg``
 directly, and release it once the reply is sent.
+
+The reserve (the kernel's swap-over-network design, mirrored): a PoolGroup
+reserves bytes for one consumer that must keep going when memory is short.
+Connecting it raises the pool's watermark by its reservation; normal
+allocations never take the free bytes below the watermark, and an emergency
+allocation charged to a connected group may, up to that group's reservation.
+The charge, the block and the watermark check are one step in C.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import errno
 import logging
 import operator
 import os
+import threading
 
 from netswap._pool import ffi, lib
 
@@ -27,6 +35,7 @@ _LOCK_MODES = {
     "required": lib.POOL_LOCK_REQUIRED,
 }
 _STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct pool_stats").fields)
+_GROUP_STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct pool_group_stats").fields)
 _MAX_TIMEOUT_NS = 2**63 - 1
 _LOCK_ADVICE = (
     "raise RLIMIT_MEMLOCK for netswapd (e.g. LimitMEMLOCK=infinity in its systemd unit) "
@@ -40,6 +49,10 @@ class PoolError(Exception):
 
 class LockError(PoolError):
     """The pool could not be mlocked and its lock mode is "required"."""
+
+
+class ReserveError(PoolError):
+    """The pool cannot back a reservation: a group cannot connect, or no group slot is left."""
 
 
 class Buffer:
@@ -93,15 +106,21 @@ class Pool:
     """A fixed arena of ``size`` bytes (rounded up to ``block_size``).
 
     ``lock`` is "required" (mlock or raise LockError), "best-effort" (mlock
-    or log a warning and run unlocked) or "off".
+    or log a warning and run unlocked) or "off".  ``min_normal`` is the
+    normal budget that connecting groups may never take: a connect that would
+    raise the watermark above ``size - min_normal`` raises ReserveError.
     """
 
     block_size: int = lib.POOL_BLOCK_SIZE
+    max_groups: int = lib.POOL_MAX_GROUPS
 
-    def __init__(self, size: int, lock: str = "required"):
+    def __init__(self, size: int, lock: str = "required", *, min_normal: int = 0):
         size = operator.index(size)
+        min_normal = operator.index(min_normal)
         if size <= 0:
             raise ValueError(f"pool size must be positive, not {size}")
+        if not 0 <= min_normal <= size:
+            raise ValueError(f"min_normal must be in 0..{size} (the pool size), not {min_normal}")
         try:
             lock_mode = _LOCK_MODES[lock]
         except KeyError:
@@ -123,6 +142,13 @@ class Pool:
         # One view for the arena's lifetime; a Buffer's view is a slice of it,
         # which costs far less than an ffi.buffer per allocation.
         self._arena = memoryview(ffi.buffer(lib.pool_base(handle), self.size))
+        # Cannot fail: no group is connected yet and min_normal <= size.
+        lib.pool_set_min_normal(handle, min_normal)
+        self.min_normal = min_normal
+        # Serialises connects and disconnects, so that a refusal's message
+        # shows the watermark C decided on, not one a concurrent call moved.
+        # They happen on attach and detach only, never per request.
+        self._membership = threading.Lock()
 
     @property
     def locked_bytes(self) -> int:
@@ -132,15 +158,46 @@ class Pool:
     def locked(self) -> bool:
         return self.locked_bytes == self.size
 
+    @property
+    def watermark(self) -> int:
+        """Free bytes normal allocations leave: the connected groups' reservations."""
+        return self.stats()["watermark"]
+
+    def group(self, reservation: int) -> PoolGroup:
+        """A new, disconnected group that may hold up to ``reservation`` bytes of the reserve.
+
+        Raises ReserveError if all ``max_groups`` slots are taken.
+        """
+        reservation = operator.index(reservation)
+        if reservation < 0:
+            raise ValueError(f"reservation must be >= 0, not {reservation}")
+        group_id = lib.pool_group_create(self._handle, reservation)
+        if group_id < 0:
+            err = ffi.errno
+            if err == errno.ENOSPC:
+                raise ReserveError(f"no group slot left: the pool has {self.max_groups}, all in use")
+            raise PoolError(f"cannot create a group: {os.strerror(err)}")
+        return PoolGroup(self, group_id, reservation)
+
     def alloc(
-        self, size: int, *, timeout: float | None = 0.0, emergency: bool = False
+        self,
+        size: int,
+        *,
+        timeout: float | None = 0.0,
+        emergency: bool = False,
+        group: PoolGroup | None = None,
     ) -> Buffer | None:
         """Allocate ``size`` bytes, or return None if nothing fits in time.
 
         ``timeout``: 0 fails at once, a positive number of seconds waits up
-        to that long for a release, None waits as long as it takes.
-        ``emergency`` marks a request serving swap; it is passed to the
-        allocator but has no effect until the pool has a watermark.
+        to that long for a release (or for ``group``'s usage to drop), None
+        waits as long as it takes.
+
+        Normal memory (above the watermark) is used first.  When it is gone,
+        an ``emergency`` allocation with a connected ``group`` is served from
+        the reserve, charged to the group while its usage stays within its
+        reservation; the Buffer's ``emergency`` is then True.  ``group`` is
+        ignored unless ``emergency`` is set.
         """
         if not 0 < size <= self.max_alloc:
             raise ValueError(f"allocation size must be in 1..{self.max_alloc}, not {size}")
@@ -152,24 +209,39 @@ class Pool:
             timeout_ns = min(max(int(timeout * 1e9), 1), _MAX_TIMEOUT_NS)
         else:
             raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
-        flags = lib.POOL_EMERGENCY if emergency else 0
-
-        offset = lib.pool_alloc(self._handle, size, flags, timeout_ns)
+        if emergency and group is not None:
+            if group._pool is not self:
+                raise ValueError(f"{group!r} belongs to another pool")
+            out = ffi.new("int *")
+            offset = lib.pool_alloc(self._handle, size, lib.POOL_EMERGENCY, group.id, timeout_ns, out)
+            from_reserve = out[0] == 1
+        else:
+            # Cannot be served from the reserve: no out-parameter to fill.
+            flags = lib.POOL_EMERGENCY if emergency else 0
+            offset = lib.pool_alloc(self._handle, size, flags, -1, timeout_ns, ffi.NULL)
+            from_reserve = False
         if offset < 0:
             err = ffi.errno
             if err in (errno.ENOMEM, errno.ETIMEDOUT):
                 return None
             if err == errno.ESHUTDOWN:
                 raise PoolError("pool is closed")
+            if err == errno.EINVAL and group is not None:
+                raise PoolError(f"{group!r} was destroyed")
             raise PoolError(f"allocation of {size} bytes failed: {os.strerror(err)}")
-        return Buffer(self, offset, size, self._arena[offset : offset + size], False)
+        return Buffer(self, offset, size, self._arena[offset : offset + size], from_reserve)
 
     def _free(self, offset: int) -> None:
         if lib.pool_free(self._handle, offset) != 0:
             raise PoolError(f"offset {offset} is not an allocated block")
 
     def stats(self) -> dict[str, int]:
-        """A consistent snapshot of the allocator's counters."""
+        """A consistent snapshot of the allocator's counters.
+
+        ``failures`` and ``waits`` count allocations the pool limited (the
+        watermark, or no block of the size); those a group's reservation
+        limited are in that group's ``charge_failures`` and ``charge_waits``.
+        """
         snapshot = ffi.new("struct pool_stats *")
         lib.pool_get_stats(self._handle, snapshot)
         return {name: getattr(snapshot, name) for name in _STAT_FIELDS}
@@ -186,6 +258,91 @@ class Pool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class PoolGroup:
+    """A reservation group (a leaf of the reserve tree): one slot in the C pool's table.
+
+    Made by ``Pool.group``, disconnected.  ``connect`` adds ``reservation``
+    to the pool's watermark; from then on emergency allocations charged to
+    this group may use up to ``reservation`` bytes below it.  ``disconnect``
+    takes it out again (reserve blocks it holds stay charged until released);
+    ``destroy`` frees the slot once it is disconnected and idle.
+    """
+
+    __slots__ = ("id", "reservation", "_pool", "_destroyed")
+
+    def __init__(self, pool: Pool, group_id: int, reservation: int):
+        self.id = group_id
+        self.reservation = reservation
+        self._pool = pool
+        self._destroyed = False
+
+    def connect(self) -> None:
+        """Raise the pool's watermark by the reservation; no-op if connected.
+
+        Raises ReserveError if the pool cannot cover it (watermark +
+        reservation > size - min_normal).
+        """
+        pool = self._pool
+        with pool._membership:
+            if lib.pool_group_connect(pool._handle, self.id) == 0:
+                return
+            err = ffi.errno
+            if err != errno.ENOSPC:
+                self._raise(err, "connect")
+            watermark = pool.watermark
+        raise ReserveError(
+            f"cannot reserve {self.reservation} bytes for group {self.id}: watermark "
+            f"{watermark} + {self.reservation} = {watermark + self.reservation} > pool size "
+            f"{pool.size} - min_normal {pool.min_normal} = {pool.size - pool.min_normal}"
+        )
+
+    def disconnect(self) -> None:
+        """Lower the pool's watermark by the reservation; no-op if not connected."""
+        with self._pool._membership:
+            if lib.pool_group_disconnect(self._pool._handle, self.id) != 0:
+                self._raise(ffi.errno, "disconnect")
+
+    def destroy(self) -> None:
+        """Free the group's slot.  Refused (PoolError) while connected, while it
+        holds reserve memory, or while an allocation waits on it."""
+        if lib.pool_group_destroy(self._pool._handle, self.id) == 0:
+            self._destroyed = True
+            return
+        err = ffi.errno
+        if err == errno.EBUSY:
+            s = self.stats()
+            raise PoolError(
+                f"cannot destroy group {self.id}: "
+                f"{'connected' if s['connected'] else 'disconnected'}, usage {s['usage']} bytes "
+                "(it must be disconnected, with no reserve memory held or awaited)"
+            )
+        self._raise(err, "destroy")
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.stats()["connected"])
+
+    def stats(self) -> dict[str, int]:
+        """A consistent snapshot of the group's counters (``connected`` as a bool)."""
+        snapshot = ffi.new("struct pool_group_stats *")
+        if lib.pool_group_stats(self._pool._handle, self.id, snapshot) != 0:
+            self._raise(ffi.errno, "read the stats of")
+        stats = {name: getattr(snapshot, name) for name in _GROUP_STAT_FIELDS}
+        stats["connected"] = bool(stats["connected"])
+        return stats
+
+    def _raise(self, err: int, action: str) -> None:
+        if err == errno.EINVAL:
+            raise PoolError(f"cannot {action} group {self.id}: it was destroyed")
+        if err == errno.ESHUTDOWN:
+            raise PoolError(f"cannot {action} group {self.id}: the pool is closed")
+        raise PoolError(f"cannot {action} group {self.id}: {os.strerror(err)}")
+
+    def __repr__(self) -> str:
+        state = "destroyed" if self._destroyed else "live"
+        return f"<PoolGroup id={self.id} reservation={self.reservation} {state}>"
 
 
 def _round_up(size: int, multiple: int) -> int:
