@@ -37,6 +37,13 @@ _LOCK_MODES = {
 _STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct pool_stats").fields)
 _GROUP_STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct pool_group_stats").fields)
 _MAX_TIMEOUT_NS = 2**63 - 1
+# Module constants: a global is cheaper than the attribute lookups they stand
+# for, and alloc runs once per request.
+_EMERGENCY = lib.POOL_EMERGENCY
+_NULL = ffi.NULL
+# pool_alloc's "came from the reserve" out-parameter, one per thread: making
+# one per call (ffi.new) costs more than the C allocation itself.
+_per_thread = threading.local()
 _LOCK_ADVICE = (
     "raise RLIMIT_MEMLOCK for netswapd (e.g. LimitMEMLOCK=infinity in its systemd unit) "
     "or grant it CAP_IPC_LOCK"
@@ -212,13 +219,16 @@ class Pool:
         if emergency and group is not None:
             if group._pool is not self:
                 raise ValueError(f"{group!r} belongs to another pool")
-            out = ffi.new("int *")
-            offset = lib.pool_alloc(self._handle, size, lib.POOL_EMERGENCY, group.id, timeout_ns, out)
+            try:
+                out = _per_thread.from_reserve
+            except AttributeError:
+                out = _per_thread.from_reserve = ffi.new("int *")
+            offset = lib.pool_alloc(self._handle, size, _EMERGENCY, group.id, timeout_ns, out)
             from_reserve = out[0] == 1
         else:
             # Cannot be served from the reserve: no out-parameter to fill.
-            flags = lib.POOL_EMERGENCY if emergency else 0
-            offset = lib.pool_alloc(self._handle, size, flags, -1, timeout_ns, ffi.NULL)
+            flags = _EMERGENCY if emergency else 0
+            offset = lib.pool_alloc(self._handle, size, flags, -1, timeout_ns, _NULL)
             from_reserve = False
         if offset < 0:
             err = ffi.errno
