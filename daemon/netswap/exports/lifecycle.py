@@ -1,0 +1,164 @@
+"""An export's lifecycle (the seed's part 5): attach, I/O, detach.
+
+Attaching a connection to a swap export is the seed's swapon: the node's reservation groups
+(request buffers and receive windows) are created in the pool and connected, which raises
+the pool's watermark by their reservation, or the attach is refused if the pool cannot
+cover it. Every connection of a node shares the node's groups. When the node's last
+connection closes, its reservation stays connected for `swap.detach_grace` (a node
+reconnecting after a network blip must find its reserve still there); then it is
+disconnected and the watermark lowered: the seed's swapoff.
+
+Non-swap exports attach without a reservation: they never touch the reserve.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+from ..counters import Counters
+from ..errors import AttachRefused
+from ..reserve.pool import Pool, ReserveError
+from ..reserve.tree import Group, node_template
+
+log = logging.getLogger("netswap.lifecycle")
+
+
+@dataclass
+class Attachment:
+    """What one connection holds while it is attached to an export."""
+
+    export: object
+    requests: Optional[object] = None  # PoolGroup charged for request buffers, swap only
+    windows: Optional[object] = None  # PoolGroup charged for receive windows, swap only
+    _lifecycle: Optional["Lifecycle"] = None
+
+    @property
+    def is_swap(self) -> bool:
+        return self.requests is not None
+
+    def release(self) -> None:
+        if self._lifecycle is not None and self.is_swap:
+            self._lifecycle._release(self.export.node)
+        self._lifecycle = None
+
+
+class _Node:
+    def __init__(self, tree_entry: Group) -> None:
+        self.tree_entry = tree_entry
+        self.connections = 0
+        self.expiry: Optional[threading.Timer] = None
+
+    @property
+    def groups(self):
+        return [child.pool_group for child in self.tree_entry.children]
+
+
+class Lifecycle:
+    def __init__(self, pool: Pool, tree: Group, config, counters: Counters) -> None:
+        self._pool = pool
+        self._tree = tree
+        self._config = config
+        self._counters = counters
+        self._lock = threading.Lock()
+        self._nodes: dict[str, _Node] = {}
+        self._closed = False
+        # Tagged-by-peer connections whose export turns out not to be swap draw on this group
+        # (their data is received before it is routed); it is part of the pool's sizing, so
+        # it is connected for the daemon's whole life.
+        unrouted = tree.find("unrouted")
+        self.unrouted = pool.group(unrouted.reservation)
+        self.unrouted.connect()
+        unrouted.pool_group = self.unrouted
+        self._nbd = tree.find("nbd")
+
+    def attach(self, export) -> Attachment:
+        """Attach a connection to `export`; raises AttachRefused if its reserve cannot be backed."""
+        if not getattr(export, "is_swap", False):
+            return Attachment(export)
+        with self._lock:
+            if self._closed:
+                raise AttachRefused("netswapd is shutting down", "shutdown")
+            node = self._nodes.get(export.node)
+            if node is None:
+                node = self._connect(export)
+                self._nodes[export.node] = node
+            elif node.expiry is not None:
+                node.expiry.cancel()  # reattached within the grace period: keep the reserve
+                node.expiry = None
+            node.connections += 1
+        requests, windows = node.groups
+        return Attachment(export, requests, windows, self)
+
+    def attached_nodes(self) -> dict[str, int]:
+        """Node name -> connections, for nodes whose reserve is connected (grace included)."""
+        with self._lock:
+            return {name: node.connections for name, node in self._nodes.items()}
+
+    def close(self) -> None:
+        """Disconnect every reservation (daemon shutdown, after all connections ended)."""
+        with self._lock:
+            self._closed = True
+            nodes = list(self._nodes)
+        for name in nodes:
+            self._expire(name, force=True)
+        self.unrouted.disconnect()
+
+    # Internals ----------------------------------------------------------------
+
+    def _connect(self, export) -> _Node:
+        entry = node_template(self._config, f"swap/{export.node}")
+        connected = []
+        try:
+            for child in entry.children:
+                group = self._pool.group(child.reservation)
+                child.pool_group = group
+                group.connect()
+                connected.append(group)
+        except ReserveError as exc:
+            for group in connected:
+                group.disconnect()
+            for child in entry.children:
+                if child.pool_group is not None:
+                    child.pool_group.destroy()
+            self._counters.inc("attach_refused", "reserve")
+            log.warning("refusing swap attach of node %r: %s", export.node, exc)
+            raise AttachRefused(
+                f"swap/{export.node}: the pool cannot back this node's reserve: {exc}", "reserve"
+            ) from exc
+        self._nbd.children.append(entry)
+        self._counters.inc("swap_attaches")
+        log.info("node %r attached: reserve of %d bytes connected, watermark now %d",
+                 export.node, entry.total, self._pool.watermark)
+        return _Node(entry)
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            node = self._nodes.get(name)
+            if node is None:
+                return
+            node.connections -= 1
+            if node.connections > 0 or self._closed:
+                return
+            grace = self._config.swap.detach_grace
+            node.expiry = threading.Timer(grace, self._expire, args=(name,))
+            node.expiry.daemon = True
+            node.expiry.start()
+            log.info("node %r has no connection left; its reserve stays %.0f s", name, grace)
+
+    def _expire(self, name: str, force: bool = False) -> None:
+        with self._lock:
+            node = self._nodes.get(name)
+            if node is None or (node.connections and not force):
+                return  # reattached since the timer was set
+            if node.expiry is not None:
+                node.expiry.cancel()
+            del self._nodes[name]
+            self._nbd.children.remove(node.tree_entry)
+        for group in node.groups:
+            group.disconnect()
+            group.destroy()
+        self._counters.inc("swap_detaches")
+        log.info("node %r detached: reserve released, watermark now %d", name, self._pool.watermark)
