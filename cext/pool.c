@@ -415,52 +415,53 @@ static uint32_t try_alloc(struct pool *pool, unsigned order, struct pool_group *
 {
     struct pool_stats *s = &pool->stats;
     uint64_t bytes = block_bytes(order);
-    struct pool_group_stats *g;
+    bool reserve;
     uint32_t idx;
 
-    /* Normal path first, for emergency callers too: the reserve is for when
+    /* Decide the path first and take the block in one place: take_block
+     * then stays inlined, which the data path notices.
+     *
+     * Normal path first, for emergency callers too: the reserve is for when
      * the normal budget is gone, not a second budget.  No overflow: both
      * terms are at most the arena size, far below 2^63. */
     if (s->free_bytes >= s->watermark + bytes) {
-        idx = take_block(pool, order);
-        /* Failing here is fragmentation, and the reserve would not help: the
-         * same free lists back it. */
-        *limit = LIMIT_POOL;
-        if (idx != NO_BLOCK) {
-            pool->meta[idx].group = NO_GROUP;
-            *from_reserve = false;
+        reserve = false;
+    } else if (group != NULL && group->stats.connected) {
+        /* Charge before using the reserve (seed part 4): a group may never
+         * hold more of it than it reserved.  Since normal allocations leave
+         * the watermark free, that keeps what every other connected group
+         * reserved there for it, except while a new connect's share is
+         * still held by normal blocks (see pool.h). */
+        if (group->stats.usage + bytes > group->stats.reservation) {
+            *limit = LIMIT_RESERVATION;
+            return NO_BLOCK;
         }
-        return idx;
-    }
-    if (group == NULL || !group->stats.connected) {
+        reserve = true;
+    } else {
         *limit = LIMIT_POOL;
         return NO_BLOCK;
     }
-    /* Charge before using the reserve (seed part 4): a group may never hold
-     * more of it than it reserved.  Since normal allocations leave the
-     * watermark free, that keeps what every other connected group reserved
-     * there for it, except while a new connect's share is still held by
-     * normal blocks (see pool.h). */
-    g = &group->stats;
-    if (g->usage + bytes > g->reservation) {
-        *limit = LIMIT_RESERVATION;
-        return NO_BLOCK;
-    }
+
     idx = take_block(pool, order);
     if (idx == NO_BLOCK) {
-        /* Within its reservation, yet no block: a connect whose reserve
-         * normal blocks still hold, or fragmentation. */
+        /* The bytes are there but not in one block (fragmentation), or, for
+         * the reserve, a new connect's share is still held by normal blocks:
+         * either way the pool, not the group, is short. */
         *limit = LIMIT_POOL;
         return NO_BLOCK;
     }
-    g->usage += bytes;
-    if (g->usage > g->high_water)
-        g->high_water = g->usage;
-    g->emergency_allocs++;
+    *from_reserve = reserve;
+    if (!reserve) {
+        pool->meta[idx].group = NO_GROUP;
+        return idx;
+    }
+    group->stats.usage += bytes;
+    if (group->stats.usage > group->stats.high_water)
+        group->stats.high_water = group->stats.usage;
+    group->stats.emergency_allocs++;
     s->emergency_allocs++;
     s->emergency_in_use_bytes += bytes;
     pool->meta[idx].group = (uint16_t)(group - pool->groups);
-    *from_reserve = true;
     return idx;
 }
 
