@@ -27,6 +27,9 @@ setup(
         # netpolicy.Shaper ([network] shape = true) builds its qdisc, classes and mark filter
         # over rtnetlink; imported only when shaping is on.
         "pyroute2>=0.9.1",
+        # pressure.PressureMonitor: MemAvailable, with the kernel's own estimate where it has
+        # one and psutil's reconstruction on kernels that predate it.
+        "psutil>=5.9",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={"console_scripts": ["netswapd=netswap.cli:main"]},
