@@ -255,7 +255,8 @@ SERVE_TCP = textwrap.dedent("""
         connection, _ = listener.accept()
         with connection:
             if mark:
-                assert tag_emergency(connection, SocketPolicy(priority=0, dscp=46, mark=mark)) == []
+                policy = SocketPolicy(priority=0, dscp=46, mark=mark)
+                assert tag_emergency(connection, policy) == []
             connection.sendall(b"p" * size)
             connection.shutdown(socket.SHUT_WR)
             connection.recv(1)  # until the client has read everything and closed

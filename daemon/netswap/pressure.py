@@ -26,8 +26,8 @@ end before avg10 has caught up. How soon the kernel notices depends on the daemo
 with CAP_SYS_RESOURCE it checks the trigger ten times per window, without it only on PSI's
 2-second cycle (measured on kernel 6.18 without it: a 4 s burst of 55-67% stall fires a 40%
 trigger 2-4 s in, while avg10 peaks at 10-22%). MemAvailable has no notification, so the
-periodic reads go on with or without triggers. Without PSI (a kernel without CONFIG_PSI, or booted with psi=0) the monitor
-says so once and decides on available memory alone.
+periodic reads go on with or without triggers. Without PSI (a kernel without CONFIG_PSI, or
+booted with psi=0) the monitor says so once and decides on available memory alone.
 
 Public API:
     Reading(psi_some_avg10, available_bytes, psi_triggered=False)
