@@ -708,3 +708,27 @@ def test_lookup_after_close_raises(state):
         registry.lookup("swap/n1")
     with pytest.raises(OSError):
         export.backend.flush()
+
+
+def test_memory_trim_on_a_locked_map_still_reads_back_zeros():
+    # Under the daemon's mlockall(MCL_FUTURE) the map is locked and MADV_DONTNEED fails with
+    # EINVAL; trim and write_zeroes must then zero the range instead of failing.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    backend = MemoryBackend(1 << 20)
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(backend._map))
+        assert libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(1 << 20)) == 0
+        data = memoryview(bytearray(b"\xab" * (256 << 10)))
+        backend.write_from(0, data, fua=False)
+        backend.trim(4096, 128 << 10, fua=False)
+        backend.write_zeroes(200 << 10, 8192, may_trim=True, fua=False)
+        out = memoryview(bytearray(256 << 10))
+        backend.read_into(0, out)
+        assert bytes(out[4096 : 4096 + (128 << 10)]) == bytes(128 << 10)
+        assert bytes(out[200 << 10 : (200 << 10) + 8192]) == bytes(8192)
+        assert bytes(out[:4096]) == b"\xab" * 4096
+        libc.munlock(ctypes.c_void_p(address), ctypes.c_size_t(1 << 20))
+    finally:
+        backend.close()

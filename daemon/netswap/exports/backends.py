@@ -476,7 +476,15 @@ class MemoryBackend(Backend):
             _fill_zeros(self._view[offset:end])
             return
         _fill_zeros(self._view[offset:first_full])
-        self._map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # The kernel refuses DONTNEED on locked pages, and under the daemon's
+            # mlockall(MCL_FUTURE) this map is locked: the pages stay (and stay locked, as
+            # the daemon asked), and the range must still read back as zeros.
+            _fill_zeros(self._view[first_full:last_full])
         _fill_zeros(self._view[last_full:end])
 
     def cache(self, offset: int, length: int) -> None:
