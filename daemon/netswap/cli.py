@@ -23,22 +23,40 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="run the daemon (the default)")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", help="the config file to check")
+    reserve = commands.add_parser(
+        "reserve", help="print the reservation tree and the pool it sizes, and exit"
+    )
+    reserve.add_argument("--config", dest="reserve_config", default=None,
+                         help="config file (default: the global --config)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    path = args.path if args.command == "check-config" else args.config
+    if args.command == "check-config":
+        path = args.path
+    elif args.command == "reserve" and args.reserve_config:
+        path = args.reserve_config
+    else:
+        path = args.config
     try:
         config = load(path)
     except ConfigError as exc:
         print(f"netswapd: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(f"{path}: ok ({len(config.exports)} static exports, pool {config.pool.size} bytes)")
+        print(f"{path}: ok ({len(config.exports)} static exports)")
         return 0
-    from .daemon import run  # importing the daemon loads the C pool; check-config needs neither
+    # Importing the daemon loads the C pool; check-config needs neither.
+    from .daemon import reserve_report, run
 
+    if args.command == "reserve":
+        try:
+            print(reserve_report(config))
+        except ConfigError as exc:
+            print(f"netswapd: {exc}", file=sys.stderr)
+            return 2
+        return 0
     return run(config)
 
 

@@ -1,22 +1,28 @@
-"""Assembles the daemon: config -> pool -> exports -> NBD server, and runs it until a signal.
+"""Assembles the daemon: config -> protection -> reserve tree -> pool -> exports -> server.
 
-Order matters: the pool is locked before anything listens, so a node can never attach to a
-daemon whose request memory is not in place; the listeners come last, so a failure to bind
+Order matters: the process is protected (mlockall, OOM score, IO_FLUSHER) and the pool is
+sized from the reserve tree and locked before anything listens, so a node can never attach
+to a daemon whose reserve is not in place; the listeners come last, so a failure to bind
 leaves nothing half-started.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
-import threading
 
 from . import __version__
-from .config import Config
+from .config import Config, ConfigError
+from .counters import Counters
+from .exports.lifecycle import Lifecycle
 from .exports.registry import ExportRegistry
 from .nbd.server import ListenError, NbdServer
+from .pressure import PressureMonitor
+from .protect import ProtectError, protect_process
 from .reserve.pool import LockError, Pool
+from .reserve.tree import build_tree, pool_size, render
 
 log = logging.getLogger("netswap")
 
@@ -28,17 +34,39 @@ def configure_logging(level: str) -> None:
     )
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def run(config: Config) -> int:
     """Serve until SIGTERM or SIGINT; return the process exit status."""
+    # Block the stop signals before any thread exists, so every thread inherits the mask and
+    # the main thread alone takes them with sigwait. A Python handler would only run when
+    # the main thread next wakes, and the kernel may deliver the signal to any thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     configure_logging(config.daemon.log_level)
     log.info("netswapd %s starting with %s", __version__, config.source)
 
     try:
-        pool = Pool(config.pool.size, lock=config.pool.lock)
+        protection = protect_process(config.protect)
+    except ProtectError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("protection: %s", protection.summary())
+    for problem in protection.problems:
+        log.warning("protection: %s", problem)
+
+    tree = build_tree(config)
+    try:
+        size = pool_size(config, tree)
+        pool = Pool(size, lock=config.pool.lock, min_normal=config.pool.normal_budget)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     except LockError as exc:
         log.error("pool.lock = %r: %s", config.pool.lock, exc)
         return 1
-    log.info("pool: %d bytes, %s", pool.size, "locked" if pool.locked else "NOT locked")
+    log.info("pool: %d bytes, %s; reserve tree:\n%s", pool.size,
+             "locked" if pool.locked else "NOT locked", render(tree, with_usage=False))
 
     os.makedirs(config.daemon.state_dir, mode=0o700, exist_ok=True)
     swap = config.swap if config.swap.enabled else None
@@ -48,30 +76,53 @@ def run(config: Config) -> int:
         log.error("cannot open exports: %s", exc)
         return 1
 
-    server = NbdServer(config, pool, registry)
+    counters = Counters()
+    lifecycle = Lifecycle(pool, tree, config, counters)
+    pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
+    server = NbdServer(config, pool, registry, lifecycle, counters, pressure)
     try:
         server.start()
     except ListenError as exc:
         log.error("%s", exc)
         registry.close()
         return 1
+    if pressure is not None:
+        pressure.start()
 
-    stop = threading.Event()
-
-    def request_stop(signum, _frame) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     log.info("listening on %s", ", ".join(server.addresses))
-
-    while not stop.wait(3600):
-        pass
+    signum = signal.sigwait(_STOP_SIGNALS)
+    log.info("received %s: stopping", signal.Signals(signum).name)
 
     clean = server.stop(config.daemon.shutdown_timeout)
     if not clean:
         log.warning("in-flight requests did not finish within %.0f s", config.daemon.shutdown_timeout)
+    if pressure is not None:
+        pressure.stop()
+    lifecycle.close()
     registry.close()  # flushes every backend: what was acknowledged is on disk
+    # One machine-readable line with everything counted, for operators and tests alike.
+    log.info("final counters: %s", json.dumps({
+        "pool": pool.stats(),
+        "events": {f"{name}{'{' + label + '}' if label else ''}": value
+                   for (name, label), value in sorted(counters.snapshot().items())},
+    }, sort_keys=True))
     log.info("stopped")
     return 0 if clean else 1
+
+
+def reserve_report(config: Config) -> str:
+    """What `netswapd reserve` prints: the reserve tree, the pool it sizes, the protection."""
+    tree = build_tree(config)
+    size = pool_size(config, tree)
+    lines = [
+        render(tree),
+        "",
+        f"pool: {size} bytes = reserve tree {tree.total} + pool.headroom {config.pool.headroom}"
+        if config.pool.size is None else f"pool: {size} bytes (pool.size; the tree needs {tree.total} + headroom)",
+        f"watermark: 0 at start; each attached node raises it by {tree.find('nbd').children[-1].each}"
+        if config.swap.enabled else "watermark: 0 (swap exports disabled)",
+    ]
+    protection = protect_process(config.protect)
+    lines.append(f"protection (as this command got it): {protection.summary()}")
+    lines.extend(f"  {problem}" for problem in protection.problems)
+    return "\n".join(lines)

@@ -9,6 +9,14 @@ and data. The buffer goes back to the pool when the reply has been sent.
 Bounds: at most `max_inflight` requests per connection are between "read" and "replied";
 past that, and while the pool has no buffer, the reader stops reading, so the client's
 excess waits in TCP buffers (backpressure), not in our memory.
+
+The reserve (the seed's parts 1, 2 and 4). A connection is *tagged* emergency when it
+attaches to a swap export, or at accept when its peer is in `swap.node_networks` (the
+SK_MEMALLOC socket: tagged before anyone knows what it will carry). A tagged connection's
+buffers may fall back to its group's reservation when the normal budget is gone; untagged
+ones wait or get ENOMEM, never the reserve. Receiving and routing are separate steps, as in
+the kernel: a buffer filled from the reserve that turns out to serve a non-swap export is
+released unprocessed and counted (the skb->emergency drop rule).
 """
 
 from __future__ import annotations
@@ -19,10 +27,18 @@ import threading
 import time
 from typing import TYPE_CHECKING, Optional
 
+from ..netpolicy import tag_emergency
 from . import constants as C
 from .errors import ProtocolError, nbd_error_from_os
 from .handshake import Abort, Ready, Reply, ServerHandshake
-from .transmission import ExportLimits, Request, RequestParser, check_request, reply_header
+from .transmission import (
+    DEFAULT_WINDOW,
+    ExportLimits,
+    Request,
+    RequestParser,
+    check_request,
+    reply_header,
+)
 
 if TYPE_CHECKING:
     from .server import NbdServer
@@ -31,8 +47,6 @@ log = logging.getLogger("netswap.nbd")
 
 # How long a blocked pool allocation waits before it checks whether the daemon is stopping.
 _ALLOC_POLL = 0.5
-# Rejected WRITE payloads are drained through a scratch buffer of at most this size.
-_DRAIN_CHUNK = 256 * 1024
 
 
 class _Stopping(Exception):
@@ -40,7 +54,7 @@ class _Stopping(Exception):
 
 
 class Connection:
-    def __init__(self, server: "NbdServer", sock: socket.socket, peer: str) -> None:
+    def __init__(self, server: "NbdServer", sock: socket.socket, peer: str, tagged: bool = False) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
@@ -51,6 +65,13 @@ class Connection:
         self._broken = False  # a send failed: the client is gone, replies are pointless
         self._structured = False
         self._limits: Optional[ExportLimits] = None
+        self._attachment = None
+        self._window = None  # the pool buffer the request parser receives into
+        self._is_swap = False
+        self.tagged = False  # may this connection's buffers come from the reserve?
+        self._group = None  # the pool group an emergency allocation is charged to
+        if tagged:
+            self._tag()
 
     # Lifecycle ------------------------------------------------------------------
 
@@ -90,15 +111,32 @@ class Connection:
             self._inflight.acquire()
         try:
             self.sock.close()
+            if self._window is not None:
+                self._window.release()
+            if self._attachment is not None:
+                self._attachment.release()
         finally:
             self.server.connection_closed(self)
+
+    def _tag(self) -> None:
+        """Mark this connection as serving swap, here and in the kernel (priority, DSCP, mark,
+        socket buffers sized for its in-flight data)."""
+        if self.tagged:
+            return
+        self.tagged = True
+        self.server.counters.inc("connections_tagged")
+        for problem in tag_emergency(self.sock, self.server.swap_socket_policy):
+            self.server.counters.inc("socket_tag_failures")
+            log.warning("%s: socket tagging incomplete: %s", self.peer, problem)
 
     # Handshake ------------------------------------------------------------------
 
     def _handshake(self) -> bool:
         """Haggle options; True when the connection enters transmission."""
         server = self.server
-        handshake = ServerHandshake(server.registry.lookup, server.registry.list, server.block_limits)
+        handshake = ServerHandshake(
+            server.registry.lookup, server.registry.list, server.block_limits, server.lifecycle.attach
+        )
         try:
             return self._haggle(handshake)
         finally:
@@ -139,7 +177,20 @@ class Connection:
         export = ready.export
         nbd = self.server.config.nbd
         self.export = export
+        self._attachment = ready.attachment
         self._structured = ready.structured_replies
+        if ready.attachment is not None and ready.attachment.is_swap:
+            self._is_swap = True
+            self._tag()
+            self._group = ready.attachment.requests
+            window_group = ready.attachment.windows
+        elif self.tagged:
+            # Tagged by its peer address but serving a non-swap export: what it receives
+            # before routing is charged to the unrouted group, and dropped at routing.
+            self._group = window_group = self.server.lifecycle.unrouted
+        else:
+            window_group = None
+        self._window = self._alloc(DEFAULT_WINDOW, window_group, wait=True)
         self._limits = ExportLimits(
             size=export.size,
             read_only=export.read_only,
@@ -156,7 +207,7 @@ class Connection:
     # Transmission -----------------------------------------------------------------
 
     def _transmission(self) -> None:
-        parser = RequestParser()
+        parser = RequestParser(self._window.view)
         sock = self.sock
         while not self._stopping:
             request = parser.next_request()
@@ -175,37 +226,76 @@ class Connection:
         error = check_request(request, self._limits)
         if error:
             self.server.counters.inc("request_errors", f"{request.name}:{error}")
-            if request.has_payload:
-                self._drain_payload(request, parser)
             log.debug("%s: %r rejected with error %d", self.peer, request, error)
-            self._inflight.acquire()
-            self._reply(request, error, None)
+            self._refuse(request, parser, error)
             return
 
         self._inflight.acquire()
         buffer = None
+        throttle = None
         try:
             if request.command in (C.CMD_READ, C.CMD_WRITE):
-                buffer = self._alloc(request.length)
+                buffer = self._alloc(request.length, self._group,
+                                     wait=self._is_swap or self.server.non_swap_waits)
+                if buffer is None:
+                    # Non-swap, normal budget gone, and the policy is to fail rather than wait.
+                    self.server.counters.inc("enomem", self.export.name)
+                    self._inflight.release()
+                    self._refuse(request, parser, C.ENOMEM)
+                    return
             if request.has_payload:
                 self._receive_payload(parser, buffer.view)
+            if buffer is not None and buffer.emergency and not self._is_swap:
+                # Routing: reserve memory bound for a non-swap consumer is released unprocessed.
+                self.server.counters.inc("emergency_dropped", self.export.name)
+                log.info("%s: dropped %r: reserve memory bound for non-swap export %r",
+                         self.peer, request, self.export.name)
+                buffer.release()
+                buffer = None
+                self._reply(request, C.ENOMEM, None)
+                return
+            throttle = self._throttle()
         except BaseException:
             if buffer is not None:
                 buffer.release()
             self._inflight.release()
             raise
-        self.server.workers.submit(self._execute, request, buffer)
+        self.server.workers.submit(self._execute, request, buffer, throttle)
 
-    def _alloc(self, size: int):
-        """A pool buffer; waits (and so stops reading the socket) while the pool is empty."""
+    def _refuse(self, request: Request, parser: RequestParser, error: int) -> None:
+        """Reply `error` to a request that will not be executed, keeping the stream in sync."""
+        if request.has_payload:
+            self._drain_payload(request, parser)
+        self._inflight.acquire()
+        self._reply(request, error, None)
+
+    def _throttle(self):
+        """Under memory pressure, non-swap requests run one at a time daemon-wide; swap
+        requests never wait here. Returns the semaphore to release after the reply, or None."""
+        pressure = self.server.pressure
+        if self._is_swap or pressure is None or not pressure.emergency:
+            return None
+        self.server.counters.inc("pressure_throttled", self.export.name)
+        self.server.non_swap_throttle.acquire()
+        return self.server.non_swap_throttle
+
+    def _alloc(self, size: int, group, wait: bool):
+        """A pool buffer, from the reserve if this connection is tagged and normal memory is
+        gone. With `wait`, waits while the pool has nothing (and so stops reading the socket:
+        TCP backpressure); without, returns None at once."""
         pool = self.server.pool
-        while True:
-            buffer = pool.alloc(size, timeout=_ALLOC_POLL)
-            if buffer is not None:
-                return buffer
+        emergency = self.tagged and group is not None
+        group = group if emergency else None
+        buffer = pool.alloc(size, emergency=emergency, group=group)
+        if buffer is not None or not wait:
+            return buffer
+        # Held back: counted once per request, by who was held.
+        self.server.counters.inc("pool_waits", "swap" if self._is_swap else "non_swap")
+        while buffer is None:
             if self._stopping or self.server.stopping:
                 raise _Stopping()
-            self.server.counters.inc("pool_waits")
+            buffer = pool.alloc(size, timeout=_ALLOC_POLL, emergency=emergency, group=group)
+        return buffer
 
     def _receive_payload(self, parser: RequestParser, view: memoryview) -> None:
         received = parser.take_payload(view)
@@ -217,11 +307,12 @@ class Connection:
             received += count
 
     def _drain_payload(self, request: Request, parser: RequestParser) -> None:
-        """Consume a rejected WRITE's payload so the stream stays in sync.
+        """Consume a refused WRITE's payload so the stream stays in sync.
 
         Up to the larger of 32 MiB (which the spec says is never a denial of service) and our
-        maximum request, the payload is read through a scratch pool buffer and discarded;
-        beyond that the connection is closed without reading (or allocating) it.
+        maximum request, the payload passes through the connection's receive window (a pool
+        buffer) and is discarded; beyond that the connection is closed without reading (or
+        allocating) it.
         """
         limit = max(C.DOS_SAFE_PAYLOAD, self.server.config.nbd.max_request)
         if request.length > limit:
@@ -229,25 +320,17 @@ class Connection:
                 f"WRITE payload of {request.length} bytes exceeds the drain limit {limit}",
                 "write_too_large",
             )
-        if not parser.payload_left:
-            return  # a zero-length WRITE has nothing to drain
-        scratch = self._alloc(min(request.length, _DRAIN_CHUNK))
-        try:
-            view = scratch.view
-            while parser.payload_left:
-                chunk = view[: min(len(view), parser.payload_left)]
-                if parser.take_payload(chunk):
-                    continue
-                count = self.sock.recv_into(chunk)
-                if not count:
-                    raise ConnectionError("client closed in the middle of a WRITE payload")
-                parser.payload_received(count)
-        finally:
-            scratch.release()
+        while parser.payload_left:
+            if parser.discard_payload():
+                continue
+            count = self.sock.recv_into(parser.recv_window())
+            if not count:
+                raise ConnectionError("client closed in the middle of a WRITE payload")
+            parser.advance(count)
 
     # Execution (worker threads) ---------------------------------------------------
 
-    def _execute(self, request: Request, buffer) -> None:
+    def _execute(self, request: Request, buffer, throttle=None) -> None:
         backend = self.export.backend
         command = request.command
         fua = bool(request.flags & C.CMD_FLAG_FUA)
@@ -280,6 +363,8 @@ class Connection:
         finally:
             if buffer is not None:
                 buffer.release()
+            if throttle is not None:
+                throttle.release()
 
     def _reply(self, request: Request, error: int, data: Optional[memoryview]) -> None:
         """Send the reply and release the request's in-flight slot."""

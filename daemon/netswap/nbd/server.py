@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..counters import Counters
+from ..netpolicy import SocketPolicy
+from ..reserve.tree import socket_buffer_size
 from ..workers import WorkerPool
 from .connection import Connection
 from .handshake import BlockLimits
@@ -34,13 +36,28 @@ class ListenError(OSError):
 
 
 class NbdServer:
-    def __init__(self, config, pool, registry, counters: Optional[Counters] = None) -> None:
+    def __init__(self, config, pool, registry, lifecycle, counters: Optional[Counters] = None,
+                 pressure=None) -> None:
         self.config = config
         self.pool = pool
         self.registry = registry
+        self.lifecycle = lifecycle
+        self.pressure = pressure  # a PressureMonitor, or None when pressure.enabled is false
         self.counters = counters or Counters()
         nbd = config.nbd
         self.block_limits = BlockLimits(nbd.block_size_min, nbd.block_size_preferred, nbd.max_request)
+        network = config.network
+        buffer_size = socket_buffer_size(config)
+        self.swap_socket_policy = SocketPolicy(
+            priority=network.priority, dscp=network.dscp, mark=network.mark,
+            sndbuf=buffer_size, rcvbuf=buffer_size,
+        )
+        self.node_networks = config.swap.node_networks
+        # What a non-swap request gets when the normal budget is gone: a wait (the reader
+        # stops reading: TCP backpressure) or ENOMEM. Never the reserve.
+        self.non_swap_waits = config.pool.non_swap_exhausted == "wait"
+        # Under memory pressure non-swap requests pass one at a time (see Connection._throttle).
+        self.non_swap_throttle = threading.Semaphore(1)
         self.workers: Optional[WorkerPool] = None
         self.stopping = False
         self._listeners: list[socket.socket] = []
@@ -142,13 +159,15 @@ class NbdServer:
             log.warning("accept on %s failed: %s", listener.getsockname(), exc)
             return
         sock.setblocking(True)
+        tagged = False
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies are small and latency-bound; never let Nagle hold one back.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"{address[0]}:{address[1]}" if sock.family == socket.AF_INET else f"[{address[0]}]:{address[1]}"
+            tagged = self._is_swap_node(address[0])
         else:
             peer = f"unix:{listener.getsockname()}"
-        connection = Connection(self, sock, peer)
+        connection = Connection(self, sock, peer, tagged)
         thread = threading.Thread(target=connection.run, name=f"conn {peer}", daemon=True)
         with self._lock:
             self._connections.add(connection)
@@ -156,6 +175,16 @@ class NbdServer:
         self.counters.inc("connections_accepted")
         log.debug("%s: connected", peer)
         thread.start()
+
+    def _is_swap_node(self, host: str) -> bool:
+        """Is the peer a swap node by address (swap.node_networks)? Its socket is then tagged
+        before its export is known, as the kernel marks a swap socket, not a request."""
+        if not self.node_networks:
+            return False
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.node_networks)
 
     # Listeners ------------------------------------------------------------------
 
