@@ -89,8 +89,9 @@ class Daemon:
 
 
 def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extra: str = "",
-                 pool: str = "128MiB", swap_size: str = "64MiB", exports: str | None = None,
-                 nbd_options: str = "") -> None:
+                 pool: str = "auto", swap_size: str = "64MiB", exports: str | None = None,
+                 nbd_options: str = "", pool_options: str = "", swap_options: str = "",
+                 listen: str | None = None, pressure_options: str = "enabled = false") -> None:
     if exports is None:
         exports = """
             [[exports]]
@@ -126,15 +127,22 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             [pool]
             size = "{pool}"
             lock = "best-effort"
+            {pool_options}
 
             [nbd]
-            listen = ["127.0.0.1:{port}", "[::1]:{port}"]
+            listen = {listen or f'["127.0.0.1:{port}", "[::1]:{port}"]'}
             unix_socket = "{unix_socket}"
             {nbd_options}
 
             [swap]
             enabled = true
             size = "{swap_size}"
+            {swap_options}
+
+            # Off unless a test is about it: this machine's own memory pressure (other tests
+            # swapping, cgroups at their limits) must not throttle unrelated tests.
+            [pressure]
+            {pressure_options}
             """
         )
         + textwrap.dedent(exports)
@@ -142,7 +150,9 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
     )
 
 
-def start_daemon(tmp: Path, **config) -> Daemon:
+def start_daemon(tmp: Path, cgroup: Path | None = None, **config) -> Daemon:
+    """Start netswapd on a config written from `config` (see write_config); with `cgroup`,
+    the daemon runs inside that (v1 memory) cgroup from its first instruction."""
     state_dir = tmp / "state"
     state_dir.mkdir(exist_ok=True)
     # A read-only export needs its file to exist before the daemon starts.
@@ -155,9 +165,12 @@ def start_daemon(tmp: Path, **config) -> Daemon:
     write_config(config_path, state_dir, port, unix_socket, **config)
     log_path = tmp / "netswapd.log"
     log = open(log_path, "w")
+    def join_cgroup():
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     process = subprocess.Popen(
         [sys.executable, "-m", "netswap", "--config", str(config_path)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        preexec_fn=join_cgroup if cgroup is not None else None,
     )
     log.close()
     daemon = Daemon(port, unix_socket, state_dir, config_path, log_path, process)

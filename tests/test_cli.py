@@ -51,7 +51,7 @@ def test_port_in_use_is_reported_with_the_address(tmp_path):
         port = taken.getsockname()[1]
         config = tmp_path / "c.toml"
         config.write_text(
-            f'[daemon]\nstate_dir = "{tmp_path}/state"\n[pool]\nsize = "32MiB"\nlock = "off"\n'
+            f'[daemon]\nstate_dir = "{tmp_path}/state"\n[pool]\nnormal_budget = "32MiB"\nlock = "off"\n'
             f'[nbd]\nlisten = ["127.0.0.1:{port}"]\nunix_socket = ""\n'
         )
         result = netswapd("--config", str(config))
@@ -62,7 +62,7 @@ def test_port_in_use_is_reported_with_the_address(tmp_path):
 def test_required_lock_without_memlock_rights_exits_with_advice(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(
-        f'[daemon]\nstate_dir = "{tmp_path}/state"\n[pool]\nsize = "64MiB"\nlock = "required"\n'
+        f'[daemon]\nstate_dir = "{tmp_path}/state"\n[pool]\nnormal_budget = "32MiB"\nlock = "required"\n'
         f'[nbd]\nlisten = ["127.0.0.1:{free_port()}"]\nunix_socket = ""\n'
     )
     # Dropping CAP_IPC_LOCK from the bounding set makes RLIMIT_MEMLOCK (8 MiB) apply to root.
