@@ -544,7 +544,7 @@ def test_error_names_key_value_and_allowed(document, key, value, allowed):
     assert message.startswith(f"test.toml: {key}")
     if value is not None:  # None: the key is missing, so there is no value to show
         assert f"{key} = {value!r}" in message
-    assert f"allowed: " in message and allowed in message, message
+    assert "allowed: " in message and allowed in message, message
 
 
 def test_unknown_key_suggests_the_near_miss():

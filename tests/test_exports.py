@@ -11,7 +11,6 @@ import errno
 import mmap
 import os
 import stat
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from conftest import run_in_threads
-from netswap.reserve import Buffer, LockError, Pool, PoolError, PoolGroup, ReserveError
+from netswap.reserve import Buffer, Pool, PoolError, PoolGroup, ReserveError
 
 BLOCK = 4096
 MiB = 1 << 20
