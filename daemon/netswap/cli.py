@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
@@ -49,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Importing the daemon loads the C pool; check-config needs neither.
     from .daemon import reserve_report, run
+    from .protect import ProtectError
 
     if args.command == "reserve":
+        # The report says what protection took effect; the module's own log lines would
+        # only repeat it on stderr.
+        logging.getLogger("netswap").setLevel(logging.ERROR)
         try:
             print(reserve_report(config))
-        except ConfigError as exc:
+        except (ConfigError, ProtectError) as exc:
             print(f"netswapd: {exc}", file=sys.stderr)
             return 2
         return 0

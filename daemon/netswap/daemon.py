@@ -8,6 +8,7 @@ leaves nothing half-started.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,13 +48,10 @@ def run(config: Config) -> int:
     log.info("netswapd %s starting with %s", __version__, config.source)
 
     try:
-        protection = protect_process(config.protect)
+        protect_process(config.protect)  # logs what took effect and what did not
     except ProtectError as exc:
         log.error("%s", exc)
         return 1
-    log.info("protection: %s", protection.summary())
-    for problem in protection.problems:
-        log.warning("protection: %s", problem)
 
     tree = build_tree(config)
     try:
@@ -119,10 +117,14 @@ def reserve_report(config: Config) -> str:
         "",
         f"pool: {size} bytes = reserve tree {tree.total} + pool.headroom {config.pool.headroom}"
         if config.pool.size is None else f"pool: {size} bytes (pool.size; the tree needs {tree.total} + headroom)",
-        f"watermark: 0 at start; each attached node raises it by {tree.find('nbd').children[-1].each}"
-        if config.swap.enabled else "watermark: 0 (swap exports disabled)",
+        f"watermark: {tree.find('unrouted').total} at start (unrouted)"
+        + (f"; each attached node raises it by {tree.find('nbd').children[-1].each}"
+           if config.swap.enabled else "; swap exports disabled"),
     ]
+    # The same steps the daemon takes at start, so that what this command reports is what
+    # this user, with these capabilities, would get.
     protection = protect_process(config.protect)
-    lines.append(f"protection (as this command got it): {protection.summary()}")
+    state = dataclasses.replace(protection, problems=[]).summary()
+    lines.append(f"protection (as this command got it): {state}")
     lines.extend(f"  {problem}" for problem in protection.problems)
     return "\n".join(lines)

@@ -134,6 +134,7 @@ def render(tree: Group, *, with_usage: bool = True) -> str:
         label = "  " * depth + group.name
         each = f" ({human_size(group.each)} each)" if group.count > 1 else ""
         usage = f"{human_size(group.usage()):>10}" if with_usage else ""
-        rows.append(f"{label:<34}{human_size(group.total):>10}{usage}  {group.detail}{each}".rstrip())
+        notes = " ".join(part for part in (group.detail, each.strip()) if part)
+        rows.append(f"{label:<34}{human_size(group.total):>10}{usage}  {notes}".rstrip())
     header = f"{'group':<34}{'reserved':>10}{'used' if with_usage else '':>10}".rstrip()
     return "\n".join([header, *rows])
