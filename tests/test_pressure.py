@@ -315,6 +315,8 @@ def big_file(tmp_path_factory):
     with path.open("wb") as f:
         for _ in range(256):
             f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages would stay cached, charged to this process
     yield path
     path.unlink()
 
@@ -332,15 +334,18 @@ STALL_LIMIT = 8 * MiB
 needs_psi = pytest.mark.skipif(not Path(MEMORY_PSI).exists(), reason="kernel without PSI")
 
 
-@needs_psi
-def test_psi_trigger_catches_a_stall_burst_that_avg10_smooths_away(big_file):
-    # Four readers on this 2-CPU machine keep some task stalled nearly all the time. A burst
-    # of at most BURST s lifts avg10 (1 - e^(-t/10) of the stall rate) to at most 36%, never
-    # to psi_enter; the trigger sees the stall rate of its 2 s window.
-    burst = 4.5
+@dataclasses.dataclass
+class Burst:
+    entered: bool
+    trigger_events: int
+    highest_avg10: float
+    stall_share: float  # percent of the burst's duration
+
+
+def stall_burst(big_file: Path, config, seconds: float) -> Burst:
+    """Thrash a new stall group under a monitor of its memory.pressure for up to `seconds`,
+    or until emergency mode starts; then give the kernel a cycle to report the burst's end."""
     changes = Changes()
-    config = pressure_config(interval=0.2, psi_enter=40.0, psi_exit=1.0, available_enter=0,
-                             available_exit=1)
     drop_cache(big_file)
     with stall_group(STALL_LIMIT) as group:
         monitor = PressureMonitor(config, changes, psi_path=str(group.pressure_file))
@@ -349,20 +354,41 @@ def test_psi_trigger_catches_a_stall_burst_that_avg10_smooths_away(big_file):
             assert monitor.psi_triggers
             started = time.monotonic()
             with group.thrashing(big_file, readers=4):
-                changes.changed.wait(burst)
+                changes.changed.wait(seconds)
                 stalled_ms = group.stall_us() // 1000
-                burst_took = time.monotonic() - started
-            # The kernel evaluates unprivileged triggers every 2 s, on PSI's own cycle.
+                took = time.monotonic() - started
             entered = changes.changed.wait(5)
-            highest_avg10 = max(avg10 for avg10 in [*changes.avg10_at_call,
-                                                    monitor.psi_some_avg10] if avg10 is not None)
-    share = stalled_ms / 10 / burst_took
-    print(f"\n{share:.0f}% stall for {burst_took:.1f} s; emergency after "
-          f"{monitor.trigger_events} trigger event(s), avg10 at most {highest_avg10:.2f}%")
-    assert entered, f"no emergency mode: {stalled_ms} ms of stall in {burst_took:.1f} s"
-    assert changes.calls == [True]
-    assert monitor.trigger_events >= 1
-    assert highest_avg10 < config.psi_enter, (highest_avg10, f"{share:.0f}% stall")
+            avg10s = [*changes.avg10_at_call, monitor.psi_some_avg10]
+    assert changes.calls == ([True] if entered else [])
+    return Burst(entered, monitor.trigger_events, max(v for v in avg10s if v is not None),
+                 stalled_ms / 10 / took)
+
+
+@needs_psi
+def test_psi_trigger_catches_a_stall_burst_that_avg10_smooths_away(big_file):
+    # Four readers keep some task stalled about 50-55% of the time here. A burst of at most
+    # 6 s lifts avg10 (1 - e^(-t/10) of the stall rate) to 45% of that rate, short of
+    # psi_enter below a rate of 78%; the trigger sees the stall rate of its 2 s window, above
+    # psi_enter from a rate of 35%.
+    config = pressure_config(interval=0.2, psi_enter=35.0, psi_exit=1.0, available_enter=0,
+                             available_exit=1)
+    # Without CAP_SYS_RESOURCE the kernel looks at the trigger on PSI's 2 s cycle: its first
+    # event comes 2, 4 or 6 s in, and for some triggers never (2 bursts in 10 here, with no
+    # event on any cycle). So up to three bursts, each with a new group and trigger.
+    bursts = []
+    for _ in range(3):
+        bursts.append(stall_burst(big_file, config, seconds=6.0))
+        if bursts[-1].entered:
+            break
+    print("\n" + "\n".join(
+        f"{b.stall_share:.0f}% stall: emergency {b.entered} after {b.trigger_events} trigger "
+        f"event(s), avg10 at most {b.highest_avg10:.2f}%" for b in bursts))
+    burst = bursts[-1]
+    assert burst.entered, bursts
+    assert burst.trigger_events >= 1
+    # avg10 never reached psi_enter: the trigger, not the average, started emergency mode.
+    assert burst.highest_avg10 < config.psi_enter, bursts
+    assert all(b.highest_avg10 < config.psi_enter for b in bursts), bursts
 
 
 @needs_psi
