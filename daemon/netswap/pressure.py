@@ -19,15 +19,17 @@ The rule is EmergencyRule.decide, a pure function of the readings.
 PressureMonitor reads both every `interval` on its own thread. Where the kernel allows, it
 also registers a PSI trigger (a poll(POLLPRI) wakeup when the "some" stall time in a 2-second
 window reaches psi_enter percent of it). avg10 is an exponential average over 10 s: a stall
-rate of 40% takes about 5 s to lift it past 20%, and one of 25% never does; the trigger
+rate of 40% takes about 7 s to lift it past 20%, and a rate of 20% never does; the trigger
 reports the stall rate of the last 2 s. A fired trigger counts as PSI at psi_enter for
 TRIGGER_HOLD seconds (avg10's own horizon), so that emergency mode starts at once and does not
 end before avg10 has caught up. How soon the kernel notices depends on the daemon's rights:
 with CAP_SYS_RESOURCE it checks the trigger ten times per window, without it only on PSI's
-2-second cycle (measured on kernel 6.18 without it: a 4 s burst of 55-67% stall fires a 40%
-trigger 2-4 s in, while avg10 peaks at 10-22%). MemAvailable has no notification, so the
-periodic reads go on with or without triggers. Without PSI (a kernel without CONFIG_PSI, or
-booted with psi=0) the monitor says so once and decides on available memory alone.
+2-second cycle. Measured on kernel 6.18 without it: bursts of 50-68% stall fire a 35% trigger
+2-6 s in, while avg10 stays at 10-25%, but for 2 triggers in 10 the kernel raised no event
+at all; avg10 then still starts emergency mode, later. MemAvailable has no notification,
+so the periodic reads go on with or without triggers. Without PSI (a kernel without
+CONFIG_PSI, or booted with psi=0) the monitor says so once and decides on available memory
+alone.
 
 Public API:
     Reading(psi_some_avg10, available_bytes, psi_triggered=False)
