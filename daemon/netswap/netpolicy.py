@@ -1,8 +1,8 @@
 """What netswapd asks of the kernel for the sockets that carry swap, and of the egress queue.
 
-A userspace daemon cannot get the kernel's emergency reserves for its sockets (there is no
-SOCK_MEMALLOC for userspace; see the README's reserve section). What it can do is make swap
-traffic cheap and first in line:
+A userspace daemon cannot get the kernel's emergency reserves for its sockets (the kernel
+gives SOCK_MEMALLOC to its own sockets only). What it can do is make swap traffic cheap and
+first in line:
 
 - tag_emergency(sock, policy) sets, on one connected socket, the options that make the kernel
   and the network treat it as urgent: SO_PRIORITY (queueing priority on this host), the DSCP
@@ -301,12 +301,16 @@ class Shaper:
     # -- netlink -------------------------------------------------------------------------------
 
     def _run(self, interface: str, operation) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
         try:
             asyncio.run(operation)
         except OSError as e:
             # Opening the netlink socket: chiefly a netns that does not exist.
             where = f" in network namespace {self.netns!r}" if self.netns else ""
             raise ShapeError(f"cannot shape {interface}{where}: {e}") from e
+        except NetlinkError as e:  # one the steps did not expect, such as a failed dump
+            raise self._error(interface, "talking to the kernel", e) from e
 
     def _netlink(self):
         from pyroute2 import AsyncIPRoute
