@@ -283,7 +283,7 @@ def test_relative_state_dir_without_a_file_is_an_error():
 # ---------------------------------------------------------------------------------------------
 # Errors: each names the key path, the value as written, and what is allowed.
 
-ALL_SECTIONS = "daemon, pool, nbd, swap, network, pressure, protect, exports"
+ALL_SECTIONS = "daemon, pool, nbd, swap, network, pressure, protect, metrics, exports"
 
 ERROR_CASES = [
     # (id, document, key, value, fragment of the allowed set)
@@ -720,3 +720,11 @@ def test_reference_table_is_current():
 def test_reference_table_has_one_row_per_key():
     rows = [line for line in config.reference_table().splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(config.KEYS)
+
+
+def test_metrics_listen_defaults_and_may_be_empty():
+    assert config.parse({}).metrics.listen == (("127.0.0.1", 9810),)
+    assert config.parse({"metrics": {"listen": []}}).metrics.listen == ()
+    with pytest.raises(config.ConfigError) as err:
+        config.parse({"metrics": {"listen": ["127.0.0.1:99999"]}})
+    assert "metrics.listen" in str(err.value)

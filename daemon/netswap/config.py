@@ -44,6 +44,7 @@ __all__ = [
     "KEYS",
     "SIZE_SYNTAX",
     "Config",
+    "MetricsConfig",
     "ConfigError",
     "DaemonConfig",
     "ExportConfig",
@@ -731,6 +732,13 @@ _PROTECT = (
            '"required" refuses to start without it, "best-effort" warns, "off" never tries.'),
 )
 
+_METRICS = (
+    _Field("listen", _ListenAddresses(), ["127.0.0.1:9810"],
+           "Where Prometheus scrapes /metrics: the pool, the reserve tree, drops and server "
+           "counters. The endpoint is a non-swap consumer: it never touches the reserve. An "
+           "empty list serves no metrics."),
+)
+
 _EXPORT = (
     _Field("name", _Text(1, 255, reserved_prefix="swap/"), _REQUIRED,
            "Export name clients ask for.",
@@ -753,7 +761,8 @@ _EXPORT = (
 
 # Fixed sections, in file and documentation order; "exports" is an array of tables.
 _SECTIONS = {"daemon": _DAEMON, "pool": _POOL, "nbd": _NBD, "swap": _SWAP,
-             "network": _NETWORK, "pressure": _PRESSURE, "protect": _PROTECT}
+             "network": _NETWORK, "pressure": _PRESSURE, "protect": _PROTECT,
+             "metrics": _METRICS}
 _TOP_LEVEL = (*_SECTIONS, "exports")
 
 KEYS: tuple[str, ...] = (
@@ -836,6 +845,11 @@ class ProtectConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[tuple[str, int], ...]  # (host, port) pairs, as nbd.listen
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     name: str
     backend: str
@@ -854,6 +868,7 @@ class Config:
     network: NetworkConfig
     pressure: PressureConfig
     protect: ProtectConfig
+    metrics: MetricsConfig
     exports: tuple[ExportConfig, ...]
     source: str  # the file this came from, or "<string>"
 
@@ -1047,6 +1062,11 @@ def _build_protect(table) -> ProtectConfig:
     return ProtectConfig(**values)
 
 
+def _build_metrics(table) -> MetricsConfig:
+    values, _ = _read_table(table, "metrics", _METRICS)
+    return MetricsConfig(**values)
+
+
 def _build_exports(array, state_dir: Path, swap: SwapConfig, nbd: NbdConfig):
     if not isinstance(array, (list, tuple)):
         raise ConfigError("exports", f"is {_describe_type(array)}, not an array of tables",
@@ -1112,12 +1132,14 @@ def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None =
         network = _build_network(mapping.get("network", {}))
         pressure = _build_pressure(mapping.get("pressure", {}))
         protect = _build_protect(mapping.get("protect", {}))
+        metrics = _build_metrics(mapping.get("metrics", {}))
         exports = _build_exports(mapping.get("exports", []), daemon.state_dir, swap, nbd)
     except ConfigError as error:
         error.source = source
         raise
     return Config(daemon=daemon, pool=pool, nbd=nbd, swap=swap, network=network,
-                  pressure=pressure, protect=protect, exports=exports, source=source)
+                  pressure=pressure, protect=protect, metrics=metrics, exports=exports,
+                  source=source)
 
 
 def load(path: str | os.PathLike) -> Config:
