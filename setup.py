@@ -30,6 +30,9 @@ setup(
         # pressure.PressureMonitor: MemAvailable, with the kernel's own estimate where it has
         # one and psutil's reconstruction on kernels that predate it.
         "psutil>=5.9",
+        # metrics.py: the Prometheus exposition format and its HTTP endpoint, read at scrape
+        # time by a custom collector.
+        "prometheus-client>=0.17",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={"console_scripts": ["netswapd=netswap.cli:main"]},

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,12 @@ class Daemon:
     config_path: Path
     log_path: Path
     process: subprocess.Popen = field(repr=False)
+    metrics_port: int = 0
+
+    def metrics(self) -> str:
+        """The daemon's Prometheus exposition, as a scrape would get it."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
 
     def uri(self, export: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{export}"
@@ -91,7 +98,8 @@ class Daemon:
 def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extra: str = "",
                  pool: str = "auto", swap_size: str = "64MiB", exports: str | None = None,
                  nbd_options: str = "", pool_options: str = "", swap_options: str = "",
-                 listen: str | None = None, pressure_options: str = "enabled = false") -> None:
+                 listen: str | None = None, pressure_options: str = "enabled = false",
+                 metrics_port: int = 0) -> None:
     if exports is None:
         exports = """
             [[exports]]
@@ -143,6 +151,9 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             # swapping, cgroups at their limits) must not throttle unrelated tests.
             [pressure]
             {pressure_options}
+
+            [metrics]
+            listen = ["127.0.0.1:{metrics_port}"]
             """
         )
         + textwrap.dedent(exports)
@@ -162,7 +173,8 @@ def start_daemon(tmp: Path, cgroup: Path | None = None, **config) -> Daemon:
     port = free_port()
     unix_socket = tmp / "nbd.sock"
     config_path = tmp / "netswapd.toml"
-    write_config(config_path, state_dir, port, unix_socket, **config)
+    metrics_port = free_port()
+    write_config(config_path, state_dir, port, unix_socket, metrics_port=metrics_port, **config)
     log_path = tmp / "netswapd.log"
     log = open(log_path, "w")
     def join_cgroup():
@@ -173,7 +185,7 @@ def start_daemon(tmp: Path, cgroup: Path | None = None, **config) -> Daemon:
         preexec_fn=join_cgroup if cgroup is not None else None,
     )
     log.close()
-    daemon = Daemon(port, unix_socket, state_dir, config_path, log_path, process)
+    daemon = Daemon(port, unix_socket, state_dir, config_path, log_path, process, metrics_port)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

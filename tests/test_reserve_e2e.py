@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, import_libnbd, start_daemon
 from netswap.nbd import constants as C
+from test_metrics import samples
 from test_server_raw import connect_raw, read_option_reply, send_option
 
 nbd = import_libnbd()
@@ -269,6 +270,7 @@ def test_reserve_memory_bound_for_a_non_swap_export_is_dropped_and_counted(tmp_p
         for position, i in latest.items():
             assert h.pread(64 * KiB, position) == bytes([i % 251 + 1]) * (64 * KiB)
         h.shutdown()
+        exported = samples(daemon.metrics())
     finally:
         stop.set()
         code = daemon.stop()
@@ -276,6 +278,7 @@ def test_reserve_memory_bound_for_a_non_swap_export_is_dropped_and_counted(tmp_p
     events = final_counters(daemon)["events"]
     assert dropped_positions, "the flood never pushed the tagged connection into the reserve"
     assert events["emergency_dropped{disk}"] == len(dropped_positions)
+    assert exported[("netswap_emergency_dropped_total", (("consumer", "disk"),))] == len(dropped_positions)
     assert events["connections_tagged"] >= 1
     print(f"\ndrop rule: {len(dropped_positions)} of 200 writes dropped, {len(acked_positions)} acked")
 

@@ -19,6 +19,7 @@ from .config import Config, ConfigError
 from .counters import Counters
 from .exports.lifecycle import Lifecycle
 from .exports.registry import ExportRegistry
+from .metrics import NetswapCollector, serve
 from .nbd.server import ListenError, NbdServer
 from .pressure import PressureMonitor
 from .protect import ProtectError, protect_process
@@ -86,11 +87,20 @@ def run(config: Config) -> int:
         return 1
     if pressure is not None:
         pressure.start()
+    try:
+        metrics = serve(NetswapCollector(pool, tree, counters, server, pressure), config.metrics.listen)
+    except OSError as exc:
+        log.error("%s", exc)
+        server.stop(config.daemon.shutdown_timeout)
+        registry.close()
+        return 1
 
     log.info("listening on %s", ", ".join(server.addresses))
     signum = signal.sigwait(_STOP_SIGNALS)
     log.info("received %s: stopping", signal.Signals(signum).name)
 
+    if metrics is not None:
+        metrics.stop()
     clean = server.stop(config.daemon.shutdown_timeout)
     if not clean:
         log.warning("in-flight requests did not finish within %.0f s", config.daemon.shutdown_timeout)
