@@ -577,7 +577,7 @@ def test_shape_without_interface_names_both_keys():
 
 
 def test_shape_with_interface():
-    network = config.parse({"network": {"shape": True, "interface": "eth1"}}).network
+    network = config.parse({"network": {"shape": True, "interface": "eth1", "mark": 1}}).network
     assert (network.shape, network.interface) == (True, "eth1")
 
 
@@ -728,3 +728,10 @@ def test_metrics_listen_defaults_and_may_be_empty():
     with pytest.raises(config.ConfigError) as err:
         config.parse({"metrics": {"listen": ["127.0.0.1:99999"]}})
     assert "metrics.listen" in str(err.value)
+
+
+def test_shaping_needs_a_mark():
+    with pytest.raises(config.ConfigError) as err:
+        config.parse({"network": {"shape": True, "interface": "eth0"}})
+    assert "network.mark" in str(err.value) and "network.shape" in str(err.value)
+    assert config.parse({"network": {"shape": True, "interface": "eth0", "mark": 7}}).network.mark == 7

@@ -1041,6 +1041,13 @@ def _build_network(table) -> NetworkConfig:
             "shape", value=written["interface"],
             allowed="an interface name when network.shape = true",
         )
+    # The shaper tells swap packets from the rest by their mark: with none, nothing would
+    # ever reach the first band.
+    if values["shape"] and not values["mark"]:
+        raise ConfigError(
+            "network.mark", "is 0, but network.shape = true classifies swap packets by mark",
+            value=written["mark"], allowed="a nonzero mark (1..4294967295) when network.shape = true",
+        )
     return NetworkConfig(**values)
 
 

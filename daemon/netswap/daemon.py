@@ -21,6 +21,7 @@ from .exports.lifecycle import Lifecycle
 from .exports.registry import ExportRegistry
 from .metrics import NetswapCollector, serve
 from .nbd.server import ListenError, NbdServer
+from .netpolicy import ShapeError, Shaper
 from .pressure import PressureMonitor
 from .protect import ProtectError, protect_process
 from .reserve.pool import LockError, Pool
@@ -75,6 +76,16 @@ def run(config: Config) -> int:
         log.error("cannot open exports: %s", exc)
         return 1
 
+    shaper = None
+    if config.network.shape:
+        shaper = Shaper()
+        try:
+            shaper.install(config.network.interface, config.network.mark)
+        except ShapeError as exc:
+            log.error("network.shape on %r: %s", config.network.interface, exc)
+            registry.close()
+            return 1
+
     counters = Counters()
     lifecycle = Lifecycle(pool, tree, config, counters)
     pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
@@ -83,6 +94,8 @@ def run(config: Config) -> int:
         server.start()
     except ListenError as exc:
         log.error("%s", exc)
+        if shaper is not None:
+            shaper.remove()
         registry.close()
         return 1
     if pressure is not None:
@@ -92,6 +105,8 @@ def run(config: Config) -> int:
     except OSError as exc:
         log.error("%s", exc)
         server.stop(config.daemon.shutdown_timeout)
+        if shaper is not None:
+            shaper.remove()
         registry.close()
         return 1
 
@@ -107,6 +122,8 @@ def run(config: Config) -> int:
     if pressure is not None:
         pressure.stop()
     lifecycle.close()
+    if shaper is not None:
+        shaper.remove()
     registry.close()  # flushes every backend: what was acknowledged is on disk
     # One machine-readable line with everything counted, for operators and tests alike.
     log.info("final counters: %s", json.dumps({
