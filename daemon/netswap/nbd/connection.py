@@ -223,24 +223,23 @@ class Connection:
             self._dispatch(request, parser)
 
     def _dispatch(self, request: Request, parser: RequestParser) -> None:
-        error = check_request(request, self._limits)
-        if error:
-            self.server.counters.inc("request_errors", f"{request.name}:{error}")
-            log.debug("%s: %r rejected with error %d", self.peer, request, error)
-            self._refuse(request, parser, error)
-            return
-
+        # Every request holds an in-flight slot from here until its reply is sent.
         self._inflight.acquire()
         buffer = None
         throttle = None
         try:
+            error = check_request(request, self._limits)
+            if error:
+                self.server.counters.inc("request_errors", f"{request.name}:{error}")
+                log.debug("%s: %r rejected with error %d", self.peer, request, error)
+                self._refuse(request, parser, error)
+                return
             if request.command in (C.CMD_READ, C.CMD_WRITE):
                 buffer = self._alloc(request.length, self._group,
                                      wait=self._is_swap or self.server.non_swap_waits)
                 if buffer is None:
                     # Non-swap, normal budget gone, and the policy is to fail rather than wait.
                     self.server.counters.inc("enomem", self.export.name)
-                    self._inflight.release()
                     self._refuse(request, parser, C.ENOMEM)
                     return
             if request.has_payload:
@@ -263,10 +262,10 @@ class Connection:
         self.server.workers.submit(self._execute, request, buffer, throttle)
 
     def _refuse(self, request: Request, parser: RequestParser, error: int) -> None:
-        """Reply `error` to a request that will not be executed, keeping the stream in sync."""
+        """Reply `error` to a request that will not be executed, keeping the stream in sync.
+        The caller holds the request's in-flight slot; the reply releases it."""
         if request.has_payload:
             self._drain_payload(request, parser)
-        self._inflight.acquire()
         self._reply(request, error, None)
 
     def _throttle(self):
