@@ -607,6 +607,16 @@ void pool_get_stats(struct pool *pool, struct pool_stats *out)
     pthread_mutex_unlock(&pool->mutex);
 }
 
+/* The C convention for the calls below: 0, or -1 with errno set to `err`. */
+static int status(int err)
+{
+    if (err != 0) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
 int pool_set_min_normal(struct pool *pool, uint64_t bytes)
 {
     int err = 0;
@@ -619,11 +629,7 @@ int pool_set_min_normal(struct pool *pool, uint64_t bytes)
     else
         pool->stats.min_normal = bytes;
     pthread_mutex_unlock(&pool->mutex);
-    if (err != 0) {
-        errno = err;
-        return -1;
-    }
-    return 0;
+    return status(err);
 }
 
 int pool_group_create(struct pool *pool, uint64_t reservation)
@@ -679,11 +685,7 @@ int pool_group_connect(struct pool *pool, int id)
     /* Connecting a connected group is a no-op: raising the watermark twice
      * for one reservation would leak it. */
     pthread_mutex_unlock(&pool->mutex);
-    if (err != 0) {
-        errno = err;
-        return -1;
-    }
-    return 0;
+    return status(err);
 }
 
 int pool_group_disconnect(struct pool *pool, int id)
@@ -725,11 +727,7 @@ int pool_group_destroy(struct pool *pool, int id)
         g->generation = (g->generation + 1) & GROUP_GENERATION_MASK;
     }
     pthread_mutex_unlock(&pool->mutex);
-    if (err != 0) {
-        errno = err;
-        return -1;
-    }
-    return 0;
+    return status(err);
 }
 
 int pool_group_stats(struct pool *pool, int id, struct pool_group_stats *out)
