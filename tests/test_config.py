@@ -139,7 +139,8 @@ DEFAULT_POOL = config.PoolConfig(size=None, lock="required", normal_budget=64 * 
 def test_empty_document_gives_defaults():
     cfg = config.parse({})
     assert cfg.daemon == config.DaemonConfig(
-        state_dir=Path("/var/lib/netswapd"), log_level="info", workers=8, shutdown_timeout=30.0
+        state_dir=Path("/var/lib/netswapd"), log_level="info", workers=8, shutdown_timeout=30.0,
+        control_socket=Path("/run/netswapd/control.sock"),
     )
     assert cfg.pool == DEFAULT_POOL
     assert cfg.nbd == config.NbdConfig(

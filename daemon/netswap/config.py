@@ -600,6 +600,10 @@ _DAEMON = (
     _Field("shutdown_timeout", _Duration(), "30s",
            "On SIGTERM/SIGINT, how long in-flight requests may take to finish before "
            "connections are closed."),
+    _Field("control_socket", _PathText('an absolute path of at most 107 bytes, or "" to disable',
+                                       absolute=True, empty_is_none=True, max_bytes=107),
+           "/run/netswapd/control.sock",
+           "Unix socket netswapctl talks to (mode 0600: root only)."),
 )
 
 # How hard to insist on a protection the kernel may refuse for lack of rights or limits.
@@ -781,6 +785,7 @@ class DaemonConfig:
     log_level: str
     workers: int
     shutdown_timeout: float  # seconds
+    control_socket: Path | None  # None: no control socket
 
 
 @dataclass(frozen=True)
