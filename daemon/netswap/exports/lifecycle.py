@@ -74,6 +74,11 @@ class Lifecycle:
         unrouted.pool_group = self.unrouted
         self._nbd = tree.find("nbd")
 
+    def apply_config(self, config) -> None:
+        """A reload: reserve sizes are fixed at start (they sized the pool), but the grace
+        period applies to detaches from now on."""
+        self._config = config
+
     def attach(self, export) -> Attachment:
         """Attach a connection to `export`; raises AttachRefused if its reserve cannot be backed."""
         if not getattr(export, "is_swap", False):
@@ -96,6 +101,15 @@ class Lifecycle:
         """Node name -> connections, for nodes whose reserve is connected (grace included)."""
         with self._lock:
             return {name: node.connections for name, node in self._nodes.items()}
+
+    def release_now(self, name: str) -> bool:
+        """Release a node's reserve without waiting for the grace period (an operator's
+        detach, once its connections are closed). False if it had none connected."""
+        with self._lock:
+            if name not in self._nodes:
+                return False
+        self._expire(name, force=True)
+        return True
 
     def close(self) -> None:
         """Disconnect every reservation (daemon shutdown, after all connections ended)."""

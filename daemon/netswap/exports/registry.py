@@ -143,6 +143,8 @@ class ExportRegistry:
         self._lock = threading.Lock()  # guards creation of swap exports and close
         self._closed = False
         self._static: dict[str, Export] = {}
+        self._specs: dict[str, object] = {}  # name -> the spec its static export came from
+        self._retired: list[Export] = []  # removed by a reload; closed with the registry
         self._nodes: dict[str, Export] = {}  # node name -> its swap export
 
         if self._swap is not None:
@@ -159,7 +161,10 @@ class ExportRegistry:
 
         try:
             for spec in exports:
-                self._add_static(spec)
+                if spec.name in self._static:
+                    raise ExportError(errno.EINVAL, f"export {spec.name!r} is defined twice")
+                self._static[spec.name] = self._open_static(spec)
+                self._specs[spec.name] = spec
         except BaseException:
             self.close()
             raise
@@ -211,6 +216,37 @@ class ExportRegistry:
         )
         return result
 
+    def reload(self, exports: Sequence[ExportSpec], swap: SwapTemplate | None) -> tuple[list, list]:
+        """Serve a new set of static exports (a SIGHUP); return the names (added, removed).
+
+        An export whose spec did not change keeps its Export, so its connections never
+        notice. A changed one is replaced: new connections get the new one, open ones keep
+        the old until they close. Removed exports stop taking new connections; their
+        backends stay open for the connections still using them and close with the
+        registry. If any new export cannot be opened, nothing changes (ExportError).
+        The swap template's size and description apply to nodes opened from now on.
+        """
+        specs = {spec.name: spec for spec in exports}
+        with self._lock:
+            current, current_specs = dict(self._static), dict(self._specs)
+        opened: dict[str, Export] = {}
+        try:
+            for name, spec in specs.items():
+                if current_specs.get(name) != spec:
+                    opened[name] = self._open_static(spec)
+        except BaseException:
+            for export in opened.values():
+                export.backend.close()
+            raise
+        static = {name: opened.get(name) or current[name] for name in specs}
+        removed = [name for name in current if static.get(name) is not current[name]]
+        with self._lock:
+            self._static, self._specs = static, specs
+            self._retired.extend(current[name] for name in removed)
+            if swap is not None and self._swap is not None:
+                self._swap = swap
+        return sorted(opened), sorted(removed)
+
     def close(self) -> None:
         """Flush and close every backend.  The server must have stopped all I/O first.
 
@@ -222,7 +258,7 @@ class ExportRegistry:
             if self._closed:
                 return
             self._closed = True
-            exports = [*self._static.values(), *self._nodes.values()]
+            exports = [*self._static.values(), *self._retired, *self._nodes.values()]
         for export in exports:
             for step in (export.backend.flush, export.backend.close):
                 try:
@@ -238,11 +274,9 @@ class ExportRegistry:
 
     # -- static exports -----------------------------------------------------------------------
 
-    def _add_static(self, spec) -> None:
+    def _open_static(self, spec) -> Export:
         name = spec.name
         where = f"export {name!r}"
-        if name in self._static:
-            raise ExportError(errno.EINVAL, f"{where} is defined twice")
         if self._swap is not None and name.startswith(SWAP_PREFIX):
             raise ExportError(
                 errno.EINVAL,
@@ -263,7 +297,7 @@ class ExportRegistry:
                 raise ExportError(errno.EINVAL, f"{where}: unknown backend {spec.backend!r}")
         except (OSError, ValueError) as e:
             raise ExportError.wrap(where, e) from e
-        self._static[name] = Export(
+        return Export(
             name=name,
             description=spec.description,
             size=backend.size,

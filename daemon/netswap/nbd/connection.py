@@ -60,7 +60,9 @@ class Connection:
         self.peer = peer
         self.export = None
         self._send_lock = threading.Lock()
-        self._inflight = threading.BoundedSemaphore(server.config.nbd.max_inflight)
+        # Fixed for the connection's life: a reload changes it for new connections only.
+        self._max_inflight = server.config.nbd.max_inflight
+        self._inflight = threading.BoundedSemaphore(self._max_inflight)
         self._stopping = False
         self._broken = False  # a send failed: the client is gone, replies are pointless
         self._structured = False
@@ -104,10 +106,19 @@ class Connection:
         except OSError:
             pass  # already closed by the peer
 
+    def close_now(self) -> None:
+        """Cut the connection (an operator's detach): requests still in flight complete on
+        the backend, but their replies have nowhere to go."""
+        self._stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the peer
+
     def _finish(self) -> None:
         # Wait for every in-flight request: its worker still needs the socket to reply,
         # and its buffer must be back in the pool before the connection is gone.
-        for _ in range(self.server.config.nbd.max_inflight):
+        for _ in range(self._max_inflight):
             self._inflight.acquire()
         try:
             self.sock.close()

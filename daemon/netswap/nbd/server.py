@@ -38,24 +38,12 @@ class ListenError(OSError):
 class NbdServer:
     def __init__(self, config, pool, registry, lifecycle, counters: Optional[Counters] = None,
                  pressure=None) -> None:
-        self.config = config
         self.pool = pool
         self.registry = registry
         self.lifecycle = lifecycle
         self.pressure = pressure  # a PressureMonitor, or None when pressure.enabled is false
         self.counters = counters or Counters()
-        nbd = config.nbd
-        self.block_limits = BlockLimits(nbd.block_size_min, nbd.block_size_preferred, nbd.max_request)
-        network = config.network
-        buffer_size = socket_buffer_size(config)
-        self.swap_socket_policy = SocketPolicy(
-            priority=network.priority, dscp=network.dscp, mark=network.mark,
-            sndbuf=buffer_size, rcvbuf=buffer_size,
-        )
-        self.node_networks = config.swap.node_networks
-        # What a non-swap request gets when the normal budget is gone: a wait (the reader
-        # stops reading: TCP backpressure) or ENOMEM. Never the reserve.
-        self.non_swap_waits = config.pool.non_swap_exhausted == "wait"
+        self.apply_config(config)
         # Under memory pressure non-swap requests pass one at a time (see Connection._throttle).
         self.non_swap_throttle = threading.Semaphore(1)
         self.workers: Optional[WorkerPool] = None
@@ -67,6 +55,22 @@ class NbdServer:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         self._acceptor: Optional[threading.Thread] = None
+
+    def apply_config(self, config) -> None:
+        """Take (new) settings; connections read them when they start, so open ones keep
+        what they began with and only new connections see a reload."""
+        nbd, network = config.nbd, config.network
+        self.block_limits = BlockLimits(nbd.block_size_min, nbd.block_size_preferred, nbd.max_request)
+        buffer_size = socket_buffer_size(config)
+        self.swap_socket_policy = SocketPolicy(
+            priority=network.priority, dscp=network.dscp, mark=network.mark,
+            sndbuf=buffer_size, rcvbuf=buffer_size,
+        )
+        self.node_networks = config.swap.node_networks
+        # What a non-swap request gets when the normal budget is gone: a wait (the reader
+        # stops reading: TCP backpressure) or ENOMEM. Never the reserve.
+        self.non_swap_waits = config.pool.non_swap_exhausted == "wait"
+        self.config = config
 
     # Start and stop -------------------------------------------------------------
 
@@ -131,6 +135,18 @@ class NbdServer:
     def connection_count(self) -> int:
         with self._lock:
             return len(self._connections)
+
+    def connections(self) -> list[Connection]:
+        """A snapshot of the open connections."""
+        with self._lock:
+            return list(self._connections)
+
+    def drop_node(self, node: str) -> int:
+        """Close every connection attached to `node`'s swap export; return how many."""
+        dropped = [c for c in self.connections() if getattr(c.export, "node", None) == node]
+        for connection in dropped:
+            connection.close_now()
+        return len(dropped)
 
     # Accepting ------------------------------------------------------------------
 
