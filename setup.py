@@ -35,5 +35,5 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
-    entry_points={"console_scripts": ["netswapd=netswap.cli:main"]},
+    entry_points={"console_scripts": ["netswapd=netswap.cli:main", "netswapctl=netswap.ctl:main"]},
 )

@@ -131,6 +131,7 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             log_level = "debug"
             workers = 4
             shutdown_timeout = 20
+            control_socket = "{path.parent / 'control.sock'}"
 
             [pool]
             size = "{pool}"
