@@ -85,11 +85,15 @@ class Connection:
                 self._transmission()
         except ProtocolError as exc:
             counters.inc("protocol_errors", exc.reason)
+            if self.export is None:  # still in the handshake
+                counters.inc("handshake_failed", exc.reason)
             log.warning("%s: closing: %s", self.peer, exc)
         except _Stopping:
             log.info("%s: closing for shutdown", self.peer)
         except (ConnectionError, TimeoutError, OSError) as exc:
             counters.inc("connection_lost", type(exc).__name__)
+            if self.export is None:
+                counters.inc("handshake_failed", "connection_lost")
             log.info("%s: connection lost: %s", self.peer, exc)
         except Exception:
             # A bug of ours: it costs this one connection, never the daemon or other clients.
@@ -231,9 +235,10 @@ class Connection:
             if request.command == C.CMD_DISC:
                 log.debug("%s: disconnect requested", self.peer)
                 return  # _finish() completes what is in flight before closing
-            self._dispatch(request, parser)
+            # A request's latency runs from here (its header parsed) to its reply sent.
+            self._dispatch(request, parser, time.perf_counter_ns())
 
-    def _dispatch(self, request: Request, parser: RequestParser) -> None:
+    def _dispatch(self, request: Request, parser: RequestParser, started: int) -> None:
         # Every request holds an in-flight slot from here until its reply is sent.
         self._inflight.acquire()
         buffer = None
@@ -243,7 +248,7 @@ class Connection:
             if error:
                 self.server.counters.inc("request_errors", f"{request.name}:{error}")
                 log.debug("%s: %r rejected with error %d", self.peer, request, error)
-                self._refuse(request, parser, error)
+                self._refuse(request, parser, error, started)
                 return
             if request.command in (C.CMD_READ, C.CMD_WRITE):
                 buffer = self._alloc(request.length, self._group,
@@ -251,7 +256,7 @@ class Connection:
                 if buffer is None:
                     # Non-swap, normal budget gone, and the policy is to fail rather than wait.
                     self.server.counters.inc("enomem", self.export.name)
-                    self._refuse(request, parser, C.ENOMEM)
+                    self._refuse(request, parser, C.ENOMEM, started)
                     return
             if request.has_payload:
                 self._receive_payload(parser, buffer.view)
@@ -262,7 +267,7 @@ class Connection:
                          self.peer, request, self.export.name)
                 buffer.release()
                 buffer = None
-                self._reply(request, C.ENOMEM, None)
+                self._reply(request, C.ENOMEM, None, started)
                 return
             throttle = self._throttle()
         except BaseException:
@@ -270,14 +275,14 @@ class Connection:
                 buffer.release()
             self._inflight.release()
             raise
-        self.server.workers.submit(self._execute, request, buffer, throttle)
+        self.server.workers.submit(self._execute, request, buffer, throttle, started)
 
-    def _refuse(self, request: Request, parser: RequestParser, error: int) -> None:
+    def _refuse(self, request: Request, parser: RequestParser, error: int, started: int) -> None:
         """Reply `error` to a request that will not be executed, keeping the stream in sync.
         The caller holds the request's in-flight slot; the reply releases it."""
         if request.has_payload:
             self._drain_payload(request, parser)
-        self._reply(request, error, None)
+        self._reply(request, error, None, started)
 
     def _throttle(self):
         """Under memory pressure, non-swap requests run one at a time daemon-wide; swap
@@ -340,7 +345,7 @@ class Connection:
 
     # Execution (worker threads) ---------------------------------------------------
 
-    def _execute(self, request: Request, buffer, throttle=None) -> None:
+    def _execute(self, request: Request, buffer, throttle, started: int) -> None:
         backend = self.export.backend
         command = request.command
         fua = bool(request.flags & C.CMD_FLAG_FUA)
@@ -369,15 +374,15 @@ class Connection:
             log.exception("%s: %r on %r failed", self.peer, request, self.export.name)
         data = buffer.view if command == C.CMD_READ and not error else None
         try:
-            self._reply(request, error, data)
+            self._reply(request, error, data, started)
         finally:
             if buffer is not None:
                 buffer.release()
             if throttle is not None:
                 throttle.release()
 
-    def _reply(self, request: Request, error: int, data: Optional[memoryview]) -> None:
-        """Send the reply and release the request's in-flight slot."""
+    def _reply(self, request: Request, error: int, data: Optional[memoryview], started: int) -> None:
+        """Send the reply, account the request and release its in-flight slot."""
         try:
             header = reply_header(request, error, self._structured)
             with self._send_lock:
@@ -392,7 +397,14 @@ class Connection:
                     self._broken = True
                     log.info("%s: reply not sent, client gone: %s", self.peer, exc)
         finally:
-            self._inflight.release()
+            try:
+                # Accounted before the slot is released, so a connection that has ended has
+                # all its requests in the statistics.
+                self.server.counters.requests.observe(self.export.name, request.command,
+                                                      request.length, error,
+                                                      time.perf_counter_ns() - started)
+            finally:
+                self._inflight.release()
 
 
 def _sendmsg_all(sock: socket.socket, header: bytes, data: memoryview) -> None:
