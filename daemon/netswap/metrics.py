@@ -1,23 +1,37 @@
 """Prometheus metrics: state is read at scrape time, never pushed from the data path.
 
 The collector reads the C pool's counters (one locked snapshot), the reservation tree's
-groups, the daemon's event counters and the pressure monitor when Prometheus asks; the data
-path only increments plain counters. Serving /metrics is a non-swap consumer: its buffers
-come from the heap, never from the pool or its reserve.
+groups, the daemon's event counters, the per-request statistics (counters.RequestStats), the
+attached nodes and the pressure monitor when Prometheus asks; the data path only increments
+plain counters. No lock it takes is held by the data path for more than a few counter
+updates. Serving /metrics is a non-swap consumer: its buffers come from the heap, never from
+the pool or its reserve.
+
+Names follow Prometheus conventions: prefix netswap_, base units (bytes, seconds, ratios
+0..1), counters end in _total (prometheus-client appends it to CounterMetricFamily names).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Iterator, Optional
 
 from prometheus_client import start_http_server
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+from .counters import LATENCY_BUCKETS
+from .nbd import constants as C
 
 log = logging.getLogger("netswap.metrics")
 
 # Event counters of the data path (counters.py) exported under their own names, with the
-# label each one carries.
+# label each one carries (None: the event has none, and its counter is exported even at 0).
 _EVENTS = {
     "emergency_dropped": ("netswap_emergency_dropped_total",
                           "Reserve buffers released unprocessed because their consumer is not swap.",
@@ -35,31 +49,68 @@ _EVENTS = {
                            "export"),
     "protocol_errors": ("netswap_protocol_errors_total",
                         "Connections closed for breaking the protocol.", "reason"),
+    "handshake_failed": ("netswap_handshakes_failed_total",
+                         "Connections that ended in the handshake by an error, by reason "
+                         "(a protocol error's reason, or connection_lost).", "reason"),
+    "connections_accepted": ("netswap_connections_accepted_total",
+                             "Client connections accepted.", None),
+    "connection_lost": ("netswap_connections_lost_total",
+                        "Connections ended by a socket error, by exception.", "reason"),
+    "export_open_failures": ("netswap_export_open_failures_total",
+                             "Exports that exist but could not be opened for a client.", None),
+    "socket_tag_failures": ("netswap_socket_tag_failures_total",
+                            "Swap sockets whose kernel tagging (priority, DSCP, mark, buffers) "
+                            "was incomplete.", None),
+    "swap_attaches": ("netswap_node_attaches_total",
+                      "Nodes whose reserve was connected (first connection after none).", None),
+    "swap_detaches": ("netswap_node_detaches_total",
+                      "Nodes whose reserve was released after the detach grace period.", None),
+    "internal_errors": ("netswap_internal_errors_total",
+                        "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }
+
+# Connections refused before their handshake. A connection limit counts its refusals as
+# ("connections_refused", reason); accept(2) failures (EMFILE, ENOBUFS, ...) are counted by
+# the server as ("accept_errors", exception class) and exported as reason="accept_error".
+_REFUSALS = {"connections_refused": None, "accept_errors": "accept_error"}
+
+# Label values of NBD error numbers: the spec's names (ENOTSUP, not Linux's EOPNOTSUPP).
+_ERRNO_NAMES = {C.EPERM: "EPERM", C.EIO: "EIO", C.ENOMEM: "ENOMEM", C.EINVAL: "EINVAL",
+                C.ENOSPC: "ENOSPC", C.EOVERFLOW: "EOVERFLOW", C.ENOTSUP: "ENOTSUP",
+                C.ESHUTDOWN: "ESHUTDOWN"}
+
+_BUCKET_BOUNDS = [f"{bound:g}" for bound in LATENCY_BUCKETS] + ["+Inf"]
 
 
 class NetswapCollector:
-    def __init__(self, pool, tree, counters, server=None, pressure=None) -> None:
+    """Reads the daemon's state when Prometheus scrapes.
+
+    `server` (the NbdServer) also gives the export registry and the lifecycle; `pressure` is
+    the PressureMonitor, None when it is disabled; `protection` the ProtectionReport of
+    protect.protect_process, None if the daemon did not protect itself.
+    """
+
+    def __init__(self, pool, tree, counters, server=None, pressure=None, protection=None) -> None:
         self._pool = pool
         self._tree = tree
         self._counters = counters
         self._server = server
         self._pressure = pressure
+        self._protection = protection
 
     def collect(self) -> Iterator:
         yield from self._pool_metrics()
         yield from self._group_metrics()
         yield from self._event_metrics()
+        yield from self._request_metrics()
         if self._server is not None:
             yield GaugeMetricFamily("netswap_connections", "Open client connections.",
                                     value=self._server.connection_count)
+            yield from self._node_metrics()
         if self._pressure is not None:
-            yield GaugeMetricFamily("netswap_emergency_mode",
-                                    "1 while memory pressure holds non-swap exports back.",
-                                    value=int(self._pressure.emergency))
-            yield CounterMetricFamily("netswap_emergency_mode_transitions",
-                                      "Entries into and exits from emergency mode.",
-                                      value=self._pressure.transitions)
+            yield from self._pressure_metrics()
+        if self._protection is not None:
+            yield from self._protection_metrics()
 
     def _pool_metrics(self) -> Iterator:
         pool, stats = self._pool, self._pool.stats()
@@ -114,13 +165,122 @@ class NetswapCollector:
         yield from (reservation, usage, high, waits, failures)
 
     def _event_metrics(self) -> Iterator:
-        families = {key: CounterMetricFamily(name, help_text, labels=[label])
+        families = {key: CounterMetricFamily(name, help_text, labels=[label] if label else None)
                     for key, (name, help_text, label) in _EVENTS.items()}
+        refused = CounterMetricFamily(
+            "netswap_connections_refused_total",
+            "Client connections refused before their handshake, by reason.", labels=["reason"])
+        unlabelled = {key: 0 for key, (_, _, label) in _EVENTS.items() if label is None}
+        refusals: dict[str, int] = {}
         for (event, label), value in self._counters.snapshot().items():
-            family = families.get(event)
-            if family is not None:
-                family.add_metric([label], value)
+            if event in unlabelled:
+                unlabelled[event] += value
+            elif event in families:
+                families[event].add_metric([label], value)
+            elif event in _REFUSALS:
+                reason = _REFUSALS[event] or label
+                refusals[reason] = refusals.get(reason, 0) + value
+        for event, value in unlabelled.items():
+            families[event].add_metric([], value)
+        for reason, value in refusals.items():
+            refused.add_metric([reason], value)
         yield from families.values()
+        yield refused
+
+    def _request_metrics(self) -> Iterator:
+        labels = ["export", "op"]
+        requests = CounterMetricFamily("netswap_requests",
+                                       "NBD requests answered (or whose client went away).",
+                                       labels=labels)
+        nbytes = CounterMetricFamily(
+            "netswap_request_bytes",
+            "Bytes covered by successful requests (the payload of READ and WRITE).",
+            labels=labels)
+        errors = CounterMetricFamily("netswap_request_errors",
+                                     "Requests answered with an error, by NBD error.",
+                                     labels=labels + ["errno"])
+        latency = HistogramMetricFamily(
+            "netswap_request_duration_seconds",
+            "Time from a request's header being parsed to its reply being sent.",
+            labels=labels)
+        for stats in self._counters.requests.snapshot():
+            key = [stats.export, stats.op]
+            requests.add_metric(key, stats.requests)
+            nbytes.add_metric(key, stats.bytes)
+            for error, count in sorted(stats.errors.items()):
+                name = _ERRNO_NAMES.get(error) or errno.errorcode.get(error, str(error))
+                errors.add_metric(key + [name], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(_BUCKET_BOUNDS, stats.buckets):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric(key, buckets, stats.latency_seconds)
+        yield from (requests, nbytes, errors, latency)
+
+    def _node_metrics(self) -> Iterator:
+        """Attached nodes (reserve connected, grace period included) and their swap export.
+        Only exports already open are read: the registry is never asked to open one."""
+        labels = ["node", "export"]
+        connections = GaugeMetricFamily(
+            "netswap_node_connections",
+            "Connections of an attached node (0 during the detach grace period).", labels=labels)
+        size = GaugeMetricFamily("netswap_node_swap_size_bytes",
+                                 "Size of an attached node's swap export.", labels=labels)
+        used = GaugeMetricFamily(
+            "netswap_node_swap_used_bytes",
+            "Bytes of storage an attached node's swap export holds; trimmed ranges are released "
+            "(a memory export under mlockall keeps them, zeroed).",
+            labels=labels)
+        server = self._server
+        exports = server.registry.swap_exports()
+        for node, count in sorted(server.lifecycle.attached_nodes().items()):
+            export = exports.get(node)
+            if export is None:
+                continue
+            key = [node, export.name]
+            connections.add_metric(key, count)
+            size.add_metric(key, export.size)
+            try:
+                # st_blocks of the image, or the map's pages holding data (a read of
+                # /proc/self/pagemap: ~20 ms per 4 GiB, paid by the scrape, not by requests).
+                used.add_metric(key, export.backend.allocated_bytes())
+            except (OSError, ValueError) as exc:
+                # Closed under us at shutdown: the node's other series still say it is there.
+                log.debug("metrics: swap of node %r not readable: %s", node, exc)
+        yield from (connections, size, used)
+
+    def _pressure_metrics(self) -> Iterator:
+        pressure = self._pressure
+        yield GaugeMetricFamily("netswap_emergency_mode",
+                                "1 while memory pressure holds non-swap exports back.",
+                                value=int(pressure.emergency))
+        yield CounterMetricFamily("netswap_emergency_mode_transitions",
+                                  "Entries into and exits from emergency mode.",
+                                  value=pressure.transitions)
+        yield CounterMetricFamily("netswap_pressure_trigger_events",
+                                  "Times the kernel's PSI trigger reported a memory stall.",
+                                  value=pressure.trigger_events)
+        psi = pressure.psi_some_avg10
+        if psi is not None:  # None where the kernel has no PSI
+            yield GaugeMetricFamily(
+                "netswap_memory_pressure_some_avg10_ratio",
+                "Share of the last 10 s in which some task stalled on memory (PSI some avg10), "
+                "as the pressure monitor last read it.", value=psi / 100)
+        if pressure.available_bytes:  # 0 only until the monitor's first reading
+            yield GaugeMetricFamily("netswap_memory_available_bytes",
+                                    "MemAvailable as the pressure monitor last read it.",
+                                    value=pressure.available_bytes)
+
+    def _protection_metrics(self) -> Iterator:
+        report = self._protection
+        enabled = GaugeMetricFamily(
+            "netswap_protection_enabled",
+            "1 if a self-protection took effect at start (mlockall, PR_SET_IO_FLUSHER, "
+            "oom_score_adj), else 0.", labels=["what"])
+        enabled.add_metric(["mlockall"], int(report.mlockall))
+        enabled.add_metric(["io_flusher"], int(report.io_flusher))
+        enabled.add_metric(["oom_score_adj"], int(report.oom_score_adj is not None))
+        yield enabled
 
 
 def _paths(tree, prefix: str = "") -> Iterator:

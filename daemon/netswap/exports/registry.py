@@ -216,6 +216,15 @@ class ExportRegistry:
         )
         return result
 
+    def swap_exports(self) -> dict[str, Export]:
+        """Node name -> its open swap export; never opens or creates one (for metrics).
+
+        Without the lock: it is held while a node's image is created, which is file I/O a
+        scrape must not wait for. Copying a dict is atomic under the GIL, and an Export is
+        only published into _nodes once it is fully built.
+        """
+        return dict(self._nodes)
+
     def reload(self, exports: Sequence[ExportSpec], swap: SwapTemplate | None) -> tuple[list, list]:
         """Serve a new set of static exports (a SIGHUP); return the names (added, removed).
 
