@@ -52,6 +52,7 @@ class ControlServer:
             sock.bind(str(path))
         finally:
             os.umask(old_umask)
+        os.chmod(path, 0o600)  # sockets are made 0777 & ~umask = 0700; execute means nothing
         sock.listen(16)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)

@@ -3,31 +3,45 @@
 Order matters: the process is protected (mlockall, OOM score, IO_FLUSHER) and the pool is
 sized from the reserve tree and locked before anything listens, so a node can never attach
 to a daemon whose reserve is not in place; the listeners come last, so a failure to bind
-leaves nothing half-started.
+leaves nothing half-started. Everything started is registered on one ExitStack, so every
+way out (a start-up failure or a signal) undoes exactly what was done, in reverse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
+import time
 
 from . import __version__
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load
+from .control import ControlServer
 from .counters import Counters
 from .exports.lifecycle import Lifecycle
-from .exports.registry import ExportRegistry
+from .exports.registry import ExportError, ExportRegistry
 from .metrics import NetswapCollector, serve
 from .nbd.server import ListenError, NbdServer
 from .netpolicy import ShapeError, Shaper
+from .operations import Operations
 from .pressure import PressureMonitor
 from .protect import ProtectError, protect_process
+from .reload import plan_reload
 from .reserve.pool import LockError, Pool
 from .reserve.tree import build_tree, pool_size, render
+from .systemd import Notifier
 
 log = logging.getLogger("netswap")
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message says why (already formatted for the log)."""
 
 
 def configure_logging(level: str) -> None:
@@ -37,102 +51,194 @@ def configure_logging(level: str) -> None:
     )
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+def config_summary(config: Config) -> str:
+    """The effective configuration in one line, for the startup log."""
+    return (
+        f"state_dir={config.daemon.state_dir} workers={config.daemon.workers} "
+        f"listen={[f'{h}:{p}' for h, p in config.nbd.listen]} unix={config.nbd.unix_socket} "
+        f"max_request={config.nbd.max_request} max_inflight={config.nbd.max_inflight} "
+        f"swap={'on' if config.swap.enabled else 'off'} (size {config.swap.size}, "
+        f"max_nodes {config.swap.max_nodes}) exports={[e.name for e in config.exports]} "
+        f"non_swap_exhausted={config.pool.non_swap_exhausted} "
+        f"pressure={'on' if config.pressure.enabled else 'off'} "
+        f"metrics={[f'{h}:{p}' for h, p in config.metrics.listen]}"
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.notifier = Notifier.from_environment()
+        self.counters = Counters()
+        self.started = time.monotonic()
+        self._exit = contextlib.ExitStack()
+        self._clean = True  # False once in-flight requests outlived the shutdown timeout
+
+    # Start ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring every part up in order; on failure undo what was done and raise StartError."""
+        try:
+            self._start()
+        except BaseException:
+            self._exit.close()
+            raise
+
+    def _start(self) -> None:
+        config, exit = self.config, self._exit
+        log.info("netswapd %s starting with %s: %s", __version__, config.source,
+                 config_summary(config))
+        try:
+            self.protection = protect_process(config.protect)  # logs what took effect
+        except ProtectError as exc:
+            raise StartError(str(exc)) from exc
+
+        self.tree = build_tree(config)
+        try:
+            self.pool = Pool(pool_size(config, self.tree), lock=config.pool.lock,
+                             min_normal=config.pool.normal_budget)
+        except ConfigError as exc:
+            raise StartError(str(exc)) from exc
+        except LockError as exc:
+            raise StartError(f"pool.lock = {config.pool.lock!r}: {exc}") from exc
+        log.info("pool: %d bytes, %s; reserve tree:\n%s", self.pool.size,
+                 "locked" if self.pool.locked else "NOT locked",
+                 render(self.tree, with_usage=False))
+
+        os.makedirs(config.daemon.state_dir, mode=0o700, exist_ok=True)
+        try:
+            self.registry = ExportRegistry(
+                config.exports, config.swap if config.swap.enabled else None,
+                config.daemon.state_dir)
+        except OSError as exc:
+            raise StartError(f"cannot open exports: {exc}") from exc
+        # Flushes every backend on the way out: what was acknowledged is on disk.
+        exit.callback(self.registry.close)
+
+        if config.network.shape:
+            shaper = Shaper()
+            try:
+                shaper.install(config.network.interface, config.network.mark)
+            except ShapeError as exc:
+                raise StartError(f"network.shape on {config.network.interface!r}: {exc}") from exc
+            exit.callback(shaper.remove)
+
+        self.lifecycle = Lifecycle(self.pool, self.tree, config, self.counters)
+        exit.callback(self.lifecycle.close)
+        self.pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
+        self.server = NbdServer(config, self.pool, self.registry, self.lifecycle, self.counters,
+                                self.pressure)
+        try:
+            self.server.start()
+        except ListenError as exc:
+            raise StartError(str(exc)) from exc
+        exit.callback(self._stop_server)
+        if self.pressure is not None:
+            self.pressure.start()
+            exit.callback(self.pressure.stop)
+
+        collector = NetswapCollector(self.pool, self.tree, self.counters, self.server,
+                                     self.pressure, protection=self.protection)
+        try:
+            metrics = serve(collector, config.metrics.listen)
+        except OSError as exc:
+            raise StartError(str(exc)) from exc
+        if metrics is not None:
+            exit.callback(metrics.stop)
+
+        if config.daemon.control_socket is not None:
+            operations = Operations(server=self.server, registry=self.registry,
+                                    lifecycle=self.lifecycle, pool=self.pool, tree=self.tree,
+                                    pressure=self.pressure, started=self.started)
+            control = ControlServer(config.daemon.control_socket, operations.commands())
+            try:
+                control.start()
+            except OSError as exc:
+                raise StartError(f"daemon.control_socket: {exc}") from exc
+            exit.callback(control.stop)
+
+        log.info("listening on %s", ", ".join(self.server.addresses))
+        self.notifier.ready(self._status())
+        self.notifier.start_watchdog(lambda: not self.server.stopping)
+        exit.callback(self.notifier.stop_watchdog)
+
+    def _status(self) -> str:
+        return (f"serving {len(self.config.exports)} static exports, "
+                f"{len(self.lifecycle.attached_nodes())} swap nodes attached, "
+                f"pool {self.pool.size >> 20} MiB")
+
+    # Run --------------------------------------------------------------------------
+
+    def serve_until_stopped(self) -> bool:
+        """Handle SIGHUP (reload) until SIGTERM/SIGINT; then stop. True if the stop was clean."""
+        while True:
+            signum = signal.sigwait(_SIGNALS)
+            if signum == signal.SIGHUP:
+                self.reload()
+                continue
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            break
+        self.notifier.stopping("stopping: finishing in-flight requests")
+        self._exit.close()
+        self._log_final_counters()
+        log.info("stopped")
+        return self._clean
+
+    def reload(self) -> None:
+        """Re-read the config file; apply what can change live, keep the rest (and say so)."""
+        self.notifier.reloading()
+        try:
+            new = load(self.config.source)
+            effective, restart = plan_reload(self.config, new)
+            added, removed = self.registry.reload(
+                effective.exports, effective.swap if effective.swap.enabled else None)
+        except (ConfigError, ExportError) as exc:
+            self.counters.inc("reloads", "rejected")
+            log.error("reload rejected, the running configuration stays: %s", exc)
+        else:
+            self.server.apply_config(effective)
+            self.lifecycle.apply_config(effective)
+            logging.getLogger().setLevel(getattr(logging, effective.daemon.log_level.upper()))
+            self.config = effective
+            self.counters.inc("reloads", "applied")
+            log.info("reloaded %s: exports added %s, removed %s", new.source, added or "none",
+                     removed or "none")
+            if restart:
+                log.warning("reload: %s changed but only take effect after a restart",
+                            ", ".join(restart))
+        self.notifier.ready_after_reload(self._status())
+
+    # Stop ---------------------------------------------------------------------------
+
+    def _stop_server(self) -> None:
+        timeout = self.config.daemon.shutdown_timeout
+        if not self.server.stop(timeout):
+            self._clean = False
+            log.warning("in-flight requests did not finish within %.0f s", timeout)
+
+    def _log_final_counters(self) -> None:
+        # One machine-readable line with everything counted, for operators and tests alike.
+        log.info("final counters: %s", json.dumps({
+            "pool": self.pool.stats(),
+            "events": {f"{name}{'{' + label + '}' if label else ''}": value
+                       for (name, label), value in sorted(self.counters.snapshot().items())},
+        }, sort_keys=True))
 
 
 def run(config: Config) -> int:
     """Serve until SIGTERM or SIGINT; return the process exit status."""
-    # Block the stop signals before any thread exists, so every thread inherits the mask and
-    # the main thread alone takes them with sigwait. A Python handler would only run when
-    # the main thread next wakes, and the kernel may deliver the signal to any thread.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    # Block the signals before any thread exists, so every thread inherits the mask and the
+    # main thread alone takes them with sigwait. A Python handler would only run when the
+    # main thread next wakes, and the kernel may deliver the signal to any thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     configure_logging(config.daemon.log_level)
-    log.info("netswapd %s starting with %s", __version__, config.source)
-
+    daemon = Daemon(config)
     try:
-        protect_process(config.protect)  # logs what took effect and what did not
-    except ProtectError as exc:
+        daemon.start()
+    except StartError as exc:
         log.error("%s", exc)
-        return 1
-
-    tree = build_tree(config)
-    try:
-        size = pool_size(config, tree)
-        pool = Pool(size, lock=config.pool.lock, min_normal=config.pool.normal_budget)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    except LockError as exc:
-        log.error("pool.lock = %r: %s", config.pool.lock, exc)
-        return 1
-    log.info("pool: %d bytes, %s; reserve tree:\n%s", pool.size,
-             "locked" if pool.locked else "NOT locked", render(tree, with_usage=False))
-
-    os.makedirs(config.daemon.state_dir, mode=0o700, exist_ok=True)
-    swap = config.swap if config.swap.enabled else None
-    try:
-        registry = ExportRegistry(config.exports, swap, config.daemon.state_dir)
-    except OSError as exc:
-        log.error("cannot open exports: %s", exc)
-        return 1
-
-    shaper = None
-    if config.network.shape:
-        shaper = Shaper()
-        try:
-            shaper.install(config.network.interface, config.network.mark)
-        except ShapeError as exc:
-            log.error("network.shape on %r: %s", config.network.interface, exc)
-            registry.close()
-            return 1
-
-    counters = Counters()
-    lifecycle = Lifecycle(pool, tree, config, counters)
-    pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
-    server = NbdServer(config, pool, registry, lifecycle, counters, pressure)
-    try:
-        server.start()
-    except ListenError as exc:
-        log.error("%s", exc)
-        if shaper is not None:
-            shaper.remove()
-        registry.close()
-        return 1
-    if pressure is not None:
-        pressure.start()
-    try:
-        metrics = serve(NetswapCollector(pool, tree, counters, server, pressure), config.metrics.listen)
-    except OSError as exc:
-        log.error("%s", exc)
-        server.stop(config.daemon.shutdown_timeout)
-        if shaper is not None:
-            shaper.remove()
-        registry.close()
-        return 1
-
-    log.info("listening on %s", ", ".join(server.addresses))
-    signum = signal.sigwait(_STOP_SIGNALS)
-    log.info("received %s: stopping", signal.Signals(signum).name)
-
-    if metrics is not None:
-        metrics.stop()
-    clean = server.stop(config.daemon.shutdown_timeout)
-    if not clean:
-        log.warning("in-flight requests did not finish within %.0f s", config.daemon.shutdown_timeout)
-    if pressure is not None:
-        pressure.stop()
-    lifecycle.close()
-    if shaper is not None:
-        shaper.remove()
-    registry.close()  # flushes every backend: what was acknowledged is on disk
-    # One machine-readable line with everything counted, for operators and tests alike.
-    log.info("final counters: %s", json.dumps({
-        "pool": pool.stats(),
-        "events": {f"{name}{'{' + label + '}' if label else ''}": value
-                   for (name, label), value in sorted(counters.snapshot().items())},
-    }, sort_keys=True))
-    log.info("stopped")
-    return 0 if clean else 1
+        return 2 if isinstance(exc.__cause__, ConfigError) else 1
+    return 0 if daemon.serve_until_stopped() else 1
 
 
 def reserve_report(config: Config) -> str:

@@ -1,0 +1,124 @@
+"""Operating a running daemon: SIGHUP reload and netswapctl, against a real netswapd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, import_libnbd, start_daemon
+
+nbd = import_libnbd()
+MiB = 1 << 20
+
+
+def wait_for_log(daemon, text, timeout=15):
+    deadline = time.monotonic() + timeout
+    while text not in daemon.log():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the log:\n{daemon.log()[-3000:]}")
+        time.sleep(0.05)
+
+
+def netswapctl(daemon, *args):
+    socket_path = daemon.config_path.parent / "control.sock"
+    return subprocess.run([sys.executable, "-m", "netswap.ctl", "--socket", str(socket_path), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def reachable(daemon, export):
+    h = nbd.NBD()
+    try:
+        h.connect_uri(daemon.uri(export))
+    except nbd.Error:
+        return False
+    h.shutdown()
+    return True
+
+
+def test_sighup_reload_adds_removes_and_keeps_open_connections(tmp_path):
+    daemon = start_daemon(tmp_path)
+    try:
+        open_disk = nbd.NBD()
+        open_disk.connect_uri(daemon.uri("disk"))
+        open_disk.pwrite(b"before" * 100, 0)
+        config = daemon.config_path.read_text()
+        # Edit the file as an operator would: drop "ram", add "extra", change a limit.
+        lines = config.replace('name = "ram"', 'name = "extra"').replace(
+            'description = "remote RAM"', 'description = "added by reload"')
+        lines = lines.replace('[nbd]\n', '[nbd]\nmax_inflight = 7\n', 1)
+        daemon.config_path.write_text(lines)
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for_log(daemon, "reloaded")
+        assert reachable(daemon, "extra")
+        assert not reachable(daemon, "ram")
+        # The connection opened before the reload carries on as if nothing happened.
+        open_disk.pwrite(b"after!" * 100, 600)
+        assert open_disk.pread(1200, 0) == b"before" * 100 + b"after!" * 100
+        # A broken config is refused and the running one stays.
+        daemon.config_path.write_text(lines + "\n[pool\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for_log(daemon, "reload rejected")
+        assert "TOML syntax error" in daemon.log()
+        assert reachable(daemon, "extra") and reachable(daemon, "disk")
+        # A key that needs a restart is named, and the rest still applies.
+        daemon.config_path.write_text(lines.replace("workers = 4", "workers = 5"))
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for_log(daemon, "daemon.workers changed but only take effect after a restart")
+        open_disk.shutdown()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_netswapctl_status_exports_and_detach_with_wipe(tmp_path):
+    daemon = start_daemon(tmp_path)
+    try:
+        socket_path = daemon.config_path.parent / "control.sock"
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+        node = nbd.NBD()
+        node.connect_uri(daemon.uri("swap/ctl-node"))
+        secret = b"node secret " * 4096
+        node.pwrite(secret, 0)
+        node.flush()
+
+        status = json.loads(netswapctl(daemon, "--json", "status").stdout)
+        assert status["ok"] and status["attached_nodes"] == {"ctl-node": 1}
+        assert status["connections_per_node"] == {"ctl-node": 1}
+        assert "swap/ctl-node" in status["reserve_tree"]
+        human = netswapctl(daemon, "status")
+        assert human.returncode == 0 and "ctl-node: 1 connection(s)" in human.stdout
+
+        exports = json.loads(netswapctl(daemon, "--json", "exports").stdout)["exports"]
+        by_name = {e["name"]: e for e in exports}
+        assert by_name["swap/ctl-node"]["swap"] and by_name["swap/ctl-node"]["connections"] == 1
+        assert by_name["swap/ctl-node"]["allocated_bytes"] >= len(secret)
+        assert by_name["disk"]["size"] == 64 * MiB
+
+        result = netswapctl(daemon, "detach", "ctl-node", "--wipe")
+        assert result.returncode == 0, result.stderr
+        assert "1 connection(s) closed, reserve released, swap wiped" in result.stdout
+        with pytest.raises(nbd.Error):
+            node.pread(4096, 0)  # its connection is gone
+        image = daemon.state_dir / "swap" / "ctl-node.img"
+        assert image.read_bytes() == bytes(image.stat().st_size)  # no old data
+        assert image.stat().st_blocks == 0
+        after = json.loads(netswapctl(daemon, "--json", "status").stdout)
+        assert after["attached_nodes"] == {}
+
+        missing = netswapctl(daemon, "detach", "never-seen")
+        assert missing.returncode == 1 and "no swap export" in missing.stderr
+        assert not (daemon.state_dir / "swap" / "never-seen.img").exists()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_netswapctl_without_a_daemon_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "netswap.ctl", "--socket", str(tmp_path / "none"),
+                             "status"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1 and "cannot reach netswapd" in result.stderr
