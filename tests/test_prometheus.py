@@ -12,7 +12,6 @@ import time
 import urllib.parse
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, free_port, import_libnbd, start_daemon
@@ -206,7 +205,9 @@ def evaluated(rules: list) -> list:
 
 
 def test_prometheus_scrapes_request_counters_and_reserve_usage_during_nbdcopy(tmp_path):
-    daemon = start_daemon(tmp_path, swap_size="256MiB", pressure_options=quiet_pressure())
+    # The node stays attached between and after the copies (its series with it) for the grace.
+    daemon = start_daemon(tmp_path, swap_size="256MiB", swap_options='detach_grace = "120s"',
+                          pressure_options=quiet_pressure())
     source = tmp_path / "source.img"
     block = os.urandom(MiB)  # not zeros: nbdcopy would send those as WRITE_ZEROES
     with open(source, "wb") as f:
@@ -218,27 +219,33 @@ def test_prometheus_scrapes_request_counters_and_reserve_usage_during_nbdcopy(tm
         prometheus = Prometheus(tmp_path, daemon.metrics_port)
         prometheus.wait_for("scraping the daemon", lambda: prometheus.value('up{job="netswapd"}') == 1)
 
-        # In, then back out to nowhere: ~2.5 s of traffic, so scrapes land in the middle of it.
-        copy_in = subprocess.run(["nbdcopy", str(source), daemon.uri(export)],
-                                 capture_output=True, text=True, timeout=60)
-        assert copy_in.returncode == 0, copy_in.stderr
-        copy_out = subprocess.run(["nbdcopy", daemon.uri(export), "null:"],
-                                  capture_output=True, text=True, timeout=60)
-        assert copy_out.returncode == 0, copy_out.stderr
+        # A copy of 256 MiB takes about a second here, as long as a scrape interval, so a pass
+        # may fall between two scrapes: copy in, out, in, ... until a scrape has seen the
+        # copy's connections open (a sample taken during a run), at least once each way.
+        passes = {"in": 0, "out": 0}
+        deadline = time.monotonic() + 20
+        while True:
+            direction = "in" if passes["in"] <= passes["out"] else "out"
+            source_uri, destination = ((str(source), daemon.uri(export)) if direction == "in"
+                                       else (daemon.uri(export), "null:"))
+            copy = subprocess.run(["nbdcopy", source_uri, destination], capture_output=True,
+                                  text=True, timeout=60)
+            assert copy.returncode == 0, copy.stderr
+            passes[direction] += 1
+            if passes["out"] and prometheus.value("max_over_time(netswap_connections[1m])"):
+                break
+            assert time.monotonic() < deadline, "no scrape fell inside an nbdcopy run"
 
         selector = f'export="{export}"'
-        written = prometheus.wait_for(
-            "seeing all 256 MiB written",
+        prometheus.wait_for(
+            "seeing every byte written",
             lambda: prometheus.value(f'sum(netswap_request_bytes_total{{{selector}, op="write"}})')
-            == 256 * MiB)
-        assert written
+            == passes["in"] * 256 * MiB)
         assert prometheus.value(f'sum(netswap_requests_total{{{selector}, op="write"}})') > 0
         prometheus.wait_for(
-            "seeing the read back",
+            "seeing every byte read back",
             lambda: prometheus.value(f'sum(netswap_request_bytes_total{{{selector}, op="read"}})')
-            == 256 * MiB)
-        # A scrape fell inside the copies: it saw their connections open.
-        assert prometheus.value("max_over_time(netswap_connections[1m])") >= 1
+            == passes["out"] * 256 * MiB)
         # The reserve of the node's groups, scraped while it was attached.
         usage = prometheus.query('netswap_reserve_group_usage_bytes{group=~".*/swap/prom-node/.*"}')
         assert {sample["metric"]["group"] for sample in usage} == {
