@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+from .unixsock import bind_unix
 
 log = logging.getLogger("netswap.control")
 
@@ -38,26 +39,12 @@ class ControlServer:
         self._stopping = False
 
     def start(self) -> None:
-        path = self._path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise OSError(f"daemon.control_socket = {str(path)!r}: exists and is not a socket")
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Created with no permissions for anyone else from the first instant: bind under a
-        # umask of 077 rather than chmod afterwards.
-        old_umask = os.umask(0o077)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)  # sockets are made 0777 & ~umask = 0700; execute means nothing
+        sock = bind_unix(self._path, 0o600, "daemon.control_socket")
         sock.listen(16)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
-        log.info("control socket on %s", path)
+        log.info("control socket on %s", self._path)
 
     def stop(self) -> None:
         self._stopping = True

@@ -154,7 +154,7 @@ class Daemon:
             try:
                 control.start()
             except OSError as exc:
-                raise StartError(f"daemon.control_socket: {exc}") from exc
+                raise StartError(str(exc)) from exc
             exit.callback(control.stop)
 
         log.info("listening on %s", ", ".join(self.server.addresses))

@@ -13,7 +13,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Optional
 from ..counters import Counters
 from ..netpolicy import SocketPolicy
 from ..reserve.tree import socket_buffer_size
+from ..unixsock import bind_unix
 from ..workers import WorkerPool
 from .connection import Connection
 from .handshake import BlockLimits
@@ -205,23 +205,12 @@ class NbdServer:
     # Listeners ------------------------------------------------------------------
 
     def _unix_listener(self, path: Path) -> socket.socket:
-        path = Path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A socket left by a previous run is replaced; any other file is not ours to remove.
-            if path.exists() or path.is_symlink():
-                if not stat.S_ISSOCK(path.lstat().st_mode):
-                    raise ListenError(f"nbd.unix_socket = {str(path)!r}: exists and is not a socket")
-                path.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(str(path))
-            os.chmod(path, 0o660)
+            sock = bind_unix(path, 0o660, "nbd.unix_socket")
             sock.listen(_BACKLOG)
-        except ListenError:
-            raise
         except OSError as exc:
-            raise ListenError(f"nbd.unix_socket = {str(path)!r}: cannot listen: {exc.strerror}") from exc
-        self._unix_path = path
+            raise ListenError(str(exc)) from exc
+        self._unix_path = Path(path)
         return sock
 
     def _close_listeners(self) -> None:
