@@ -6,6 +6,11 @@ No service manager runs here, so each part is checked where it can be without on
   NOTIFY_SOCKET datagram socket bound by the test with SO_PASSCRED, so every message carries
   the sender's PID as the manager sees it (NotifyAccess=main accepts only the main PID).
 - Socket activation (listen_fds): real listeners passed by systemd-socket-activate.
+- systemd/netswapd.service: `systemd-analyze verify` and `systemd-analyze security`, and its
+  settings against the default config.
+- The unit's capabilities and seccomp filters, rebuilt with setpriv and libseccomp around a
+  real netswapd that serves, shapes, reloads and stops inside them.
+- The real daemon over a real NOTIFY_SOCKET (test_daemon_notifies_over_a_real_socket).
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,9 +33,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, Daemon, free_port, import_libnbd, write_config
 from netswap import systemd
+from netswap.config import load
 
+UNIT = REPO / "systemd" / "netswapd.service"
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # Variables a manager may have set for whatever runs this test suite; no child started here
@@ -496,3 +506,446 @@ def test_listen_fds_rejects_malformed_variables(env, problem):
     with pytest.raises(ValueError, match=problem):
         systemd.listen_fds(env)
     assert env == {}
+
+
+# The unit file -------------------------------------------------------------------------------
+
+
+def unit_settings(text: str) -> dict[tuple[str, str], list[str]]:
+    """(section, key) -> values, in order: a key may be given more than once."""
+    settings: dict[tuple[str, str], list[str]] = {}
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault((section, key.strip()), []).append(value.strip())
+    return settings
+
+
+def service_settings(text: str) -> dict[str, list[str]]:
+    return {key: values for (section, key), values in unit_settings(text).items()
+            if section == "Service"}
+
+
+def timespan_seconds(span: str) -> float:
+    # systemd-analyze parses the time span exactly as the manager will.
+    out = subprocess.run(["systemd-analyze", "timespan", span], capture_output=True,
+                         text=True, check=True).stdout
+    usec = next(line.split(":", 1)[1] for line in out.splitlines() if "μs:" in line)
+    return int(usec) / 1e6
+
+
+def console_script() -> Path:
+    """The netswapd this test suite runs (the editable install's console script)."""
+    script = Path(sysconfig.get_path("scripts")) / "netswapd"
+    assert script.exists(), f"{script}: netswap is not installed (pip install -e .)"
+    return script
+
+
+def verifiable_copy(tmp_path: Path) -> Path:
+    """The unit with /usr/local/bin/netswapd replaced by the netswapd installed here:
+    `systemd-analyze verify` insists every command's executable exists, and on this machine
+    the package is installed for development, not by make install. Nothing else changes;
+    the unit as installed is verified by the make install test."""
+    text = UNIT.read_text()
+    commands = [line for line in text.splitlines()
+                if line.startswith(("ExecStart", "ExecReload"))
+                and "/usr/local/bin/netswapd" in line]
+    assert len(commands) == 3, commands
+    copy = tmp_path / "netswapd.service"
+    copy.write_text(text.replace("/usr/local/bin/netswapd", str(console_script())))
+    return copy
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    """Every key known to this systemd (252) and valid, every command executable. An unknown
+    key is only a warning to systemd (exit status 0), so any output at all fails the test."""
+    result = subprocess.run(["systemd-analyze", "verify", str(verifiable_copy(tmp_path))],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_unit_exposure_stays_low(tmp_path):
+    """systemd's own score of the sandbox (0 = fully locked down, 10 = none): a guard against
+    options being dropped or loosened without anyone noticing. 2.4 when written; the network
+    access and capabilities netswapd needs account for most of it."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager",
+         str(verifiable_copy(tmp_path))], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "Overall exposure level" in line)
+    assert float(line.split(":")[1].split()[0]) <= 3.0, result.stdout
+
+
+def test_unit_agrees_with_the_daemon_and_its_default_config():
+    service = service_settings(UNIT.read_text())
+    config = load(str(REPO / "config" / "netswapd.toml"))
+
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    assert service["ExecStart"] == [
+        "/usr/local/bin/netswapd --config /etc/netswapd/netswapd.toml"]
+    assert service["ExecStartPre"] == [
+        "/usr/local/bin/netswapd check-config /etc/netswapd/netswapd.toml"]
+    assert service["ExecReload"] == [
+        "/usr/local/bin/netswapd check-config /etc/netswapd/netswapd.toml",
+        "/bin/kill -HUP $MAINPID"]
+    assert timespan_seconds(service["WatchdogSec"][0]) == 30
+    # The daemon's own shutdown must end before systemd's SIGKILL.
+    assert (timespan_seconds(service["TimeoutStopSec"][0])
+            > config.daemon.shutdown_timeout + 10)
+
+    caps = {"CAP_IPC_LOCK", "CAP_SYS_RESOURCE", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"}
+    assert set(service["CapabilityBoundingSet"][0].split()) == caps
+    assert set(service["AmbientCapabilities"][0].split()) == caps
+    assert service["LimitMEMLOCK"] == ["infinity"]
+    assert service["OOMScoreAdjust"] == [str(config.protect.oom_score_adj)]
+    assert set(service["RestrictAddressFamilies"][0].split()) == {
+        "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+
+    # ProtectSystem=strict leaves writable only what the unit names; everything the default
+    # config writes must be inside it.
+    assert service["ProtectSystem"] == ["strict"]
+    state = Path("/var/lib") / service["StateDirectory"][0]
+    runtime = Path("/run") / service["RuntimeDirectory"][0]
+    assert Path(config.daemon.state_dir) == state
+    assert Path(config.nbd.unix_socket).parent == runtime
+    assert Path(config.daemon.control_socket).parent == runtime
+    swap_dir = Path(config.swap.directory)
+    assert swap_dir.is_relative_to(state)
+    assert service["StateDirectoryMode"] == ["0700"]
+
+
+# The sandbox the unit builds, rebuilt without a service manager ----------------------------
+#
+# systemd turns CapabilityBoundingSet=/AmbientCapabilities=/NoNewPrivileges= into capability
+# sets and no_new_privs, and SystemCallFilter=, MemoryDenyWriteExecute= and
+# RestrictAddressFamilies= into seccomp filters, in the process it then execs. The same is
+# done here with setpriv (util-linux) and libseccomp (the library systemd itself uses), from
+# the unit's own settings, around a real netswapd. What is not rebuilt: the mount namespace
+# (ProtectSystem=, PrivateTmp=, ...), whose effect is on paths, checked against the config
+# in test_unit_agrees_with_the_daemon_and_its_default_config.
+
+_CAPS = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_IPC_LOCK": 14,
+         "CAP_SYS_RESOURCE": 24}
+_PROT_WRITE, _PROT_EXEC, _SHM_EXEC = 0x2, 0x4, 0o100000
+_SCMP_ACT_ALLOW, _SCMP_ACT_KILL_PROCESS = 0x7FFF0000, 0x80000000
+_SCMP_CMP_EQ, _SCMP_CMP_GT, _SCMP_CMP_MASKED_EQ = 4, 6, 7
+
+
+def _scmp_errno(number: int) -> int:
+    return 0x00050000 | number
+
+
+def syscall_groups(*groups: str) -> set[str]:
+    """The system calls in systemd's @groups, nested groups expanded, as systemd-analyze
+    lists them for this systemd version."""
+    names: set[str] = set()
+    todo, seen = list(groups), set()
+    while todo:
+        group = todo.pop()
+        if group in seen:
+            continue
+        seen.add(group)
+        out = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True,
+                             text=True, check=True).stdout
+        for line in out.splitlines()[1:]:  # the first line is the group's own name
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                (todo.append if entry.startswith("@") else names.add)(entry)
+    return names
+
+
+def seccomp_filters(service: dict[str, list[str]]) -> list[dict]:
+    """The unit's seccomp settings as filters for SECCOMP_LAUNCHER, as systemd builds them
+    (src/shared/seccomp-util.c)."""
+    filters = []
+    # MemoryDenyWriteExecute=yes: no mapping both writable and executable, no mapping made
+    # executable later, no executable shared memory; EPERM.
+    if service.get("MemoryDenyWriteExecute") == ["yes"]:
+        wx = _PROT_WRITE | _PROT_EXEC
+        eperm = _scmp_errno(1)
+        filters.append({"default": _SCMP_ACT_ALLOW, "rules": [
+            ["mmap", eperm, [[2, _SCMP_CMP_MASKED_EQ, wx, wx]]],
+            ["mprotect", eperm, [[2, _SCMP_CMP_MASKED_EQ, _PROT_EXEC, _PROT_EXEC]]],
+            ["pkey_mprotect", eperm, [[2, _SCMP_CMP_MASKED_EQ, _PROT_EXEC, _PROT_EXEC]]],
+            ["shmat", eperm, [[2, _SCMP_CMP_MASKED_EQ, _SHM_EXEC, _SHM_EXEC]]],
+        ]})
+    # RestrictAddressFamilies=: socket() with any other family fails with EAFNOSUPPORT.
+    families = {getattr(socket, name) for name in service["RestrictAddressFamilies"][0].split()}
+    refuse = _scmp_errno(97)  # EAFNOSUPPORT
+    top = max(families)
+    filters.append({"default": _SCMP_ACT_ALLOW, "rules": (
+        [["socket", refuse, [[0, _SCMP_CMP_EQ, family, 0]]]
+         for family in range(top) if family not in families]
+        + [["socket", refuse, [[0, _SCMP_CMP_GT, top, 0]]]])})
+    # SystemCallFilter=: an allow list, then the ~ lists taken out of it; last, as systemd
+    # loads it, since it does not allow seccomp() itself. A call outside it kills the
+    # process here, where the unit says EPERM (SystemCallErrorNumber=): stricter, so that a
+    # call netswapd makes but could live without still shows up as a failure.
+    allowed: set[str] = set()
+    for value in service["SystemCallFilter"]:
+        if value.startswith("~"):
+            allowed -= syscall_groups(*value[1:].split())
+        else:
+            allowed |= syscall_groups(*value.split())
+    filters.append({"default": _SCMP_ACT_KILL_PROCESS,
+                    "rules": [[name, _SCMP_ACT_ALLOW, []] for name in sorted(allowed)]})
+    return filters
+
+
+# Loads the filters in $NETSWAP_TEST_SECCOMP (after setpriv has set the capabilities and
+# no_new_privs), then execs argv[1:].
+SECCOMP_LAUNCHER = """
+import ctypes, json, os, sys
+
+class Cmp(ctypes.Structure):  # struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+lib = ctypes.CDLL("libseccomp.so.2")
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_init.argtypes = [ctypes.c_uint32]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                       ctypes.c_uint, ctypes.POINTER(Cmp)]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+for spec in json.loads(os.environ.pop("NETSWAP_TEST_SECCOMP")):
+    ctx = lib.seccomp_init(spec["default"])
+    for name, action, conditions in spec["rules"]:
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if number < 0:  # not a system call on this architecture (mmap2, socketcall, ...)
+            continue
+        args = (Cmp * len(conditions))(*[Cmp(*c) for c in conditions])
+        rc = lib.seccomp_rule_add_array(ctx, action, number, len(conditions), args)
+        if rc < 0:
+            raise OSError(-rc, f"seccomp_rule_add_array({name})")
+    rc = lib.seccomp_load(ctx)
+    if rc < 0:
+        raise OSError(-rc, "seccomp_load")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def _bounding_set() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapBnd:")), 16)
+
+
+def sandboxed(tmp_path: Path, argv: list[str]) -> tuple[list[str], dict[str, str], int]:
+    """argv wrapped in the unit's capabilities and seccomp filters: (argv, env, the
+    capability mask the process should end up with)."""
+    service = service_settings(UNIT.read_text())
+    assert service["NoNewPrivileges"] == ["yes"]
+    caps = set(service["CapabilityBoundingSet"][0].split())
+    # A capability this test runs without (containers often lack CAP_SYS_RESOURCE) cannot
+    # be handed on; netswapd then gets the rest, as it would from a unit on such a host.
+    have = _bounding_set()
+    caps = {cap for cap in caps if have & (1 << _CAPS[cap])}
+    names = ",".join(["-all"] + [f"+{cap[4:].lower()}" for cap in sorted(caps)])
+    launcher = tmp_path / "seccomp_launcher.py"
+    launcher.write_text(SECCOMP_LAUNCHER)
+    wrapped = ["setpriv", "--no-new-privs", f"--bounding-set={names}", f"--inh-caps={names}",
+               f"--ambient-caps={names}", "--", sys.executable, str(launcher), *argv]
+    env = clean_env(NETSWAP_TEST_SECCOMP=json.dumps(seccomp_filters(service)))
+    return wrapped, env, sum(1 << _CAPS[cap] for cap in caps)
+
+
+def test_the_sandbox_is_real(tmp_path):
+    """The rebuilt sandbox bites, so that the daemon passing inside it means something."""
+    probe = (
+        "import mmap, socket\n"
+        "try:\n    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+        "    print('wx mapped')\nexcept PermissionError:\n    print('wx refused')\n"
+        "try:\n    socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n    print('packet socket')\n"
+        "except OSError as e:\n    print('packet', e.errno)\n"
+        "print(open('/proc/self/status').read())\n"
+    )
+    argv, env, mask = sandboxed(tmp_path, [sys.executable, "-c", probe])
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["wx refused", "packet 97"], result.stdout
+    status = dict(line.split(":\t", 1) for line in lines[2:] if ":\t" in line)
+    assert int(status["CapEff"], 16) == mask and int(status["CapBnd"], 16) == mask
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+
+    # A call outside SystemCallFilter= (setuid is in @privileged) ends the process.
+    argv, env, _ = sandboxed(tmp_path, [sys.executable, "-c", "import os; os.setuid(0)"])
+    assert subprocess.run(argv, env=env, timeout=60).returncode == -signal.SIGSYS
+
+
+# The real daemon ------------------------------------------------------------------------------
+
+
+def launch(tmp: Path, env: dict[str, str] | None = None, argv_wrapper=None,
+           wait_for_log: bool = True, **config) -> Daemon:
+    """netswapd on a config from conftest.write_config(**config), like conftest.start_daemon,
+    but with the environment a manager gives it (``env``; WATCHDOG_PID="$$" stands for the
+    daemon's own PID) and optionally wrapped (``argv_wrapper(argv) -> (argv, env)``)."""
+    env = dict(env or {})
+    state_dir = tmp / "state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "ro.img").write_bytes(bytes(range(256)) * 4096)  # the read-only export
+    port, metrics_port = free_port(), free_port()
+    config_path, log_path = tmp / "netswapd.toml", tmp / "netswapd.log"
+    write_config(config_path, state_dir, port, tmp / "nbd.sock", metrics_port=metrics_port,
+                 **config)
+    argv = [sys.executable, "-m", "netswap", "--config", str(config_path)]
+    if argv_wrapper is not None:
+        argv, base = argv_wrapper(argv)
+    else:
+        base = clean_env()
+    if env.pop("WATCHDOG_PID", None) == "$$":
+        argv = ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *argv]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env={**base, **env})
+    daemon = Daemon(port, tmp / "nbd.sock", state_dir, config_path, log_path, process,
+                    metrics_port)
+    deadline = time.monotonic() + 30
+    while wait_for_log and "listening on" not in daemon.log():
+        if process.poll() is not None or time.monotonic() > deadline:
+            daemon.stop()
+            raise AssertionError(f"netswapd did not start ({process.returncode}):\n{daemon.log()}")
+        time.sleep(0.05)
+    return daemon
+
+
+def nbd_greeting(family, address) -> bytes:
+    """The first 16 bytes a fixed-newstyle NBD server sends on accepting a connection."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(address)
+        data = b""
+        while len(data) < 16:
+            chunk = sock.recv(16 - len(data))
+            assert chunk, data
+            data += chunk
+        return data
+
+
+def test_daemon_notifies_over_a_real_socket(tmp_path, notify):
+    """netswapd under a manager's environment: READY=1 only once clients can be served,
+    watchdog pings at half of WATCHDOG_USEC, RELOADING=1 then READY=1 around SIGHUP,
+    STOPPING=1 on SIGTERM, all from the main PID (NotifyAccess=main)."""
+    usec = 1_000_000
+    daemon = launch(tmp_path, wait_for_log=False, env={
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": str(usec),
+        "WATCHDOG_PID": "$$"})
+    try:
+        try:
+            ready = notify.expect("READY", timeout=30)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{daemon.log()}") from None
+        # READY=1 means served: every listener accepts and answers at once.
+        greeting = b"NBDMAGIC" + b"IHAVEOPT"
+        assert nbd_greeting(socket.AF_INET, ("127.0.0.1", daemon.port)) == greeting
+        assert nbd_greeting(socket.AF_INET6, ("::1", daemon.port)) == greeting
+        assert nbd_greeting(socket.AF_UNIX, str(daemon.unix_socket)) == greeting
+        assert "netswap_" in daemon.metrics()
+        assert stat.S_ISSOCK((tmp_path / "control.sock").stat().st_mode)
+        assert ready.pid == daemon.process.pid and ready.fields.get("STATUS"), ready
+
+        pings = [notify.expect("WATCHDOG", timeout=2) for _ in range(4)]
+        intervals = [b.at - a.at for a, b in zip(pings, pings[1:])]
+        assert all(0.3 * usec / 1e6 <= i <= 0.8 * usec / 1e6 for i in intervals), intervals
+        assert all(p.pid == daemon.process.pid for p in pings)
+
+        before = monotonic_usec()
+        daemon.process.send_signal(signal.SIGHUP)
+        reloading = notify.expect("RELOADING", timeout=10)
+        assert before <= int(reloading.fields["MONOTONIC_USEC"]) <= monotonic_usec()
+        reloaded = notify.expect("READY", timeout=10)
+        assert reloaded.fields.get("STATUS") and reloaded.pid == daemon.process.pid
+
+        daemon.process.send_signal(signal.SIGTERM)
+        stopping = notify.expect("STOPPING", timeout=10)
+        assert stopping.pid == daemon.process.pid
+        assert daemon.process.wait(30) == 0, daemon.log()
+    finally:
+        daemon.stop()
+    states = [key for m in notify.messages for key in ("READY", "RELOADING", "STOPPING")
+              if m.fields.get(key) == "1"]
+    assert states == ["READY", "RELOADING", "READY", "STOPPING"], states
+    assert "Traceback" not in daemon.log(), daemon.log()
+
+
+SANDBOX_INTERFACE = "nssandbox0"
+
+
+@pytest.fixture
+def sandbox_interface():
+    # One end of a veth pair as the interface facing the nodes, as in test_daemon_shaping.
+    subprocess.run(["ip", "link", "del", SANDBOX_INTERFACE], capture_output=True)
+    subprocess.run(["ip", "link", "add", SANDBOX_INTERFACE, "type", "veth", "peer", "name",
+                    SANDBOX_INTERFACE + "p"], check=True)
+    subprocess.run(["ip", "link", "set", SANDBOX_INTERFACE, "up"], check=True)
+    yield SANDBOX_INTERFACE
+    subprocess.run(["ip", "link", "del", SANDBOX_INTERFACE], capture_output=True)
+
+
+def test_daemon_serves_inside_the_units_sandbox(tmp_path, sandbox_interface):
+    """A real netswapd under the unit's capabilities, no_new_privs and seccomp filters
+    (MemoryDenyWriteExecute= among them), with everything privileged it can do switched on
+    (SO_MARK and the shaping qdisc over rtnetlink: CAP_NET_ADMIN, AF_NETLINK; mlockall and
+    the locked pool: CAP_IPC_LOCK), serves swap and file I/O, scrapes, reloads and stops
+    cleanly: nothing it does needs more than the unit grants."""
+    nbd = import_libnbd()
+    wrapped = {}
+
+    def wrapper(argv):
+        argv, env, wrapped["mask"] = sandboxed(tmp_path, argv)
+        return argv, env
+
+    daemon = launch(tmp_path, argv_wrapper=wrapper, extra=f"""
+        [network]
+        priority = 7
+        mark = 0x5357
+        shape = true
+        interface = "{sandbox_interface}"
+
+        [protect]
+        mlockall = "required"
+    """)
+    try:
+        qdisc = subprocess.run(["tc", "qdisc", "show", "dev", sandbox_interface, "root"],
+                               capture_output=True, text=True, check=True).stdout
+        assert qdisc.split()[1] == "htb", qdisc
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        assert int(status["CapEff"], 16) == wrapped["mask"]
+        assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+
+        data = os.urandom(1 << 20)
+        for export in ("swap/node1", "disk", "ram"):
+            h = nbd.NBD()
+            h.connect_uri(daemon.uri(export))
+            h.pwrite(data, 4096)
+            h.flush()
+            assert h.pread(len(data), 4096) == data
+            h.trim(1 << 16, 4096)
+            h.zero(1 << 16, 1 << 17)
+            assert h.pread(1 << 16, 4096) == bytes(1 << 16)
+            h.shutdown()
+        assert "netswap_requests_total" in daemon.metrics()
+
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reloaded" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+    finally:
+        code = daemon.stop()
+    log = daemon.log()
+    assert code == 0 and "Traceback" not in log, log
+    assert "self-protection: mlockall on" in log and "bytes, locked;" in log, log
+    # Nothing refused: no warning but those for a capability this machine could not hand on.
+    missing = [cap for cap, bit in _CAPS.items() if not wrapped["mask"] & (1 << bit)]
+    complaints = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert all(any(cap in line for cap in missing) for line in complaints), complaints
