@@ -11,6 +11,7 @@ No service manager runs here, so each part is checked where it can be without on
 - The unit's capabilities and seccomp filters, rebuilt with setpriv and libseccomp around a
   real netswapd that serves, shapes, reloads and stops inside them.
 - The real daemon over a real NOTIFY_SOCKET (test_daemon_notifies_over_a_real_socket).
+- `make install DESTDIR=...`: the files land where the unit expects them, and they run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -949,3 +951,126 @@ def test_daemon_serves_inside_the_units_sandbox(tmp_path, sandbox_interface):
     missing = [cap for cap, bit in _CAPS.items() if not wrapped["mask"] & (1 << bit)]
     complaints = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
     assert all(any(cap in line for cap in missing) for line in complaints), complaints
+
+
+# make install ---------------------------------------------------------------------------------
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+def source_copy(tmp_path: Path) -> Path:
+    """The working tree's files (tracked and new, not ignored) in tmp_path/src: pip builds in
+    the source directory, and the build must not race with, or leave build/ in, the
+    checkout other work happens in."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True).stdout
+    src = tmp_path / "src"
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the working tree is skipped
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, src / name)
+    return src
+
+
+def make(src: Path, *args: str, python: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(["make", "-C", str(src), *args, f"PYTHON={python}"],
+                            capture_output=True, text=True, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def imported_netswap(python: str, **env: str) -> str:
+    return subprocess.run([python, "-c", "import netswap; print(netswap.__file__)"],
+                          capture_output=True, text=True, check=True, cwd="/",
+                          env=clean_env(**env)).stdout.strip()
+
+
+@pytest.mark.parametrize("python", [DEBIAN_PYTHON, sys.executable], ids=["debian", "this"])
+def test_make_install_puts_files_where_the_unit_expects_them(tmp_path, python):
+    """make install DESTDIR=...: the unit, the config and the package, staged. With Debian's
+    python3 (what a server runs) pip itself puts netswapd in /usr/local/bin; with another
+    interpreter (this test suite's) /usr/local/bin gets symlinks to where pip put it. Either
+    way the staged unit's commands exist under DESTDIR and run the staged package."""
+    src, root = source_copy(tmp_path), tmp_path / "root"
+    scripts, purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('scripts')); "
+                       "print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True).stdout.split()
+    before = imported_netswap(sys.executable)
+    result = make(src, "install", f"DESTDIR={root}", python=python)
+    # Staging never touches the interpreter's own environment (here: the editable install
+    # every other test runs).
+    assert imported_netswap(sys.executable) == before
+    assert "systemctl daemon-reload" in result.stdout  # the next steps, not run
+    # A package under /root or /home is out of the service's sight (ProtectHome=yes): said.
+    hidden = purelib.startswith(("/root/", "/home/"))
+    assert ("ProtectHome=yes" in result.stderr) == hidden, result.stderr
+
+    unit_path = root / "etc/systemd/system/netswapd.service"
+    assert unit_path.read_text() == UNIT.read_text()  # the default PREFIX is the unit's
+    assert stat.S_IMODE(unit_path.stat().st_mode) == 0o644
+    config = root / "etc/netswapd/netswapd.toml"
+    assert config.read_text() == (REPO / "config/netswapd.toml").read_text()
+    assert stat.S_IMODE(config.stat().st_mode) == 0o644
+
+    service = service_settings(unit_path.read_text())
+    binary, _, args = service["ExecStart"][0].partition(" ")
+    assert args == "--config /etc/netswapd/netswapd.toml"
+    assert root / args.split()[1].lstrip("/") == config
+    for command in ("netswapd", "netswapctl"):
+        path = Path(binary).with_name(command)
+        staged = root / path.relative_to("/")
+        if Path(scripts) == path.parent:  # Debian's python3: pip's own script
+            assert not staged.is_symlink()
+        else:  # a link to the script pip staged, by the path it will have once installed
+            assert Path(os.readlink(staged)) == Path(scripts) / command
+            staged = root / scripts.lstrip("/") / command
+        assert staged.is_file() and os.access(staged, os.X_OK), staged
+        assert staged.read_text().splitlines()[0] == f"#!{python}"
+
+    # The staged commands run the staged package (its compiled pool included), not the
+    # one this test suite imports.
+    env = {"PYTHONPATH": str(root / purelib.lstrip("/"))}
+    assert imported_netswap(python, **env).startswith(str(root))
+    subprocess.run([python, "-c", "import netswap._pool"], check=True, cwd="/",
+                   env=clean_env(**env))
+    netswapd = root / binary.lstrip("/")
+    run = subprocess.run([str(netswapd), "check-config", str(config)], capture_output=True,
+                         text=True, cwd="/", env=clean_env(**env))
+    assert run.returncode == 0 and run.stdout.startswith(f"{config}: ok"), run.stderr
+    run = subprocess.run([str(netswapd.with_name("netswapctl")), "--help"], capture_output=True,
+                         text=True, cwd="/", env=clean_env(**env))
+    assert run.returncode == 0 and "netswapctl" in run.stdout, run.stderr
+
+    # And systemd accepts the installed unit, its commands found under DESTDIR.
+    verifiable = tmp_path / "netswapd.service"
+    verifiable.write_text(unit_path.read_text().replace(binary, str(netswapd)))
+    result = subprocess.run(["systemd-analyze", "verify", str(verifiable)], capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+    # Installing again keeps the operator's config and refreshes the rest.
+    config.write_text("# the operator's\n" + config.read_text())
+    unit_path.unlink()
+    result = make(src, "install-files", f"DESTDIR={root}", python=python)
+    assert "kept" in result.stdout
+    assert config.read_text().startswith("# the operator's\n")
+    assert unit_path.read_text() == UNIT.read_text()
+
+
+def test_make_install_writes_its_paths_into_the_unit(tmp_path):
+    src, root = source_copy(tmp_path), tmp_path / "root"
+    make(src, "install-files", f"DESTDIR={root}", "PREFIX=/opt/netswap", "SYSCONFDIR=/etc/ns",
+         python=DEBIAN_PYTHON)
+    unit = (root / "etc/systemd/system/netswapd.service").read_text()
+    service = service_settings(unit)
+    assert service["ExecStart"] == [
+        "/opt/netswap/bin/netswapd --config /etc/ns/netswapd/netswapd.toml"]
+    assert service["ExecStartPre"] == [
+        "/opt/netswap/bin/netswapd check-config /etc/ns/netswapd/netswapd.toml"]
+    assert "/usr/local/bin" not in unit and "/etc/netswapd" not in unit
+    assert (root / "etc/ns/netswapd/netswapd.toml").is_file()
+    # Debian's python3 puts its commands in /usr/local/bin: /opt/netswap/bin links to them.
+    assert os.readlink(root / "opt/netswap/bin/netswapd") == "/usr/local/bin/netswapd"
