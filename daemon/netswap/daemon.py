@@ -159,7 +159,10 @@ class Daemon:
 
         log.info("listening on %s", ", ".join(self.server.addresses))
         self.notifier.ready(self._status())
-        self.notifier.start_watchdog(lambda: not self.server.stopping)
+        # Each ping must prove the data path still moves: a job reaches an I/O worker
+        # within half the ping interval, or no ping (and systemd restarts a wedged daemon).
+        interval = self.notifier.watchdog_interval or 0
+        self.notifier.start_watchdog(lambda: self.server.healthy(interval / 2))
         exit.callback(self.notifier.stop_watchdog)
 
     def _status(self) -> str:
@@ -186,7 +189,7 @@ class Daemon:
 
     def reload(self) -> None:
         """Re-read the config file; apply what can change live, keep the rest (and say so)."""
-        self.notifier.reloading()
+        self.notifier.reloading(f"reloading {self.config.source}")
         try:
             new = load(self.config.source)
             effective, restart = plan_reload(self.config, new)
@@ -195,17 +198,18 @@ class Daemon:
         except (ConfigError, ExportError) as exc:
             self.counters.inc("reloads", "rejected")
             log.error("reload rejected, the running configuration stays: %s", exc)
-        else:
-            self.server.apply_config(effective)
-            self.lifecycle.apply_config(effective)
-            logging.getLogger().setLevel(getattr(logging, effective.daemon.log_level.upper()))
-            self.config = effective
-            self.counters.inc("reloads", "applied")
-            log.info("reloaded %s: exports added %s, removed %s", new.source, added or "none",
-                     removed or "none")
-            if restart:
-                log.warning("reload: %s changed but only take effect after a restart",
-                            ", ".join(restart))
+            self.notifier.ready_after_reload(f"reload rejected: {exc}; running config unchanged")
+            return
+        self.server.apply_config(effective)
+        self.lifecycle.apply_config(effective)
+        logging.getLogger().setLevel(getattr(logging, effective.daemon.log_level.upper()))
+        self.config = effective
+        self.counters.inc("reloads", "applied")
+        log.info("reloaded %s: exports added %s, removed %s", new.source, added or "none",
+                 removed or "none")
+        if restart:
+            log.warning("reload: %s changed but only take effect after a restart",
+                        ", ".join(restart))
         self.notifier.ready_after_reload(self._status())
 
     # Stop ---------------------------------------------------------------------------

@@ -29,6 +29,13 @@ class WorkerPool:
     def submit(self, job: Callable, *args) -> None:
         self._jobs.put((job, args))
 
+    def responsive(self, timeout: float) -> bool:
+        """Does a job submitted now run within `timeout`? (The watchdog's health check: a
+        daemon whose workers are all wedged in I/O must stop telling systemd it is alive.)"""
+        ran = threading.Event()
+        self.submit(ran.set)
+        return ran.wait(timeout)
+
     def stop(self) -> None:
         """Let queued jobs finish, then end every thread."""
         for _ in self._threads:

@@ -125,6 +125,12 @@ class NbdServer:
         os.close(self._wake_w)
         return clean
 
+    def healthy(self, timeout: float) -> bool:
+        """Still accepting, and the I/O workers still run jobs within `timeout`."""
+        if self.stopping or self._acceptor is None or not self._acceptor.is_alive():
+            return False
+        return self.workers.responsive(timeout)
+
     def connection_closed(self, connection: Connection) -> None:
         with self._lock:
             self._connections.discard(connection)
