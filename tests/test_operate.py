@@ -52,12 +52,20 @@ def test_sighup_reload_adds_removes_and_keeps_open_connections(tmp_path):
         # Edit the file as an operator would: drop "ram", add "extra", change a limit.
         lines = config.replace('name = "ram"', 'name = "extra"').replace(
             'description = "remote RAM"', 'description = "added by reload"')
-        lines = lines.replace('[nbd]\n', '[nbd]\nmax_inflight = 7\n', 1)
+        lines = lines.replace('[nbd]\n', '[nbd]\nmax_inflight = 7\nmax_request = "1MiB"\n', 1)
         daemon.config_path.write_text(lines)
         daemon.process.send_signal(signal.SIGHUP)
         wait_for_log(daemon, "reloaded")
         assert reachable(daemon, "extra")
         assert not reachable(daemon, "ram")
+        # Changed limits apply to new connections...
+        fresh = nbd.NBD()
+        fresh.connect_uri(daemon.uri("disk"))
+        assert fresh.get_block_size(nbd.SIZE_MAXIMUM) == MiB
+        fresh.shutdown()
+        # ...while the open one keeps the limits it started with.
+        assert open_disk.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
+        open_disk.pwrite(b"z" * (2 * MiB), 8 * MiB)
         # The connection opened before the reload carries on as if nothing happened.
         open_disk.pwrite(b"after!" * 100, 600)
         assert open_disk.pread(1200, 0) == b"before" * 100 + b"after!" * 100
