@@ -104,18 +104,17 @@ class Connection:
 
     def stop(self) -> None:
         """Stop reading new requests; in-flight ones still complete and get replies."""
-        self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass  # already closed by the peer
+        self._shut(socket.SHUT_RD)
 
     def close_now(self) -> None:
         """Cut the connection (an operator's detach): requests still in flight complete on
         the backend, but their replies have nowhere to go."""
+        self._shut(socket.SHUT_RDWR)
+
+    def _shut(self, how: int) -> None:
         self._stopping = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(how)
         except OSError:
             pass  # already closed by the peer
 
