@@ -245,7 +245,9 @@ class Connection:
         try:
             error = check_request(request, self._limits)
             if error:
-                self.server.counters.inc("request_errors", f"{request.name}:{error}")
+                # Labelled by a bounded name: a client must not mint a counter per command number.
+                op = C.COMMAND_NAMES.get(request.command, "unknown")
+                self.server.counters.inc("request_errors", f"{op}:{error}")
                 log.debug("%s: %r rejected with error %d", self.peer, request, error)
                 self._refuse(request, parser, error, started)
                 return
