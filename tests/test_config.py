@@ -148,6 +148,8 @@ def test_empty_document_gives_defaults():
         unix_socket=Path("/run/netswapd/nbd.sock"),
         max_request=32 * MiB,
         max_inflight=128,
+        max_connections=1024,
+        max_connections_per_client=64,
         handshake_timeout=10.0,
         block_size_min=1,
         block_size_preferred=4096,

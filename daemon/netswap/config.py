@@ -645,6 +645,12 @@ _NBD = (
     _Field("max_inflight", _Integer(1, 1024), 128,
            "Requests one connection may have in flight; with max_request, bounds how much of "
            "the pool one node can hold."),
+    _Field("max_connections", _Integer(1, 65536), 1024,
+           "Connections open at once, all clients together; past it new ones are closed at "
+           "accept, so a connection flood cannot take threads and memory from attached nodes."),
+    _Field("max_connections_per_client", _Integer(1, 65536), 64,
+           "Connections open at once from one client address (a node with nbd-client -C N "
+           "needs N); past it that client's new connections are closed at accept."),
     _Field("handshake_timeout", _Duration(), "10s",
            "Time a new connection has to finish NBD negotiation before it is dropped."),
     _Field("block_size_min", _Integer(1, 65536, power_of_two=True), 1,
@@ -803,6 +809,8 @@ class NbdConfig:
     unix_socket: Path | None
     max_request: int  # bytes
     max_inflight: int
+    max_connections: int
+    max_connections_per_client: int
     handshake_timeout: float  # seconds
     block_size_min: int
     block_size_preferred: int

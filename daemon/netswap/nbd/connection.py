@@ -58,6 +58,7 @@ class Connection:
         self.server = server
         self.sock = sock
         self.peer = peer
+        self.client = peer  # the address connection limits count by (set by the server)
         self.export = None
         self._send_lock = threading.Lock()
         # Fixed for the connection's life: a reload changes it for new connections only.

@@ -15,6 +15,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +52,8 @@ class NbdServer:
         self._listeners: list[socket.socket] = []
         self._unix_path: Optional[Path] = None
         self._connections: set[Connection] = set()
+        self._per_client: Counter[str] = Counter()  # open connections by client address
+        self._last_refusal_log: dict[str, float] = {}
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -135,6 +138,9 @@ class NbdServer:
         with self._lock:
             self._connections.discard(connection)
             self._threads.discard(threading.current_thread())
+            self._per_client[connection.client] -= 1
+            if not self._per_client[connection.client]:
+                del self._per_client[connection.client]  # the table holds open clients only
         self.counters.inc("connections_closed")
 
     @property
@@ -180,6 +186,14 @@ class NbdServer:
             self.counters.inc("accept_errors", exc.__class__.__name__)
             log.warning("accept on %s failed: %s", listener.getsockname(), exc)
             return
+        client = address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) else "unix"
+        refusal = self._admit(client)
+        if refusal is not None:
+            # Closed before the greeting: the client sees a clean close, we spend no thread.
+            sock.close()
+            self.counters.inc("connections_refused", refusal)
+            self._log_refusal(refusal, client)
+            return
         sock.setblocking(True)
         tagged = False
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -190,13 +204,34 @@ class NbdServer:
         else:
             peer = f"unix:{listener.getsockname()}"
         connection = Connection(self, sock, peer, tagged)
+        connection.client = client
         thread = threading.Thread(target=connection.run, name=f"conn {peer}", daemon=True)
         with self._lock:
             self._connections.add(connection)
             self._threads.add(thread)
+            self._per_client[client] += 1
         self.counters.inc("connections_accepted")
         log.debug("%s: connected", peer)
         thread.start()
+
+    def _admit(self, client: str) -> Optional[str]:
+        """Why a new connection from `client` must be refused, or None to take it. Only the
+        acceptor thread adds connections, so the answer holds until it does."""
+        nbd = self.config.nbd
+        with self._lock:
+            if len(self._connections) >= nbd.max_connections:
+                return "max_connections"
+            if self._per_client[client] >= nbd.max_connections_per_client:
+                return "max_connections_per_client"
+        return None
+
+    def _log_refusal(self, reason: str, client: str) -> None:
+        # A flood of refusals must not become a flood of log lines: one per reason a second.
+        now = time.monotonic()
+        if now - self._last_refusal_log.get(reason, 0.0) >= 1.0:
+            self._last_refusal_log[reason] = now
+            log.warning("refusing connections from %s: %s reached (%s refused so far)", client,
+                        reason, self.counters.get("connections_refused", reason))
 
     def _is_swap_node(self, host: str) -> bool:
         """Is the peer a swap node by address (swap.node_networks)? Its socket is then tagged
