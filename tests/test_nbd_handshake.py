@@ -287,3 +287,11 @@ def test_ready_carries_the_attachment():
     hs = ServerHandshake(EXPORTS.get, lambda: [], LIMITS, lambda export: ("attached", export.name))
     hs.receive_data(struct.pack(">I", C.CLIENT_FLAG_FIXED_NEWSTYLE))
     assert send(hs, C.OPT_GO, info_data(b"disk")).attachment == ("attached", "disk")
+
+
+def test_requests_pipelined_behind_go_are_left_for_transmission():
+    hs = make()
+    first_request = struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, 1, 0, 512)
+    hs.receive_data(option(C.OPT_GO, info_data(b"disk")) + first_request)
+    assert isinstance(hs.next_event(), Ready)
+    assert hs.trailing_data == first_request

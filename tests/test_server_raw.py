@@ -220,3 +220,19 @@ def test_sigterm_finishes_in_flight_requests_and_flushes(tmp_path):
         assert image[i * MiB : (i + 1) * MiB] == blocks[i], i
     log = daemon.log()
     assert "received SIGTERM" in log and "stopped" in log and "Traceback" not in log
+
+
+def test_request_pipelined_in_the_same_segment_as_go_is_served(daemon):
+    sock = connect_raw(daemon)
+    name = b"disk"
+    go_option = struct.pack(">QII", C.IHAVEOPT, C.OPT_GO, 4 + len(name) + 2) + \
+        struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    read = struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, 42, 0, 512)
+    sock.sendall(go_option + read)  # one write: the request rides behind GO
+    while True:
+        _, rtype, _ = read_option_reply(sock)
+        if rtype == C.REP_ACK:
+            break
+    assert simple_reply(sock) == (0, 42)
+    assert len(recv_exact(sock, 512)) == 512
+    sock.close()

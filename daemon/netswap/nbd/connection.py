@@ -69,6 +69,7 @@ class Connection:
         self._structured = False
         self._limits: Optional[ExportLimits] = None
         self._attachment = None
+        self._early_requests = b""
         self._window = None  # the pool buffer the request parser receives into
         self._is_swap = False
         self.tagged = False  # may this connection's buffers come from the reserve?
@@ -186,6 +187,7 @@ class Connection:
             assert isinstance(event, Ready)
             self.sock.settimeout(None)
             self._enter_transmission(event)
+            self._early_requests = handshake.trailing_data
             return True
 
     def _enter_transmission(self, ready: Ready) -> None:
@@ -223,6 +225,8 @@ class Connection:
 
     def _transmission(self) -> None:
         parser = RequestParser(self._window.view)
+        # Requests the client pipelined behind its GO arrived with the handshake's last read.
+        parser.receive_data(self._early_requests)
         sock = self.sock
         while not self._stopping:
             request = parser.next_request()

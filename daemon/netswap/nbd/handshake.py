@@ -154,6 +154,12 @@ class ServerHandshake:
     def no_zeroes(self) -> bool:
         return bool((self._client_flags or 0) & C.CLIENT_FLAG_NO_ZEROES)
 
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received after the handshake ended: a client may send its first requests
+        right behind GO or EXPORT_NAME, and they belong to transmission."""
+        return bytes(self._buffer) if self.done else b""
+
     def receive_data(self, data: bytes) -> None:
         if self.done:
             raise ProtocolError("data after the handshake ended", "late_data")
