@@ -34,6 +34,7 @@ setup(
         # time by a custom collector.
         "prometheus-client>=0.17",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    # atheris: the coverage-guided fuzz target of the NBD parsers (tests/fuzz), run briefly in CI.
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "atheris>=2.3"]},
     entry_points={"console_scripts": ["netswapd=netswap.cli:main", "netswapctl=netswap.ctl:main"]},
 )
