@@ -85,7 +85,7 @@ class Daemon:
             raise
 
     def _start(self) -> None:
-        config, exit = self.config, self._exit
+        config, undo = self.config, self._exit
         log.info("netswapd %s starting with %s: %s", __version__, config.source,
                  config_summary(config))
         try:
@@ -113,7 +113,7 @@ class Daemon:
         except OSError as exc:
             raise StartError(f"cannot open exports: {exc}") from exc
         # Flushes every backend on the way out: what was acknowledged is on disk.
-        exit.callback(self.registry.close)
+        undo.callback(self.registry.close)
 
         if config.network.shape:
             shaper = Shaper()
@@ -121,10 +121,10 @@ class Daemon:
                 shaper.install(config.network.interface, config.network.mark)
             except ShapeError as exc:
                 raise StartError(f"network.shape on {config.network.interface!r}: {exc}") from exc
-            exit.callback(shaper.remove)
+            undo.callback(shaper.remove)
 
         self.lifecycle = Lifecycle(self.pool, self.tree, config, self.counters)
-        exit.callback(self.lifecycle.close)
+        undo.callback(self.lifecycle.close)
         self.pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
         self.server = NbdServer(config, self.pool, self.registry, self.lifecycle, self.counters,
                                 self.pressure)
@@ -132,10 +132,10 @@ class Daemon:
             self.server.start()
         except ListenError as exc:
             raise StartError(str(exc)) from exc
-        exit.callback(self._stop_server)
+        undo.callback(self._stop_server)
         if self.pressure is not None:
             self.pressure.start()
-            exit.callback(self.pressure.stop)
+            undo.callback(self.pressure.stop)
 
         collector = NetswapCollector(self.pool, self.tree, self.counters, self.server,
                                      self.pressure, protection=self.protection)
@@ -144,7 +144,7 @@ class Daemon:
         except OSError as exc:
             raise StartError(str(exc)) from exc
         if metrics is not None:
-            exit.callback(metrics.stop)
+            undo.callback(metrics.stop)
 
         if config.daemon.control_socket is not None:
             operations = Operations(server=self.server, registry=self.registry,
@@ -155,7 +155,7 @@ class Daemon:
                 control.start()
             except OSError as exc:
                 raise StartError(str(exc)) from exc
-            exit.callback(control.stop)
+            undo.callback(control.stop)
 
         log.info("listening on %s", ", ".join(self.server.addresses))
         self.notifier.ready(self._status())
@@ -163,7 +163,7 @@ class Daemon:
         # within half the ping interval, or no ping (and systemd restarts a wedged daemon).
         interval = self.notifier.watchdog_interval or 0
         self.notifier.start_watchdog(lambda: self.server.healthy(interval / 2))
-        exit.callback(self.notifier.stop_watchdog)
+        undo.callback(self.notifier.stop_watchdog)
 
     def _status(self) -> str:
         return (f"serving {len(self.config.exports)} static exports, "
