@@ -130,3 +130,25 @@ def test_netswapctl_without_a_daemon_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "netswap.ctl", "--socket", str(tmp_path / "none"),
                              "status"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 1 and "cannot reach netswapd" in result.stderr
+
+
+def test_exports_lists_swap_left_on_disk_without_opening_it(tmp_path):
+    first = start_daemon(tmp_path)
+    try:
+        h = nbd.NBD()
+        h.connect_uri(first.uri("swap/old-node"))
+        h.pwrite(b"kept" * 1024, 0)
+        h.shutdown()
+    finally:
+        assert first.stop() == 0, first.log()
+    second = start_daemon(tmp_path)  # the same state directory: a restart
+    try:
+        exports = json.loads(netswapctl(second, "--json", "exports").stdout)["exports"]
+        row = next(e for e in exports if e["name"] == "swap/old-node")
+        assert row["swap"] and row["open"] is False
+        image = str(second.state_dir / "swap" / "old-node.img")
+        fds = os.listdir(f"/proc/{second.process.pid}/fd")
+        assert all(os.readlink(f"/proc/{second.process.pid}/fd/{fd}") != image for fd in fds)
+        assert "(on disk, not open)" in netswapctl(second, "exports").stdout
+    finally:
+        assert second.stop() == 0, second.log()

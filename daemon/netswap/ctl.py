@@ -75,6 +75,9 @@ def _status(reply: dict) -> str:
 def _exports(reply: dict) -> str:
     rows = [f"{'export':<28}{'size':>14}{'allocated':>14}{'conns':>7}  kind"]
     for e in reply["exports"]:
+        if not e["open"]:
+            rows.append(f"{e['name']:<28}{'-':>14}{'-':>14}{0:>7}  swap (on disk, not open)")
+            continue
         kind = "swap" if e["swap"] else ("read-only" if e["read_only"] else "read-write")
         rows.append(f"{e['name']:<28}{e['size']:>14}{e['allocated_bytes']:>14}"
                     f"{e['connections']:>7}  {kind} ({e['backend']})")

@@ -62,11 +62,18 @@ class Operations:
         }
 
     def exports(self, _request: dict) -> dict:
+        """Every export. Swap images a previous run left on disk are listed but not opened:
+        looking them up would open a file for each, and keep it open, just to be listed."""
         connections = Counter(c.export.name for c in self._server.connections() if c.export is not None)
+        open_swap = {export.name: export for export in self._registry.swap_exports().values()}
         rows = []
         for name, description in self._registry.list():
-            export = self._registry.lookup(name)
+            export = open_swap.get(name)
+            if export is None and not name.startswith("swap/"):
+                export = self._registry.lookup(name)  # static: never creates anything
             if export is None:
+                rows.append({"name": name, "description": description, "swap": True,
+                             "open": False, "connections": 0})
                 continue
             rows.append({
                 "name": name,
@@ -75,6 +82,7 @@ class Operations:
                 "read_only": export.read_only,
                 "swap": export.is_swap,
                 "node": export.node,
+                "open": True,
                 "backend": type(export.backend).__name__,
                 "allocated_bytes": export.backend.allocated_bytes(),
                 "connections": connections.get(name, 0),
