@@ -31,27 +31,29 @@ def feed_transmission(data: bytes, limits: ExportLimits) -> None:
     parser = RequestParser(4096)
     view = memoryview(data)
     scratch = memoryview(bytearray(4096))
+
+    def receive() -> bool:
+        """Move as much of the input as fits into the parser's window; False at its end."""
+        nonlocal view
+        if not view:
+            return False
+        window = parser.recv_window()
+        n = min(len(window), len(view))
+        window[:n] = view[:n]
+        parser.advance(n)
+        view = view[n:]
+        return True
+
     while True:
         request = parser.next_request()
         if request is None:
-            if not view:
+            if not receive():
                 return
-            window = parser.recv_window()
-            n = min(len(window), len(view))
-            window[:n] = view[:n]
-            parser.advance(n)
-            view = view[n:]
             continue
         check_request(request, limits)
         while parser.payload_left:
-            if not parser.take_payload(scratch):
-                if not view:
-                    return
-                window = parser.recv_window()
-                n = min(len(window), len(view))
-                window[:n] = view[:n]
-                parser.advance(n)
-                view = view[n:]
+            if not parser.take_payload(scratch) and not receive():
+                return
 
 
 def one_input(data: bytes) -> None:
@@ -69,11 +71,11 @@ def one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    # Seeds a useful start: a valid GO for "disk" followed by one READ.
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 
 
+# A useful start for a corpus: a valid GO for "disk" followed by one READ.
 SEED = (struct.pack(">I", C.CLIENT_FLAG_FIXED_NEWSTYLE)
         + struct.pack(">QII", C.IHAVEOPT, C.OPT_GO, 10) + struct.pack(">I", 4) + b"disk"
         + struct.pack(">H", 0)
