@@ -703,7 +703,9 @@ _NETWORK = (
     _Field("mark", _Integer(0, 2**32 - 1), 0,
            "SO_MARK of swap connections, for firewall and routing rules; 0 leaves it unset."),
     _Field("shape", _Boolean(), False,
-           "Install a prio qdisc on interface that sends swap-marked traffic first."),
+           "Install a root qdisc on interface that sends packets carrying mark first (an HTB "
+           "with a top-priority class and a BPF mark filter); removed at exit.",
+           also="needs a nonzero network.mark"),
     _Field("interface", _InterfaceName(), "",
            "The serving interface, for shape.",
            also="required (not empty) when network.shape = true"),
