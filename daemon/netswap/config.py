@@ -653,6 +653,9 @@ _NBD = (
            "needs N); past it that client's new connections are closed at accept."),
     _Field("handshake_timeout", _Duration(), "10s",
            "Time a new connection has to finish NBD negotiation before it is dropped."),
+    _Field("send_timeout", _Duration(), "60s",
+           "Time a client may take none of the replies queued for it before it is "
+           "disconnected (its buffers and in-flight slots go back)."),
     _Field("block_size_min", _Integer(1, 65536, power_of_two=True), 1,
            "Advertised minimum block size: the alignment clients must respect."),
     _Field("block_size_preferred", _Integer(512, 128 * MiB, power_of_two=True), 4096,
@@ -814,6 +817,7 @@ class NbdConfig:
     max_connections: int
     max_connections_per_client: int
     handshake_timeout: float  # seconds
+    send_timeout: float  # seconds
     block_size_min: int
     block_size_preferred: int
 

@@ -65,6 +65,8 @@ _EVENTS = {
                       "Nodes whose reserve was connected (first connection after none).", None),
     "swap_detaches": ("netswap_node_detaches_total",
                       "Nodes whose reserve was released after the detach grace period.", None),
+    "send_timeouts": ("netswap_send_timeouts_total",
+                      "Clients disconnected for taking no replies for nbd.send_timeout.", None),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

@@ -2,9 +2,11 @@
 
 The reader (this connection's own thread) parses requests, takes each payload buffer from
 the pool, receives WRITE payloads straight into it and hands the request to the shared
-worker pool. A worker executes it on the export's backend and sends the reply under the
-connection's send lock, so replies go out in completion order, each as one sendmsg of header
-and data. The buffer goes back to the pool when the reply has been sent.
+worker pool, queued under the connection's flow (its swap node, or its client address) so
+that workers are shared fairly between nodes. A worker executes it on the export's backend
+and hands the reply to the connection's `ReplySender`: replies go out in completion order,
+each as one sendmsg of header and data, and a client slow to read them never holds a
+worker. The buffer goes back to the pool when the reply has been sent.
 
 Bounds: at most `max_inflight` requests per connection are between "read" and "replied";
 past that, and while the pool has no buffer, the reader stops reading, so the client's
@@ -21,6 +23,7 @@ released unprocessed and counted (the skb->emergency drop rule).
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -31,6 +34,7 @@ from ..netpolicy import tag_emergency
 from . import constants as C
 from .errors import ProtocolError, nbd_error_from_os
 from .handshake import Abort, Ready, Reply, ServerHandshake
+from .sender import ReplySender
 from .transmission import (
     DEFAULT_WINDOW,
     ExportLimits,
@@ -60,12 +64,12 @@ class Connection:
         self.peer = peer
         self.client = peer  # the address connection limits count by (set by the server)
         self.export = None
-        self._send_lock = threading.Lock()
+        self._sender: Optional[ReplySender] = None  # made when transmission begins
+        self._flow = None  # whose fair share of the workers this connection's requests use
         # Fixed for the connection's life: a reload changes it for new connections only.
         self._max_inflight = server.config.nbd.max_inflight
         self._inflight = threading.BoundedSemaphore(self._max_inflight)
         self._stopping = False
-        self._broken = False  # a send failed: the client is gone, replies are pointless
         self._structured = False
         self._limits: Optional[ExportLimits] = None
         self._attachment = None
@@ -126,6 +130,8 @@ class Connection:
         for _ in range(self._max_inflight):
             self._inflight.acquire()
         try:
+            if self._sender is not None:
+                self.server.send_poller.forget(self._sender)
             self.sock.close()
             if self._window is not None:
                 self._window.release()
@@ -196,8 +202,11 @@ class Connection:
         self.export = export
         self._attachment = ready.attachment
         self._structured = ready.structured_replies
+        self._sender = ReplySender(self.sock, self.server.send_poller, self.peer)
+        self._flow = ("client", self.client)
         if ready.attachment is not None and ready.attachment.is_swap:
             self._is_swap = True
+            self._flow = ("node", export.node)
             self._tag()
             self._group = ready.attachment.requests
             window_group = ready.attachment.windows
@@ -281,7 +290,9 @@ class Connection:
                 buffer.release()
             self._inflight.release()
             raise
-        self.server.workers.submit(self._execute, request, buffer, throttle, started)
+        cost = request.length if request.command in (C.CMD_READ, C.CMD_WRITE) else 0
+        self.server.workers.submit_for(self._flow, cost, self._execute, request, buffer,
+                                       throttle, started)
 
     def _refuse(self, request: Request, parser: RequestParser, error: int, started: int) -> None:
         """Reply `error` to a request that will not be executed, keeping the stream in sync.
@@ -379,47 +390,31 @@ class Connection:
             self.server.counters.inc("io_errors", f"{request.name}:{error}")
             log.exception("%s: %r on %r failed", self.peer, request, self.export.name)
         data = buffer.view if command == C.CMD_READ and not error else None
+        self._reply(request, error, data, started, buffer, throttle)
+
+    def _reply(self, request: Request, error: int, data: Optional[memoryview], started: int,
+               buffer=None, throttle=None) -> None:
+        """Queue the reply; once it is sent (or the client is gone) the request's buffer,
+        throttle and in-flight slot are released."""
+        done = functools.partial(self._replied, request, error, started, buffer, throttle)
         try:
-            self._reply(request, error, data, started)
-        finally:
+            header = reply_header(request, error, self._structured)
+            parts = (header,) if data is None else (header, data)
+        except BaseException:
+            done()
+            raise
+        self._sender.send(parts, done)
+
+    def _replied(self, request: Request, error: int, started: int, buffer, throttle) -> None:
+        try:
             if buffer is not None:
                 buffer.release()
             if throttle is not None:
                 throttle.release()
-
-    def _reply(self, request: Request, error: int, data: Optional[memoryview], started: int) -> None:
-        """Send the reply, account the request and release its in-flight slot."""
-        try:
-            header = reply_header(request, error, self._structured)
-            with self._send_lock:
-                if self._broken:
-                    return
-                try:
-                    if data is None:
-                        self.sock.sendall(header)
-                    else:
-                        _sendmsg_all(self.sock, header, data)
-                except OSError as exc:
-                    self._broken = True
-                    log.info("%s: reply not sent, client gone: %s", self.peer, exc)
+            # Accounted before the slot is released, so a connection that has ended has
+            # all its requests in the statistics.
+            self.server.counters.requests.observe(self.export.name, request.command,
+                                                  request.length, error,
+                                                  time.perf_counter_ns() - started)
         finally:
-            try:
-                # Accounted before the slot is released, so a connection that has ended has
-                # all its requests in the statistics.
-                self.server.counters.requests.observe(self.export.name, request.command,
-                                                      request.length, error,
-                                                      time.perf_counter_ns() - started)
-            finally:
-                self._inflight.release()
-
-
-def _sendmsg_all(sock: socket.socket, header: bytes, data: memoryview) -> None:
-    """Send header and data with as few syscalls as the socket allows (usually one)."""
-    sent = sock.sendmsg([header, data])
-    total = len(header) + len(data)
-    if sent == total:
-        return
-    if sent < len(header):
-        sock.sendall(header[sent:])
-        sent = len(header)
-    sock.sendall(data[sent - len(header) :])
+            self._inflight.release()

@@ -26,6 +26,7 @@ from ..unixsock import bind_unix
 from ..workers import WorkerPool
 from .connection import Connection
 from .handshake import BlockLimits
+from .sender import ReplySender, SendPoller
 
 log = logging.getLogger("netswap.nbd")
 
@@ -48,6 +49,7 @@ class NbdServer:
         # Under memory pressure non-swap requests pass one at a time (see Connection._throttle).
         self.non_swap_throttle = threading.Semaphore(1)
         self.workers: Optional[WorkerPool] = None
+        self.send_poller: Optional[SendPoller] = None
         self.stopping = False
         self._listeners: list[socket.socket] = []
         self._unix_path: Optional[Path] = None
@@ -73,6 +75,8 @@ class NbdServer:
         # What a non-swap request gets when the normal budget is gone: a wait (the reader
         # stops reading: TCP backpressure) or ENOMEM. Never the reserve.
         self.non_swap_waits = config.pool.non_swap_exhausted == "wait"
+        if getattr(self, "send_poller", None) is not None:
+            self.send_poller.send_timeout = nbd.send_timeout
         self.config = config
 
     # Start and stop -------------------------------------------------------------
@@ -88,6 +92,7 @@ class NbdServer:
             self._close_listeners()
             raise
         self.workers = WorkerPool(self.config.daemon.workers)
+        self.send_poller = SendPoller(self.config.nbd.send_timeout, self._send_timed_out)
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
 
@@ -124,6 +129,8 @@ class NbdServer:
             clean = clean and not thread.is_alive()
         if self.workers is not None and clean:
             self.workers.stop()
+        if self.send_poller is not None and clean:
+            self.send_poller.stop()
         os.close(self._wake_r)
         os.close(self._wake_w)
         return clean
@@ -133,6 +140,12 @@ class NbdServer:
         if self.stopping or self._acceptor is None or not self._acceptor.is_alive():
             return False
         return self.workers.responsive(timeout)
+
+    def _send_timed_out(self, sender: ReplySender) -> None:
+        self.counters.inc("send_timeouts")
+        log.warning("%s: took no replies for %.0f s: disconnecting", sender.peer,
+                    self.send_poller.send_timeout)
+        sender.cut_off()
 
     def connection_closed(self, connection: Connection) -> None:
         with self._lock:
