@@ -245,3 +245,83 @@ def test_acknowledged_durable_writes_survive_kill_9(tmp_path):
     assert "Traceback" not in daemon.log()
     print(f"{ROUNDS} kill rounds, {checked_ops} requests modelled, {checked_units} units "
           f"checked, {time.monotonic() - began:.1f} s")
+
+
+# -- a restart on the state a previous run left ------------------------------------------------
+
+def image_of(tag_of_unit, units: int) -> bytes:
+    return b"".join(unit_image(tag_of_unit(unit), unit) for unit in range(units))
+
+
+def warnings_of(log: str) -> set[str]:
+    """WARNING and ERROR messages without their timestamps."""
+    return {line.split(" ", 2)[2] for line in log.splitlines()
+            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line}
+
+
+def test_restart_on_existing_state_dir_keeps_every_export(tmp_path):
+    import json
+    from test_operate import netswapctl
+
+    options = dict(exports=EXPORTS, swap_size="1MiB")
+    units = 512  # 256 KiB written per export
+    settled = ["disk", "swap/alpha", "swap/beta", "swap/gamma"]
+    first = start_daemon(tmp_path, **options)
+    started_with = warnings_of(first.log())
+    try:
+        for number, name in enumerate(settled, start=1):
+            h = nbd.NBD()
+            h.connect_uri(first.uri(name))
+            h.pwrite(image_of(lambda unit: number * 1000 + unit + 1, units), 0)
+            h.flush()
+            h.shutdown()
+        # swap/delta is mid-write when the daemon is killed: a settled base, then a writer.
+        h = nbd.NBD()
+        h.connect_uri(first.uri("swap/delta"))
+        h.pwrite(image_of(lambda unit: 9_000_000 + unit, units), 0, nbd.CMD_FLAG_FUA)
+        written = []
+        stop = threading.Event()
+
+        def writer():
+            rng, tag = random.Random(1), 10_000_000
+            try:
+                while not stop.is_set():
+                    tag += 1
+                    first_unit = rng.randrange(units - 128)
+                    written.append(tag)
+                    h.pwrite(b"".join(unit_image(tag, u) for u in range(first_unit, first_unit + 128)),
+                             first_unit * UNIT)
+            except nbd.Error:
+                pass  # the daemon died under it
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        stop.set()  # the writer notices only after its current request: the kill comes first
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+        thread.join(30)
+        assert len(written) > 1, "the writer never got going"
+    finally:
+        first.stop()
+
+    second = start_daemon(tmp_path, **options)
+    try:
+        listing = json.loads(netswapctl(second, "--json", "exports").stdout)["exports"]
+        names = {row["name"] for row in listing}
+        assert {"disk", "ro", "swap/alpha", "swap/beta", "swap/gamma", "swap/delta"} <= names, listing
+        for number, name in enumerate(settled, start=1):
+            expected = image_of(lambda unit: number * 1000 + unit + 1, units)
+            assert read_export(second.uri(name), units * UNIT) == expected, name
+        image = read_export(second.uri("swap/delta"), units * UNIT)
+        legal = set(written)
+        for unit in range(units):
+            data = image[unit * UNIT : (unit + 1) * UNIT]
+            tag = struct.unpack_from("<Q", data)[0]
+            assert data == unit_image(tag, unit), f"swap/delta unit {unit} is torn"
+            assert tag in legal or tag == 9_000_000 + unit, f"swap/delta unit {unit}: {tag}"
+        log = second.log()
+        assert warnings_of(log) <= started_with, warnings_of(log) - started_with
+    finally:
+        assert second.stop() == 0, second.log()
+    assert "Traceback" not in second.log()
