@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -244,3 +246,116 @@ def test_file_system_turned_read_only_fails_writes_and_flushes(tmp_path, ext4_st
     log = daemon.log()
     assert "fdatasync failed: Read-only file system" in log, log
     assert "Traceback" not in log
+
+
+# -- clients that vanish mid-request ----------------------------------------------------------
+#
+# Whatever a client leaves behind (a half-received WRITE, READ replies nobody will read, a
+# half-closed socket), its pool buffers and its receive window go back to the pool, and a swap
+# node's reserve is released once detach_grace has passed with no connection left.
+
+REQUEST = 256 * 1024
+
+
+def _raw(daemon, name: bytes):
+    from test_server_raw import transmission
+
+    return transmission(daemon, name)
+
+
+def _rst(sock) -> None:
+    """Close with SO_LINGER 0: the kernel sends RST, as a node that crashed or rebooted would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _settled(daemon, baseline_free: float, timeout: float = 30) -> dict:
+    """The pool and group metrics once no connection is left and the pool is back to
+    `baseline_free`, or as they are at `timeout` (the assertions then say what is missing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = {}
+        for family in text_string_to_metric_families(daemon.metrics()):
+            for sample in family.samples:
+                values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        done = (values[("netswap_connections", ())] == 0
+                and values[("netswap_pool_free_bytes", ())] == baseline_free)
+        if done or time.monotonic() > deadline:
+            return values
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("export", [b"swap/vanishing", b"disk"])
+def test_vanishing_clients_give_back_buffers_and_reserve(tmp_path, export):
+    from test_server_raw import recv_exact, request, simple_reply
+
+    from netswap.nbd import constants as C
+
+    daemon = start_daemon(tmp_path, swap_options='detach_grace = "1s"')
+    try:
+        baseline = _settled(daemon, -1, timeout=0)
+        free = baseline[("netswap_pool_free_bytes", ())]
+        watermark = baseline[("netswap_pool_watermark_bytes", ())]
+
+        # 1. RST while a WRITE payload is half sent: the reader holds a request buffer.
+        sock = _raw(daemon, export)
+        request(sock, C.CMD_WRITE, 0, REQUEST, cookie=1, payload=b"w" * (REQUEST // 2))
+        time.sleep(0.2)  # let the reader take the buffer and start receiving into it
+        _rst(sock)
+
+        # 2. RST with READ replies outstanding: workers hold buffers and block in send.
+        sock = _raw(daemon, export)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for cookie in range(1, 33):  # 8 MiB of replies, far more than the socket buffers hold
+            request(sock, C.CMD_READ, cookie * REQUEST, REQUEST, cookie=cookie)
+        time.sleep(0.2)
+        _rst(sock)
+
+        # 3. Half-close with requests in flight: the server finishes them and replies (the
+        # spec: a client may shut its write side after its last request and still read).
+        sock = _raw(daemon, export)
+        payload = os.urandom(REQUEST)
+        cookies = set(range(1, 17))
+        for cookie in cookies:
+            if cookie % 2:
+                request(sock, C.CMD_WRITE, cookie * REQUEST, REQUEST, cookie=cookie, payload=payload)
+            else:
+                request(sock, C.CMD_READ, cookie * REQUEST, REQUEST, cookie=cookie)
+        request(sock, C.CMD_FLUSH, cookie=99)
+        sock.shutdown(socket.SHUT_WR)
+        replied = set()
+        sock.settimeout(30)
+        for _ in range(len(cookies) + 1):
+            error, cookie = simple_reply(sock)
+            assert error == 0, (cookie, error)
+            if cookie % 2 == 0:
+                assert recv_exact(sock, REQUEST) == bytes(REQUEST), cookie  # never written
+            replied.add(cookie)
+        assert replied == cookies | {99}
+        assert sock.recv(1) == b"", "the server closes once everything is answered"
+        sock.close()
+
+        values = _settled(daemon, free)
+        assert values[("netswap_pool_free_bytes", ())] == free
+        usage = {key: v for key, v in values.items()
+                 if key[0] == "netswap_reserve_group_usage_bytes" and v}
+        assert not usage, usage
+        assert values[("netswap_pool_reserve_in_use_bytes", ())] == 0
+
+        if export.startswith(b"swap/"):
+            # The node's reserve stays for detach_grace after its last connection, then goes.
+            deadline = time.monotonic() + 30
+            while metric(daemon, "netswap_node_detaches_total") < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert metric(daemon, "netswap_node_detaches_total") == 1
+            assert metric(daemon, "netswap_node_attaches_total") == 1  # one attach, shared
+            assert metric(daemon, "netswap_pool_watermark_bytes") == watermark
+        still = nbd.NBD()
+        still.connect_uri(daemon.uri(export.decode()))
+        assert still.pread(REQUEST, 3 * REQUEST) == payload
+        still.shutdown()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    log = daemon.log()
+    assert "Traceback" not in log
+    assert "client closed in the middle of a WRITE payload" in log or "Connection reset" in log
