@@ -359,3 +359,28 @@ def test_vanishing_clients_give_back_buffers_and_reserve(tmp_path, export):
     log = daemon.log()
     assert "Traceback" not in log
     assert "client closed in the middle of a WRITE payload" in log or "Connection reset" in log
+
+
+def test_identity_check_follows_a_symlinked_static_export(tmp_path):
+    """A static export named by a symlink (as /dev/disk/by-id/... are) is not "replaced": the
+    check resolves the path the way it was opened.  Retargeting the symlink is a replacement."""
+    from netswap.exports.backends import FileBackend
+
+    target = tmp_path / "target.img"
+    other = tmp_path / "other.img"
+    for path in (target, other):
+        path.write_bytes(bytes(MiB))
+    link = tmp_path / "by-id"
+    link.symlink_to(target)
+    backend = FileBackend(link, MiB, read_only=False)
+    try:
+        backend.write_from(0, memoryview(b"x" * 4096), fua=True)
+        backend.flush()
+        assert backend.failure is None
+        link.unlink()
+        link.symlink_to(other)
+        with pytest.raises(OSError) as err:
+            backend.flush()
+        assert err.value.errno == errno.EIO and backend.failure == "the backing file was replaced"
+    finally:
+        backend.close()

@@ -266,6 +266,9 @@ class FileBackend(Backend):
         self._fd = fd
         self.size = actual
         self._identity = (st.st_dev, st.st_ino)
+        # The identity check looks the path up as it was opened: a static export may well be
+        # a symlink (/dev/disk/by-id/...), and then the symlink's own inode is not ours.
+        self._follow_symlinks = follow_symlinks
         self._next_identity_check = 0.0
         self._failure_lock = threading.Lock()
         # Capabilities learnt by trying.  Plain bools written without a lock: the worst a race
@@ -357,7 +360,7 @@ class FileBackend(Backend):
             self._fail("the backing file was deleted")
         else:
             try:
-                at_path = os.stat(self.path, follow_symlinks=False)
+                at_path = os.stat(self.path, follow_symlinks=self._follow_symlinks)
             except FileNotFoundError:
                 self._fail("the backing file was renamed away")
             else:
