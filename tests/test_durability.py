@@ -33,7 +33,7 @@ SWAP_SIZE = 1 << 20  # the smallest swap.size the config allows
 MAX_UNITS = 16  # longest request, in units: short enough for many overlaps in a small export
 CONNECTIONS_PER_EXPORT = 3
 INFLIGHT_PER_CONNECTION = 8
-ROUNDS = 5
+ROUNDS = 8
 NEVER = float("inf")  # the ack time of a request never acknowledged
 
 EXPORTS = """
@@ -112,6 +112,12 @@ class Model:
                 tags.add(self.start[unit])
             legal.append(tags)
         return legal
+
+    def durable(self) -> int:
+        flushed_before = max((op.issued for op in self.ops if op.kind == "flush"
+                              and op.acked != NEVER), default=-1)
+        return sum(op.kind != "flush" and op.acked != NEVER
+                   and (op.fua or op.acked < flushed_before) for op in self.ops)
 
     def check(self, image: bytes) -> tuple[list[int], list[str]]:
         """The tags `image` holds, and a line per unit that breaks the model."""
@@ -206,7 +212,7 @@ def test_acknowledged_durable_writes_survive_kill_9(tmp_path):
     clock, tags = itertools.count(), itertools.count(1)
     start_tags = {"disk": [0] * (STATIC_SIZE // UNIT), SWAP_EXPORT: [0] * (SWAP_SIZE // UNIT)}
     sizes = {"disk": STATIC_SIZE, SWAP_EXPORT: SWAP_SIZE}
-    checked_ops = checked_units = 0
+    checked_ops = checked_units = durable_ops = 0
     began = time.monotonic()
     daemon = start_daemon(tmp_path, **options)
     try:
@@ -218,7 +224,7 @@ def test_acknowledged_durable_writes_survive_kill_9(tmp_path):
                        for name in sizes for _ in range(CONNECTIONS_PER_EXPORT)]
             for client in clients:
                 client.start()
-            time.sleep(rng.uniform(0.3, 1.5))
+            time.sleep(rng.uniform(0.05, 1.5))
             killed.set()
             daemon.process.send_signal(signal.SIGKILL)
             daemon.process.wait()
@@ -236,14 +242,18 @@ def test_acknowledged_durable_writes_survive_kill_9(tmp_path):
                 start_tags[name], problems = model.check(image)
                 assert not problems, (f"seed {seed} round {round_} export {name}: "
                                       + "\n".join(problems[:20]))
-                print(f"round {round_} {name}: {len(model.ops)} requests ({acked} acknowledged)")
+                durable = model.durable()
+                print(f"round {round_} {name}: {len(model.ops)} requests, {acked} acknowledged, "
+                      f"{durable} durable")
                 checked_ops += len(model.ops)
+                durable_ops += durable
                 checked_units += model.units
     finally:
         code = daemon.stop()
     assert code == 0, daemon.log()
     assert "Traceback" not in daemon.log()
-    print(f"{ROUNDS} kill rounds, {checked_ops} requests modelled, {checked_units} units "
+    print(f"{ROUNDS} kill rounds, {checked_ops} requests modelled ({durable_ops} durable), "
+          f"{checked_units} units "
           f"checked, {time.monotonic() - began:.1f} s")
 
 
