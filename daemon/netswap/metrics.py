@@ -67,6 +67,9 @@ _EVENTS = {
                       "Nodes whose reserve was released after the detach grace period.", None),
     "send_timeouts": ("netswap_send_timeouts_total",
                       "Clients disconnected for taking no replies for nbd.send_timeout.", None),
+    "io_errors": ("netswap_backend_errors_total",
+                  "Requests the backing storage refused or failed, by request:NBD errno.",
+                  "request"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }
@@ -109,6 +112,7 @@ class NetswapCollector:
             yield GaugeMetricFamily("netswap_connections", "Open client connections.",
                                     value=self._server.connection_count)
             yield from self._node_metrics()
+            yield from self._export_metrics()
         if self._pressure is not None:
             yield from self._pressure_metrics()
         if self._protection is not None:
@@ -250,6 +254,16 @@ class NetswapCollector:
                 # Closed under us at shutdown: the node's other series still say it is there.
                 log.debug("metrics: swap of node %r not readable: %s", node, exc)
         yield from (connections, size, used)
+
+    def _export_metrics(self) -> Iterator:
+        failed = GaugeMetricFamily(
+            "netswap_export_failed",
+            "1 once an export's storage failed for good (a sync failed, or its backing file "
+            "was deleted or replaced): writes and flushes get EIO until a restart.",
+            labels=["export"])
+        for export in self._server.registry.open_exports():
+            failed.add_metric([export.name], int(export.backend.failure is not None))
+        yield failed
 
     def _pressure_metrics(self) -> Iterator:
         pressure = self._pressure

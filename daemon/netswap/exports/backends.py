@@ -19,6 +19,10 @@ of a swap file into whatever the file system would let it grow into.
 The file backend follows nbdkit's file plugin (research/nbd.md section 5): fdatasync for flush,
 fallocate modes tried in order for zeroing, EOPNOTSUPP remembered so unsupported modes cost one
 failed syscall per backend, not one per request.
+
+A file backend can also *fail* for good (``Backend.failure``): once it can no longer keep what it
+acknowledges, every later write, trim, zero and flush gets EIO, so no client is told "durable"
+about data that is not.  See FileBackend for when that happens.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import logging
 import mmap
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -118,6 +124,9 @@ class Backend(abc.ABC):
 
     size: int
     read_only: bool
+    # Why this storage can no longer keep what it acknowledges (None while it can).  Once set it
+    # stays set for the backend's life: only an operator, by repairing and restarting, clears it.
+    failure: str | None = None
 
     @abc.abstractmethod
     def read_into(self, offset: int, view: memoryview) -> None:
@@ -184,7 +193,26 @@ class FileBackend(Backend):
     written range in the same syscall; where the kernel or file system refuses RWF_DSYNC we fall
     back to fdatasync after the write (remembered per backend).  FUA on trim and write_zeroes is
     an fdatasync after the operation, as in nbdkit.
+
+    Failing for good (``failure``), with one error log line, when:
+
+    * a sync fails (fdatasync, or a write with RWF_DSYNC gives EIO).  The kernel reports a
+      writeback error to each open file once and may drop the dirty pages, so a retry can
+      succeed although acknowledged data is gone (the PostgreSQL "fsyncgate" lesson); after
+      the first failure we cannot tell durable from lost, so we stop claiming either.
+    * the file is deleted, renamed away or replaced under us.  Our descriptor keeps working on
+      Linux, so nothing fails by itself, yet everything written would vanish (or be hidden by
+      a fresh empty file) at the next start.  Checked after every sync (FLUSH, FUA: before it
+      is acknowledged) and, for plain writes, at most every ``IDENTITY_CHECK_INTERVAL``
+      seconds, which matters for swap: the kernel's swap-over-NBD never flushes.
+
+    Reads keep working after a failure: the data is still reachable through our descriptor, and
+    a node may still need to page it back in.  Errors that refuse a request before any data
+    moves (EPERM from an immutable file, ENOSPC, EROFS) are answered per request and are not
+    a failure: nothing acknowledged is at risk, and the operator may undo the cause.
     """
+
+    IDENTITY_CHECK_INTERVAL = 1.0  # seconds
 
     def __init__(
         self,
@@ -237,6 +265,12 @@ class FileBackend(Backend):
 
         self._fd = fd
         self.size = actual
+        self._identity = (st.st_dev, st.st_ino)
+        # The identity check looks the path up as it was opened: a static export may well be
+        # a symlink (/dev/disk/by-id/...), and then the symlink's own inode is not ours.
+        self._follow_symlinks = follow_symlinks
+        self._next_identity_check = 0.0
+        self._failure_lock = threading.Lock()
         # Capabilities learnt by trying.  Plain bools written without a lock: the worst a race
         # does is one extra failed syscall on another thread.
         self._can_punch_hole = True
@@ -265,6 +299,9 @@ class FileBackend(Backend):
         _check_range(self.size, offset, length)
         if length == 0:
             return
+        self._refuse_if_failed()
+        if not fua:
+            self._check_identity(every_interval=True)
         use_dsync = fua and self._can_rwf_dsync
         rwf = os.RWF_DSYNC if use_dsync else 0
         done = 0
@@ -278,26 +315,79 @@ class FileBackend(Backend):
                     self._can_rwf_dsync = False
                     use_dsync, rwf = False, 0
                     continue
+                if e.errno == errno.EIO:
+                    # Under RWF_DSYNC this may be a writeback error that fdatasync would not
+                    # report again; without it, the page cache itself failed us.
+                    self._fail(f"write failed: {e.strerror}")
                 raise
-        if fua and not use_dsync:
-            self._datasync()
+        if fua:
+            if not use_dsync:
+                self._datasync()
+            self._check_identity()
 
     def flush(self) -> None:
         if not self.read_only:  # nothing of ours can be dirty on a read-only fd
+            self._refuse_if_failed()
             self._datasync()
+            self._check_identity()
 
     def _datasync(self) -> None:
         fd = self._fd
         if fd < 0:  # os.fdatasync(-1) raises ValueError; every other call here gives EBADF
             raise OSError(errno.EBADF, "backend is closed")
-        os.fdatasync(fd)
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            self._fail(f"fdatasync failed: {e.strerror}")
+            raise
+
+    # -- failing for good (see the class docstring) ---------------------------------------------
+
+    def _refuse_if_failed(self) -> None:
+        if self.failure is not None:
+            raise OSError(errno.EIO, f"{self.path}: {self.failure}")
+
+    def _check_identity(self, every_interval: bool = False) -> None:
+        """Fail if the file we write is no longer the one at our path (so not the one the next
+        start would open); with ``every_interval``, only if the last check is old enough."""
+        if every_interval:
+            now = time.monotonic()
+            if now < self._next_identity_check:
+                return
+            self._next_identity_check = now + self.IDENTITY_CHECK_INTERVAL
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:
+            self._fail("the backing file was deleted")
+        else:
+            try:
+                at_path = os.stat(self.path, follow_symlinks=self._follow_symlinks)
+            except FileNotFoundError:
+                self._fail("the backing file was renamed away")
+            else:
+                if (at_path.st_dev, at_path.st_ino) != self._identity:
+                    self._fail("the backing file was replaced")
+        self._refuse_if_failed()
+
+    def _fail(self, why: str) -> None:
+        with self._failure_lock:
+            if self.failure is not None:
+                return
+            self.failure = why
+        log.error(
+            "%s: %s; acknowledged writes may not survive, so from now on every write and flush "
+            "of this export fails with EIO (reads still work); repair the storage and restart",
+            self.path, why,
+        )
 
     # -- space management ---------------------------------------------------------------------
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         self._refuse_if_read_only()
         _check_range(self.size, offset, length)
-        if length == 0 or not self._can_punch_hole:
+        if length == 0:
+            return
+        self._refuse_if_failed()
+        if not self._can_punch_hole:
             return
         try:
             self._punch_hole(offset, length)
@@ -305,6 +395,8 @@ class FileBackend(Backend):
             # Trim is advisory.  Like nbdkit, report only the errors that mean the storage is in
             # trouble or refuses us; anything else (EINVAL on some odd file system, ...) drops
             # the hint.
+            if e.errno == errno.EIO:
+                self._fail(f"trim failed: {e.strerror}")
             if e.errno in (errno.EIO, errno.EPERM):
                 raise
             if e.errno != errno.EOPNOTSUPP:
@@ -312,15 +404,25 @@ class FileBackend(Backend):
             return
         if fua:
             self._datasync()
+            self._check_identity()
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         self._refuse_if_read_only()
         _check_range(self.size, offset, length)
         if length == 0:
             return
-        self._zero(offset, length, may_trim)
+        self._refuse_if_failed()
+        if not fua:
+            self._check_identity(every_interval=True)
+        try:
+            self._zero(offset, length, may_trim)
+        except OSError as e:
+            if e.errno == errno.EIO:
+                self._fail(f"zeroing failed: {e.strerror}")
+            raise
         if fua:
             self._datasync()
+            self._check_identity()
 
     def _zero(self, offset: int, length: int, may_trim: bool) -> None:
         # Cheapest first, as nbdkit's file plugin does.  Each step that reports EOPNOTSUPP is

@@ -225,6 +225,11 @@ class ExportRegistry:
         """
         return dict(self._nodes)
 
+    def open_exports(self) -> list[Export]:
+        """Every export open now (static, then swap by node); never opens one (for metrics)."""
+        static = list(self._static.values())
+        return static + [export for _, export in sorted(self._nodes.items())]
+
     def reload(self, exports: Sequence[ExportSpec], swap: SwapTemplate | None) -> tuple[list, list]:
         """Serve a new set of static exports (a SIGHUP); return the names (added, removed).
 
