@@ -295,3 +295,14 @@ def test_requests_pipelined_behind_go_are_left_for_transmission():
     hs.receive_data(option(C.OPT_GO, info_data(b"disk")) + first_request)
     assert isinstance(hs.next_event(), Ready)
     assert hs.trailing_data == first_request
+
+
+def test_partial_message_counts_only_an_unfinished_message():
+    hs = ServerHandshake(EXPORTS.get, lambda: [], LIMITS)
+    assert hs.partial_message == 0
+    hs.receive_data(b"\x00\x00")
+    assert hs.next_event() is None and hs.partial_message == 2
+    hs.receive_data(b"\x00\x01" + option(C.OPT_LIST))
+    assert isinstance(hs.next_event(), Reply) and hs.partial_message == 0
+    hs.receive_data(option(C.OPT_GO, b"abc")[:-1])
+    assert hs.next_event() is None and hs.partial_message == 18

@@ -50,8 +50,9 @@ _EVENTS = {
     "protocol_errors": ("netswap_protocol_errors_total",
                         "Connections closed for breaking the protocol.", "reason"),
     "handshake_failed": ("netswap_handshakes_failed_total",
-                         "Connections that ended in the handshake by an error, by reason "
-                         "(a protocol error's reason, or connection_lost).", "reason"),
+                         "Connections that ended in the handshake without GO, EXPORT_NAME or "
+                         "ABORT, by reason (a protocol error's reason, connection_lost, closed, "
+                         "or truncated: closed in the middle of a message).", "reason"),
     "connections_accepted": ("netswap_connections_accepted_total",
                              "Client connections accepted.", None),
     "connection_lost": ("netswap_connections_lost_total",

@@ -174,7 +174,7 @@ class Connection:
                 except socket.timeout:
                     raise ProtocolError("handshake timed out", "handshake_timeout") from None
                 if not data:
-                    log.debug("%s: closed during the handshake", self.peer)
+                    self._closed_in_handshake(handshake.partial_message)
                     return False
                 handshake.receive_data(data)
                 continue
@@ -189,6 +189,17 @@ class Connection:
             self._enter_transmission(event)
             self._early_requests = handshake.trailing_data
             return True
+
+    def _closed_in_handshake(self, partial: int) -> None:
+        # A client must end the handshake with GO, EXPORT_NAME or ABORT; one that just
+        # closes is counted, and one that closes in the middle of a message is a truncation.
+        if partial:
+            self.server.counters.inc("handshake_failed", "truncated")
+            log.warning("%s: closed in the middle of a handshake message (%d bytes of it sent)",
+                        self.peer, partial)
+        else:
+            self.server.counters.inc("handshake_failed", "closed")
+            log.info("%s: closed during the handshake", self.peer)
 
     def _enter_transmission(self, ready: Ready) -> None:
         export = ready.export

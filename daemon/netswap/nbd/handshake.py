@@ -160,6 +160,12 @@ class ServerHandshake:
         right behind GO or EXPORT_NAME, and they belong to transmission."""
         return bytes(self._buffer) if self.done else b""
 
+    @property
+    def partial_message(self) -> int:
+        """Bytes of a message not complete yet: what a client that closes now cut short
+        (`next_event` leaves only an incomplete message buffered)."""
+        return 0 if self.done else len(self._buffer)
+
     def receive_data(self, data: bytes) -> None:
         if self.done:
             raise ProtocolError("data after the handshake ended", "late_data")
