@@ -180,6 +180,8 @@ class Connection:
                 continue
             self.sock.sendall(event.data)
             if isinstance(event, Reply):
+                if event.refused:
+                    self._option_refused(event)
                 continue
             if isinstance(event, Abort):
                 log.debug("%s: client aborted the handshake", self.peer)
@@ -189,6 +191,13 @@ class Connection:
             self._enter_transmission(event)
             self._early_requests = handshake.trailing_data
             return True
+
+    def _option_refused(self, reply: Reply) -> None:
+        self.server.counters.inc("options_refused", reply.refused)
+        name = C.OPTION_NAMES.get(reply.option, f"option {reply.option}")
+        # Honest clients probe for options we lack (libnbd asks for several): not a warning.
+        level = logging.DEBUG if reply.refused == "unsupported_option" else logging.INFO
+        log.log(level, "%s: %s refused (%s): %s", self.peer, name, reply.refused, reply.message)
 
     def _closed_in_handshake(self, partial: int) -> None:
         # A client must end the handshake with GO, EXPORT_NAME or ABORT; one that just
