@@ -36,7 +36,7 @@ from .transmission import (
     ExportLimits,
     Request,
     RequestParser,
-    check_request,
+    refusal,
     reply_header,
 )
 
@@ -268,12 +268,12 @@ class Connection:
         buffer = None
         throttle = None
         try:
-            error = check_request(request, self._limits)
+            error, problem = refusal(request, self._limits)
             if error:
                 # Labelled by a bounded name: a client must not mint a counter per command number.
                 op = C.COMMAND_NAMES.get(request.command, "unknown")
                 self.server.counters.inc("request_errors", f"{op}:{error}")
-                log.debug("%s: %r rejected with error %d", self.peer, request, error)
+                log.debug("%s: %r rejected with error %d: %s", self.peer, request, error, problem)
                 self._refuse(request, parser, error, started)
                 return
             if request.command in (C.CMD_READ, C.CMD_WRITE):
