@@ -258,6 +258,10 @@ class Connection:
                 continue
             if request.command == C.CMD_DISC:
                 log.debug("%s: disconnect requested", self.peer)
+                if parser.buffered:
+                    # The client MUST NOT send after DISC; what it did is not served.
+                    self.server.counters.inc("protocol_errors", "requests_after_disc")
+                    log.warning("%s: %d bytes sent after DISC ignored", self.peer, parser.buffered)
                 return  # _finish() completes what is in flight before closing
             # A request's latency runs from here (its header parsed) to its reply sent.
             self._dispatch(request, parser, time.perf_counter_ns())
