@@ -306,6 +306,8 @@ def header(command: int, offset: int = 0, length: int = 0, flags: int = 0,
 def gigantic(command: int, length: int):
     """A request for gigabytes: the daemon must answer or close without allocating them."""
     def attack(daemon, during):
+        high_water = ("netswap_pool_high_water_bytes", ())
+        high_before = samples(daemon.metrics())[high_water]
         rss_before = rss_kib(daemon.process.pid)
         sock = transmission(daemon)
         sock.sendall(header(command, 0, length, cookie=0xB16))
@@ -319,10 +321,13 @@ def gigantic(command: int, length: int):
             outcome = error_name(error)
             request(sock, C.CMD_DISC)
             server_closed(sock)
-        values = samples(daemon.metrics())
-        assert values[("netswap_pool_high_water_bytes", ())] < length
+        # Neither the pool nor the heap took the length asked for (the pool's high-water
+        # mark may grow by this connection's 64 KiB receive window, not by gigabytes).
+        high_after = samples(daemon.metrics())[high_water]
+        assert high_after - high_before < MiB, (high_before, high_after)
         growth = rss_kib(daemon.process.pid) - rss_before
-        assert growth < 64 * 1024, f"RSS grew by {growth} KiB"
+        assert growth < 16 * 1024, f"RSS grew by {growth} KiB"
+        print(f"pool high water {high_before} -> {high_after} B, RSS +{growth} KiB")
         return outcome
     return attack
 
