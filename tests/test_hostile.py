@@ -4,7 +4,7 @@ Every case is one row of CASES: what a hostile client sends, and what must follo
 the test checks all of:
 
   (a) the spec's reply (the option reply type, the NBD error) or a clean close by the server;
-  (b) a line in the daemon log naming the problem (and no traceback);
+  (b) a line in the daemon log naming the problem, at info or above (and no traceback);
   (c) the counter for it in /metrics, incremented by exactly one;
   (d) a well-behaved libnbd client, attached to another export (a node's swap, over IPv6)
       before the attack, keeps doing verified I/O during it and after it;
@@ -583,6 +583,9 @@ def test_attack(target, case: Case):
         time.sleep(0.02)
     assert case.log in new_log, new_log
     assert "Traceback" not in new_log, new_log
+    # ... and at a level the default configuration (info) shows
+    line = next(line for line in new_log.splitlines() if case.log in line)
+    assert " DEBUG " not in line, line
     # (d) the node on the other export progressed during the attack and after it
     assert progressed_during == [True], steady.errors
     assert steady.progresses(), steady.errors

@@ -72,6 +72,7 @@ class Connection:
         self._early_requests = b""
         self._window = None  # the pool buffer the request parser receives into
         self._is_swap = False
+        self._refusal_logged = False  # see _refusal_log_level
         self.tagged = False  # may this connection's buffers come from the reserve?
         self._group = None  # the pool group an emergency allocation is charged to
         if tagged:
@@ -195,9 +196,17 @@ class Connection:
     def _option_refused(self, reply: Reply) -> None:
         self.server.counters.inc("options_refused", reply.refused)
         name = C.OPTION_NAMES.get(reply.option, f"option {reply.option}")
-        # Honest clients probe for options we lack (libnbd asks for several): not a warning.
-        level = logging.DEBUG if reply.refused == "unsupported_option" else logging.INFO
-        log.log(level, "%s: %s refused (%s): %s", self.peer, name, reply.refused, reply.message)
+        log.log(self._refusal_log_level(), "%s: %s refused (%s): %s", self.peer, name,
+                reply.refused, reply.message)
+
+    def _refusal_log_level(self) -> int:
+        """A connection's first refused option or request is logged at info, later ones at
+        debug: bad input shows at the default level, but a client sending it in a loop
+        cannot flood the log (its counters still count every one)."""
+        if self._refusal_logged:
+            return logging.DEBUG
+        self._refusal_logged = True
+        return logging.INFO
 
     def _closed_in_handshake(self, partial: int) -> None:
         # A client must end the handshake with GO, EXPORT_NAME or ABORT; one that just
@@ -277,7 +286,8 @@ class Connection:
                 # Labelled by a bounded name: a client must not mint a counter per command number.
                 op = C.COMMAND_NAMES.get(request.command, "unknown")
                 self.server.counters.inc("request_errors", f"{op}:{error}")
-                log.debug("%s: %r rejected with error %d: %s", self.peer, request, error, problem)
+                log.log(self._refusal_log_level(), "%s: %r rejected with error %d: %s",
+                        self.peer, request, error, problem)
                 self._refuse(request, parser, error, started)
                 return
             if request.command in (C.CMD_READ, C.CMD_WRITE):
