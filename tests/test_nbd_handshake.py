@@ -295,3 +295,30 @@ def test_requests_pipelined_behind_go_are_left_for_transmission():
     hs.receive_data(option(C.OPT_GO, info_data(b"disk")) + first_request)
     assert isinstance(hs.next_event(), Ready)
     assert hs.trailing_data == first_request
+
+
+def test_partial_message_counts_only_an_unfinished_message():
+    hs = ServerHandshake(EXPORTS.get, lambda: [], LIMITS)
+    assert hs.partial_message == 0
+    hs.receive_data(b"\x00\x00")
+    assert hs.next_event() is None and hs.partial_message == 2
+    hs.receive_data(b"\x00\x01" + option(C.OPT_LIST))
+    assert isinstance(hs.next_event(), Reply) and hs.partial_message == 0
+    hs.receive_data(option(C.OPT_GO, b"abc")[:-1])
+    assert hs.next_event() is None and hs.partial_message == 18
+
+
+@pytest.mark.parametrize("opt, data, reason", [
+    (0x7654321, b"", "unsupported_option"),
+    (C.OPT_LIST, b"x", "malformed_option"),
+    (C.OPT_GO, b"\x00\x00\x10\x00disk\x00\x00", "malformed_option"),
+    (C.OPT_GO, info_data(b"swap/../disk"), "unknown_export"),
+])
+def test_error_replies_say_why_for_the_transport(opt, data, reason):
+    event = send(make(), opt, data)
+    assert isinstance(event, Reply) and event.refused == reason and event.message
+    assert event.message.encode() in event.data
+
+
+def test_successful_replies_are_not_refusals():
+    assert send(make(), C.OPT_LIST).refused == ""

@@ -11,6 +11,7 @@ from netswap.nbd.transmission import (
     Request,
     RequestParser,
     check_request,
+    refusal,
     reply_header,
     simple_reply,
     structured_done,
@@ -191,3 +192,17 @@ def test_discard_payload_drops_only_the_payload():
     parser.receive_data(b"def" + header(C.CMD_FLUSH, cookie=2))
     assert parser.discard_payload() == 3 and parser.payload_left == 0
     assert parser.next_request().cookie == 2
+
+
+@pytest.mark.parametrize("request_, problem", [
+    (Request(0, 42, 1, 0, 512), "unknown command 42"),
+    (Request(0x8001, C.CMD_READ, 1, 0, 512), "flags 0x8000 not allowed on read"),
+    (Request(0, C.CMD_TRIM, 1, 0, 0), "zero length"),
+    (Request(0, C.CMD_READ, 1, 0, 3 << 30), "exceeds the maximum payload"),
+    (Request(0, C.CMD_WRITE, 1, (1 << 64) - 4096, 8192), "past the end"),
+])
+def test_refusal_names_the_problem(request_, problem):
+    limits = ExportLimits(1 << 20, False, 1, 32 << 20, False)
+    error, text = refusal(request_, limits)
+    assert error == check_request(request_, limits) != 0 and problem in text
+    assert refusal(Request(0, C.CMD_READ, 1, 0, 512), limits) == (0, "")

@@ -50,8 +50,13 @@ _EVENTS = {
     "protocol_errors": ("netswap_protocol_errors_total",
                         "Connections closed for breaking the protocol.", "reason"),
     "handshake_failed": ("netswap_handshakes_failed_total",
-                         "Connections that ended in the handshake by an error, by reason "
-                         "(a protocol error's reason, or connection_lost).", "reason"),
+                         "Connections that ended in the handshake without GO, EXPORT_NAME or "
+                         "ABORT, by reason (a protocol error's reason, connection_lost, closed, "
+                         "or truncated: closed in the middle of a message).", "reason"),
+    "options_refused": ("netswap_options_refused_total",
+                        "Handshake options answered with an error reply, by reason "
+                        "(unsupported_option, malformed_option, unknown_export, "
+                        "export_unavailable, attach_refused).", "reason"),
     "connections_accepted": ("netswap_connections_accepted_total",
                              "Client connections accepted.", None),
     "connection_lost": ("netswap_connections_lost_total",

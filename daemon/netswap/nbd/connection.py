@@ -40,7 +40,7 @@ from .transmission import (
     ExportLimits,
     Request,
     RequestParser,
-    check_request,
+    refusal,
     reply_header,
 )
 
@@ -76,6 +76,7 @@ class Connection:
         self._early_requests = b""
         self._window = None  # the pool buffer the request parser receives into
         self._is_swap = False
+        self._refusal_logged = False  # see _refusal_log_level
         self.tagged = False  # may this connection's buffers come from the reserve?
         self._group = None  # the pool group an emergency allocation is charged to
         if tagged:
@@ -180,12 +181,14 @@ class Connection:
                 except socket.timeout:
                     raise ProtocolError("handshake timed out", "handshake_timeout") from None
                 if not data:
-                    log.debug("%s: closed during the handshake", self.peer)
+                    self._closed_in_handshake(handshake.partial_message)
                     return False
                 handshake.receive_data(data)
                 continue
             self.sock.sendall(event.data)
             if isinstance(event, Reply):
+                if event.refused:
+                    self._option_refused(event)
                 continue
             if isinstance(event, Abort):
                 log.debug("%s: client aborted the handshake", self.peer)
@@ -195,6 +198,32 @@ class Connection:
             self._enter_transmission(event)
             self._early_requests = handshake.trailing_data
             return True
+
+    def _option_refused(self, reply: Reply) -> None:
+        self.server.counters.inc("options_refused", reply.refused)
+        name = C.OPTION_NAMES.get(reply.option, f"option {reply.option}")
+        log.log(self._refusal_log_level(), "%s: %s refused (%s): %s", self.peer, name,
+                reply.refused, reply.message)
+
+    def _refusal_log_level(self) -> int:
+        """A connection's first refused option or request is logged at info, later ones at
+        debug: bad input shows at the default level, but a client sending it in a loop
+        cannot flood the log (its counters still count every one)."""
+        if self._refusal_logged:
+            return logging.DEBUG
+        self._refusal_logged = True
+        return logging.INFO
+
+    def _closed_in_handshake(self, partial: int) -> None:
+        # A client must end the handshake with GO, EXPORT_NAME or ABORT; one that just
+        # closes is counted, and one that closes in the middle of a message is a truncation.
+        if partial:
+            self.server.counters.inc("handshake_failed", "truncated")
+            log.warning("%s: closed in the middle of a handshake message (%d bytes of it sent)",
+                        self.peer, partial)
+        else:
+            self.server.counters.inc("handshake_failed", "closed")
+            log.info("%s: closed during the handshake", self.peer)
 
     def _enter_transmission(self, ready: Ready) -> None:
         export = ready.export
@@ -247,6 +276,10 @@ class Connection:
                 continue
             if request.command == C.CMD_DISC:
                 log.debug("%s: disconnect requested", self.peer)
+                if parser.buffered:
+                    # The client MUST NOT send after DISC; what it did is not served.
+                    self.server.counters.inc("protocol_errors", "requests_after_disc")
+                    log.warning("%s: %d bytes sent after DISC ignored", self.peer, parser.buffered)
                 return  # _finish() completes what is in flight before closing
             # A request's latency runs from here (its header parsed) to its reply sent.
             self._dispatch(request, parser, time.perf_counter_ns())
@@ -257,12 +290,13 @@ class Connection:
         buffer = None
         throttle = None
         try:
-            error = check_request(request, self._limits)
+            error, problem = refusal(request, self._limits)
             if error:
                 # Labelled by a bounded name: a client must not mint a counter per command number.
                 op = C.COMMAND_NAMES.get(request.command, "unknown")
                 self.server.counters.inc("request_errors", f"{op}:{error}")
-                log.debug("%s: %r rejected with error %d", self.peer, request, error)
+                log.log(self._refusal_log_level(), "%s: %r rejected with error %d: %s",
+                        self.peer, request, error, problem)
                 self._refuse(request, parser, error, started)
                 return
             if request.command in (C.CMD_READ, C.CMD_WRITE):

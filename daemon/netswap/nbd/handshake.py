@@ -65,10 +65,13 @@ class BlockLimits:
 
 @dataclass(frozen=True)
 class Reply:
-    """Send `data` and keep reading options."""
+    """Send `data` and keep reading options. An error reply also says why, for the
+    transport's counter (`refused`, a short stable label) and log line (`message`)."""
 
     data: bytes
     option: int
+    refused: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
 def error_reply(option: int, reply_type: int, message: str) -> bytes:
     # The message is for humans; keep it short enough for nbd-client's 4 KiB read.
     return option_reply(option, reply_type, message.encode()[:MAX_DESCRIPTION])
+
+
+def _refuse(option: int, reply_type: int, reason: str, message: str) -> Reply:
+    return Reply(error_reply(option, reply_type, message), option, reason, message)
 
 
 def transmission_flags(export: ExportView, structured_replies: bool) -> int:
@@ -159,6 +166,12 @@ class ServerHandshake:
         """Bytes received after the handshake ended: a client may send its first requests
         right behind GO or EXPORT_NAME, and they belong to transmission."""
         return bytes(self._buffer) if self.done else b""
+
+    @property
+    def partial_message(self) -> int:
+        """Bytes of a message not complete yet: what a client that closes now cut short
+        (`next_event` leaves only an incomplete message buffered)."""
+        return 0 if self.done else len(self._buffer)
 
     def receive_data(self, data: bytes) -> None:
         if self.done:
@@ -219,7 +232,7 @@ class ServerHandshake:
         if option == C.OPT_STRUCTURED_REPLY:
             return self._structured_reply(data)
         name = C.OPTION_NAMES.get(option, str(option))
-        return Reply(error_reply(option, C.REP_ERR_UNSUP, f"option {name} is not supported"), option)
+        return _refuse(option, C.REP_ERR_UNSUP, "unsupported_option", f"option {name} is not supported")
 
     def _export_name(self, data: bytes) -> Event:
         # No error reply exists for EXPORT_NAME: an unknown export can only be a disconnect.
@@ -241,7 +254,7 @@ class ServerHandshake:
 
     def _list(self, data: bytes) -> Event:
         if data:
-            return Reply(error_reply(C.OPT_LIST, C.REP_ERR_INVALID, "LIST takes no data"), C.OPT_LIST)
+            return _refuse(C.OPT_LIST, C.REP_ERR_INVALID, "malformed_option", "LIST takes no data")
         parts = []
         for name, description in self._list_exports():
             encoded = _utf8(name, MAX_NAME_LENGTH)
@@ -253,16 +266,16 @@ class ServerHandshake:
     def _structured_reply(self, data: bytes) -> Event:
         option = C.OPT_STRUCTURED_REPLY
         if data:
-            return Reply(error_reply(option, C.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data"), option)
+            return _refuse(option, C.REP_ERR_INVALID, "malformed_option", "STRUCTURED_REPLY takes no data")
         if self._structured_replies:
-            return Reply(error_reply(option, C.REP_ERR_INVALID, "structured replies already on"), option)
+            return _refuse(option, C.REP_ERR_INVALID, "malformed_option", "structured replies already on")
         self._structured_replies = True
         return Reply(option_reply(option, C.REP_ACK), option)
 
     def _info_or_go(self, option: int, data: bytes) -> Event:
         request = _parse_info_request(data)
         if isinstance(request, str):
-            return Reply(error_reply(option, C.REP_ERR_INVALID, request), option)
+            return _refuse(option, C.REP_ERR_INVALID, "malformed_option", request)
         raw_name, info_ids = request
         name = self._decode_name(raw_name)
         shown = raw_name[:64].decode(errors="replace")
@@ -273,9 +286,9 @@ class ServerHandshake:
             # swap file): the client gets a reply that says why, not a dropped connection.
             self.lookup_failures += 1
             message = f"export {shown!r} cannot be opened: {exc.strerror or exc}"
-            return Reply(error_reply(option, C.REP_ERR_UNKNOWN, message), option)
+            return _refuse(option, C.REP_ERR_UNKNOWN, "export_unavailable", message)
         if export is None:
-            return Reply(error_reply(option, C.REP_ERR_UNKNOWN, f"no export named {shown!r}"), option)
+            return _refuse(option, C.REP_ERR_UNKNOWN, "unknown_export", f"no export named {shown!r}")
 
         flags = transmission_flags(export, self._structured_replies)
         infos = [struct.pack(">HQH", C.INFO_EXPORT, export.size, flags)]
@@ -303,7 +316,7 @@ class ServerHandshake:
             # GO is where a node commits to the export: for swap, the seed's swapon.
             attachment = self._attach(export)
         except AttachRefused as exc:
-            return Reply(error_reply(option, C.REP_ERR_POLICY, str(exc)), option)
+            return _refuse(option, C.REP_ERR_POLICY, "attach_refused", str(exc))
         self.done = True
         return Ready(reply, export, flags, self._structured_replies, attachment)
 

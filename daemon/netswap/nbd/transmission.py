@@ -14,7 +14,8 @@ into `dest` and reports it with `payload_received(n)`. Payload bytes therefore n
 through a per-request heap object.
 
 Checking. `check_request` decides a request's error value from the spec's rules, without
-touching the export; the transport executes only requests it passes.
+touching the export (`refusal` also says what is wrong, for the log); the transport executes
+only requests it passes.
 
 Replying. `simple_reply` and the `structured_*` writers make reply headers; the READ payload
 itself is sent by the transport from the pool buffer next to the header (sendmsg).
@@ -180,29 +181,36 @@ _FLAGS_ALLOWED = {
 
 def check_request(request: Request, limits: ExportLimits) -> int:
     """The NBD error value the request must get, or 0 if it may be executed."""
+    return refusal(request, limits)[0]
+
+
+def refusal(request: Request, limits: ExportLimits) -> tuple[int, str]:
+    """`check_request`'s error value and, for the log, what is wrong ("" when nothing is)."""
     command = request.command
     if command not in _SERVED:
-        return C.EINVAL  # "SHOULD return NBD_EINVAL if it receives an unknown command"
+        # "SHOULD return NBD_EINVAL if it receives an unknown command"
+        return C.EINVAL, f"unknown command {command}"
     allowed = _FLAGS_ALLOWED.get(command, C.CMD_FLAG_FUA)
     if not limits.structured_replies:
         allowed &= ~C.CMD_FLAG_DF  # DF is only defined with structured replies
     if request.flags & ~allowed:
-        return C.EINVAL
+        return C.EINVAL, f"flags {request.flags & ~allowed:#x} not allowed on {request.name}"
     if command not in _RANGED:
-        return 0  # FLUSH and DISC: offset and length are reserved and ignored
+        return 0, ""  # FLUSH and DISC: offset and length are reserved and ignored
     if command in _WRITING and limits.read_only:
-        return C.EPERM
+        return C.EPERM, "read-only export"
     length, offset = request.length, request.offset
     if length == 0:
-        return C.EINVAL
+        return C.EINVAL, "zero length"
     if command in (C.CMD_READ, C.CMD_WRITE) and length > limits.maximum_payload:
-        return C.EINVAL
+        return C.EINVAL, f"length {length} exceeds the maximum payload {limits.maximum_payload}"
     if offset % limits.minimum_block or length % limits.minimum_block:
-        return C.EINVAL
+        return C.EINVAL, f"not aligned to the minimum block size {limits.minimum_block}"
     if offset + length > limits.size:
         # Writing past the end is "no space"; reading or trimming past it is invalid.
-        return C.ENOSPC if command in (C.CMD_WRITE, C.CMD_WRITE_ZEROES) else C.EINVAL
-    return 0
+        error = C.ENOSPC if command in (C.CMD_WRITE, C.CMD_WRITE_ZEROES) else C.EINVAL
+        return error, f"past the end of the export ({limits.size} bytes)"
+    return 0, ""
 
 
 # Replies --------------------------------------------------------------------
