@@ -94,6 +94,9 @@ class Lifecycle:
     def attach(self, export) -> Attachment:
         """Attach a connection to `export`; raises AttachRefused if its reserve cannot be backed."""
         if not getattr(export, "is_swap", False):
+            if not self._static_wipes(export):
+                return Attachment(export)
+            # Counted (only) to know when the last client of a wipe = true export leaves.
             with self._static_lock:
                 self._static_users[export] += 1
             return Attachment(export, _lifecycle=self)
@@ -195,8 +198,7 @@ class Lifecycle:
             if self._static_users[export] > 0:
                 return
             del self._static_users[export]
-            if self._static_wipes(export):
-                self._wipe_logged(export, "its last client disconnected")
+            self._wipe_logged(export, "its last client disconnected")
 
     def _static_wipes(self, export) -> bool:
         return any(spec.name == export.name and spec.wipe for spec in self._config.exports)
