@@ -13,6 +13,8 @@ from netswap import config
 from netswap.config import ConfigError
 
 MiB = 1 << 20
+# The default allow list: every IPv4 and every IPv6 client.
+EVERYONE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 GiB = 1 << 30
 
 
@@ -167,6 +169,11 @@ def test_empty_document_gives_defaults():
         max_connections=4,
         detach_grace=30.0,
         node_networks=(),
+        allow=EVERYONE,
+        allow_uids=None,
+        bind="address",
+        secrets=(),
+        wipe=False,
     )
     assert cfg.network == config.NetworkConfig(priority=6, dscp=46, mark=0, shape=False,
                                                interface="")
@@ -198,9 +205,9 @@ def test_exports_are_typed_and_paths_resolved():
         )
     )
     assert cfg.exports == (
-        config.ExportConfig("scratch", "file", Path("/srv/netswap/scratch.img"), GiB, False, ""),
-        config.ExportConfig("abs", "file", Path("/srv/images/abs.img"), 8192, True, ""),
-        config.ExportConfig("ram", "memory", None, 256 * MiB, False, "remote RAM"),
+        config.ExportConfig("scratch", "file", Path("/srv/netswap/scratch.img"), GiB, False, "", EVERYONE, None, False),
+        config.ExportConfig("abs", "file", Path("/srv/images/abs.img"), 8192, True, "", EVERYONE, None, False),
+        config.ExportConfig("ram", "memory", None, 256 * MiB, False, "remote RAM", EVERYONE, None, False),
     )
 
 
@@ -679,7 +686,7 @@ def test_default_config_loads_with_the_documented_values():
     assert (scratch.name, scratch.backend, scratch.path, scratch.size, scratch.read_only) == (
         "scratch", "file", Path("/var/lib/netswapd/scratch.img"), GiB, False)
     assert scratch.description
-    assert ram == config.ExportConfig("ram", "memory", None, 256 * MiB, False, "remote RAM")
+    assert ram == config.ExportConfig("ram", "memory", None, 256 * MiB, False, "remote RAM", EVERYONE, None, False)
     assert cfg.source == str(DEFAULT_CONFIG)
 
 

@@ -36,6 +36,7 @@ import reprlib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from decimal import Decimal
 from pathlib import Path
 
@@ -557,6 +558,68 @@ class _Networks(_UniqueStrings):
         return network
 
 
+class _Uids(_Kind):
+    """"any" (-> None: no check) or a list of numeric uids -> a tuple of ints.
+
+    Numbers only: a user name would make access depend on the passwd database at start, and
+    SO_PEERCRED reports numbers.
+    """
+
+    type_name = '"any" or list of int'
+    allowed = '"any", or a list of uids 0..4294967294 (numbers, not names); no duplicates'
+
+    def convert(self, value, key):
+        if value == "any":
+            return None
+        self._require_type(key, value, isinstance(value, (list, tuple)), '"any" or an array')
+        uids = []
+        for index, uid in enumerate(value):
+            item_key = f"{key}[{index}]"
+            self._require_type(item_key, uid, _is_integer(uid), "an integer")
+            if not 0 <= uid <= 2**32 - 2:  # (uid_t)-1 is "no uid" to the kernel
+                self._reject(item_key, uid, "is out of range")
+            if uid in uids:
+                self._reject(item_key, uid, "is listed twice")
+            uids.append(uid)
+        return tuple(uids)
+
+
+# The per-node name rule of exports/registry.py, repeated here so that config parsing stays
+# free of the exports package; tests/test_access.py checks that the two agree.
+_NODE_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class _Secrets(_Kind):
+    """A table node name -> secret string -> a tuple of (node, secret bytes), sorted.
+
+    Kept out of every repr (SwapConfig.secrets has repr=False) and never echoed in an error:
+    a config error about a secret quotes the node, not the value.
+    """
+
+    type_name = "table of str"
+    allowed = ("a table of node = \"secret\" (node: a swap node name; secret: 16 to 256 "
+               "bytes of printable ASCII without \":\" or spaces)")
+
+    def convert(self, value, key):
+        if not isinstance(value, Mapping):  # the value may be a misplaced secret: not shown
+            raise ConfigError(key, f"is {_describe_type(value)}, not a table", allowed=self.allowed)
+        pairs = []
+        for node, secret in value.items():
+            item_key = _key_path(key, str(node))
+            if not _NODE_NAME_RE.fullmatch(str(node)):
+                raise ConfigError(item_key, "is not a swap node name", allowed=self.allowed)
+            if not isinstance(secret, str):
+                raise ConfigError(item_key, f"is {_describe_type(secret)}, not a string",
+                                  allowed=self.allowed)
+            # Printable ASCII without ":" (it ends the node part of "swap/<node>:<secret>")
+            # and without spaces, so it survives every client's export-name handling.
+            if not re.fullmatch(r"[!-9;-~]{16,256}", secret, re.ASCII):
+                raise ConfigError(item_key, "is not 16 to 256 printable ASCII characters "
+                                  "without \":\" or spaces (value not shown)", allowed=self.allowed)
+            pairs.append((node, secret.encode()))
+        return tuple(sorted(pairs))
+
+
 def _ip_literal(address_class, text: str) -> str | None:
     """The canonical spelling of an IP literal ("0::1" -> "::1"), or None if it is not one."""
     try:
@@ -694,6 +757,24 @@ _SWAP = (
     _Field("node_networks", _Networks(), [],
            "Peers whose connections are treated as swap (emergency) traffic from accept, "
            "before their export is known."),
+    _Field("allow", _Networks(), ["0.0.0.0/0", "::/0"],
+           "TCP clients that may open a swap/<node> export (and see them listed); the "
+           "default lets anyone who reaches nbd.listen open any node's swap."),
+    _Field("allow_uids", _Uids(), "any",
+           "Unix-socket clients (by SO_PEERCRED uid) that may open a swap/<node> export."),
+    _Field("bind", _Choice("address", "secret", "none"), "address",
+           '"address": a node\'s swap is bound to the client address (Unix socket: uid) that '
+           "first attached it, kept in daemon.state_dir, and refused to every other; "
+           '"secret": a client must ask for "swap/<node>:<secret>" with the node\'s secret '
+           'from secrets; "none": any allowed client may open any node\'s swap.'),
+    _Field("secrets", _Secrets(), {},
+           'Per-node secrets for bind = "secret" ([swap.secrets] node = "secret"); they '
+           "cross the network in clear without TLS.",
+           also='set if and only if bind = "secret"'),
+    _Field("wipe", _Boolean(), False,
+           "Discard a node's swap contents (punch holes, made durable) when it detaches for "
+           "good (detach_grace over, an operator's detach, daemon stop) and every node's image "
+           "at daemon start."),
 )
 
 _NETWORK = (
@@ -772,6 +853,15 @@ _EXPORT = (
            "Serve the export read-only (writes are refused)."),
     _Field("description", _Text(0, 4096), "",
            "Description sent to clients (NBD_INFO_DESCRIPTION)."),
+    _Field("allow", _Networks(), ["0.0.0.0/0", "::/0"],
+           "TCP clients that may open the export (and see it listed); the default lets "
+           "anyone who reaches nbd.listen open it."),
+    _Field("allow_uids", _Uids(), "any",
+           "Unix-socket clients (by SO_PEERCRED uid) that may open the export."),
+    _Field("wipe", _Boolean(), False,
+           "Discard the export's contents (punch holes, made durable) at daemon start and "
+           "whenever its last client disconnects.",
+           also="not with read_only = true"),
 )
 
 # Fixed sections, in file and documentation order; "exports" is an array of tables.
@@ -835,6 +925,11 @@ class SwapConfig:
     max_connections: int
     detach_grace: float  # seconds
     node_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # host bits clear
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    allow_uids: tuple[int, ...] | None  # None: any uid
+    bind: str  # "address" | "secret" | "none"
+    secrets: tuple[tuple[str, bytes], ...] = dataclass_field(repr=False)  # (node, secret), sorted
+    wipe: bool
 
 
 @dataclass(frozen=True)
@@ -876,6 +971,9 @@ class ExportConfig:
     size: int  # bytes
     read_only: bool
     description: str
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    allow_uids: tuple[int, ...] | None  # None: any uid
+    wipe: bool
 
 
 @dataclass(frozen=True)
@@ -1047,6 +1145,14 @@ def _build_swap(table, state_dir: Path, nbd: NbdConfig, nbd_written: dict) -> Sw
     _require_relation("swap.reserve_request", values["reserve_request"],
                       written["reserve_request"], "<=", "nbd.max_request", nbd.max_request,
                       nbd_written["max_request"], in_bytes=True)
+    # Secrets that nothing checks would give a false sense of protection; secret binding
+    # without secrets would refuse every node.
+    if values["secrets"] and values["bind"] != "secret":
+        raise ConfigError("swap.secrets", f"are set, but swap.bind = {written['bind']!r} "
+                          "never checks them", allowed='secrets only with swap.bind = "secret"')
+    if values["bind"] == "secret" and not values["secrets"]:
+        raise ConfigError("swap.secrets", 'is empty, but swap.bind = "secret" refuses every '
+                          "node without one", allowed='a secret per node with swap.bind = "secret"')
     return SwapConfig(**values)
 
 
@@ -1134,6 +1240,9 @@ def _build_exports(array, state_dir: Path, swap: SwapConfig, nbd: NbdConfig):
             owner_of_path[path] = prefix
 
         _check_multiple_of_block(values["size"], f"{prefix}.size", written["size"], nbd)
+        if values["wipe"] and values["read_only"]:
+            raise ConfigError(f"{prefix}.wipe", "is true, but the export is read_only",
+                              value=written["wipe"], allowed="false for a read_only export")
         exports.append(ExportConfig(**values))
     return tuple(exports)
 
@@ -1197,6 +1306,8 @@ def _toml_literal(value) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_toml_literal(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # valid as a TOML basic string
     return str(value)

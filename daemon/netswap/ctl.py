@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     detach = commands.add_parser("detach", help="close a node's connections and release its reserve")
     detach.add_argument("node", help="the node name (as in swap/NODE)")
     detach.add_argument("--wipe", action="store_true",
-                        help="also discard the node's swap contents (punch the whole file)")
+                        help="also discard the node's swap contents (punch the whole file) and "
+                             "drop its binding (swap.bind), so a replaced node may attach")
     return parser
 
 
@@ -87,7 +88,8 @@ def _exports(reply: dict) -> str:
 def _detach(reply: dict) -> str:
     return (f"node {reply['node']}: {reply['connections_closed']} connection(s) closed, reserve "
             f"{'released' if reply['reserve_released'] else 'was not connected'}"
-            f"{', swap wiped' if reply['wiped'] else ''}")
+            f"{', swap wiped' if reply['wiped'] else ''}"
+            f"{', binding to ' + reply['unbound'] + ' dropped' if reply.get('unbound') else ''}")
 
 
 _FORMATTERS = {"status": _status, "exports": _exports, "detach": _detach}

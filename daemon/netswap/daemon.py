@@ -18,6 +18,7 @@ import signal
 import time
 
 from . import __version__
+from .access import BINDINGS_FILE, AccessControl, SwapBindings
 from .config import Config, ConfigError, load
 from .control import ControlServer
 from .counters import Counters
@@ -125,9 +126,17 @@ class Daemon:
 
         self.lifecycle = Lifecycle(self.pool, self.tree, config, self.counters)
         undo.callback(self.lifecycle.close)
+        self._wipe_at_start()
+        try:
+            bindings = SwapBindings(config.daemon.state_dir / BINDINGS_FILE)
+        except OSError as exc:
+            raise StartError(str(exc)) from exc
+        self.access = AccessControl(self.registry, self.lifecycle, config, self.counters, bindings)
+        if config.swap.bind == "secret":
+            _warn_if_readable(config.source, "swap.secrets")
         self.pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
         self.server = NbdServer(config, self.pool, self.registry, self.lifecycle, self.counters,
-                                self.pressure)
+                                self.pressure, access=self.access)
         try:
             self.server.start()
         except ListenError as exc:
@@ -148,7 +157,7 @@ class Daemon:
 
         if config.daemon.control_socket is not None:
             operations = Operations(server=self.server, registry=self.registry,
-                                    lifecycle=self.lifecycle, pool=self.pool, tree=self.tree,
+                                    lifecycle=self.lifecycle, access=self.access, pool=self.pool, tree=self.tree,
                                     pressure=self.pressure, started=self.started)
             control = ControlServer(config.daemon.control_socket, operations.commands())
             try:
@@ -164,6 +173,24 @@ class Daemon:
         interval = self.notifier.watchdog_interval or 0
         self.notifier.start_watchdog(lambda: self.server.healthy(interval / 2))
         undo.callback(self.notifier.stop_watchdog)
+
+    def _wipe_at_start(self) -> None:
+        """wipe = true: what a previous run left (swap images, static exports) is discarded
+        before any client can connect. A failure stops the start: the operator asked for
+        that data to be gone, and serving it would break the promise."""
+        wiped = []
+        try:
+            if self.config.swap.enabled and self.config.swap.wipe:
+                for node in self.registry.discard_swap_images():
+                    self.counters.inc("wipes", f"swap/{node}")
+                    wiped.append(f"swap/{node}")
+            for spec in self.config.exports:
+                if spec.wipe:
+                    self.lifecycle.wipe(self.registry.lookup(spec.name), "daemon start")
+        except OSError as exc:
+            raise StartError(f"wipe at start: {exc}") from exc
+        if wiped:
+            log.info("wiped at start (swap.wipe): %s", ", ".join(wiped))
 
     def _status(self) -> str:
         return (f"serving {len(self.config.exports)} static exports, "
@@ -202,6 +229,7 @@ class Daemon:
             return
         self.server.apply_config(effective)
         self.lifecycle.apply_config(effective)
+        self.access.apply_config(effective)
         logging.getLogger().setLevel(getattr(logging, effective.daemon.log_level.upper()))
         self.config = effective
         self.counters.inc("reloads", "applied")
@@ -227,6 +255,16 @@ class Daemon:
             "events": {f"{name}{'{' + label + '}' if label else ''}": value
                        for (name, label), value in sorted(self.counters.snapshot().items())},
         }, sort_keys=True))
+
+
+def _warn_if_readable(path: str, what: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # a config given as a string, or gone since it was read: nothing to check
+    if mode & 0o077:
+        log.warning("%s holds %s but is readable by group/others (mode %o): chmod 600 it",
+                    path, what, mode & 0o777)
 
 
 def run(config: Config) -> int:

@@ -12,3 +12,11 @@ class AttachRefused(Exception):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class AccessDenied(AttachRefused):
+    """This client may not open this export (an allow list, a node's binding or secret).
+
+    The message is what the client is told, so it says no more than "not allowed": which
+    rule refused it, and whose the export is, go to the log and the counter only.
+    """

@@ -75,6 +75,14 @@ _EVENTS = {
     "io_errors": ("netswap_backend_errors_total",
                   "Requests the backing storage refused or failed, by request:NBD errno.",
                   "request"),
+    "access_denied": ("netswap_access_denied_total",
+                      "Clients refused an export by an allow list, a swap binding or secret, "
+                      'as "export:reason" ("swap" for every node\'s swap export).', "export_reason"),
+    "wipes": ("netswap_wipes_total",
+              "Exports whose contents were discarded (wipe = true, or netswapctl detach --wipe).",
+              "export"),
+    "wipe_failures": ("netswap_wipe_failures_total",
+                      "Wipes that failed: the export's old contents remain (logged).", "export"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

@@ -22,10 +22,12 @@ _DETACH_WAIT = 10.0
 
 
 class Operations:
-    def __init__(self, *, server, registry, lifecycle, pool, tree, pressure, started: float) -> None:
+    def __init__(self, *, server, registry, lifecycle, pool, tree, pressure, started: float,
+                 access=None) -> None:
         self._server = server
         self._registry = registry
         self._lifecycle = lifecycle
+        self._access = access
         self._pool = pool
         self._tree = tree
         self._pressure = pressure
@@ -90,7 +92,8 @@ class Operations:
         return {"exports": rows}
 
     def detach(self, request: dict) -> dict:
-        """Close a node's connections, release its reserve now, and optionally wipe its swap."""
+        """Close a node's connections, release its reserve now, and optionally wipe its swap
+        and free it from the client it is bound to (a replaced node may then attach)."""
         node = request.get("node")
         if not isinstance(node, str) or not node:
             raise CommandError("detach needs a node name")
@@ -107,12 +110,17 @@ class Operations:
         if self._lifecycle.attached_nodes().get(node, 0):
             raise CommandError(f"node {node!r}: connections did not close within {_DETACH_WAIT:.0f} s")
         released = self._lifecycle.release_now(node)
-        wiped = False
+        wiped = released and self._lifecycle.wipes_swap  # swap.wipe did it on release
+        unbound = None
         if request.get("wipe"):
-            # Swap holds whatever the node had in memory: discard it all, then make it durable.
-            export.backend.write_zeroes(0, export.size, may_trim=True, fua=True)
-            wiped = True
-        log.info("operator detached node %r: %d connections closed, reserve %s%s", node, dropped,
-                 "released" if released else "was not connected", ", swap wiped" if wiped else "")
+            if not wiped:
+                # Swap holds whatever the node had in memory: discard it all, durably.
+                self._lifecycle.wipe(export, "operator's detach --wipe")
+                wiped = True
+            if self._access is not None:
+                unbound = self._access.unbind(node)
+        log.info("operator detached node %r: %d connections closed, reserve %s%s%s", node,
+                 dropped, "released" if released else "was not connected",
+                 ", swap wiped" if wiped else "", f", unbound from {unbound}" if unbound else "")
         return {"node": node, "connections_closed": dropped, "reserve_released": released,
-                "wiped": wiped}
+                "wiped": wiped, "unbound": unbound}

@@ -9,12 +9,18 @@ reconnecting after a network blip must find its reserve still there); then it is
 disconnected and the watermark lowered: the seed's swapoff.
 
 Non-swap exports attach without a reservation: they never touch the reserve.
+
+Wipe (`wipe = true`): a node's swap is discarded when the node detaches for good (its grace
+period ends, an operator releases it, the daemon stops), and a static export's contents when
+its last connection closes. The wipe runs under the lock that attaching takes, so a client
+attaching meanwhile waits and then finds the export empty, never half wiped.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,14 +46,18 @@ class Attachment:
         return self.requests is not None
 
     def release(self) -> None:
-        if self._lifecycle is not None and self.is_swap:
-            self._lifecycle._release(self.export.node)
+        if self._lifecycle is not None:
+            if self.is_swap:
+                self._lifecycle._release(self.export.node)
+            else:
+                self._lifecycle._release_static(self.export)
         self._lifecycle = None
 
 
 class _Node:
-    def __init__(self, tree_entry: Group) -> None:
+    def __init__(self, tree_entry: Group, export) -> None:
         self.tree_entry = tree_entry
+        self.export = export
         self.connections = 0
         self.expiry: Optional[threading.Timer] = None
 
@@ -65,6 +75,8 @@ class Lifecycle:
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
         self._closed = False
+        self._static_lock = threading.Lock()  # held while a static export is wiped
+        self._static_users: Counter = Counter()  # static Export -> its open connections
         # Tagged-by-peer connections whose export turns out not to be swap draw on this group
         # (their data is received before it is routed); it is part of the pool's sizing, so
         # it is connected for the daemon's whole life.
@@ -82,7 +94,12 @@ class Lifecycle:
     def attach(self, export) -> Attachment:
         """Attach a connection to `export`; raises AttachRefused if its reserve cannot be backed."""
         if not getattr(export, "is_swap", False):
-            return Attachment(export)
+            if not self._static_wipes(export):
+                return Attachment(export)
+            # Counted (only) to know when the last client of a wipe = true export leaves.
+            with self._static_lock:
+                self._static_users[export] += 1
+            return Attachment(export, _lifecycle=self)
         with self._lock:
             if self._closed:
                 raise AttachRefused("netswapd is shutting down", "shutdown")
@@ -101,6 +118,19 @@ class Lifecycle:
         """Node name -> connections, for nodes whose reserve is connected (grace included)."""
         with self._lock:
             return {name: node.connections for name, node in self._nodes.items()}
+
+    @property
+    def wipes_swap(self) -> bool:
+        """Is a node's swap wiped when it detaches for good (swap.wipe)?"""
+        return self._config.swap.wipe
+
+    def wipe(self, export, why: str) -> None:
+        """Discard all of `export`'s contents and make that durable; raises OSError."""
+        # One request for the whole export: a hole punched in a file (fdatasync'd), pages
+        # dropped from a memory map; reads return zeros either way.
+        export.backend.write_zeroes(0, export.size, may_trim=True, fua=True)
+        self._counters.inc("wipes", export.name)
+        log.info("export %r wiped (%s)", export.name, why)
 
     def release_now(self, name: str) -> bool:
         """Release a node's reserve without waiting for the grace period (an operator's
@@ -146,7 +176,7 @@ class Lifecycle:
         self._counters.inc("swap_attaches")
         log.info("node %r attached: reserve of %d bytes connected, watermark now %d",
                  export.node, entry.total, self._pool.watermark)
-        return _Node(entry)
+        return _Node(entry, export)
 
     def _release(self, name: str) -> None:
         with self._lock:
@@ -162,6 +192,25 @@ class Lifecycle:
             node.expiry.start()
             log.info("node %r has no connection left; its reserve stays %.0f s", name, grace)
 
+    def _release_static(self, export) -> None:
+        with self._static_lock:
+            self._static_users[export] -= 1
+            if self._static_users[export] > 0:
+                return
+            del self._static_users[export]
+            self._wipe_logged(export, "its last client disconnected")
+
+    def _static_wipes(self, export) -> bool:
+        return any(spec.name == export.name and spec.wipe for spec in self._config.exports)
+
+    def _wipe_logged(self, export, why: str) -> None:
+        try:
+            self.wipe(export, why)
+        except OSError as exc:
+            # The data is still there: say so loudly, the operator promised it would not be.
+            self._counters.inc("wipe_failures", export.name)
+            log.error("export %r: wipe failed, its old contents remain: %s", export.name, exc)
+
     def _expire(self, name: str, force: bool = False) -> None:
         with self._lock:
             node = self._nodes.get(name)
@@ -169,6 +218,8 @@ class Lifecycle:
                 return  # reattached since the timer was set
             if node.expiry is not None:
                 node.expiry.cancel()
+            if self.wipes_swap:
+                self._wipe_logged(node.export, "the node detached")
             del self._nodes[name]
             self._nbd.children.remove(node.tree_entry)
         for group in node.groups:

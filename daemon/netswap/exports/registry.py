@@ -216,6 +216,32 @@ class ExportRegistry:
         )
         return result
 
+    def discard_swap_images(self) -> list[str]:
+        """Empty every node's swap image on disk, keeping its size (swap.wipe, at start,
+        before any node has opened one); return those nodes. Raises ExportError.
+
+        Truncating to zero frees every block on any file system (hole punching is not
+        everywhere); growing back leaves a sparse file of the old size, so the node's
+        image still matches the template (or still mismatches, as before).
+        """
+        if self._swap is None or self._swap.backend != "file":
+            return []
+        nodes = sorted(self._nodes_on_disk())
+        for node in nodes:
+            path = self._image_path(node)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    size = os.fstat(fd).st_size
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise ExportError.wrap(f"wiping the swap image of node {node!r}", e) from e
+        return nodes
+
     def swap_exports(self) -> dict[str, Export]:
         """Node name -> its open swap export; never opens or creates one (for metrics).
 

@@ -63,6 +63,7 @@ class Connection:
         self.sock = sock
         self.peer = peer
         self.client = peer  # the address connection limits count by (set by the server)
+        self.identity = None  # access.ClientIdentity, read at accept (set by the server)
         self.export = None
         self._sender: Optional[ReplySender] = None  # made when transmission begins
         self._flow = None  # whose fair share of the workers this connection's requests use
@@ -157,9 +158,16 @@ class Connection:
     def _handshake(self) -> bool:
         """Haggle options; True when the connection enters transmission."""
         server = self.server
-        handshake = ServerHandshake(
-            server.registry.lookup, server.registry.list, server.block_limits, server.lifecycle.attach
-        )
+        access, client = server.access, self.identity
+        if access is None:
+            handshake = ServerHandshake(server.registry.lookup, server.registry.list,
+                                        server.block_limits, server.lifecycle.attach)
+        else:
+            # The export table as this client may see it: its identity is bound in here, so
+            # the sans-I/O handshake never learns about sockets or peers.
+            handshake = ServerHandshake(
+                lambda name: access.lookup(name, client), lambda: access.list(client),
+                server.block_limits, lambda export: access.attach(export, client))
         try:
             return self._haggle(handshake)
         finally:

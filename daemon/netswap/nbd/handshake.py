@@ -6,8 +6,11 @@ says whether to carry on haggling (`Reply`), close (`Abort`) or enter transmissi
 (`Ready`). A peer that breaks the protocol so that no reply is possible raises
 `ProtocolError`; the transport logs it, counts it and closes that one connection.
 
-The export table is reached through two callables, so this module never touches a disk or a
-socket and every path through the option haggling is a plain unit test.
+The export table is reached through callables, so this module never touches a disk or a
+socket and every path through the option haggling is a plain unit test. Access control lives
+behind them too: the transport binds the client's identity into them, and `lookup` raises
+AccessDenied for an export this client may not open (ERR_POLICY for INFO/GO, a close for
+EXPORT_NAME, which has no error reply); `list_exports` lists only what the client may open.
 
 Bounds (a hostile client must not make us buffer or loop without end): an option's data is
 at most MAX_OPTION_DATA bytes and a client gets at most MAX_OPTIONS options; past either the
@@ -20,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol
 
-from ..errors import AttachRefused
+from ..errors import AccessDenied, AttachRefused
 from . import constants as C
 from .errors import ProtocolError
 
@@ -237,7 +240,10 @@ class ServerHandshake:
     def _export_name(self, data: bytes) -> Event:
         # No error reply exists for EXPORT_NAME: an unknown export can only be a disconnect.
         name = self._decode_name(data)
-        export = self._lookup(name) if name is not None else None
+        try:
+            export = self._lookup(name) if name is not None else None
+        except AccessDenied as exc:
+            raise ProtocolError(f"EXPORT_NAME refused: {exc}", "access_denied") from exc
         if export is None:
             raise ProtocolError(f"EXPORT_NAME for unknown export {data[:64]!r}", "unknown_export")
         try:
@@ -287,6 +293,8 @@ class ServerHandshake:
             self.lookup_failures += 1
             message = f"export {shown!r} cannot be opened: {exc.strerror or exc}"
             return _refuse(option, C.REP_ERR_UNKNOWN, "export_unavailable", message)
+        except AccessDenied as exc:
+            return _refuse(option, C.REP_ERR_POLICY, "access_denied", str(exc))
         if export is None:
             return _refuse(option, C.REP_ERR_UNKNOWN, "unknown_export", f"no export named {shown!r}")
 
@@ -315,6 +323,8 @@ class ServerHandshake:
         try:
             # GO is where a node commits to the export: for swap, the seed's swapon.
             attachment = self._attach(export)
+        except AccessDenied as exc:  # a binding checked at attach time
+            return _refuse(option, C.REP_ERR_POLICY, "access_denied", str(exc))
         except AttachRefused as exc:
             return _refuse(option, C.REP_ERR_POLICY, "attach_refused", str(exc))
         self.done = True

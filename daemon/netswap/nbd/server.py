@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from ..access import AccessControl, peer_identity
 from ..counters import Counters
 from ..netpolicy import SocketPolicy
 from ..reserve.tree import socket_buffer_size
@@ -39,10 +40,11 @@ class ListenError(OSError):
 
 class NbdServer:
     def __init__(self, config, pool, registry, lifecycle, counters: Optional[Counters] = None,
-                 pressure=None) -> None:
+                 pressure=None, access: Optional[AccessControl] = None) -> None:
         self.pool = pool
         self.registry = registry
         self.lifecycle = lifecycle
+        self.access = access  # None: no access control (every client may open every export)
         self.pressure = pressure  # a PressureMonitor, or None when pressure.enabled is false
         self.counters = counters or Counters()
         self.apply_config(config)
@@ -218,6 +220,7 @@ class NbdServer:
             peer = f"unix:{listener.getsockname()}"
         connection = Connection(self, sock, peer, tagged)
         connection.client = client
+        connection.identity = peer_identity(sock, address)
         thread = threading.Thread(target=connection.run, name=f"conn {peer}", daemon=True)
         with self._lock:
             self._connections.add(connection)
