@@ -31,14 +31,22 @@ MIN_COST = 4096
 
 
 class FairQueue:
-    """Jobs per flow, handed out by deficit round robin; get() blocks until there is one."""
+    """Jobs per flow, handed out by deficit round robin; get() blocks until there is one.
 
-    def __init__(self, quantum: int = QUANTUM) -> None:
+    A flow may also run on at most `flow_limit` workers at once. Round robin alone decides
+    who goes next, but a storm's writes can each block for milliseconds (the kernel throttles
+    writers of dirty page cache), and with every worker inside one of them the next node's
+    request waits however fair its turn. The limit keeps workers free for other flows.
+    """
+
+    def __init__(self, flow_limit: int, quantum: int = QUANTUM) -> None:
+        self._flow_limit = flow_limit
         self._quantum = quantum
         self._ready = threading.Condition(threading.Lock())
         self._flows: dict[Hashable, deque] = {}  # flow -> its queued (cost, item)
         self._turns: deque = deque()  # flows with work queued, in round-robin order
         self._deficit: dict[Hashable, int] = {}
+        self._running: dict[Hashable, int] = {}  # flow -> jobs being run now
         self._closed = False
 
     def put(self, flow: Hashable, cost: int, item) -> None:
@@ -48,34 +56,43 @@ class FairQueue:
                 queued = self._flows[flow] = deque()
                 self._deficit[flow] = 0
                 self._turns.append(flow)
-                if len(self._turns) == 1:
-                    self._begin_turn()
             queued.append((max(cost, MIN_COST), item))
+            if len(self._turns) == 1 and len(queued) == 1:
+                self._begin_turn()
             self._ready.notify()
 
-    def get(self):
-        """The next job, or `_STOP` once the queue is closed and empty."""
+    def get(self) -> tuple:
+        """(flow, job) for the next job, or (None, `_STOP`) once closed and empty.
+        The caller reports the job's end with done(flow)."""
         with self._ready:
-            while not self._turns:
-                if self._closed:
-                    return _STOP
-                self._ready.wait()
+            at_limit = 0  # flows passed over in a row because they run on flow_limit workers
             while True:
+                if not self._turns:
+                    if self._closed:
+                        return None, _STOP
+                    self._ready.wait()
+                    continue
+                if at_limit >= len(self._turns):
+                    self._ready.wait()  # until a job ends (done) or new work arrives (put)
+                    at_limit = 0
+                    continue
                 flow = self._turns[0]
-                queued = self._flows[flow]
-                cost, item = queued[0]
-                if self._deficit[flow] >= cost:
-                    self._deficit[flow] -= cost
-                    queued.popleft()
-                    if not queued:
-                        # An idle flow keeps no credit: it cannot save up for a burst.
-                        self._turns.popleft()
-                        del self._flows[flow], self._deficit[flow]
-                        self._begin_turn()
-                    return item
-                # This flow has spent its quantum: the next flow's turn.
+                if self._running.get(flow, 0) >= self._flow_limit:
+                    at_limit += 1
+                elif self._deficit[flow] >= self._flows[flow][0][0]:
+                    return flow, self._take(flow)
+                else:
+                    at_limit = 0  # it may run, it only needs more turns for a large job
+                # This flow has spent its quantum (or may not run more now): the next one's turn.
                 self._turns.rotate(-1)
                 self._begin_turn()
+
+    def done(self, flow: Hashable) -> None:
+        with self._ready:
+            self._running[flow] -= 1
+            if not self._running[flow]:
+                del self._running[flow]
+            self._ready.notify()
 
     def close(self) -> None:
         """Let get() return `_STOP` once everything queued has been handed out."""
@@ -83,10 +100,26 @@ class FairQueue:
             self._closed = True
             self._ready.notify_all()
 
+    def _take(self, flow: Hashable):
+        queued = self._flows[flow]
+        cost, item = queued.popleft()
+        self._deficit[flow] -= cost
+        self._running[flow] = self._running.get(flow, 0) + 1
+        if not queued:
+            # An idle flow keeps no credit: it cannot save up for a burst.
+            self._turns.popleft()
+            del self._flows[flow], self._deficit[flow]
+            self._begin_turn()
+        return item
+
     def _begin_turn(self) -> None:
-        # The flow at the head has a turn: it may spend one more quantum.
+        # The flow at the head has a turn: one more quantum to spend, but no more credit than
+        # its next job needs, so a flow passed over while at its limit cannot hoard turns.
         if self._turns:
-            self._deficit[self._turns[0]] += self._quantum
+            flow = self._turns[0]
+            head_cost = self._flows[flow][0][0]
+            self._deficit[flow] = min(self._deficit[flow] + self._quantum,
+                                      max(self._quantum, head_cost))
 
     def __len__(self) -> int:
         with self._ready:
@@ -95,7 +128,8 @@ class FairQueue:
 
 class WorkerPool:
     def __init__(self, count: int, name: str = "io") -> None:
-        self._jobs = FairQueue()
+        # Every flow leaves one worker to the others (a lone worker is shared, not reserved).
+        self._jobs = FairQueue(flow_limit=max(1, count - 1))
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(count)
         ]
@@ -125,7 +159,7 @@ class WorkerPool:
 
     def _run(self) -> None:
         while True:
-            item = self._jobs.get()
+            flow, item = self._jobs.get()
             if item is _STOP:
                 return
             job, args = item
@@ -133,3 +167,5 @@ class WorkerPool:
                 job(*args)
             except Exception:  # a job must never take a worker down with it
                 log.exception("I/O job failed")
+            finally:
+                self._jobs.done(flow)
