@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Optional
 from ..netpolicy import tag_emergency
 from . import constants as C
 from .errors import ProtocolError, nbd_error_from_os
-from .handshake import Abort, Ready, Reply, ServerHandshake
+from .handshake import Abort, Ready, Reply, ServerHandshake, StartTls
+from .tls import TlsHandshakeError, TlsSession
 from .transmission import (
     DEFAULT_WINDOW,
     ExportLimits,
@@ -64,6 +65,9 @@ class Connection:
         # Fixed for the connection's life: a reload changes it for new connections only.
         self._max_inflight = server.config.nbd.max_inflight
         self._inflight = threading.BoundedSemaphore(self._max_inflight)
+        self._tls_mode = server.config.nbd.tls_mode(unix=sock.family == socket.AF_UNIX)
+        self._tls_context = server.tls_context
+        self._tls: Optional[TlsSession] = None  # set once STARTTLS succeeded
         self._stopping = False
         self._broken = False  # a send failed: the client is gone, replies are pointless
         self._structured = False
@@ -126,6 +130,8 @@ class Connection:
         for _ in range(self._max_inflight):
             self._inflight.acquire()
         try:
+            if self._tls is not None:
+                self._tls.close()
             self.sock.close()
             if self._window is not None:
                 self._window.release()
@@ -151,17 +157,22 @@ class Connection:
         """Haggle options; True when the connection enters transmission."""
         server = self.server
         handshake = ServerHandshake(
-            server.registry.lookup, server.registry.list, server.block_limits, server.lifecycle.attach
+            server.registry.lookup, server.registry.list, server.block_limits, server.lifecycle.attach,
+            tls=self._tls_mode,
         )
         try:
             return self._haggle(handshake)
         finally:
             if handshake.lookup_failures:
                 server.counters.inc("export_open_failures", amount=handshake.lookup_failures)
+            if handshake.tls_refusals:
+                server.counters.inc("tls_required_refusals", amount=handshake.tls_refusals)
+                log.info("%s: %d option(s) refused before TLS (TLS is required)", self.peer,
+                         handshake.tls_refusals)
 
     def _haggle(self, handshake: ServerHandshake) -> bool:
         deadline = time.monotonic() + self.server.config.nbd.handshake_timeout
-        self.sock.sendall(handshake.greeting())
+        self._send_plain_or_tls(handshake.greeting())
         while True:
             event = handshake.next_event()
             if event is None:
@@ -170,7 +181,7 @@ class Connection:
                     raise ProtocolError("handshake timed out", "handshake_timeout")
                 self.sock.settimeout(remaining)
                 try:
-                    data = self.sock.recv(4096)
+                    data = self._recv_handshake()
                 except socket.timeout:
                     raise ProtocolError("handshake timed out", "handshake_timeout") from None
                 if not data:
@@ -178,7 +189,12 @@ class Connection:
                     return False
                 handshake.receive_data(data)
                 continue
-            self.sock.sendall(event.data)
+            if isinstance(event, StartTls):
+                self.sock.sendall(event.data)  # the ACK, the last thing in the clear
+                self._start_tls(deadline)
+                handshake.tls_established()
+                continue
+            self._send_plain_or_tls(event.data)
             if isinstance(event, Reply):
                 continue
             if isinstance(event, Abort):
@@ -189,6 +205,37 @@ class Connection:
             self._enter_transmission(event)
             self._early_requests = handshake.trailing_data
             return True
+
+    def _start_tls(self, deadline: float) -> None:
+        session = TlsSession(self._tls_context, self.sock)
+        try:
+            session.handshake(deadline)
+        except TlsHandshakeError as exc:
+            self.server.counters.inc("tls_handshake_failures", exc.failure)
+            raise  # run() logs it and closes this connection alone
+        self._tls = session
+        self.server.counters.inc("tls_handshakes", session.version)
+        subject = session.peer_subject
+        log.info("%s: %s established%s", self.peer, session.version,
+                 f", client certificate {subject}" if subject else "")
+
+    def _send_plain_or_tls(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.sendall([data])
+        else:
+            self.sock.sendall(data)
+
+    def _recv_handshake(self) -> bytes:
+        if self._tls is None:
+            return self.sock.recv(4096)
+        buffer = bytearray(4096)
+        return bytes(buffer[: self._tls.recv_into(memoryview(buffer))])
+
+    def _recv_into(self, view: memoryview) -> int:
+        """The transmission phase's one way to receive: through TLS once it is on."""
+        if self._tls is not None:
+            return self._tls.recv_into(view)
+        return self.sock.recv_into(view)
 
     def _enter_transmission(self, ready: Ready) -> None:
         export = ready.export
@@ -227,11 +274,10 @@ class Connection:
         parser = RequestParser(self._window.view)
         # Requests the client pipelined behind its GO arrived with the handshake's last read.
         parser.receive_data(self._early_requests)
-        sock = self.sock
         while not self._stopping:
             request = parser.next_request()
             if request is None:
-                received = sock.recv_into(parser.recv_window())
+                received = self._recv_into(parser.recv_window())
                 if not received:
                     return  # the client closed (or stop() shut the read side)
                 parser.advance(received)
@@ -321,7 +367,7 @@ class Connection:
     def _receive_payload(self, parser: RequestParser, view: memoryview) -> None:
         received = parser.take_payload(view)
         while received < len(view):
-            count = self.sock.recv_into(view[received:])
+            count = self._recv_into(view[received:])
             if not count:
                 raise ConnectionError("client closed in the middle of a WRITE payload")
             parser.payload_received(count)
@@ -344,7 +390,7 @@ class Connection:
         while parser.payload_left:
             if parser.discard_payload():
                 continue
-            count = self.sock.recv_into(parser.recv_window())
+            count = self._recv_into(parser.recv_window())
             if not count:
                 raise ConnectionError("client closed in the middle of a WRITE payload")
             parser.advance(count)
@@ -395,7 +441,9 @@ class Connection:
                 if self._broken:
                     return
                 try:
-                    if data is None:
+                    if self._tls is not None:
+                        self._tls.sendall([header] if data is None else [header, data])
+                    elif data is None:
                         self.sock.sendall(header)
                     else:
                         _sendmsg_all(self.sock, header, data)
