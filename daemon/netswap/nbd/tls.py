@@ -74,6 +74,11 @@ _FAILURE_REASONS = {
     "UNKNOWN_PROTOCOL": "not_tls",
     "RECORD_LAYER_FAILURE": "not_tls",
     "PACKET_LENGTH_TOO_LONG": "not_tls",
+    "UNEXPECTED_MESSAGE": "malformed",
+    "UNEXPECTED_RECORD": "malformed",
+    "LENGTH_MISMATCH": "malformed",
+    "BAD_PACKET_LENGTH": "malformed",
+    "DECODE_ERROR": "malformed",
     "NO_SHARED_CIPHER": "no_shared_cipher",
 }
 
@@ -205,6 +210,11 @@ class TlsSession:
                 count = self._sock.recv_into(self._cipher_view)
             except socket.timeout:
                 raise TlsHandshakeError("TLS handshake timed out", "timeout") from None
+            except OSError as exc:
+                # GnuTLS clients (libnbd) reset the connection, with no alert, when they
+                # reject our certificate: from here that is all one can tell.
+                raise TlsHandshakeError(f"connection lost during the TLS handshake: {exc}",
+                                        "closed") from None
             if not count:
                 raise TlsHandshakeError("client closed during the TLS handshake", "closed")
             with self._lock:
