@@ -133,9 +133,11 @@ def metric(daemon, name: str, **labels) -> float:
     return samples(daemon.metrics()).get((name, tuple(sorted(labels.items()))), 0)
 
 
-def tls_client(pki: Pki, sock: socket.socket, certificates: Path | None = None) -> ssl.SSLSocket:
+def tls_client(pki: Pki, sock: socket.socket, certificates: Path | None = None,
+               version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED) -> ssl.SSLSocket:
     """The client side of TLS on a raw NBD socket after the STARTTLS ACK (as libnbd does)."""
     context = ssl.create_default_context(cafile=str(pki.ca))
+    context.maximum_version = version
     if certificates is not None:
         context.load_cert_chain(certificates / "client-cert.pem", certificates / "client-key.pem")
     return context.wrap_socket(sock, server_hostname="localhost")
@@ -459,14 +461,17 @@ def test_require_serves_nbdinfo_over_tls_and_refuses_plain_clients(pki, tmp_path
     assert "EXPORT_NAME before STARTTLS" in log
 
 
-def test_tls_session_by_hand_then_transmission(pki, tmp_path):
+# TLS 1.2 too: nbd-client's default GnuTLS priority string allows only 1.2.
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_session_by_hand_then_transmission(pki, tmp_path, version):
     """A raw client doing STARTTLS itself: the second STARTTLS is invalid, and requests and
     replies in transmission travel inside TLS (a READ's data included)."""
     daemon = start_daemon(tmp_path, nbd_options=tls_options(pki, "require"))
     try:
         raw = connect_raw(daemon, C.CLIENT_FLAG_FIXED_NEWSTYLE | C.CLIENT_FLAG_NO_ZEROES)
         starttls(raw)
-        sock = tls_client(pki, raw)
+        sock = tls_client(pki, raw, version=version)
+        assert sock.version() == version.name.replace("v1_", "v1.")
         send_option(sock, C.OPT_STARTTLS)
         echo, rtype, _ = read_option_reply(sock)
         assert (echo, rtype) == (C.OPT_STARTTLS, C.REP_ERR_INVALID)
@@ -480,6 +485,8 @@ def test_tls_session_by_hand_then_transmission(pki, tmp_path):
         assert simple_reply(sock) == (0, 8) and recv_exact(sock, len(payload)) == payload
         request(sock, C.CMD_DISC)
         assert closed_by_server(sock)
+        label = version.name.replace("v1_", "v1.")
+        assert metric(daemon, "netswap_tls_handshakes_total", version=label) == 1
     finally:
         stop_cleanly(daemon)
 
