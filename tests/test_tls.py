@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -630,3 +631,62 @@ def test_client_certificates_wrong_ca_and_garbage_fail_alone(pki, tmp_path):
     assert len(re.findall(r"closing: (TLS handshake failed|connection lost during the TLS)",
                           log)) == 6, log
     assert "pipelined behind STARTTLS" in log
+
+
+def _reload(daemon, text: str, expect: str) -> None:
+    """Rewrite the config, SIGHUP, and wait for one more `expect` line in the log."""
+    before = daemon.log().count(expect)
+    daemon.config_path.write_text(text)
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while daemon.log().count(expect) == before:
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.05)
+
+
+def served_certificate(pki: Pki, daemon) -> str:
+    raw = connect_raw(daemon)
+    starttls(raw)
+    with tls_client(pki, raw) as sock:
+        subject = dict(item for rdn in sock.getpeercert()["subject"] for item in rdn)
+        send_option(sock, C.OPT_ABORT)
+        read_option_reply(sock)
+    return subject["commonName"]
+
+
+def test_reload_changes_the_mode_rotates_the_certificate_and_refuses_a_bad_one(pki, tmp_path):
+    nbd = import_libnbd()
+    daemon = start_daemon(tmp_path, nbd_options=tls_options(pki, "optional"))
+    node = nbd.NBD()
+    try:
+        node.set_tls(nbd.TLS_REQUIRE)
+        node.set_tls_certificates(str(pki.trusting))
+        node.set_export_name("disk")
+        node.connect_tcp("127.0.0.1", str(daemon.port))
+        assert nbdinfo(daemon.uri("disk")).returncode == 0  # optional: plain is served
+        assert served_certificate(pki, daemon) == "server"
+
+        original = daemon.config_path.read_text()
+        _issue(pki.made, "ca", "server2", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                          "extendedKeyUsage=serverAuth\n")
+        rotated = (original.replace('tls = "optional"', 'tls = "require"')
+                   .replace(str(pki.certificate), str(pki.made / "server2-cert.pem"))
+                   .replace(str(pki.key), str(pki.made / "server2-key.pem")))
+        _reload(daemon, rotated, "reloaded ")
+        assert nbdinfo(daemon.uri("disk")).returncode != 0  # require, for new connections
+        assert served_certificate(pki, daemon) == "server2"
+        info = nbdinfo(nbds(daemon, "disk", pki.trusting))
+        assert info.returncode == 0, info.stderr
+
+        missing = pki.root / "not-there.pem"
+        _reload(daemon, rotated.replace(str(pki.made / "server2-cert.pem"), str(missing)),
+                "reload rejected")
+        assert f"nbd.tls_certificate = '{missing}'" in daemon.log()
+        assert served_certificate(pki, daemon) == "server2"  # the running config stays
+
+        # The connection opened before all this never noticed.
+        node.pwrite(b"still here" * 100, 0)
+        assert node.pread(1000, 0) == b"still here" * 100
+        node.shutdown()
+    finally:
+        stop_cleanly(daemon)

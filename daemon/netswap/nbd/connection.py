@@ -172,7 +172,7 @@ class Connection:
 
     def _haggle(self, handshake: ServerHandshake) -> bool:
         deadline = time.monotonic() + self.server.config.nbd.handshake_timeout
-        self._send_plain_or_tls(handshake.greeting())
+        self.sock.sendall(handshake.greeting())
         while True:
             event = handshake.next_event()
             if event is None:

@@ -15,11 +15,13 @@ Threads: the connection's reader calls recv_into while I/O workers send replies,
 of the SSLObject and its BIOs is under `_lock`, and no socket call is made under it: a
 worker blocked on a full socket never stops the reader decrypting, nor the other way round.
 Ciphertext leaves in the order it was produced because everything that drains the outgoing
-BIO (seal, via sendall) runs under the connection's send lock and sends what it drained
-before releasing that lock.
+BIO in transmission (seal, via sendall) runs under the connection's send lock and sends what
+it drained before releasing that lock; the handshake and close() drain it too, at times when
+no worker can be sending.
 
 Memory: the payload is decrypted into, and encrypted from, the caller's buffer (a pool
-buffer), so no plaintext copy of a request exists. Ciphertext cannot live in the pool: OpenSSL
+buffer), so no plaintext copy of a request exists beyond one 16 KiB record buffer that joins
+a reply header to the start of its data. Ciphertext cannot live in the pool: OpenSSL
 keeps what is in flight in its BIOs. It is bounded per connection: received ciphertext is fed
 to OpenSSL one recv (RECV_CHUNK) at a time and only when it needs more; outgoing ciphertext
 is drained every SEAL_CHUNK bytes of plaintext, so a 32 MiB READ reply never exists as a
@@ -28,7 +30,6 @@ is drained every SEAL_CHUNK bytes of plaintext, so a 32 MiB READ reply never exi
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 import threading
@@ -38,9 +39,7 @@ from typing import Iterator, Optional, Sequence
 from ..config import ConfigError
 from .errors import ProtocolError
 
-log = logging.getLogger("netswap.nbd")
-
-# One raw recv; a little more than four full TLS records.
+# One raw recv: about four full TLS records.
 RECV_CHUNK = 64 * 1024
 # Plaintext encrypted between two drains of the outgoing BIO.
 SEAL_CHUNK = 256 * 1024
