@@ -156,6 +156,11 @@ def test_empty_document_gives_defaults():
         send_timeout=60.0,
         block_size_min=1,
         block_size_preferred=4096,
+        tls="off",
+        unix_socket_tls="off",
+        tls_certificate=None,
+        tls_key=None,
+        tls_client_ca=None,
     )
     assert cfg.swap == config.SwapConfig(
         enabled=True,

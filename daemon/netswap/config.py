@@ -694,6 +694,9 @@ _POOL = (
            'until memory is freed, "enomem" fails it at once with ENOMEM.'),
 )
 
+_TLS_MODE = _Choice("off", "optional", "require")
+_TLS_FILE = _PathText('an absolute path, or "" for none', absolute=True, empty_is_none=True)
+
 _NBD = (
     _Field("listen", _ListenAddresses(), ["127.0.0.1:10809", "[::1]:10809"],
            "TCP addresses to serve NBD on; an empty list serves TCP nowhere."),
@@ -724,6 +727,23 @@ _NBD = (
     _Field("block_size_preferred", _Integer(512, 128 * MiB, power_of_two=True), 4096,
            "Advertised preferred block size: the alignment clients should use for speed.",
            also="and >= nbd.block_size_min and <= nbd.max_request"),
+    _Field("tls", _TLS_MODE, "off",
+           'TLS (NBD STARTTLS) on the TCP listeners: "off" refuses STARTTLS, "optional" '
+           'lets each client choose, "require" serves no option but STARTTLS and ABORT '
+           "before TLS.",
+           also="not off: needs nbd.tls_certificate"),
+    _Field("unix_socket_tls", _TLS_MODE, "off",
+           "TLS on the Unix socket, as nbd.tls for TCP.",
+           also="not off: needs nbd.tls_certificate"),
+    _Field("tls_certificate", _TLS_FILE, "",
+           "PEM file with the server's certificate (and any intermediates after it); read at "
+           "start and on reload."),
+    _Field("tls_key", _TLS_FILE, "",
+           'PEM file with the certificate\'s private key, unencrypted; "" when the key is in '
+           "nbd.tls_certificate."),
+    _Field("tls_client_ca", _TLS_FILE, "",
+           "PEM file of CA certificates that client certificates must chain to; set, every TLS "
+           'client must present one; "" accepts TLS clients without a certificate.'),
 )
 
 _SWAP = (
@@ -910,6 +930,15 @@ class NbdConfig:
     send_timeout: float  # seconds
     block_size_min: int
     block_size_preferred: int
+    tls: str  # "off" | "optional" | "require", TCP listeners
+    unix_socket_tls: str  # the same, the Unix socket
+    tls_certificate: Path | None
+    tls_key: Path | None  # None: the key is in tls_certificate
+    tls_client_ca: Path | None  # None: client certificates are not asked for
+
+    def tls_mode(self, unix: bool) -> str:
+        """The TLS mode of a connection accepted on the Unix socket or on TCP."""
+        return self.unix_socket_tls if unix else self.tls
 
 
 @dataclass(frozen=True)
@@ -1123,6 +1152,16 @@ def _build_nbd(table) -> tuple[NbdConfig, dict]:
             value=written["block_size_preferred"],
             allowed="a power of two >= max(nbd.block_size_min, 512) and <= nbd.max_request",
         )
+    # Whether the files can be read and hold what they should is checked when the daemon
+    # builds its TLS context (nbd/tls.py), as parsing never touches the filesystem.
+    for mode_key in ("tls", "unix_socket_tls"):
+        if values[mode_key] != "off" and values["tls_certificate"] is None:
+            raise ConfigError(
+                "nbd.tls_certificate", f"is empty, but nbd.{mode_key} = "
+                f"{written[mode_key]!r} needs a certificate to present",
+                value=written["tls_certificate"],
+                allowed=f"an absolute path to a PEM certificate when nbd.{mode_key} is not \"off\"",
+            )
     return NbdConfig(**values), written
 
 

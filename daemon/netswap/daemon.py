@@ -26,6 +26,7 @@ from .exports.lifecycle import Lifecycle
 from .exports.registry import ExportError, ExportRegistry
 from .metrics import NetswapCollector, serve
 from .nbd.server import ListenError, NbdServer
+from .nbd.tls import server_context
 from .netpolicy import ShapeError, Shaper
 from .operations import Operations
 from .pressure import PressureMonitor
@@ -62,7 +63,8 @@ def config_summary(config: Config) -> str:
         f"max_nodes {config.swap.max_nodes}) exports={[e.name for e in config.exports]} "
         f"non_swap_exhausted={config.pool.non_swap_exhausted} "
         f"pressure={'on' if config.pressure.enabled else 'off'} "
-        f"metrics={[f'{h}:{p}' for h, p in config.metrics.listen]}"
+        f"metrics={[f'{h}:{p}' for h, p in config.metrics.listen]} "
+        f"tls={config.nbd.tls} unix_socket_tls={config.nbd.unix_socket_tls}"
     )
 
 
@@ -135,8 +137,11 @@ class Daemon:
         if config.swap.bind == "secret":
             _warn_if_readable(config.source, "swap.secrets")
         self.pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
-        self.server = NbdServer(config, self.pool, self.registry, self.lifecycle, self.counters,
-                                self.pressure, access=self.access)
+        try:
+            self.server = NbdServer(config, self.pool, self.registry, self.lifecycle,
+                                    self.counters, self.pressure, access=self.access)
+        except ConfigError as exc:  # a TLS file that cannot be used
+            raise StartError(str(exc)) from exc
         try:
             self.server.start()
         except ListenError as exc:
@@ -220,6 +225,8 @@ class Daemon:
         try:
             new = load(self.config.source)
             effective, restart = plan_reload(self.config, new)
+            # Before anything changes: a certificate that cannot be used rejects the reload.
+            tls_context = server_context(effective.nbd)
             added, removed = self.registry.reload(
                 effective.exports, effective.swap if effective.swap.enabled else None)
         except (ConfigError, ExportError) as exc:
@@ -227,7 +234,7 @@ class Daemon:
             log.error("reload rejected, the running configuration stays: %s", exc)
             self.notifier.ready_after_reload(f"reload rejected: {exc}; running config unchanged")
             return
-        self.server.apply_config(effective)
+        self.server.apply_config(effective, tls_context)
         self.lifecycle.apply_config(effective)
         self.access.apply_config(effective)
         logging.getLogger().setLevel(getattr(logging, effective.daemon.log_level.upper()))

@@ -83,6 +83,14 @@ _EVENTS = {
               "export"),
     "wipe_failures": ("netswap_wipe_failures_total",
                       "Wipes that failed: the export's old contents remain (logged).", "export"),
+    "tls_handshakes": ("netswap_tls_handshakes_total",
+                       "TLS sessions established after STARTTLS, by TLS version.", "version"),
+    "tls_handshake_failures": ("netswap_tls_handshake_failures_total",
+                               "TLS handshakes after STARTTLS that failed (the connection was "
+                               "closed), by reason.", "reason"),
+    "tls_required_refusals": ("netswap_tls_required_refusals_total",
+                              "Options refused with ERR_TLS_REQD (or EXPORT_NAME closed) "
+                              "because the listener requires TLS.", None),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

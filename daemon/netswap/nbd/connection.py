@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Optional
 from ..netpolicy import tag_emergency
 from . import constants as C
 from .errors import ProtocolError, nbd_error_from_os
-from .handshake import Abort, Ready, Reply, ServerHandshake
+from .handshake import Abort, Ready, Reply, ServerHandshake, StartTls
 from .sender import ReplySender
+from .tls import TlsHandshakeError, TlsSession
 from .transmission import (
     DEFAULT_WINDOW,
     ExportLimits,
@@ -70,6 +71,9 @@ class Connection:
         # Fixed for the connection's life: a reload changes it for new connections only.
         self._max_inflight = server.config.nbd.max_inflight
         self._inflight = threading.BoundedSemaphore(self._max_inflight)
+        self._tls_mode = server.config.nbd.tls_mode(unix=sock.family == socket.AF_UNIX)
+        self._tls_context = server.tls_context
+        self._tls: Optional[TlsSession] = None  # set once STARTTLS succeeded
         self._stopping = False
         self._structured = False
         self._limits: Optional[ExportLimits] = None
@@ -134,6 +138,8 @@ class Connection:
         try:
             if self._sender is not None:
                 self.server.send_poller.forget(self._sender)
+            if self._tls is not None:
+                self._tls.close()
             self.sock.close()
             if self._window is not None:
                 self._window.release()
@@ -160,19 +166,30 @@ class Connection:
         server = self.server
         access, client = server.access, self.identity
         if access is None:
-            handshake = ServerHandshake(server.registry.lookup, server.registry.list,
-                                        server.block_limits, server.lifecycle.attach)
+            lookup, listing, attach = (server.registry.lookup, server.registry.list,
+                                       server.lifecycle.attach)
         else:
             # The export table as this client may see it: its identity is bound in here, so
             # the sans-I/O handshake never learns about sockets or peers.
-            handshake = ServerHandshake(
-                lambda name: access.lookup(name, client), lambda: access.list(client),
-                server.block_limits, lambda export: access.attach(export, client))
+            def lookup(name):
+                return access.lookup(name, client)
+
+            def listing():
+                return access.list(client)
+
+            def attach(export):
+                return access.attach(export, client)
+        handshake = ServerHandshake(lookup, listing, server.block_limits, attach,
+                                    tls=self._tls_mode)
         try:
             return self._haggle(handshake)
         finally:
             if handshake.lookup_failures:
                 server.counters.inc("export_open_failures", amount=handshake.lookup_failures)
+            if handshake.tls_refusals:
+                server.counters.inc("tls_required_refusals", amount=handshake.tls_refusals)
+                log.info("%s: %d option(s) refused before TLS (TLS is required)", self.peer,
+                         handshake.tls_refusals)
 
     def _haggle(self, handshake: ServerHandshake) -> bool:
         deadline = time.monotonic() + self.server.config.nbd.handshake_timeout
@@ -185,7 +202,7 @@ class Connection:
                     raise ProtocolError("handshake timed out", "handshake_timeout")
                 self.sock.settimeout(remaining)
                 try:
-                    data = self.sock.recv(4096)
+                    data = self._recv_handshake()
                 except socket.timeout:
                     raise ProtocolError("handshake timed out", "handshake_timeout") from None
                 if not data:
@@ -193,7 +210,12 @@ class Connection:
                     return False
                 handshake.receive_data(data)
                 continue
-            self.sock.sendall(event.data)
+            if isinstance(event, StartTls):
+                self.sock.sendall(event.data)  # the ACK, the last thing in the clear
+                self._start_tls(deadline)
+                handshake.tls_established()
+                continue
+            self._send_plain_or_tls(event.data)
             if isinstance(event, Reply):
                 if event.refused:
                     self._option_refused(event)
@@ -233,13 +255,45 @@ class Connection:
             self.server.counters.inc("handshake_failed", "closed")
             log.info("%s: closed during the handshake", self.peer)
 
+    def _start_tls(self, deadline: float) -> None:
+        session = TlsSession(self._tls_context, self.sock)
+        try:
+            session.handshake(deadline)
+        except TlsHandshakeError as exc:
+            self.server.counters.inc("tls_handshake_failures", exc.failure)
+            raise  # run() logs it and closes this connection alone
+        self._tls = session
+        self.server.counters.inc("tls_handshakes", session.version)
+        subject = session.peer_subject
+        log.info("%s: %s established%s", self.peer, session.version,
+                 f", client certificate {subject}" if subject else "")
+
+    def _send_plain_or_tls(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.sendall([data])
+        else:
+            self.sock.sendall(data)
+
+    def _recv_handshake(self) -> bytes:
+        if self._tls is None:
+            return self.sock.recv(4096)
+        buffer = bytearray(4096)
+        return bytes(buffer[: self._tls.recv_into(memoryview(buffer))])
+
+    def _recv_into(self, view: memoryview) -> int:
+        """The transmission phase's one way to receive: through TLS once it is on."""
+        if self._tls is not None:
+            return self._tls.recv_into(view)
+        return self.sock.recv_into(view)
+
     def _enter_transmission(self, ready: Ready) -> None:
         export = ready.export
         nbd = self.server.config.nbd
         self.export = export
         self._attachment = ready.attachment
         self._structured = ready.structured_replies
-        self._sender = ReplySender(self.sock, self.server.send_poller, self.peer)
+        self._sender = ReplySender(self.sock, self.server.send_poller, self.peer,
+                                   seal=self._tls.seal if self._tls is not None else None)
         self._flow = ("client", self.client)
         if ready.attachment is not None and ready.attachment.is_swap:
             self._is_swap = True
@@ -273,11 +327,10 @@ class Connection:
         parser = RequestParser(self._window.view)
         # Requests the client pipelined behind its GO arrived with the handshake's last read.
         parser.receive_data(self._early_requests)
-        sock = self.sock
         while not self._stopping:
             request = parser.next_request()
             if request is None:
-                received = sock.recv_into(parser.recv_window())
+                received = self._recv_into(parser.recv_window())
                 if not received:
                     return  # the client closed (or stop() shut the read side)
                 parser.advance(received)
@@ -374,7 +427,7 @@ class Connection:
     def _receive_payload(self, parser: RequestParser, view: memoryview) -> None:
         received = parser.take_payload(view)
         while received < len(view):
-            count = self.sock.recv_into(view[received:])
+            count = self._recv_into(view[received:])
             if not count:
                 raise ConnectionError("client closed in the middle of a WRITE payload")
             parser.payload_received(count)
@@ -397,7 +450,7 @@ class Connection:
         while parser.payload_left:
             if parser.discard_payload():
                 continue
-            count = self.sock.recv_into(parser.recv_window())
+            count = self._recv_into(parser.recv_window())
             if not count:
                 raise ConnectionError("client closed in the middle of a WRITE payload")
             parser.advance(count)

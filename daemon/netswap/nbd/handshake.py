@@ -2,8 +2,8 @@
 
 Feed the client's bytes to `ServerHandshake.receive_data` and ask `next_event` what to do:
 it returns `None` when it needs more bytes, or an event that carries the bytes to send and
-says whether to carry on haggling (`Reply`), close (`Abort`) or enter transmission
-(`Ready`). A peer that breaks the protocol so that no reply is possible raises
+says whether to carry on haggling (`Reply`), upgrade to TLS (`StartTls`), close (`Abort`)
+or enter transmission (`Ready`). A peer that breaks the protocol so that no reply is possible raises
 `ProtocolError`; the transport logs it, counts it and closes that one connection.
 
 The export table is reached through callables, so this module never touches a disk or a
@@ -11,6 +11,13 @@ socket and every path through the option haggling is a plain unit test. Access c
 behind them too: the transport binds the client's identity into them, and `lookup` raises
 AccessDenied for an export this client may not open (ERR_POLICY for INFO/GO, a close for
 EXPORT_NAME, which has no error reply); `list_exports` lists only what the client may open.
+
+TLS (the spec's "TLS support"): the transport's mode is "off" (STARTTLS refused with
+ERR_POLICY: the spec's NOTLS), "optional" (the client chooses: SELECTIVETLS with no TLS-only
+export) or "require" (FORCEDTLS: before TLS every option but STARTTLS and ABORT gets
+ERR_TLS_REQD, and EXPORT_NAME, which has no error reply, closes). After `StartTls` the
+transport runs the TLS handshake and calls `tls_established()`; from then on it feeds the
+decrypted bytes.
 
 Bounds (a hostile client must not make us buffer or loop without end): an option's data is
 at most MAX_OPTION_DATA bytes and a client gets at most MAX_OPTIONS options; past either the
@@ -78,6 +85,14 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class StartTls:
+    """Send `data` (the ACK, in the clear), run the TLS handshake, then call
+    `tls_established()`; everything after travels inside TLS."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Abort:
     """Send `data` (possibly empty) and close: the client asked to end the handshake."""
 
@@ -95,7 +110,9 @@ class Ready:
     attachment: object = None  # what `attach` returned; the transport releases it at close
 
 
-Event = Reply | Abort | Ready
+Event = Reply | StartTls | Abort | Ready
+
+TLS_MODES = ("off", "optional", "require")
 
 
 # Writers --------------------------------------------------------------------
@@ -144,7 +161,11 @@ class ServerHandshake:
         list_exports: Callable[[], Iterable[tuple[str, str]]],
         limits: BlockLimits,
         attach: Callable[[ExportView], object] = lambda export: None,
+        tls: str = "off",
     ) -> None:
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls mode {tls!r} is not one of {TLS_MODES}")
+        self._tls_mode = tls
         self._lookup = lookup
         self._attach = attach
         self._list_exports = list_exports
@@ -154,6 +175,9 @@ class ServerHandshake:
         self._options_seen = 0
         self._structured_replies = False
         self.lookup_failures = 0  # exports that exist but failed to open (counted by the transport)
+        self.tls_refusals = 0  # options refused for want of TLS (counted by the transport)
+        self.tls_active = False
+        self._tls_pending = False  # StartTls emitted, tls_established() not yet called
         self.done = False
 
     @staticmethod
@@ -179,11 +203,21 @@ class ServerHandshake:
     def receive_data(self, data: bytes) -> None:
         if self.done:
             raise ProtocolError("data after the handshake ended", "late_data")
+        if self._tls_pending:
+            raise ProtocolError("plain-text data between STARTTLS and the TLS handshake",
+                                "starttls_pipelined")
         self._buffer += data
+
+    def tls_established(self) -> None:
+        """The transport finished the TLS handshake; what it feeds from now on is decrypted."""
+        if not self._tls_pending:
+            raise RuntimeError("tls_established() without a StartTls event")
+        self._tls_pending = False
+        self.tls_active = True
 
     def next_event(self) -> Optional[Event]:
         """The next thing to do, or None when more bytes are needed."""
-        if self.done:
+        if self.done or self._tls_pending:
             return None
         if self._client_flags is None:
             if len(self._buffer) < _CLIENT_FLAGS.size:
@@ -223,6 +257,10 @@ class ServerHandshake:
             raise ProtocolError("client does not speak fixed newstyle", "not_fixed_newstyle")
 
     def _handle_option(self, option: int, data: bytes) -> Event:
+        if option == C.OPT_STARTTLS:
+            return self._starttls(data)
+        if self._tls_mode == "require" and not self.tls_active and option != C.OPT_ABORT:
+            return self._tls_required(option)
         if option == C.OPT_EXPORT_NAME:
             return self._export_name(data)
         if option == C.OPT_ABORT:
@@ -236,6 +274,37 @@ class ServerHandshake:
             return self._structured_reply(data)
         name = C.OPTION_NAMES.get(option, str(option))
         return _refuse(option, C.REP_ERR_UNSUP, "unsupported_option", f"option {name} is not supported")
+
+    def _starttls(self, data: bytes) -> Event:
+        option = C.OPT_STARTTLS
+        if self._tls_mode == "off":
+            # The server can do TLS, this listener is configured not to: a policy.
+            return Reply(error_reply(option, C.REP_ERR_POLICY, "TLS is off on this listener"),
+                         option)
+        if self.tls_active:
+            return Reply(error_reply(option, C.REP_ERR_INVALID, "TLS is already on"), option)
+        if data:
+            return Reply(error_reply(option, C.REP_ERR_INVALID, "STARTTLS takes no data"), option)
+        if self._buffer:
+            # The client must wait for our ACK before it starts TLS, so nothing can follow
+            # STARTTLS here honestly; and what did would be plain text an attacker could have
+            # injected, to be taken as if it came through TLS (the STARTTLS injection flaw).
+            raise ProtocolError(f"{len(self._buffer)} bytes pipelined behind STARTTLS",
+                                "starttls_pipelined")
+        # The spec: no negotiation state survives STARTTLS, since it was made in the clear.
+        self._structured_replies = False
+        self._tls_pending = True
+        return StartTls(option_reply(option, C.REP_ACK))
+
+    def _tls_required(self, option: int) -> Event:
+        self.tls_refusals += 1
+        name = C.OPTION_NAMES.get(option, str(option))
+        if option == C.OPT_EXPORT_NAME:
+            # EXPORT_NAME has no error reply: the spec says to close.
+            raise ProtocolError("EXPORT_NAME before STARTTLS on a TLS-only listener",
+                                "tls_required")
+        return Reply(error_reply(option, C.REP_ERR_TLS_REQD,
+                                 f"TLS is required: send STARTTLS before {name}"), option)
 
     def _export_name(self, data: bytes) -> Event:
         # No error reply exists for EXPORT_NAME: an unknown export can only be a disconnect.

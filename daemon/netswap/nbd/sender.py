@@ -28,13 +28,14 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger("netswap.nbd")
 
 Completion = Callable[[], None]
-# Turns plaintext reply parts into what goes on the wire (TLS); None sends them as they are.
-Sealer = Callable[[Sequence], bytes]
+# Turns plaintext reply parts into the ciphertext chunks that go on the wire, in order (TLS);
+# None sends the parts as they are.
+Sealer = Callable[[Sequence], Iterator[bytes]]
 
 # How often the poller looks for stalled connections when no socket is writable.
 _STALL_CHECK = 1.0
@@ -49,31 +50,28 @@ class ReplySender:
         self._poller = poller
         self.seal = seal
         self._lock = threading.Lock()
-        # Replies not fully sent yet: [remaining parts, completion]; the head may be partial.
-        self._backlog: deque[list] = deque()
+        # Replies not fully sent yet, in order; the head may be partly sent.
+        self._backlog: deque[_Reply] = deque()
         self._stalled_since = 0.0  # monotonic time the head last made progress
         self.broken = False  # the client is gone: replies are completed without sending
 
     def send(self, parts: Sequence, done: Completion) -> None:
         """Send `parts` (bytes-likes) as one reply, after every reply sent before it."""
+        # With TLS the reply is sealed chunk by chunk as the socket takes it, so a queued
+        # 32 MiB READ reply waits as plaintext in its pool buffer, never as a heap copy.
+        reply = _Reply([], self.seal(parts), done) if self.seal else _Reply(list(parts), None, done)
         finished = None
         with self._lock:
             if self.broken:
                 finished = done
+            elif self._backlog:
+                self._backlog.append(reply)
+            elif self._send_now(reply) or self.broken:
+                finished = done
             else:
-                if self.seal is not None:
-                    # Under the lock: TLS records must go out in the order they were sealed.
-                    parts = [self.seal(parts)]
-                if self._backlog:
-                    self._backlog.append([list(parts), done])
-                else:
-                    remaining = self._send_now(parts)
-                    if remaining is None or self.broken:
-                        finished = done
-                    else:
-                        self._backlog.append([remaining, done])
-                        self._stalled_since = time.monotonic()
-                        self._poller.watch(self)
+                self._backlog.append(reply)
+                self._stalled_since = time.monotonic()
+                self._poller.watch(self)
         if finished is not None:
             finished()
 
@@ -81,16 +79,10 @@ class ReplySender:
         """Send what the backlog holds, as far as the socket takes it (the poller's call)."""
         completed: list[Completion] = []
         with self._lock:
-            while self._backlog and not self.broken:
-                head = self._backlog[0]
-                remaining = self._send_now(head[0])
-                if remaining is not None:
-                    head[0] = remaining
-                    break
-                completed.append(head[1])
-                self._backlog.popleft()
+            while self._backlog and not self.broken and self._send_now(self._backlog[0]):
+                completed.append(self._backlog.popleft().done)
             if self.broken:
-                completed.extend(entry[1] for entry in self._backlog)
+                completed.extend(reply.done for reply in self._backlog)
                 self._backlog.clear()
             elif self._backlog:
                 self._poller.watch(self)
@@ -106,7 +98,7 @@ class ReplySender:
         """The client is gone or cut off: complete every queued reply unsent."""
         with self._lock:
             self.broken = True
-            pending = [entry[1] for entry in self._backlog]
+            pending = [reply.done for reply in self._backlog]
             self._backlog.clear()
         self._poller.forget(self)
         for done in pending:
@@ -125,23 +117,39 @@ class ReplySender:
     def fileno(self) -> int:
         return self._fd
 
-    def _send_now(self, parts: Sequence) -> Optional[list]:
-        """Send without blocking; None when all went, else the parts still to send.
-        A send error marks the sender broken (the caller completes what is queued)."""
-        parts = list(parts)
-        while parts:
+    def _send_now(self, reply: "_Reply") -> bool:
+        """Send as much of `reply` as the socket takes without blocking; True when all of it
+        went. A send error marks the sender broken (the caller completes what is queued)."""
+        while True:
+            if not reply.parts:
+                chunk = next(reply.chunks, None) if reply.chunks is not None else None
+                if chunk is None:
+                    return True
+                reply.parts = [chunk] if chunk else []
+                continue
             try:
-                sent = self._sock.sendmsg(parts, [], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                sent = self._sock.sendmsg(reply.parts, [], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
-                return parts
+                return False
             except OSError as exc:
                 self.broken = True
                 log.info("%s: reply not sent, client gone: %s", self.peer, exc)
-                return parts
+                return False
             if sent:
                 self._stalled_since = time.monotonic()
-            parts = _skip(parts, sent)
-        return None
+            reply.parts = _skip(reply.parts, sent)
+
+
+class _Reply:
+    """One reply on its way out: the parts still to send, and with TLS the ciphertext chunks
+    still to make."""
+
+    __slots__ = ("parts", "chunks", "done")
+
+    def __init__(self, parts: list, chunks: Optional[Iterator[bytes]], done: Completion) -> None:
+        self.parts = parts
+        self.chunks = chunks
+        self.done = done
 
 
 def _skip(parts: list, count: int) -> list:

@@ -28,6 +28,7 @@ from ..workers import WorkerPool
 from .connection import Connection
 from .handshake import BlockLimits
 from .sender import ReplySender, SendPoller
+from .tls import server_context
 
 log = logging.getLogger("netswap.nbd")
 
@@ -40,14 +41,14 @@ class ListenError(OSError):
 
 class NbdServer:
     def __init__(self, config, pool, registry, lifecycle, counters: Optional[Counters] = None,
-                 pressure=None, access: Optional[AccessControl] = None) -> None:
+                 pressure=None, access: Optional[AccessControl] = None, tls_context=None) -> None:
         self.pool = pool
         self.registry = registry
         self.lifecycle = lifecycle
         self.access = access  # None: no access control (every client may open every export)
         self.pressure = pressure  # a PressureMonitor, or None when pressure.enabled is false
         self.counters = counters or Counters()
-        self.apply_config(config)
+        self.apply_config(config, tls_context)
         # Under memory pressure non-swap requests pass one at a time (see Connection._throttle).
         self.non_swap_throttle = threading.Semaphore(1)
         self.workers: Optional[WorkerPool] = None
@@ -63,9 +64,12 @@ class NbdServer:
         self._wake_r, self._wake_w = os.pipe()
         self._acceptor: Optional[threading.Thread] = None
 
-    def apply_config(self, config) -> None:
+    def apply_config(self, config, tls_context=None) -> None:
         """Take (new) settings; connections read them when they start, so open ones keep
-        what they began with and only new connections see a reload."""
+        what they began with and only new connections see a reload. `tls_context` is
+        nbd.tls.server_context(config.nbd) when the caller built it already (a reload checks
+        the files before applying anything); otherwise it is built here (ConfigError)."""
+        self.tls_context = tls_context if tls_context is not None else server_context(config.nbd)
         nbd, network = config.nbd, config.network
         self.block_limits = BlockLimits(nbd.block_size_min, nbd.block_size_preferred, nbd.max_request)
         buffer_size = socket_buffer_size(config)
