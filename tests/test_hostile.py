@@ -429,8 +429,8 @@ CASES = [
          "REP_ERR_UNSUP", "not supported", option_refusal("unsupported_option")),
     Case("unknown option 0xFFFFFFFF", option_refused(0xFFFFFFFF, b""),
          "REP_ERR_UNSUP", "not supported", option_refusal("unsupported_option")),
-    Case("STARTTLS (not offered)", option_refused(C.OPT_STARTTLS, b""),
-         "REP_ERR_UNSUP", "STARTTLS is not supported", option_refusal("unsupported_option")),
+    Case("STARTTLS (TLS off on this listener)", option_refused(C.OPT_STARTTLS, b""),
+         "REP_ERR_POLICY", "TLS is off on this listener", option_refusal("tls_off")),
     Case("LIST with data", option_refused(C.OPT_LIST, b"x"),
          "REP_ERR_INVALID", "LIST takes no data", option_refusal("malformed_option")),
     # -- Handshake: export names

@@ -279,12 +279,11 @@ class ServerHandshake:
         option = C.OPT_STARTTLS
         if self._tls_mode == "off":
             # The server can do TLS, this listener is configured not to: a policy.
-            return Reply(error_reply(option, C.REP_ERR_POLICY, "TLS is off on this listener"),
-                         option)
+            return _refuse(option, C.REP_ERR_POLICY, "tls_off", "TLS is off on this listener")
         if self.tls_active:
-            return Reply(error_reply(option, C.REP_ERR_INVALID, "TLS is already on"), option)
+            return _refuse(option, C.REP_ERR_INVALID, "tls_already_on", "TLS is already on")
         if data:
-            return Reply(error_reply(option, C.REP_ERR_INVALID, "STARTTLS takes no data"), option)
+            return _refuse(option, C.REP_ERR_INVALID, "malformed_option", "STARTTLS takes no data")
         if self._buffer:
             # The client must wait for our ACK before it starts TLS, so nothing can follow
             # STARTTLS here honestly; and what did would be plain text an attacker could have
