@@ -603,7 +603,7 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def summarize(results: dict, servers: list[str], rows: list[Row], baseline: str) -> dict:
+def summarize(results: dict, servers: list[str], rows: list[Row], baselines: list[str]) -> dict:
     per = {}  # (server, row) -> list of metrics per repeat
     for run in results["runs"]:
         for key, entry in run["rows"].items():
@@ -624,12 +624,15 @@ def summarize(results: dict, servers: list[str], rows: list[Row], baseline: str)
                 "iops_min": min(iops) if iops else None,
                 "iops_max": max(iops) if iops else None,
             }
-        if "netswapd" in servers and baseline in servers and baseline != "netswapd":
-            mine = dict((r, m["iops"]) for r, m in per.get(("netswapd", row.key), []))
+        # netswapd / each peer: the median of the per-repeat ratios (same repeat, same
+        # machine state), not the ratio of the medians.
+        out["ratio"] = {}
+        mine = dict((r, m["iops"]) for r, m in per.get(("netswapd", row.key), []))
+        for baseline in baselines:
+            if "netswapd" not in servers or baseline not in servers or baseline == "netswapd":
+                continue
             base = dict((r, m["iops"]) for r, m in per.get((baseline, row.key), []))
-            ratios = [mine[r] / base[r] for r in mine if base.get(r)]
-            out["ratio"] = median(ratios)
-            out["ratios"] = ratios
+            out["ratio"][baseline] = median([mine[r] / base[r] for r in mine if base.get(r)])
     for s in servers:
         runs = [r for r in results["runs"] if r["server"] == s]
         summary["rss"][s] = {
@@ -640,7 +643,7 @@ def summarize(results: dict, servers: list[str], rows: list[Row], baseline: str)
 
 
 def print_report(results: dict, summary: dict, servers: list[str], rows: list[Row],
-                 baseline: str) -> None:
+                 baselines: list[str]) -> None:
     meta = results["meta"]
     print()
     print(f"## fio matrix: {meta['size_gib']:g} GiB file, {meta['runtime']} s per row "
@@ -649,12 +652,11 @@ def print_report(results: dict, summary: dict, servers: list[str], rows: list[Ro
     print(f"Host: {meta['host']['kernel']}, {meta['host']['cpus']} CPUs; "
           + "; ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     print()
-    have_ratio = any("ratio" in summary["rows"][r.key] for r in rows)
+    compared = [b for b in baselines if any(b in summary["rows"][r.key]["ratio"] for r in rows)]
     header = ["row"]
     for s in servers:
         header += [f"{s} IOPS", "MB/s", "p50 µs", "p99 µs"]
-    if have_ratio:
-        header.append(f"netswapd/{baseline} IOPS")
+    header += [f"netswapd/{b} IOPS" for b in compared]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in rows:
@@ -664,8 +666,8 @@ def print_report(results: dict, summary: dict, servers: list[str], rows: list[Ro
             m = out[s]
             cells += [fmt_num(m["iops"]), fmt_num(m["mbps"], 1), fmt_us(m["p50_us"]),
                       fmt_us(m["p99_us"])]
-        if have_ratio:
-            ratio = out.get("ratio")
+        for baseline in compared:
+            ratio = out["ratio"].get(baseline)
             cells.append("n/a" if ratio is None else f"{ratio:.2f}")
         print("| " + " | ".join(cells) + " |")
     print()
@@ -794,8 +796,9 @@ def parse_args(argv=None):
                    help="netswapd daemon.workers, also nbd-server max_threads (default 8)")
     p.add_argument("--netswapd-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"))
-    p.add_argument("--baseline", default="nbdkit",
-                   help="server netswapd's IOPS ratio is computed against (default nbdkit)")
+    p.add_argument("--baselines", default="nbdkit,nbd-server,qemu-nbd",
+                   help="servers netswapd's IOPS ratio is computed against, a column each "
+                        "(default nbdkit,nbd-server,qemu-nbd: every peer that ran)")
     p.add_argument("--no-prefill", action="store_true",
                    help="leave the file sparse (reads then hit holes: unrealistically fast)")
     p.add_argument("--json", type=Path, help="write raw results (incl. fio JSON) here")
@@ -893,10 +896,11 @@ def main(argv=None) -> int:
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    summary = summarize(results, servers, rows, args.baseline)
+    baselines = args.baselines.split(",")
+    summary = summarize(results, servers, rows, baselines)
     results["summary"] = summary
     if results["runs"]:
-        print_report(results, summary, servers, rows, args.baseline)
+        print_report(results, summary, servers, rows, baselines)
         print(f"\n(total {results['meta']['elapsed_s'] / 60:.1f} min)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
