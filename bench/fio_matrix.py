@@ -626,13 +626,15 @@ def summarize(results: dict, servers: list[str], rows: list[Row], baselines: lis
             }
         # netswapd / each peer: the median of the per-repeat ratios (same repeat, same
         # machine state), not the ratio of the medians.
-        out["ratio"] = {}
+        out["ratio"], out["ratios"] = {}, {}
         mine = dict((r, m["iops"]) for r, m in per.get(("netswapd", row.key), []))
         for baseline in baselines:
             if "netswapd" not in servers or baseline not in servers or baseline == "netswapd":
                 continue
             base = dict((r, m["iops"]) for r, m in per.get((baseline, row.key), []))
-            out["ratio"][baseline] = median([mine[r] / base[r] for r in mine if base.get(r)])
+            ratios = [mine[r] / base[r] for r in mine if base.get(r)]
+            out["ratio"][baseline] = median(ratios)
+            out["ratios"][baseline] = ratios
     for s in servers:
         runs = [r for r in results["runs"] if r["server"] == s]
         summary["rss"][s] = {
