@@ -153,6 +153,7 @@ def test_empty_document_gives_defaults():
         max_connections=1024,
         max_connections_per_client=64,
         handshake_timeout=10.0,
+        keepalive=30.0,
         send_timeout=60.0,
         block_size_min=1,
         block_size_preferred=4096,

@@ -719,6 +719,10 @@ _NBD = (
            "needs N); past it that client's new connections are closed at accept."),
     _Field("handshake_timeout", _Duration(), "10s",
            "Time a new connection has to finish NBD negotiation before it is dropped."),
+    _Field("keepalive", _Duration(), "30s",
+           "Idle time after which TCP keepalive probes a client; a client gone without a "
+           "word (power loss, cable) is disconnected within about twice this, and its "
+           "buffers and reserve go back."),
     _Field("send_timeout", _Duration(), "60s",
            "Time a client may take none of the replies queued for it before it is "
            "disconnected (its buffers and in-flight slots go back)."),
@@ -927,6 +931,7 @@ class NbdConfig:
     max_connections: int
     max_connections_per_client: int
     handshake_timeout: float  # seconds
+    keepalive: float  # seconds
     send_timeout: float  # seconds
     block_size_min: int
     block_size_preferred: int
