@@ -165,20 +165,18 @@ class Connection:
         """Haggle options; True when the connection enters transmission."""
         server = self.server
         access, client = server.access, self.identity
-        if access is None:
-            lookup, listing, attach = (server.registry.lookup, server.registry.list,
-                                       server.lifecycle.attach)
-        else:
-            # The export table as this client may see it: its identity is bound in here, so
-            # the sans-I/O handshake never learns about sockets or peers.
-            def lookup(name):
-                return access.lookup(name, client)
 
-            def listing():
-                return access.list(client)
+        # The export table as this client may see it: its identity is bound in here, so the
+        # sans-I/O handshake never learns about sockets or peers.
+        def lookup(name):
+            return access.lookup(name, client)
 
-            def attach(export):
-                return access.attach(export, client)
+        def listing():
+            return access.list(client)
+
+        def attach(export):
+            return access.attach(export, client)
+
         handshake = ServerHandshake(lookup, listing, server.block_limits, attach,
                                     tls=self._tls_mode)
         try:

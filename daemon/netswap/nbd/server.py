@@ -41,11 +41,11 @@ class ListenError(OSError):
 
 class NbdServer:
     def __init__(self, config, pool, registry, lifecycle, counters: Optional[Counters] = None,
-                 pressure=None, access: Optional[AccessControl] = None, tls_context=None) -> None:
+                 pressure=None, *, access: AccessControl, tls_context=None) -> None:
         self.pool = pool
         self.registry = registry
         self.lifecycle = lifecycle
-        self.access = access  # None: no access control (every client may open every export)
+        self.access = access  # who may open which export (allow lists, swap binding)
         self.pressure = pressure  # a PressureMonitor, or None when pressure.enabled is false
         self.counters = counters or Counters()
         self.apply_config(config, tls_context)
