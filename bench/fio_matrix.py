@@ -308,23 +308,10 @@ class Server:
     def command(self) -> list[str]:
         w = self.workdir
         if self.name == "netswapd":
-            state = w / "state"
-            state.mkdir()
-            config = w / "netswapd.toml"
-            config.write_text(textwrap.dedent(f"""\
-                [daemon]
-                state_dir = "{state}"
-                log_level = "{self.netswapd_log_level}"
-                workers = {self.workers}
-                shutdown_timeout = "5s"
-
+            return self.netswapd_command(f"""\
                 [pool]
                 size = "256MiB"
                 lock = "best-effort"
-
-                [nbd]
-                listen = ["127.0.0.1:{self.port}"]
-                unix_socket = ""
 
                 [swap]
                 enabled = false
@@ -335,8 +322,7 @@ class Server:
                 path = "{self.image}"
                 size = {self.size}
                 description = "fio_matrix bench file"
-                """))
-            return [sys.executable, "-m", "netswap", "--config", str(config)]
+                """)
         if self.name == "nbdkit":
             return ["nbdkit", "--foreground", "--exit-with-parent", "-p", str(self.port),
                     "-i", "127.0.0.1", "file", str(self.image)]
@@ -360,6 +346,25 @@ class Server:
             return ["qemu-nbd", "-f", "raw", "-x", EXPORT, "-p", str(self.port),
                     "-b", "127.0.0.1", "--persistent", "--shared=8", str(self.image)]
         raise ValueError(self.name)
+
+    def netswapd_command(self, sections: str) -> list[str]:
+        """netswapd on 127.0.0.1:port with a state dir of its own, plus `sections` of config
+        (indented as in this file; dedented here)."""
+        state = self.workdir / "state"
+        state.mkdir()
+        config = self.workdir / "netswapd.toml"
+        config.write_text(textwrap.dedent(f"""\
+            [daemon]
+            state_dir = "{state}"
+            log_level = "{self.netswapd_log_level}"
+            workers = {self.workers}
+            shutdown_timeout = "5s"
+
+            [nbd]
+            listen = ["127.0.0.1:{self.port}"]
+            unix_socket = ""
+            """) + textwrap.dedent(sections))
+        return [sys.executable, "-m", "netswap", "--config", str(config)]
 
     def start(self) -> None:
         self.port = free_port()

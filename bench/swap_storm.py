@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -57,27 +56,13 @@ class SwapServer(Server):
             return super().command()
         # netswapd makes the node's image itself (sparse, state/swap/bench.img, beside the
         # file nbdkit gets), as it does for every node on first attach.
-        state = self.workdir / "state"
-        state.mkdir()
-        config = self.workdir / "netswapd.toml"
-        config.write_text(textwrap.dedent(f"""\
-            [daemon]
-            state_dir = "{state}"
-            log_level = "{self.netswapd_log_level}"
-            workers = {self.workers}
-            shutdown_timeout = "5s"
-
+        return self.netswapd_command(f"""\
             [pool]
             lock = "best-effort"
 
-            [nbd]
-            listen = ["127.0.0.1:{self.port}"]
-            unix_socket = ""
-
             [swap]
             size = {self.size}
-            """))
-        return [sys.executable, "-m", "netswap", "--config", str(config)]
+            """)
 
 
 def storm(server: Server, data: int, workdir: Path) -> dict:
