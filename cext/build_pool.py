@@ -27,14 +27,18 @@ def cdef_from_header(header: str) -> str:
     return "\n".join(kept)
 
 
-ffibuilder.cdef(cdef_from_header((CEXT_DIR / "pool.h").read_text()))
+# The pool, and the NBD request loop that takes its buffers (one module: the loop calls
+# pool_alloc and pool_free directly, without crossing back into Python).
+HEADERS = ("pool.h", "nbdfast.h")
+for header in HEADERS:
+    ffibuilder.cdef(cdef_from_header((CEXT_DIR / header).read_text()))
 
 ffibuilder.set_source(
     "netswap._pool",
-    '#include "pool.h"',
-    sources=[str(CEXT_DIR / "pool.c")],
+    "".join(f'#include "{header}"\n' for header in HEADERS),
+    sources=[str(CEXT_DIR / "pool.c"), str(CEXT_DIR / "nbdfast.c")],
     include_dirs=[str(CEXT_DIR)],
-    depends=[str(CEXT_DIR / "pool.h")],
+    depends=[str(CEXT_DIR / header) for header in HEADERS],
     extra_compile_args=["-O2", "-std=gnu11"],
     libraries=["pthread"],
 )

@@ -155,6 +155,7 @@ def test_empty_document_gives_defaults():
         handshake_timeout=10.0,
         keepalive=30.0,
         send_timeout=60.0,
+        c_loop=True,
         block_size_min=1,
         block_size_preferred=4096,
         tls="off",

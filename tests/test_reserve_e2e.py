@@ -135,7 +135,10 @@ def test_attach_the_pool_cannot_cover_is_refused_with_the_reason(tmp_path):
 def flood(uri, offset, stop, results, block=64 * KiB, depth=32, positions=256):
     """Write blocks as fast as the server takes them, never two at once to the same place;
     record the latest acknowledged contents of each place and the failures. Blocks as small
-    as a swap node's leave no crumbs of normal memory for the node to live on."""
+    as a swap node's leave no crumbs of normal memory for the node to live on. FUA writes:
+    they take the Python path, where one connection holds up to max_inflight buffers (the C
+    request loop serves plain writes one at a time per connection, so a flood of those
+    cannot take the normal budget at all)."""
     h = nbd.NBD()
     h.connect_uri(uri)
     acked, failed = {}, 0
@@ -164,7 +167,7 @@ def flood(uri, offset, stop, results, block=64 * KiB, depth=32, positions=256):
             if position in busy:
                 continue
             data = os.urandom(16) * (block // 16)
-            pending[h.aio_pwrite(data, position)] = (position, data)
+            pending[h.aio_pwrite(data, position, flags=nbd.CMD_FLAG_FUA)] = (position, data)
             busy.add(position)
         h.poll(1000)
         reap()

@@ -726,6 +726,9 @@ _NBD = (
     _Field("send_timeout", _Duration(), "60s",
            "Time a client may take none of the replies queued for it before it is "
            "disconnected (its buffers and in-flight slots go back)."),
+    _Field("c_loop", _Boolean(), True,
+           "Serve plain READs and WRITEs on file exports in the C request loop, without the "
+           "GIL (false: every request takes the Python path; for comparison and debugging)."),
     _Field("block_size_min", _Integer(1, 65536, power_of_two=True), 1,
            "Advertised minimum block size: the alignment clients must respect."),
     _Field("block_size_preferred", _Integer(512, 128 * MiB, power_of_two=True), 4096,
@@ -933,6 +936,7 @@ class NbdConfig:
     handshake_timeout: float  # seconds
     keepalive: float  # seconds
     send_timeout: float  # seconds
+    c_loop: bool
     block_size_min: int
     block_size_preferred: int
     tls: str  # "off" | "optional" | "require", TCP listeners

@@ -70,7 +70,7 @@ class _OpStats:
     """Counts of one (export, operation). Each has its own lock, so requests of different
     exports or operations never wait for each other."""
 
-    __slots__ = ("_lock", "_export", "_op", "_buckets", "_latency_ns", "_bytes", "_errors")
+    __slots__ = ("_lock", "_export", "_op", "_buckets", "_latency_ns", "_bytes", "_errors", "live")
 
     def __init__(self, export: str, op: str) -> None:
         self._lock = threading.Lock()
@@ -80,6 +80,9 @@ class _OpStats:
         self._latency_ns = 0
         self._bytes = 0
         self._errors: dict[int, int] = {}
+        # C request loops counting for this entry now (RequestStats.add_live; changed and
+        # read under RequestStats' lock).
+        self.live: list = []
 
     def observe(self, length: int, error: int, elapsed_ns: int) -> None:
         # bisect_left: the first bound >= elapsed, Prometheus' "le" (less or equal).
@@ -92,11 +95,24 @@ class _OpStats:
             else:
                 self._bytes += length
 
+    def fold(self, source) -> None:
+        """Add a C loop's statistics (see RequestStats.add_live) to these."""
+        with self._lock:
+            for index in range(len(self._buckets)):
+                self._buckets[index] += source.buckets[index]
+            self._latency_ns += source.latency_ns
+            self._bytes += source.bytes
+
     def snapshot(self) -> OpSnapshot:
         with self._lock:
-            buckets, latency_ns = tuple(self._buckets), self._latency_ns
+            buckets, latency_ns = list(self._buckets), self._latency_ns
             length, errors = self._bytes, dict(self._errors)
-        return OpSnapshot(self._export, self._op, buckets, latency_ns / 1e9, length, errors)
+        for source in self.live:
+            for index in range(len(buckets)):
+                buckets[index] += source.buckets[index]
+            latency_ns += source.latency_ns
+            length += source.bytes
+        return OpSnapshot(self._export, self._op, tuple(buckets), latency_ns / 1e9, length, errors)
 
 
 class RequestStats:
@@ -136,7 +152,22 @@ class RequestStats:
                 stats = ops[command] = _OpStats(export, op)
             return stats
 
+    def add_live(self, export: str, command: int, source) -> None:
+        """Count what `source` counts as requests of (export, command) too, until
+        `retire_live`. A source is the C request loop's statistics of one connection and
+        operation (`.buckets`, `.latency_ns`, `.bytes`; successes only), which that loop
+        updates with no Python in between: a scrape reads them where they are."""
+        stats = self._entry(export, command)
+        with self._lock:
+            stats.live.append(source)
+
+    def retire_live(self, export: str, command: int, source) -> None:
+        """`source` stops changing (its connection ended): fold it into the totals."""
+        stats = self._entry(export, command)
+        with self._lock:  # a scrape sees it either live or folded in, never both or neither
+            stats.live.remove(source)
+            stats.fold(source)
+
     def snapshot(self) -> list[OpSnapshot]:
         with self._lock:
-            entries = [stats for ops in self._exports.values() for stats in ops.values()]
-        return [stats.snapshot() for stats in entries]
+            return [stats.snapshot() for ops in self._exports.values() for stats in ops.values()]

@@ -91,6 +91,10 @@ _EVENTS = {
     "tls_required_refusals": ("netswap_tls_required_refusals_total",
                               "Options refused with ERR_TLS_REQD (or EXPORT_NAME closed) "
                               "because the listener requires TLS.", None),
+    "c_loop_handoffs": ("netswap_c_loop_handoffs_total",
+                        "Times the C request loop handed a connection to the Python path, by "
+                        "reason (python: a request only Python serves; partial_reply, "
+                        "write_error: one it began).", "reason"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+from netswap._pool import ffi
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -271,6 +273,9 @@ class FileBackend(Backend):
         self._follow_symlinks = follow_symlinks
         self._next_identity_check = 0.0
         self._failure_lock = threading.Lock()
+        # 1 until the backend fails: the C request loop (nbd/fastloop.py) reads it before
+        # each WRITE it would do itself, so a failure stops its writes as it stops ours.
+        self.write_gate = ffi.new("int *", 1)
         # Capabilities learnt by trying.  Plain bools written without a lock: the worst a race
         # does is one extra failed syscall on another thread.
         self._can_punch_hole = True
@@ -315,15 +320,27 @@ class FileBackend(Backend):
                     self._can_rwf_dsync = False
                     use_dsync, rwf = False, 0
                     continue
-                if e.errno == errno.EIO:
-                    # Under RWF_DSYNC this may be a writeback error that fdatasync would not
-                    # report again; without it, the page cache itself failed us.
-                    self._fail(f"write failed: {e.strerror}")
+                self.write_failed(e)
                 raise
         if fua:
             if not use_dsync:
                 self._datasync()
             self._check_identity()
+
+    def write_failed(self, error: OSError) -> None:
+        """A write of ours (or of the C request loop, on our file) failed with `error`."""
+        if error.errno == errno.EIO:
+            # Under RWF_DSYNC this may be a writeback error that fdatasync would not
+            # report again; without it, the page cache itself failed us.
+            self._fail(f"write failed: {error.strerror}")
+
+    def check_identity_due(self) -> None:
+        """The interval check plain writes make, for writes done outside write_from (the C
+        request loop's); a failure it finds is recorded, not raised."""
+        try:
+            self._check_identity(every_interval=True)
+        except OSError:
+            pass
 
     def flush(self) -> None:
         if not self.read_only:  # nothing of ours can be dirty on a read-only fd
@@ -373,6 +390,7 @@ class FileBackend(Backend):
             if self.failure is not None:
                 return
             self.failure = why
+            self.write_gate[0] = 0
         log.error(
             "%s: %s; acknowledged writes may not survive, so from now on every write and flush "
             "of this export fails with EIO (reads still work); repair the storage and restart",
@@ -478,6 +496,10 @@ class FileBackend(Backend):
 
     def allocated_bytes(self) -> int:
         return os.fstat(self._fd).st_blocks * 512
+
+    def fileno(self) -> int:
+        """The backing file's descriptor (the C request loop works on a dup of it)."""
+        return self._fd
 
     def close(self) -> None:
         # Set -1 before closing: a late call from a stray thread then fails with EBADF instead of

@@ -8,6 +8,11 @@ and hands the reply to the connection's `ReplySender`: replies go out in complet
 each as one sendmsg of header and data, and a client slow to read them never holds a
 worker. The buffer goes back to the pool when the reply has been sent.
 
+On a plain (non-TLS) connection to a file export, the reader first lets the C request loop
+(fastloop.py) serve what it can: plain READs and WRITEs, on this thread, without the GIL.
+It stops at the first request that needs anything decided here and leaves it to the path
+above, and runs again once nothing of the connection is in flight on that path.
+
 Bounds: at most `max_inflight` requests per connection are between "read" and "replied";
 past that, and while the pool has no buffer, the reader stops reading, so the client's
 excess waits in TCP buffers (backpressure), not in our memory.
@@ -30,8 +35,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Optional
 
+from ..exports.backends import FileBackend
 from ..netpolicy import tag_emergency
 from . import constants as C
+from . import fastloop
 from .errors import ProtocolError, nbd_error_from_os
 from .handshake import Abort, Ready, Reply, ServerHandshake, StartTls
 from .sender import ReplySender
@@ -71,6 +78,10 @@ class Connection:
         # Fixed for the connection's life: a reload changes it for new connections only.
         self._max_inflight = server.config.nbd.max_inflight
         self._inflight = threading.BoundedSemaphore(self._max_inflight)
+        # Requests between dispatch and reply on the Python path; the C loop runs only at 0.
+        self._outstanding = 0
+        self._outstanding_lock = threading.Lock()
+        self._fast: Optional[fastloop.FastLoop] = None  # the C request loop, where it applies
         self._tls_mode = server.config.nbd.tls_mode(unix=sock.family == socket.AF_UNIX)
         self._tls_context = server.tls_context
         self._tls: Optional[TlsSession] = None  # set once STARTTLS succeeded
@@ -138,6 +149,8 @@ class Connection:
         try:
             if self._sender is not None:
                 self.server.send_poller.forget(self._sender)
+            if self._fast is not None:
+                self._fast.close()
             if self._tls is not None:
                 self._tls.close()
             self.sock.close()
@@ -313,6 +326,14 @@ class Connection:
             maximum_payload=nbd.max_request,
             structured_replies=ready.structured_replies,
         )
+        if nbd.c_loop and self._tls is None and isinstance(export.backend, FileBackend):
+            self._fast = fastloop.FastLoop(
+                sock_fd=self.sock.fileno(), backend=export.backend, pool=self.server.pool,
+                window=self._window, limits=self._limits, group=self._group,
+                reserve=self._is_swap,
+                # Swap requests never pass the pressure throttle; non-swap ones do.
+                run_gate=None if self._is_swap else self.server.non_swap_fast_gate,
+                stats=self.server.counters.requests, export_name=export.name)
         log.info(
             "%s: attached to export %r (%d bytes%s%s)", self.peer, export.name, export.size,
             ", read-only" if export.read_only else "",
@@ -326,6 +347,9 @@ class Connection:
         # Requests the client pipelined behind its GO arrived with the handshake's last read.
         parser.receive_data(self._early_requests)
         while not self._stopping:
+            if self._fast is not None and not self._outstanding:
+                if not self._serve_fast(parser):
+                    return  # the client closed (or stop() shut the read side)
             request = parser.next_request()
             if request is None:
                 received = self._recv_into(parser.recv_window())
@@ -343,9 +367,50 @@ class Connection:
             # A request's latency runs from here (its header parsed) to its reply sent.
             self._dispatch(request, parser, time.perf_counter_ns())
 
+    def _serve_fast(self, parser: RequestParser) -> bool:
+        """Let the C loop serve requests until one needs Python (then it is buffered for the
+        parser) or it hands one back half done; False when the client closed."""
+        fast = self._fast
+        while True:
+            reason = fast.serve(parser)
+            if reason == fastloop.CHECK:
+                continue  # the backend's periodic check is done: go on
+            if reason == fastloop.FALLBACK:
+                self.server.counters.inc("c_loop_handoffs", "python")
+                return True
+            if reason == fastloop.CLOSED:
+                return False
+            if reason == fastloop.SOCKET_ERROR:
+                raise fast.error
+            if reason == fastloop.PAYLOAD_CUT:
+                raise ConnectionError("client closed in the middle of a WRITE payload")
+            break
+        # A request the loop received but hands over: from here on it is Python's, as if
+        # dispatched here (its slot cannot block: nothing else is in flight).
+        request, buffer, started = fast.request(), fast.buffer(), fast.started_ns
+        self._inflight.acquire()
+        self._count_outstanding(1)
+        self.server.counters.inc("c_loop_handoffs",
+                                 "partial_reply" if reason == fastloop.PARTIAL else "write_error")
+        if reason == fastloop.PARTIAL:
+            # The socket took part of the reply: the sender finishes it, then frees the buffer.
+            self._sender.send(fast.unsent_reply(buffer),
+                              functools.partial(self._replied, request, 0, started, buffer, None))
+        else:
+            assert reason == fastloop.WRITE_ERROR, reason
+            error = fast.error
+            self.export.backend.write_failed(error)
+            self._reply(request, self._io_error(request, error), None, started, buffer)
+        return True
+
+    def _count_outstanding(self, change: int) -> None:
+        with self._outstanding_lock:
+            self._outstanding += change
+
     def _dispatch(self, request: Request, parser: RequestParser, started: int) -> None:
         # Every request holds an in-flight slot from here until its reply is sent.
         self._inflight.acquire()
+        self._count_outstanding(1)
         buffer = None
         throttle = None
         try:
@@ -381,6 +446,7 @@ class Connection:
         except BaseException:
             if buffer is not None:
                 buffer.release()
+            self._count_outstanding(-1)
             self._inflight.release()
             raise
         cost = request.length if request.command in (C.CMD_READ, C.CMD_WRITE) else 0
@@ -475,15 +541,20 @@ class Connection:
             elif command == C.CMD_CACHE:
                 backend.cache(request.offset, request.length)
         except OSError as exc:
-            error = nbd_error_from_os(exc)
-            self.server.counters.inc("io_errors", f"{request.name}:{error}")
-            log.warning("%s: %r on %r failed: %s", self.peer, request, self.export.name, exc)
+            error = self._io_error(request, exc)
         except Exception:
             error = C.EIO
             self.server.counters.inc("io_errors", f"{request.name}:{error}")
             log.exception("%s: %r on %r failed", self.peer, request, self.export.name)
         data = buffer.view if command == C.CMD_READ and not error else None
         self._reply(request, error, data, started, buffer, throttle)
+
+    def _io_error(self, request: Request, exc: OSError) -> int:
+        """Count and log a failed backend call; the NBD error its reply carries."""
+        error = nbd_error_from_os(exc)
+        self.server.counters.inc("io_errors", f"{request.name}:{error}")
+        log.warning("%s: %r on %r failed: %s", self.peer, request, self.export.name, exc)
+        return error
 
     def _reply(self, request: Request, error: int, data: Optional[memoryview], started: int,
                buffer=None, throttle=None) -> None:
@@ -510,4 +581,5 @@ class Connection:
                                                   request.length, error,
                                                   time.perf_counter_ns() - started)
         finally:
+            self._count_outstanding(-1)
             self._inflight.release()

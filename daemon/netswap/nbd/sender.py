@@ -137,7 +137,7 @@ class ReplySender:
                 return False
             if sent:
                 self._stalled_since = time.monotonic()
-            reply.parts = _skip(reply.parts, sent)
+            reply.parts = skip_sent(reply.parts, sent)
 
 
 class _Reply:
@@ -152,7 +152,7 @@ class _Reply:
         self.done = done
 
 
-def _skip(parts: list, count: int) -> list:
+def skip_sent(parts: list, count: int) -> list:
     """`parts` without its first `count` bytes (views, no copies)."""
     while count and parts:
         first = memoryview(parts[0]).cast("B")

@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from netswap._pool import ffi
+
 from ..access import AccessControl, peer_identity
 from ..counters import Counters
 from ..netpolicy import SocketPolicy
@@ -51,6 +53,11 @@ class NbdServer:
         self.apply_config(config, tls_context)
         # Under memory pressure non-swap requests pass one at a time (see Connection._throttle).
         self.non_swap_throttle = threading.Semaphore(1)
+        # What the C request loops of non-swap connections read before each request: 0 while
+        # emergency mode holds non-swap requests to the Python path (and its throttle).
+        self.non_swap_fast_gate = ffi.new("int *", 1)
+        if pressure is not None:
+            self._follow_pressure(pressure)
         self.workers: Optional[WorkerPool] = None
         self.send_poller: Optional[SendPoller] = None
         self.stopping = False
@@ -63,6 +70,17 @@ class NbdServer:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         self._acceptor: Optional[threading.Thread] = None
+
+    def _follow_pressure(self, pressure) -> None:
+        chained = pressure.on_change
+
+        def on_change(emergency: bool) -> None:
+            self.non_swap_fast_gate[0] = 0 if emergency else 1
+            if chained is not None:
+                chained(emergency)
+
+        pressure.on_change = on_change
+        self.non_swap_fast_gate[0] = 0 if pressure.emergency else 1
 
     def apply_config(self, config, tls_context=None) -> None:
         """Take (new) settings; connections read them when they start, so open ones keep

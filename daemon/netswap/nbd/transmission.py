@@ -135,6 +135,20 @@ class RequestParser:
             self._payload_left = length
         return request
 
+    def lend_window(self) -> tuple[int, int]:
+        """Where the buffered bytes lie in the window, (start, end), for another parser of
+        the same protocol over the same memory (the C request loop); it gives the window
+        back with `take_window_back` before this parser is used again."""
+        if self._payload_left:
+            raise RuntimeError("the previous WRITE's payload has not been consumed")
+        return self._start, self._end
+
+    def take_window_back(self, start: int, end: int) -> None:
+        """The window after the other parser consumed requests from it (see lend_window)."""
+        if not 0 <= start <= end <= len(self._view):
+            raise ValueError(f"window state {start}..{end} outside 0..{len(self._view)}")
+        self._start, self._end = start, end
+
     def take_payload(self, dest: memoryview) -> int:
         """Copy the buffered part of the current payload into `dest`; return the count."""
         count = min(len(dest), self._end - self._start, self._payload_left)

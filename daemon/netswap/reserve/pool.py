@@ -241,6 +241,16 @@ class Pool:
             raise PoolError(f"allocation of {size} bytes failed: {os.strerror(err)}")
         return Buffer(self, offset, size, self._arena[offset : offset + size], from_reserve)
 
+    def adopt(self, offset: int, size: int, emergency: bool) -> Buffer:
+        """The Buffer for a block C code allocated (the NBD request loop hands over a
+        request it cannot finish); releasing it frees the block as usual."""
+        return Buffer(self, offset, size, self._arena[offset : offset + size], emergency)
+
+    @property
+    def handle(self):
+        """The C pool, for C code that allocates from it (cext/nbdfast.c)."""
+        return self._handle
+
     def _free(self, offset: int) -> None:
         if lib.pool_free(self._handle, offset) != 0:
             raise PoolError(f"offset {offset} is not an allocated block")

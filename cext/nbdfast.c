@@ -1,0 +1,268 @@
+/* netswap's NBD request loop for plain READ and WRITE; see nbdfast.h. */
+#define _GNU_SOURCE
+#include "nbdfast.h"
+#include "pool.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Wire constants (the NBD spec, doc/proto.md); the Python side has the same in nbd/constants.py. */
+#define REQUEST_MAGIC 0x25609513u
+#define SIMPLE_REPLY_MAGIC 0x67446698u
+#define STRUCTURED_REPLY_MAGIC 0x668e33efu
+#define REPLY_FLAG_DONE 1
+#define REPLY_TYPE_NONE 0
+#define REPLY_TYPE_OFFSET_DATA 1
+#define CMD_READ 0
+#define CMD_WRITE 1
+#define HEADER_SIZE 28
+
+enum { OP_READ = 0, OP_WRITE = 1 };
+
+/* A statistic is written by this thread alone and read by others (the metrics
+ * scrape): a relaxed atomic store keeps each read whole, at the cost of a plain
+ * store on x86 and arm64. */
+#define BUMP(field, amount) \
+    __atomic_store_n(&(field), (field) + (amount), __ATOMIC_RELAXED)
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter_ns() on Linux */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void account(struct nbd_fast_conn *c, int op, uint32_t length, int64_t started)
+{
+    struct nbd_fast_op_stats *s = &c->stats[op];
+    uint64_t elapsed = (uint64_t)(now_ns() - started);
+    int i = 0;
+    /* The first bound >= elapsed, Prometheus' "le", as counters.py's bisect_left. */
+    while (i < NBD_FAST_BOUNDS && c->bounds_ns[i] < elapsed)
+        i++;
+    BUMP(s->buckets[i], 1);
+    BUMP(s->latency_ns, elapsed);
+    BUMP(s->bytes, length);
+}
+
+static void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
+static void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
+static uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
+static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
+static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
+
+/* The reply header for a successful request, as transmission.reply_header makes it. */
+static uint32_t reply_header(struct nbd_fast_conn *c, uint8_t *out)
+{
+    if (!c->structured) {
+        put32(out, SIMPLE_REPLY_MAGIC);
+        put32(out + 4, 0);
+        put64(out + 8, c->cookie);
+        return 16;
+    }
+    put32(out, STRUCTURED_REPLY_MAGIC);
+    put16(out + 4, REPLY_FLAG_DONE);
+    put64(out + 8, c->cookie);
+    if (c->command == CMD_READ) {
+        put16(out + 6, REPLY_TYPE_OFFSET_DATA);
+        put32(out + 16, 8 + c->length);
+        put64(out + 20, c->offset);
+        return 28;
+    }
+    put16(out + 6, REPLY_TYPE_NONE);
+    put32(out + 16, 0);
+    return 20;
+}
+
+/* Receive until a whole header is buffered.  Returns 1, or 0 on EOF, or -1 (errno). */
+static int fill_header(struct nbd_fast_conn *c)
+{
+    while (c->end - c->start < HEADER_SIZE) {
+        if (c->start == c->end) {
+            c->start = c->end = 0;
+        } else if (c->window_size - c->end < HEADER_SIZE) {
+            /* Slide the partial header to the front so that a whole one fits. */
+            uint32_t count = c->end - c->start;
+            memmove(c->window, c->window + c->start, count);
+            c->start = 0;
+            c->end = count;
+        }
+        ssize_t got = recv(c->sock, c->window + c->end, c->window_size - c->end, 0);
+        if (got > 0) {
+            c->end += (uint32_t)got;
+        } else if (got == 0) {
+            return 0;
+        } else if (errno != EINTR) {
+            return -1;
+        }
+    }
+    return 1;
+}
+
+/* Is the request at window[start] one this loop may serve?  Every refusal the
+ * spec asks for (and every flag) is left to Python, which answers it. */
+static int servable(struct nbd_fast_conn *c, const uint8_t *h)
+{
+    if (get32(h) != REQUEST_MAGIC || get16(h + 4) != 0)
+        return 0;
+    uint16_t command = get16(h + 6);
+    uint64_t offset = get64(h + 16);
+    uint32_t length = get32(h + 24);
+    if (command == CMD_READ) {
+        if (c->reads_may_wait)
+            return 0;
+    } else if (command == CMD_WRITE) {
+        if (c->read_only || !__atomic_load_n(c->backend_ok, __ATOMIC_RELAXED))
+            return 0;
+    } else {
+        return 0;
+    }
+    if (!__atomic_load_n(c->run_ok, __ATOMIC_RELAXED))
+        return 0;
+    if (length == 0 || length > c->max_payload)
+        return 0;
+    if (offset % c->min_block || length % c->min_block)
+        return 0;
+    if (offset > c->export_size || length > c->export_size - offset)
+        return 0;
+    return 1;
+}
+
+/* Receive the rest of a WRITE payload (its buffered part is copied already). */
+static int recv_payload(struct nbd_fast_conn *c, uint8_t *dest, uint32_t have, uint32_t length)
+{
+    while (have < length) {
+        ssize_t got = recv(c->sock, dest + have, length - have, MSG_WAITALL);
+        if (got > 0)
+            have += (uint32_t)got;
+        else if (got == 0)
+            return 0;
+        else if (errno != EINTR)
+            return -1;
+    }
+    return 1;
+}
+
+/* Send header + data without blocking.  1: all sent; 0: partly (c->sent says
+ * how much); -1: the socket failed (errno). */
+static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
+{
+    struct iovec iov[2] = {
+        {.iov_base = c->reply, .iov_len = c->reply_len},
+        {.iov_base = data, .iov_len = data_len},
+    };
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = data_len ? 2 : 1};
+    uint64_t total = (uint64_t)c->reply_len + data_len;
+    c->sent = 0;
+    for (;;) {
+        ssize_t n = sendmsg(c->sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            return -1;
+        }
+        c->sent = (uint64_t)n;
+        return c->sent == total ? 1 : 0;
+    }
+}
+
+static int64_t alloc_block(struct nbd_fast_conn *c, uint32_t length)
+{
+    int emergency = 0;
+    int64_t block = pool_alloc(c->pool, length, c->alloc_flags, c->group, 0,
+                               c->alloc_flags ? &emergency : NULL);
+    c->emergency = emergency;
+    return block;
+}
+
+int nbd_fast_serve(struct nbd_fast_conn *c)
+{
+    uint8_t *arena = pool_base(c->pool);
+    for (;;) {
+        int r = fill_header(c);
+        if (r <= 0) {
+            c->error = errno;
+            return r == 0 ? NBD_FAST_CLOSED : NBD_FAST_SOCKET_ERROR;
+        }
+        const uint8_t *h = c->window + c->start;
+        if (!servable(c, h))
+            return NBD_FAST_FALLBACK;
+        int64_t started = now_ns();
+        uint16_t command = get16(h + 6);
+        uint32_t length = get32(h + 24);
+        int64_t block = alloc_block(c, length);
+        if (block < 0)
+            return NBD_FAST_FALLBACK; /* Python waits for the pool, or refuses */
+        uint8_t *data = arena + block;
+        c->command = command;
+        c->flags = 0;
+        c->cookie = get64(h + 8);
+        c->offset = get64(h + 16);
+        c->length = length;
+        c->started_ns = started;
+        c->block = block;
+
+        if (command == CMD_READ) {
+            struct iovec iov = {.iov_base = data, .iov_len = length};
+            ssize_t got;
+            do {
+                got = preadv2(c->fd, &iov, 1, (off_t)c->offset, RWF_NOWAIT);
+            } while (got < 0 && errno == EINTR);
+            if (got != (ssize_t)length) {
+                /* Not all in the page cache (EAGAIN, a short count), an error, or a
+                 * file system without RWF_NOWAIT: a worker does it, and reports errors. */
+                if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+                    c->reads_may_wait = 1;
+                pool_free(c->pool, block);
+                return NBD_FAST_FALLBACK;
+            }
+            c->start += HEADER_SIZE;
+        } else {
+            c->start += HEADER_SIZE;
+            uint32_t have = c->end - c->start;
+            if (have > length)
+                have = length;
+            memcpy(data, c->window + c->start, have);
+            c->start += have;
+            r = recv_payload(c, data, have, length);
+            if (r <= 0) {
+                c->error = errno;
+                pool_free(c->pool, block);
+                return r == 0 ? NBD_FAST_PAYLOAD_CUT : NBD_FAST_SOCKET_ERROR;
+            }
+            uint32_t done = 0;
+            while (done < length) {
+                ssize_t n = pwrite(c->fd, data + done, length - done, (off_t)(c->offset + done));
+                if (n < 0) {
+                    if (errno == EINTR)
+                        continue;
+                    c->error = errno;
+                    return NBD_FAST_WRITE_ERROR; /* Python owns the block now */
+                }
+                done += (uint32_t)n;
+            }
+        }
+
+        c->reply_len = reply_header(c, c->reply);
+        uint32_t data_len = command == CMD_READ ? length : 0;
+        r = send_reply(c, data, data_len);
+        if (r == 0)
+            return NBD_FAST_PARTIAL; /* Python's sender finishes it, then frees the block */
+        pool_free(c->pool, block);
+        if (r < 0) {
+            c->error = errno;
+            return NBD_FAST_SOCKET_ERROR;
+        }
+        account(c, command == CMD_READ ? OP_READ : OP_WRITE, length, started);
+        if (command == CMD_WRITE && now_ns() >= c->check_due_ns)
+            return NBD_FAST_CHECK;
+    }
+}

@@ -1,0 +1,132 @@
+"""The Python side of the C request loop (cext/nbdfast.c) of one connection.
+
+Why it exists: served in Python, every request costs a few dozen interpreter steps under
+one GIL shared by all connections (parse, checks, pool, fair queue, worker hand-off,
+reply, statistics), so the daemon topped out at one busy core while the C servers used
+half as much CPU for two to three times the IOPS. Plain READs and WRITEs on a file export
+need none of Python's decisions, so a C loop serves them on the connection's own reader
+thread without the GIL: preadv2(RWF_NOWAIT) for reads the page cache holds, pwrite into
+the page cache for writes, one sendmsg of header and data, pool buffers as everywhere.
+
+What stays in Python, by construction: the C loop stops at the first request it does not
+serve and leaves it in the receive window, so Python parses, checks, refuses, queues
+(fairly, on the workers) and replies to everything else exactly as before: other commands,
+any flag (FUA, DF), every request the spec refuses, an empty pool (Python waits or answers
+ENOMEM, and takes reserve memory only where the drop rule allows), reads that would wait
+for the disk, TLS connections, memory exports, a failed backend, non-swap requests under
+memory pressure. The loop runs only while nothing of its connection is in flight in Python,
+so it never races a worker for the socket and replies keep one writer at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from netswap._pool import ffi, lib
+
+from ..counters import LATENCY_BUCKETS
+from . import constants as C
+from .sender import skip_sent
+from .transmission import ExportLimits, Request, RequestParser
+
+_BOUNDS_NS = [round(bound * 1e9) for bound in LATENCY_BUCKETS]
+assert len(_BOUNDS_NS) == lib.NBD_FAST_BOUNDS, "cext/nbdfast.h and counters.py disagree"
+_OPS = ((0, C.CMD_READ), (1, C.CMD_WRITE))  # the loop's stats index, and its command
+
+# What serve() returns (see cext/nbdfast.h).
+CLOSED = lib.NBD_FAST_CLOSED
+FALLBACK = lib.NBD_FAST_FALLBACK
+PARTIAL = lib.NBD_FAST_PARTIAL
+WRITE_ERROR = lib.NBD_FAST_WRITE_ERROR
+CHECK = lib.NBD_FAST_CHECK
+SOCKET_ERROR = lib.NBD_FAST_SOCKET_ERROR
+PAYLOAD_CUT = lib.NBD_FAST_PAYLOAD_CUT
+
+
+class FastLoop:
+    """One connection's C loop: its state, its statistics, and the requests it hands back."""
+
+    def __init__(self, *, sock_fd: int, backend, pool, window, limits: ExportLimits,
+                 group, reserve: bool, run_gate, stats, export_name: str) -> None:
+        """`window` is the connection's receive window (a pool Buffer); `group` the pool
+        group its buffers are charged to and `reserve` whether they may come from the
+        reserve (swap connections); `run_gate` an int* that is 0 while requests must pass
+        Python (or None); `stats` the daemon's RequestStats, which reads ours live."""
+        self.backend = backend
+        self.pool = pool
+        self._stats = stats
+        self._export_name = export_name
+        self._fd = os.dup(backend.fileno())  # never a number the backend's close() frees
+        conn = self._conn = ffi.new("struct nbd_fast_conn *")
+        conn.sock = sock_fd
+        conn.fd = self._fd
+        conn.pool = pool.handle
+        conn.alloc_flags = lib.POOL_EMERGENCY if reserve and group is not None else 0
+        conn.group = group.id if reserve and group is not None else -1
+        conn.export_size = limits.size
+        conn.min_block = limits.minimum_block
+        conn.max_payload = limits.maximum_payload
+        conn.read_only = int(limits.read_only)
+        conn.structured = int(limits.structured_replies)
+        conn.window = ffi.cast("uint8_t *", lib.pool_base(pool.handle)) + window.offset
+        conn.window_size = window.size
+        conn.backend_ok = backend.write_gate
+        self._always = ffi.new("int *", 1)
+        conn.run_ok = run_gate if run_gate is not None else self._always
+        conn.bounds_ns = _BOUNDS_NS
+        conn.check_due_ns = 0
+        for index, command in _OPS:
+            stats.add_live(export_name, command, conn.stats[index])
+
+    def serve(self, parser: RequestParser) -> int:
+        """Run the C loop on the parser's window until it stops; returns why (the module's
+        constants). The GIL is released for the whole call."""
+        conn = self._conn
+        conn.start, conn.end = parser.lend_window()
+        try:
+            reason = lib.nbd_fast_serve(conn)
+        finally:
+            parser.take_window_back(conn.start, conn.end)
+        if reason == CHECK:
+            self.backend.check_identity_due()
+            conn.check_due_ns = time.perf_counter_ns() + round(
+                self.backend.IDENTITY_CHECK_INTERVAL * 1e9)
+        return reason
+
+    # What the loop hands back -------------------------------------------------------
+
+    def request(self) -> Request:
+        """The request a PARTIAL or WRITE_ERROR is about."""
+        conn = self._conn
+        return Request(conn.flags, conn.command, conn.cookie, conn.offset, conn.length)
+
+    @property
+    def started_ns(self) -> int:
+        return self._conn.started_ns
+
+    def buffer(self):
+        """The pool Buffer of that request; the caller releases it."""
+        conn = self._conn
+        return self.pool.adopt(conn.block, conn.length, bool(conn.emergency))
+
+    def unsent_reply(self, buffer) -> list:
+        """The parts of a PARTIAL reply not sent yet (header copy, then views of the data)."""
+        conn = self._conn
+        header = bytes(ffi.buffer(conn.reply, conn.reply_len))
+        parts = [header, buffer.view] if conn.command == C.CMD_READ else [header]
+        return skip_sent(parts, conn.sent)
+
+    @property
+    def error(self) -> OSError:
+        """The errno of a WRITE_ERROR or SOCKET_ERROR, as the OSError Python would have."""
+        err = self._conn.error
+        return OSError(err, os.strerror(err))
+
+    def close(self) -> None:
+        """The connection ended: fold the statistics into the totals, close our fd."""
+        for index, command in _OPS:
+            self._stats.retire_live(self._export_name, command, self._conn.stats[index])
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
