@@ -12,11 +12,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from netswap import protect
 from netswap.protect import ProtectionReport, protect_process
 
 MiB = 1 << 20
@@ -147,3 +149,26 @@ def test_report_summary():
     assert report.summary() == ("mlockall on, oom_score_adj unchanged, io_flusher off "
                                 "(PR_SET_IO_FLUSHER: EPERM: grant X)")
 
+
+
+def test_a_swap_thread_gets_the_shortest_scheduler_slice():
+    def slice_ns() -> int:
+        for line in open("/proc/thread-self/sched"):
+            if line.startswith("se.slice"):
+                return int(line.split(":")[1])
+        pytest.skip("this kernel does not show se.slice")
+
+    seen = {}
+
+    def thread():
+        seen["before"] = slice_ns()
+        seen["set"] = protect.shorten_slice()
+        seen["after"] = slice_ns()
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    if not seen["set"]:
+        pytest.skip("sched_setattr with a slice is not available here")
+    assert seen["after"] == protect.SWAP_THREAD_SLICE_NS < seen["before"]
+    assert slice_ns() == seen["before"]  # the calling thread only

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..exports.backends import FileBackend
 from ..netpolicy import tag_emergency
+from ..protect import shorten_slice
 from . import constants as C
 from . import fastloop
 from .errors import ProtocolError, nbd_error_from_os
@@ -310,6 +311,7 @@ class Connection:
             self._is_swap = True
             self._flow = ("node", export.node)
             self._tag()
+            shorten_slice()  # this thread: a page fault of the node waits on it
             self._group = ready.attachment.requests
             window_group = ready.attachment.windows
         elif self.tagged:
