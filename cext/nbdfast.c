@@ -5,6 +5,8 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -149,6 +151,42 @@ static int recv_payload(struct nbd_fast_conn *c, uint8_t *dest, uint32_t have, u
     return 1;
 }
 
+struct nbd_send_gate {
+    pthread_mutex_t mutex;
+    int backlog;   /* Python has replies queued: they go first */
+    int c_partial; /* the loop sent part of a reply; Python has not taken it over yet */
+};
+
+struct nbd_send_gate *nbd_gate_new(void)
+{
+    struct nbd_send_gate *gate = calloc(1, sizeof *gate);
+    if (gate != NULL)
+        pthread_mutex_init(&gate->mutex, NULL);
+    return gate;
+}
+
+void nbd_gate_free(struct nbd_send_gate *gate)
+{
+    if (gate != NULL) {
+        pthread_mutex_destroy(&gate->mutex);
+        free(gate);
+    }
+}
+
+int nbd_gate_acquire(struct nbd_send_gate *gate)
+{
+    pthread_mutex_lock(&gate->mutex);
+    return gate->c_partial;
+}
+
+void nbd_gate_release(struct nbd_send_gate *gate, int backlog, int took_partial)
+{
+    gate->backlog = backlog;
+    if (took_partial)
+        gate->c_partial = 0;
+    pthread_mutex_unlock(&gate->mutex);
+}
+
 /* Send header + data without blocking.  1: all sent; 0: partly (c->sent says
  * how much); -1: the socket failed (errno). */
 static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
@@ -159,19 +197,30 @@ static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
     };
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = data_len ? 2 : 1};
     uint64_t total = (uint64_t)c->reply_len + data_len;
+    struct nbd_send_gate *gate = c->gate;
+    int result;
     c->sent = 0;
-    for (;;) {
-        ssize_t n = sendmsg(c->sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    pthread_mutex_lock(&gate->mutex);
+    if (gate->backlog || gate->c_partial) {
+        result = 0; /* queued replies go first: Python queues this one behind them */
+    } else {
+        ssize_t n;
+        do {
+            n = sendmsg(c->sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
-            return -1;
+            result = errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        } else {
+            c->sent = (uint64_t)n;
+            result = c->sent == total ? 1 : 0;
+            if (!result && n > 0)
+                gate->c_partial = 1; /* its rest must be next on the wire */
         }
-        c->sent = (uint64_t)n;
-        return c->sent == total ? 1 : 0;
     }
+    int saved = errno;
+    pthread_mutex_unlock(&gate->mutex);
+    errno = saved;
+    return result;
 }
 
 static int64_t alloc_block(struct nbd_fast_conn *c, uint32_t length)

@@ -93,8 +93,9 @@ _EVENTS = {
                               "because the listener requires TLS.", None),
     "c_loop_handoffs": ("netswap_c_loop_handoffs_total",
                         "Times the C request loop handed a connection to the Python path, by "
-                        "reason (python: a request only Python serves; partial_reply, "
-                        "write_error: one it began).", "reason"),
+                        "reason (python: a request only Python serves; queued_reply: a reply "
+                        "that had to wait for the socket; write_error: a failed write).",
+                        "reason"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

@@ -11,7 +11,8 @@ worker. The buffer goes back to the pool when the reply has been sent.
 On a plain (non-TLS) connection to a file export, the reader first lets the C request loop
 (fastloop.py) serve what it can: plain READs and WRITEs, on this thread, without the GIL.
 It stops at the first request that needs anything decided here and leaves it to the path
-above, and runs again once nothing of the connection is in flight on that path.
+above, then takes over again; replies of both paths share the socket through the
+sender's gate.
 
 Bounds: at most `max_inflight` requests per connection are between "read" and "replied";
 past that, and while the pool has no buffer, the reader stops reading, so the client's
@@ -79,9 +80,6 @@ class Connection:
         # Fixed for the connection's life: a reload changes it for new connections only.
         self._max_inflight = server.config.nbd.max_inflight
         self._inflight = threading.BoundedSemaphore(self._max_inflight)
-        # Requests between dispatch and reply on the Python path; the C loop runs only at 0.
-        self._outstanding = 0
-        self._outstanding_lock = threading.Lock()
         self._fast: Optional[fastloop.FastLoop] = None  # the C request loop, where it applies
         self._tls_mode = server.config.nbd.tls_mode(unix=sock.family == socket.AF_UNIX)
         self._tls_context = server.tls_context
@@ -332,6 +330,7 @@ class Connection:
             self._fast = fastloop.FastLoop(
                 sock_fd=self.sock.fileno(), backend=export.backend, pool=self.server.pool,
                 window=self._window, limits=self._limits, group=self._group,
+                gate=self._sender.gate,
                 reserve=self._is_swap,
                 # Swap requests never pass the pressure throttle; non-swap ones do.
                 run_gate=None if self._is_swap else self.server.non_swap_fast_gate,
@@ -349,7 +348,7 @@ class Connection:
         # Requests the client pipelined behind its GO arrived with the handshake's last read.
         parser.receive_data(self._early_requests)
         while not self._stopping:
-            if self._fast is not None and not self._outstanding:
+            if self._fast is not None:
                 if not self._serve_fast(parser):
                     return  # the client closed (or stop() shut the read side)
             request = parser.next_request()
@@ -388,16 +387,19 @@ class Connection:
                 raise ConnectionError("client closed in the middle of a WRITE payload")
             break
         # A request the loop received but hands over: from here on it is Python's, as if
-        # dispatched here (its slot cannot block: nothing else is in flight).
+        # dispatched here (it takes an in-flight slot like any other).
         request, buffer, started = fast.request(), fast.buffer(), fast.started_ns
         self._inflight.acquire()
-        self._count_outstanding(1)
         self.server.counters.inc("c_loop_handoffs",
-                                 "partial_reply" if reason == fastloop.PARTIAL else "write_error")
+                                 "queued_reply" if reason == fastloop.PARTIAL else "write_error")
         if reason == fastloop.PARTIAL:
-            # The socket took part of the reply: the sender finishes it, then frees the buffer.
-            self._sender.send(fast.unsent_reply(buffer),
-                              functools.partial(self._replied, request, 0, started, buffer, None))
+            # Replies were queued, or the socket took only part of this one: the sender
+            # finishes it (its rest first, if part is on the wire), then frees the buffer.
+            done = functools.partial(self._replied, request, 0, started, buffer, None)
+            if fast.sent:
+                self._sender.resume(fast.unsent_reply(buffer), done)
+            else:
+                self._sender.send(fast.unsent_reply(buffer), done)
         else:
             assert reason == fastloop.WRITE_ERROR, reason
             error = fast.error
@@ -405,14 +407,9 @@ class Connection:
             self._reply(request, self._io_error(request, error), None, started, buffer)
         return True
 
-    def _count_outstanding(self, change: int) -> None:
-        with self._outstanding_lock:
-            self._outstanding += change
-
     def _dispatch(self, request: Request, parser: RequestParser, started: int) -> None:
         # Every request holds an in-flight slot from here until its reply is sent.
         self._inflight.acquire()
-        self._count_outstanding(1)
         buffer = None
         throttle = None
         try:
@@ -448,7 +445,6 @@ class Connection:
         except BaseException:
             if buffer is not None:
                 buffer.release()
-            self._count_outstanding(-1)
             self._inflight.release()
             raise
         cost = request.length if request.command in (C.CMD_READ, C.CMD_WRITE) else 0
@@ -583,5 +579,4 @@ class Connection:
                                                   request.length, error,
                                                   time.perf_counter_ns() - started)
         finally:
-            self._count_outstanding(-1)
             self._inflight.release()

@@ -14,8 +14,9 @@ serve and leaves it in the receive window, so Python parses, checks, refuses, qu
 any flag (FUA, DF), every request the spec refuses, an empty pool (Python waits or answers
 ENOMEM, and takes reserve memory only where the drop rule allows), reads that would wait
 for the disk, TLS connections, memory exports, a failed backend, non-swap requests under
-memory pressure. The loop runs only while nothing of its connection is in flight in Python,
-so it never races a worker for the socket and replies keep one writer at a time.
+memory pressure. Requests handed to Python run on the workers while the loop goes on with
+the next ones; replies from both share the socket through the sender's gate (sender.py), so
+each goes out whole.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class FastLoop:
     """One connection's C loop: its state, its statistics, and the requests it hands back."""
 
     def __init__(self, *, sock_fd: int, backend, pool, window, limits: ExportLimits,
-                 group, reserve: bool, run_gate, stats, export_name: str) -> None:
+                 group, reserve: bool, gate, run_gate, stats, export_name: str) -> None:
         """`window` is the connection's receive window (a pool Buffer); `group` the pool
         group its buffers are charged to and `reserve` whether they may come from the
-        reserve (swap connections); `run_gate` an int* that is 0 while requests must pass
+        reserve (swap connections); `gate` the connection's ReplySender's send gate;
+        `run_gate` an int* that is 0 while requests must pass
         Python (or None); `stats` the daemon's RequestStats, which reads ours live."""
         self.backend = backend
         self.pool = pool
@@ -70,6 +72,7 @@ class FastLoop:
         conn.structured = int(limits.structured_replies)
         conn.window = ffi.cast("uint8_t *", lib.pool_base(pool.handle)) + window.offset
         conn.window_size = window.size
+        conn.gate = gate
         conn.backend_ok = backend.write_gate
         self._always = ffi.new("int *", 1)
         conn.run_ok = run_gate if run_gate is not None else self._always
@@ -104,13 +107,19 @@ class FastLoop:
     def started_ns(self) -> int:
         return self._conn.started_ns
 
+    @property
+    def sent(self) -> int:
+        """Bytes of a PARTIAL reply already on the wire (0: none, it just waits its turn)."""
+        return self._conn.sent
+
     def buffer(self):
         """The pool Buffer of that request; the caller releases it."""
         conn = self._conn
         return self.pool.adopt(conn.block, conn.length, bool(conn.emergency))
 
     def unsent_reply(self, buffer) -> list:
-        """The parts of a PARTIAL reply not sent yet (header copy, then views of the data)."""
+        """The parts of a PARTIAL reply not sent yet (a copy of the header, then the data's
+        view)."""
         conn = self._conn
         header = bytes(ffi.buffer(conn.reply, conn.reply_len))
         parts = [header, buffer.view] if conn.command == C.CMD_READ else [header]

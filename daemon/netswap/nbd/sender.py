@@ -17,6 +17,11 @@ is cut off, which gives its buffers and slots back.
 Each reply comes with a completion callback (release the buffer and the slot, account the
 request); it runs exactly once, when the reply has been sent or can never be (the client
 is gone), outside the sender's lock.
+
+The connection's C request loop sends its own replies on the same socket. The sender's lock
+is therefore a gate in C (cext/nbdfast.h) that the loop takes too: the loop sends only when
+nothing is queued here, and when the socket takes part of one of its replies it holds the
+gate shut until the reader has put the rest at the head of this queue (`resume`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import threading
 import time
 from collections import deque
 from typing import Callable, Iterator, Optional, Sequence
+
+from netswap._pool import ffi, lib
 
 log = logging.getLogger("netswap.nbd")
 
@@ -49,7 +56,9 @@ class ReplySender:
         self._fd = sock.fileno()
         self._poller = poller
         self.seal = seal
-        self._lock = threading.Lock()
+        self.gate = ffi.gc(lib.nbd_gate_new(), lib.nbd_gate_free)  # see the module docstring
+        if self.gate == ffi.NULL:
+            raise MemoryError("no memory for a send gate")
         # Replies not fully sent yet, in order; the head may be partly sent.
         self._backlog: deque[_Reply] = deque()
         self._stalled_since = 0.0  # monotonic time the head last made progress
@@ -61,45 +70,82 @@ class ReplySender:
         # 32 MiB READ reply waits as plaintext in its pool buffer, never as a heap copy.
         reply = _Reply([], self.seal(parts), done) if self.seal else _Reply(list(parts), None, done)
         finished = None
-        with self._lock:
+        c_partial = lib.nbd_gate_acquire(self.gate)
+        try:
             if self.broken:
                 finished = done
-            elif self._backlog:
+            elif self._backlog or c_partial:
                 self._backlog.append(reply)
             elif self._send_now(reply) or self.broken:
                 finished = done
             else:
-                self._backlog.append(reply)
-                self._stalled_since = time.monotonic()
-                self._poller.watch(self)
+                self._queue_first(reply)
+        finally:
+            self._release()
         if finished is not None:
             finished()
+
+    def resume(self, parts: Sequence, done: Completion) -> None:
+        """Finish the C loop's reply the socket took only part of: `parts` is its rest, which
+        goes out before anything queued (the gate has let no one send since)."""
+        reply = _Reply(list(parts), None, done)
+        finished = None
+        lib.nbd_gate_acquire(self.gate)
+        try:
+            if self.broken:
+                finished = done
+            else:
+                self._queue_first(reply)
+        finally:
+            self._release(took_partial=True)
+        if finished is not None:
+            finished()
+
+    def _queue_first(self, reply: "_Reply") -> None:
+        self._backlog.appendleft(reply)
+        self._stalled_since = time.monotonic()
+        self._poller.watch(self)
+
+    def _release(self, took_partial: bool = False) -> None:
+        lib.nbd_gate_release(self.gate, 1 if self._backlog else 0, 1 if took_partial else 0)
 
     def flush(self) -> None:
         """Send what the backlog holds, as far as the socket takes it (the poller's call)."""
         completed: list[Completion] = []
-        with self._lock:
-            while self._backlog and not self.broken and self._send_now(self._backlog[0]):
+        c_partial = lib.nbd_gate_acquire(self.gate)
+        try:
+            # A partial reply of the C loop not taken over yet comes before the queue: wait
+            # for resume(), which watches the socket again.
+            while (self._backlog and not self.broken and not c_partial
+                   and self._send_now(self._backlog[0])):
                 completed.append(self._backlog.popleft().done)
             if self.broken:
                 completed.extend(reply.done for reply in self._backlog)
                 self._backlog.clear()
-            elif self._backlog:
+            elif self._backlog and not c_partial:
                 self._poller.watch(self)
+        finally:
+            self._release()
         for done in completed:
             done()
 
     def stalled_for(self, now: float) -> float:
         """Seconds the oldest unsent reply has made no progress (0 with nothing queued)."""
-        with self._lock:
+        lib.nbd_gate_acquire(self.gate)
+        try:
             return now - self._stalled_since if self._backlog else 0.0
+        finally:
+            self._release()
 
     def abandon(self) -> None:
         """The client is gone or cut off: complete every queued reply unsent."""
-        with self._lock:
+        lib.nbd_gate_acquire(self.gate)
+        try:
             self.broken = True
             pending = [reply.done for reply in self._backlog]
             self._backlog.clear()
+        finally:
+            self._release()
         self._poller.forget(self)
         for done in pending:
             done()
