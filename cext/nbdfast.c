@@ -223,6 +223,38 @@ static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
     return result;
 }
 
+/* Read a READ's data.  1: done; 0: leave it to a worker (which also reports errors). */
+static int read_block(struct nbd_fast_conn *c, uint8_t *data, uint32_t length)
+{
+    struct iovec iov = {.iov_base = data, .iov_len = length};
+    ssize_t got;
+    do {
+        got = preadv2(c->fd, &iov, 1, (off_t)c->offset, RWF_NOWAIT);
+    } while (got < 0 && errno == EINTR);
+    if (got == (ssize_t)length)
+        return 1;
+    if (got < 0 && errno != EAGAIN) {
+        if (errno == EOPNOTSUPP || errno == EINVAL)
+            c->reads_may_wait = 1; /* no RWF_NOWAIT here: every READ goes to the workers */
+        return 0;
+    }
+    /* Not all in the page cache.  With more requests buffered behind this one, a worker
+     * waits for the disk while the loop serves them.  With none, the client is waiting
+     * for this reply alone (QD1, a page fault): reading here is the quickest answer. */
+    if (c->end - c->start > HEADER_SIZE)
+        return 0;
+    uint32_t done = got > 0 ? (uint32_t)got : 0;
+    while (done < length) {
+        ssize_t n = pread(c->fd, data + done, length - done, (off_t)(c->offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return 0; /* an error, or EOF inside the export (a truncated file): Python's */
+        done += (uint32_t)n;
+    }
+    return 1;
+}
+
 static int64_t alloc_block(struct nbd_fast_conn *c, uint32_t length)
 {
     int emergency = 0;
@@ -260,16 +292,7 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
         c->block = block;
 
         if (command == CMD_READ) {
-            struct iovec iov = {.iov_base = data, .iov_len = length};
-            ssize_t got;
-            do {
-                got = preadv2(c->fd, &iov, 1, (off_t)c->offset, RWF_NOWAIT);
-            } while (got < 0 && errno == EINTR);
-            if (got != (ssize_t)length) {
-                /* Not all in the page cache (EAGAIN, a short count), an error, or a
-                 * file system without RWF_NOWAIT: a worker does it, and reports errors. */
-                if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
-                    c->reads_may_wait = 1;
+            if (!read_block(c, data, length)) {
                 pool_free(c->pool, block);
                 return NBD_FAST_FALLBACK;
             }

@@ -3,14 +3,14 @@
  * without the GIL.
  *
  * A connection whose export is a file calls nbd_fast_serve() from its reader
- * thread whenever nothing of it is in flight on the Python side.  The loop
+ * thread (again after each request it had to leave to Python).  The loop
  * receives request headers into the connection's receive window, and serves
  * plain READs and WRITEs itself: a buffer from the pool (the connection's
  * group, the reserve only where the connection may use it), the payload
  * received straight into it, preadv2(RWF_NOWAIT) or pwrite, and one sendmsg of
  * reply header and data.  Anything else (another command, a flag, a request
- * the spec refuses, an empty pool, a read the page cache cannot answer, a
- * closed gate) stops the loop with the request left unparsed in the window,
+ * the spec refuses, an empty pool, a read the page cache cannot answer while
+ * more requests are queued, a closed gate) stops the loop with the request left unparsed in the window,
  * and the Python connection serves it the ordinary way: the C loop knows no
  * rule of the protocol that Python does not apply too, it only skips Python
  * for the requests that need none of its decisions.

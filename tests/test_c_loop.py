@@ -268,3 +268,28 @@ def test_a_write_that_fails_in_c_gets_the_python_paths_error_reply(tmp_path, tin
     finally:
         assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
+
+
+def test_a_lone_read_of_data_not_in_the_page_cache_is_read_in_c(daemon):
+    """RWF_NOWAIT finds the data on disk only; with no other request queued the loop reads
+    it itself (a worker would only add a hand-over to a page fault that waits anyway)."""
+    sock = transmission(daemon)
+    data = os.urandom(64 * KiB)
+    request(sock, C.CMD_WRITE, 1 * MiB, len(data), cookie=1, payload=data)
+    assert simple_reply(sock) == (0, 1)
+    request(sock, C.CMD_FLUSH, cookie=2)  # clean pages, so that the kernel may drop them
+    assert simple_reply(sock) == (0, 2)
+    image = daemon.state_dir / "disk.img"
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 1 * MiB, len(data), os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):  # not in the page cache any more
+            os.preadv(fd, [bytearray(len(data))], 1 * MiB, os.RWF_NOWAIT)
+    finally:
+        os.close(fd)
+    handoffs = metric(daemon, "netswap_c_loop_handoffs_total", reason="python")
+    request(sock, C.CMD_READ, 1 * MiB, len(data), cookie=3)
+    assert simple_reply(sock) == (0, 3)
+    assert recv_exact(sock, len(data)) == data
+    assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == handoffs
+    sock.close()

@@ -5,15 +5,16 @@ one GIL shared by all connections (parse, checks, pool, fair queue, worker hand-
 reply, statistics), so the daemon topped out at one busy core while the C servers used
 half as much CPU for two to three times the IOPS. Plain READs and WRITEs on a file export
 need none of Python's decisions, so a C loop serves them on the connection's own reader
-thread without the GIL: preadv2(RWF_NOWAIT) for reads the page cache holds, pwrite into
-the page cache for writes, one sendmsg of header and data, pool buffers as everywhere.
+thread without the GIL: preadv2(RWF_NOWAIT) for reads the page cache holds (and a plain
+pread for one it does not when no other request is queued behind it), pwrite into the page
+cache for writes, one sendmsg of header and data, pool buffers as everywhere.
 
 What stays in Python, by construction: the C loop stops at the first request it does not
 serve and leaves it in the receive window, so Python parses, checks, refuses, queues
 (fairly, on the workers) and replies to everything else exactly as before: other commands,
 any flag (FUA, DF), every request the spec refuses, an empty pool (Python waits or answers
 ENOMEM, and takes reserve memory only where the drop rule allows), reads that would wait
-for the disk, TLS connections, memory exports, a failed backend, non-swap requests under
+for the disk while more requests are queued, TLS connections, memory exports, a failed backend, non-swap requests under
 memory pressure. Requests handed to Python run on the workers while the loop goes on with
 the next ones; replies from both share the socket through the sender's gate (sender.py), so
 each goes out whole.
