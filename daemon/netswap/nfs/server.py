@@ -1,0 +1,299 @@
+"""The NFS side's transport: TCP listeners for NFSv3 and MOUNT v3, one thread per connection.
+
+A connection reads RPC records (RFC 5531 §11 record marking): each fragment header is
+checked against the record cap (nfs.max_io plus room for the call's headers) before
+anything is allocated, so a forged 2 GiB header costs four bytes; the record is received
+into a pool buffer (the pool is the only source of payload memory, as on the NBD side).
+The call is parsed (rpc/message.py), handed to its program (mount.py, nfs3.py), and the
+reply goes back through a ReplySender (nbd/sender.py: non-blocking, a client that stops
+reading throttles only itself). Calls of one connection run on the daemon's workers, so
+several are in flight and replies go out in completion order, matched by xid.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+from typing import Callable, Optional
+
+from ..nbd.sender import ReplySender, SendPoller
+from ..nbd.server import tcp_listener
+from ..rpc import message as rpc
+from . import mount, nfs3
+from .exports import NfsExports
+
+log = logging.getLogger("netswap.nfs")
+
+# Room for an RPC call's headers on top of its payload: xid .. verifier (AUTH_SYS bodies are
+# at most 400 bytes each), a file handle of 64 bytes, offsets and counts.
+RECORD_SLACK = 4096
+_LAST_FRAGMENT = 0x80000000
+
+
+class RpcServer:
+    """Listeners and connections for a set of RPC programs, on the addresses given."""
+
+    def __init__(self, name: str, addresses, programs: dict, pool, counters, workers,
+                 send_poller: SendPoller, max_record: int, key: str) -> None:
+        self.name = name  # "nfs" or "mount", for thread names and log lines
+        self._addresses = addresses
+        self.programs = programs  # program number -> an object with .call(call, client)
+        self.pool = pool
+        self.counters = counters
+        self.workers = workers
+        self.send_poller = send_poller
+        self.max_record = max_record
+        self._key = key
+        self._listeners: list[socket.socket] = []
+        self._connections: set[RpcConnection] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._acceptor: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        try:
+            for host, port in self._addresses:
+                self._listeners.append(tcp_listener(host, port, key=self._key))
+        except BaseException:
+            self._close_listeners()
+            raise
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept",
+                                          daemon=True)
+        self._acceptor.start()
+        for listener in self._listeners:
+            host, port = listener.getsockname()[:2]
+            log.info("%s listening on %s", self.name, f"[{host}]:{port}" if ":" in host
+                     else f"{host}:{port}")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._close_listeners()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+
+    @property
+    def ports(self) -> list[int]:
+        return [listener.getsockname()[1] for listener in self._listeners]
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+
+    def _accept_loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        for listener in self._listeners:
+            selector.register(listener, selectors.EVENT_READ)
+        while not self._stopping:
+            for key, _ in selector.select(timeout=0.5):
+                try:
+                    sock, address = key.fileobj.accept()
+                except OSError:
+                    continue  # closed by stop(), or the client went away
+                self._start_connection(sock, address[0])
+        selector.close()
+
+    def _start_connection(self, sock: socket.socket, peer: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = RpcConnection(self, sock, peer)
+        with self._lock:
+            self._connections.add(connection)
+        self.counters.inc("rpc_connections", self.name)
+        threading.Thread(target=connection.run, name=f"{self.name} {peer}", daemon=True).start()
+
+    def connection_closed(self, connection: "RpcConnection") -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+
+class RpcConnection:
+    def __init__(self, server: RpcServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self._sender = ReplySender(sock, server.send_poller, peer)
+        self._inflight = threading.BoundedSemaphore(64)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        try:
+            while self._serve_one():
+                pass
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.info("%s %s: connection lost: %s", self.server.name, self.peer, exc)
+        except Exception:
+            self.server.counters.inc("internal_errors")
+            log.exception("%s %s: internal error, closing the connection", self.server.name,
+                          self.peer)
+        finally:
+            for _ in range(64):  # in-flight calls still reply on this socket
+                self._inflight.acquire()
+            self.server.send_poller.forget(self._sender)
+            self.sock.close()
+            self.server.connection_closed(self)
+
+    def _serve_one(self) -> bool:
+        record = self._receive_record()
+        if record is None:
+            return False
+        buffer, length = record
+        self._inflight.acquire()
+        self.server.workers.submit_for(("rpc", self.peer), length, self._execute, buffer, length)
+        return True
+
+    def _receive_record(self):
+        """(pool buffer, record length) for the next record, or None when the client closed
+        between records (or sent a record this server refuses: the connection is closed)."""
+        header = self._recv_exact(4, allow_eof=True)
+        if header is None:
+            return None
+        word = int.from_bytes(header, "big")
+        last, length = bool(word & _LAST_FRAGMENT), word & ~_LAST_FRAGMENT
+        if length > self.server.max_record:
+            self._refuse_record(f"fragment of {length} bytes over the cap of "
+                                f"{self.server.max_record}")
+            return None
+        if last:
+            if not length:
+                self._refuse_record("empty record")
+                return None
+            buffer = self._alloc(length)
+            try:
+                self._recv_into(buffer.view)
+            except BaseException:
+                buffer.release()
+                raise
+            return buffer, length
+        # A record in several fragments (rare: Linux and libnfs send one): gathered in a
+        # buffer of the cap, since its total is known only at its last fragment.
+        buffer = self._alloc(self.server.max_record)
+        filled = 0
+        try:
+            while True:
+                self._recv_into(buffer.view[filled:filled + length])
+                filled += length
+                if last:
+                    return buffer, filled
+                word = int.from_bytes(self._recv_exact(4), "big")
+                last, length = bool(word & _LAST_FRAGMENT), word & ~_LAST_FRAGMENT
+                if filled + length > self.server.max_record:
+                    self._refuse_record(f"record of over {filled + length} bytes over the "
+                                        f"cap of {self.server.max_record}")
+                    buffer.release()
+                    return None
+        except BaseException:
+            buffer.release()
+            raise
+
+    def _refuse_record(self, why: str) -> None:
+        self.server.counters.inc("rpc_protocol_errors", "record_too_large")
+        log.warning("%s %s: closing: %s", self.server.name, self.peer, why)
+
+    def _alloc(self, size: int):
+        return self.server.pool.alloc(size, timeout=None)
+
+    def _recv_exact(self, count: int, allow_eof: bool = False) -> Optional[bytes]:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                if allow_eof and not data:
+                    return None
+                raise ConnectionError("client closed in the middle of a record")
+            data += chunk
+        return data
+
+    def _recv_into(self, view: memoryview) -> None:
+        received = 0
+        while received < len(view):
+            count = self.sock.recv_into(view[received:])
+            if not count:
+                raise ConnectionError("client closed in the middle of a record")
+            received += count
+
+    # Workers ------------------------------------------------------------------------
+
+    def _execute(self, buffer, length: int) -> None:
+        release: list = [buffer]
+        try:
+            parts = self._answer(buffer.view[:length], release)
+        except Exception:
+            self.server.counters.inc("internal_errors")
+            log.exception("%s %s: call failed", self.server.name, self.peer)
+            parts = None
+        if parts is None:
+            self._finished(release)
+            return
+        length = sum(len(memoryview(part).cast("B")) for part in parts)
+        framed = [(length | _LAST_FRAGMENT).to_bytes(4, "big"), *parts]
+        self._sender.send(framed, lambda: self._finished(release))
+
+    def _finished(self, release: list) -> None:
+        for buffer in release:
+            buffer.release()
+        self._inflight.release()
+
+    def _answer(self, record: memoryview, release: list) -> Optional[list]:
+        """The reply's parts for one record, or None when it gets none."""
+        counters, name = self.server.counters, self.server.name
+        try:
+            call = rpc.parse_call(record)
+        except rpc.NotACall as exc:
+            counters.inc("rpc_protocol_errors", "not_a_call")
+            log.info("%s %s: ignored a record that is not a call: %s", name, self.peer, exc)
+            return None
+        except rpc.RpcMismatch as exc:
+            counters.inc("rpc_protocol_errors", "rpc_mismatch")
+            return [rpc.denied_rpc_mismatch(exc.xid)]
+        except rpc.AuthFailure as exc:
+            counters.inc("rpc_protocol_errors", "auth")
+            log.info("%s %s: credential refused: %s", name, self.peer, exc)
+            return [rpc.denied_auth(exc.xid, exc.auth_stat)]
+        except rpc.GarbageCall as exc:
+            counters.inc("rpc_protocol_errors", "garbage")
+            return [rpc.accepted(exc.xid, rpc.GARBAGE_ARGS)]
+        program = self.server.programs.get(call.prog)
+        if program is None:
+            counters.inc("rpc_protocol_errors", "prog_unavail")
+            return [rpc.accepted(call.xid, rpc.PROG_UNAVAIL)]
+        if call.vers != program.version:
+            counters.inc("rpc_protocol_errors", "prog_mismatch")
+            return [rpc.prog_mismatch(call.xid, program.version, program.version)]
+        return program.call(call, self.peer, release)
+
+
+class NfsService:
+    """The NFS side of the daemon: the exports, and MOUNT and NFSv3 each on its listeners."""
+
+    def __init__(self, config, pool, counters, workers, send_poller) -> None:
+        nfs = config.nfs
+        self.exports = NfsExports(config, config.daemon.state_dir)
+        max_record = nfs.max_io + RECORD_SLACK
+        self.nfs = RpcServer("nfs", nfs.listen,
+                             {nfs3.PROGRAM: nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io)},
+                             pool, counters, workers, send_poller, max_record, "nfs.listen")
+        self.mount = RpcServer("mount", nfs.mount_listen,
+                               {mount.PROGRAM: mount.MountProgram(self.exports, counters)},
+                               pool, counters, workers, send_poller, max_record,
+                               "nfs.mount_listen")
+
+    def start(self) -> None:
+        self.mount.start()
+        try:
+            self.nfs.start()
+        except BaseException:
+            self.mount.stop()
+            raise
+
+    def stop(self) -> None:
+        self.nfs.stop()
+        self.mount.stop()
+        self.exports.close()
