@@ -257,3 +257,320 @@ def test_packer_and_unpacker_round_trip(items):
         else:
             assert getattr(u, kind)() == value
     u.done()
+
+
+# --------------------------------------------------------------------------- record marking
+
+from netswap.rpc import constants as C  # noqa: E402
+from netswap.rpc.message import (  # noqa: E402
+    AuthFailure, AuthSys, BadReply, CallRejected, GarbageCall, NotACall, RecordAssembler,
+    RecordError, RecordTooLarge, RpcMismatch, accepted, call_header, denied_auth,
+    denied_rpc_mismatch, fragment_header, parse_call, parse_fragment_header, parse_reply,
+    prog_mismatch,
+)
+
+
+def test_fragment_header_layout():
+    assert fragment_header(5) == u32(0x80000005)
+    assert fragment_header(5, last=False) == u32(5)
+    assert fragment_header(0x7FFFFFFF) == u32(0xFFFFFFFF)
+    assert parse_fragment_header(u32(0x80000005)) == (True, 5)
+    assert parse_fragment_header(memoryview(u32(0x7FFFFFFF))) == (False, 0x7FFFFFFF)
+    with pytest.raises(ValueError):
+        fragment_header(0x80000000)
+    with pytest.raises(ValueError):
+        fragment_header(-1)
+
+
+def assemble(stream: bytes, max_record: int) -> list[bytes]:
+    """Feed a byte stream through a RecordAssembler as the transport does: read a header, then
+    the body into the record buffer at `received`."""
+    assembler = RecordAssembler(max_record)
+    records, record, pos = [], bytearray(), 0
+    while pos < len(stream):
+        length = assembler.begin_fragment(stream[pos:pos + 4])
+        pos += 4
+        assert len(record) == assembler.received
+        record += stream[pos:pos + length]
+        pos += length
+        done = assembler.end_fragment()
+        if done is not None:
+            assert done == len(record)
+            records.append(bytes(record))
+            record = bytearray()
+    return records
+
+
+def test_single_and_multi_fragment_records():
+    stream = (fragment_header(3) + b"abc"
+              + fragment_header(2, last=False) + b"de" + fragment_header(1, last=False) + b"f"
+              + fragment_header(4) + b"ghij")
+    assert assemble(stream, 100) == [b"abc", b"defghij"]
+
+
+def test_record_exactly_at_the_cap_is_accepted_one_over_is_not():
+    assert assemble(fragment_header(8) + bytes(8), 8) == [bytes(8)]
+    assert assemble(fragment_header(4, False) + bytes(4) + fragment_header(4) + bytes(4), 8)
+    with pytest.raises(RecordTooLarge):
+        assemble(fragment_header(9) + bytes(9), 8)
+    with pytest.raises(RecordTooLarge):
+        assemble(fragment_header(4, False) + bytes(4) + fragment_header(5) + bytes(5), 8)
+
+
+def test_forged_two_gib_header_is_refused_before_anything_changes():
+    assembler = RecordAssembler(1 << 20)
+    assembler.begin_fragment(fragment_header(100, last=False))
+    assembler.end_fragment()
+    for forged in (fragment_header(0x7FFFFFFF), fragment_header(0x7FFFFFFF, last=False),
+                   fragment_header(1 << 20)):
+        with pytest.raises(RecordTooLarge) as info:
+            assembler.begin_fragment(forged)
+        assert info.value.reason == "record_too_large"
+        assert assembler.received == 100 and not assembler.in_fragment
+
+
+def test_many_small_fragments_cannot_exceed_the_cap_together():
+    assembler = RecordAssembler(10)
+    for _ in range(10):
+        assert assembler.begin_fragment(fragment_header(1, last=False)) == 1
+        assert assembler.end_fragment() is None
+    with pytest.raises(RecordTooLarge):
+        assembler.begin_fragment(fragment_header(1))
+
+
+def test_empty_fragments():
+    # An empty last fragment may close a non-empty record ...
+    assert assemble(fragment_header(3, False) + b"abc" + fragment_header(0), 10) == [b"abc"]
+    # ... but an empty fragment that is not last, or an empty record, ends the connection.
+    for stream, reason in [(fragment_header(0, last=False), "empty_fragment"),
+                           (fragment_header(2, False) + b"ab" + fragment_header(0, False),
+                            "empty_fragment"),
+                           (fragment_header(0), "empty_record")]:
+        with pytest.raises(RecordError) as info:
+            assemble(stream, 10)
+        assert info.value.reason == reason and not isinstance(info.value, RecordTooLarge)
+
+
+def test_assembler_refuses_calls_out_of_order():
+    assembler = RecordAssembler(10)
+    with pytest.raises(RuntimeError):
+        assembler.end_fragment()
+    assembler.begin_fragment(fragment_header(1))
+    with pytest.raises(RuntimeError):
+        assembler.begin_fragment(fragment_header(1))
+    assert assembler.end_fragment() == 1
+    with pytest.raises(ValueError):
+        RecordAssembler(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(records=st.lists(st.binary(min_size=1, max_size=50), min_size=1, max_size=5),
+       data=st.data())
+def test_records_split_into_any_fragments_reassemble(records, data):
+    stream = b""
+    for record in records:
+        cuts = sorted(set(data.draw(st.lists(st.integers(1, len(record)), max_size=4))))
+        pieces = [record[a:b] for a, b in zip([0] + cuts, cuts + [len(record)]) if a < b]
+        for i, piece in enumerate(pieces):
+            stream += fragment_header(len(piece), last=i == len(pieces) - 1) + piece
+    assert assemble(stream, 50) == records
+
+
+# --------------------------------------------------------------------------- calls
+
+NODE_CRED = AuthSys(stamp=0x1234, machine="node01", uid=0, gid=0, gids=(0, 6, 27))
+
+
+def test_call_with_auth_sys_parses_and_args_are_a_view():
+    record = bytearray(call_header(0xDEADBEEF, C.PROG_NFS, 3, 7, NODE_CRED) + b"ARGS")
+    call = parse_call(memoryview(record))
+    assert (call.xid, call.prog, call.vers, call.proc) == (0xDEADBEEF, C.PROG_NFS, 3, 7)
+    assert call.cred == NODE_CRED
+    assert bytes(call.args) == b"ARGS"
+    record[-1] = ord("Z")
+    assert bytes(call.args) == b"ARGZ"  # not a copy
+
+
+def test_call_with_auth_none():
+    call = parse_call(call_header(1, C.PROG_MOUNT, 3, 0))
+    assert call.cred is None and bytes(call.args) == b""
+
+
+def test_a_call_truncated_anywhere_in_its_header_is_refused():
+    header = call_header(0x77, C.PROG_NFS, 3, 6, NODE_CRED)
+    # Field boundaries: xid 4, msg_type 8, rpcvers 12, prog 16, vers 20, proc 24, cred flavor
+    # 28, cred length 32, cred body, verifier flavor, verifier length. Every prefix (not only
+    # the boundaries) is refused, with the xid once there is one.
+    for cut in range(len(header)):
+        with pytest.raises((NotACall, GarbageCall)) as info:
+            parse_call(header[:cut])
+        if cut < 8:
+            assert type(info.value) is NotACall
+            assert info.value.xid == (0x77 if cut >= 4 else None)
+        else:
+            assert type(info.value) is GarbageCall and info.value.xid == 0x77
+            assert parse_reply(info.value.reply()).stat == C.GARBAGE_ARGS
+    parse_call(header)
+
+
+def call_bytes(*, xid=9, msg_type=C.CALL, rpcvers=2, cred_flavor=C.AUTH_SYS, cred_body=None,
+               cred_length=None, verf_flavor=C.AUTH_NONE, verf_body=b"", verf_length=None):
+    cred_body = NODE_CRED.pack() if cred_body is None else cred_body
+    pad = lambda b: b + bytes(-len(b) & 3)  # noqa: E731
+    return (u32(xid, msg_type, rpcvers, C.PROG_NFS, 3, 1, cred_flavor)
+            + u32(len(cred_body) if cred_length is None else cred_length) + pad(cred_body)
+            + u32(verf_flavor, len(verf_body) if verf_length is None else verf_length)
+            + pad(verf_body))
+
+
+def sys_body(stamp=1, machine=b"m", uid=0, gid=0, gids=(), count=None, name_length=None):
+    return (u32(stamp, len(machine) if name_length is None else name_length) + machine
+            + bytes(-len(machine) & 3) + u32(uid, gid, len(gids) if count is None else count)
+            + u32(*gids))
+
+
+@pytest.mark.parametrize("kwargs,error,detail", [
+    (dict(msg_type=C.REPLY), NotACall, None),
+    (dict(msg_type=2), NotACall, None),
+    (dict(rpcvers=3), RpcMismatch, None),
+    (dict(rpcvers=0), RpcMismatch, None),
+    (dict(cred_flavor=C.RPCSEC_GSS, cred_body=bytes(8)), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_flavor=C.AUTH_DH, cred_body=bytes(8)), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_flavor=0x7FFFFFFF, cred_body=b""), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_flavor=C.AUTH_NONE, cred_body=b"abcd"), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_length=401, cred_body=bytes(404)), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_length=0xFFFFFFFF), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_length=200), GarbageCall, None),  # runs past the record
+    (dict(cred_body=sys_body(machine=b"x" * 256)), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_body=sys_body(name_length=0xFFFFFFFF)), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_body=sys_body(gids=tuple(range(17)))), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_body=sys_body(gids=(1,), count=0xFFFFFFFF)), AuthFailure, C.AUTH_BADCRED),
+    (dict(cred_body=sys_body() + b"\0\0\0\0"), AuthFailure, C.AUTH_BADCRED),  # left over
+    (dict(cred_body=sys_body()[:-4]), AuthFailure, C.AUTH_BADCRED),  # body cut short
+    (dict(cred_body=b""), AuthFailure, C.AUTH_BADCRED),
+    (dict(verf_flavor=C.AUTH_SYS), AuthFailure, C.AUTH_BADVERF),
+    (dict(verf_body=b"abcd"), AuthFailure, C.AUTH_BADVERF),
+    (dict(verf_length=401, verf_body=bytes(404)), AuthFailure, C.AUTH_BADVERF),
+    (dict(verf_length=0xFFFFFFFF), AuthFailure, C.AUTH_BADVERF),
+    (dict(verf_length=8), GarbageCall, None),  # runs past the record
+])
+def test_call_error_paths(kwargs, error, detail):
+    with pytest.raises(error) as info:
+        parse_call(call_bytes(**kwargs))
+    exc = info.value
+    assert type(exc) is error and exc.xid == 9
+    if error is NotACall:
+        return
+    reply = parse_reply(exc.reply())
+    assert reply.xid == 9
+    if error is RpcMismatch:
+        assert (reply.accepted, reply.stat, reply.mismatch) == (False, C.RPC_MISMATCH, (2, 2))
+    elif error is AuthFailure:
+        assert exc.auth_stat == detail
+        assert (reply.accepted, reply.stat, reply.auth_stat) == (False, C.AUTH_ERROR, detail)
+        assert exc.reason == {C.AUTH_BADCRED: "auth_badcred", C.AUTH_BADVERF: "auth_badverf"}[detail]
+    else:
+        assert (reply.accepted, reply.stat) == (True, C.GARBAGE_ARGS)
+
+
+def test_auth_sys_at_its_bounds_is_accepted():
+    cred = AuthSys(stamp=2**32 - 1, machine="m" * 255, uid=2**32 - 1, gid=1, gids=tuple(range(16)))
+    assert len(cred.pack()) <= C.MAX_AUTH_BYTES
+    assert parse_call(call_header(1, 2, 3, 4, cred)).cred == cred
+
+
+def test_auth_sys_machine_name_that_is_not_utf8_does_not_raise():
+    call = parse_call(call_bytes(cred_body=sys_body(machine=b"n\xffde")))
+    assert call.cred.machine == "n\\xffde"
+
+
+def test_auth_sys_pack_refuses_what_the_rfc_does_not_allow():
+    with pytest.raises(ValueError):
+        AuthSys(1, "m" * 256, 0, 0).pack()
+    with pytest.raises(ValueError):
+        AuthSys(1, "m", 0, 0, tuple(range(17))).pack()
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def test_reply_builders_exact_bytes():
+    assert accepted(5) == u32(5, C.REPLY, C.MSG_ACCEPTED, C.AUTH_NONE, 0, C.SUCCESS)
+    assert accepted(5, C.PROC_UNAVAIL) == u32(5, 1, 0, 0, 0, 3)
+    assert prog_mismatch(5, 3, 3) == u32(5, 1, 0, 0, 0, 2, 3, 3)
+    assert denied_rpc_mismatch(5) == u32(5, 1, 1, 0, 2, 2)
+    assert denied_auth(5, C.AUTH_TOOWEAK) == u32(5, 1, 1, 1, 5)
+
+
+def test_replies_parse_back():
+    r = parse_reply(accepted(1) + b"RESULTS!")
+    assert (r.xid, r.accepted, r.stat, bytes(r.results)) == (1, True, 0, b"RESULTS!")
+    r = parse_reply(prog_mismatch(2, 1, 3))
+    assert (r.stat, r.mismatch) == (C.PROG_MISMATCH, (1, 3))
+    r = parse_reply(accepted(3, C.PROG_UNAVAIL))
+    assert (r.accepted, r.stat, bytes(r.results)) == (True, C.PROG_UNAVAIL, b"")
+    r = parse_reply(denied_auth(4, C.AUTH_BADCRED))
+    assert (r.accepted, r.stat, r.auth_stat) == (False, C.AUTH_ERROR, C.AUTH_BADCRED)
+
+
+@pytest.mark.parametrize("data", [
+    b"", u32(1), u32(1, C.CALL, 2), u32(1, C.REPLY, 2, 0), accepted(1)[:-1],
+    prog_mismatch(1, 1, 3)[:-4], denied_rpc_mismatch(1)[:-4], u32(1, C.REPLY, 1, 7),
+    u32(1, C.REPLY, 0, 0, 0xFFFFFFFF),
+])
+def test_parse_reply_refuses_malformed_replies(data):
+    with pytest.raises(BadReply):
+        parse_reply(data)
+
+
+# --------------------------------------------------------------------------- properties
+
+DOCUMENTED = (NotACall, CallRejected)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_parse_call_on_arbitrary_bytes_raises_only_documented_errors(data):
+    try:
+        call = parse_call(data)
+    except DOCUMENTED as exc:
+        if isinstance(exc, CallRejected):
+            parse_reply(exc.reply())
+        return
+    assert len(call.args) <= len(data)
+
+
+auth_sys = st.builds(
+    AuthSys,
+    stamp=st.integers(0, 2**32 - 1),
+    machine=st.text(max_size=60),
+    uid=st.integers(0, 2**32 - 1),
+    gid=st.integers(0, 2**32 - 1),
+    gids=st.lists(st.integers(0, 2**32 - 1), max_size=16).map(tuple),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(xid=st.integers(0, 2**32 - 1), prog=st.integers(0, 2**32 - 1),
+       vers=st.integers(0, 2**32 - 1), proc=st.integers(0, 2**32 - 1),
+       cred=st.one_of(st.none(), auth_sys), args=st.binary(max_size=64),
+       mutation=st.one_of(st.none(), st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                          st.integers(0, 10_000)))
+def test_a_built_call_parses_back_and_a_damaged_one_fails_cleanly(xid, prog, vers, proc, cred,
+                                                                  args, mutation):
+    record = call_header(xid, prog, vers, proc, cred) + args
+    call = parse_call(record)
+    assert (call.xid, call.prog, call.vers, call.proc, call.cred) == (xid, prog, vers, proc, cred)
+    assert bytes(call.args) == args
+    # Damage it: flip one byte, or cut it short; only documented errors may come out.
+    if mutation is None:
+        return
+    damaged = bytearray(record)
+    if isinstance(mutation, tuple):
+        damaged[mutation[0] % len(damaged)] = mutation[1]
+    else:
+        del damaged[mutation % len(damaged):]
+    try:
+        parse_call(damaged)
+    except DOCUMENTED:
+        pass
