@@ -3,12 +3,23 @@ trips through the encoders, and properties over arbitrary bytes."""
 
 from __future__ import annotations
 
+import ctypes
+import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from netswap.rpc import constants as C
+from netswap.rpc.message import (
+    AuthFailure, AuthSys, BadReply, CallRejected, GarbageCall, NotACall, RecordAssembler,
+    RecordError, RecordTooLarge, RpcMismatch, accepted, call_header, denied_auth,
+    denied_rpc_mismatch, fragment_header, parse_call, parse_fragment_header, parse_reply,
+    prog_mismatch,
+)
 from netswap.rpc.xdr import Packer, Unpacker, XdrError, padded, padding
 
 
@@ -260,14 +271,6 @@ def test_packer_and_unpacker_round_trip(items):
 
 
 # --------------------------------------------------------------------------- record marking
-
-from netswap.rpc import constants as C  # noqa: E402
-from netswap.rpc.message import (  # noqa: E402
-    AuthFailure, AuthSys, BadReply, CallRejected, GarbageCall, NotACall, RecordAssembler,
-    RecordError, RecordTooLarge, RpcMismatch, accepted, call_header, denied_auth,
-    denied_rpc_mismatch, fragment_header, parse_call, parse_fragment_header, parse_reply,
-    prog_mismatch,
-)
 
 
 def test_fragment_header_layout():
@@ -574,3 +577,91 @@ def test_a_built_call_parses_back_and_a_damaged_one_fails_cleanly(xid, prog, ver
         parse_call(damaged)
     except DOCUMENTED:
         pass
+
+
+# --------------------------------------------------------------------------- a real client
+
+LIBNFS = "libnfs.so.13"
+
+# Mount with libnfs (Debian's libnfs13, the library behind nfs-ls/nfs-cat/nfs-cp) through
+# ctypes, in a child process so that a hang or crash in it cannot take the test run along.
+LIBNFS_MOUNT = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.nfs_init_context.restype = ctypes.c_void_p
+lib.nfs_parse_url_full.restype = ctypes.c_void_p
+lib.nfs_parse_url_full.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+lib.nfs_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_int]
+lib.nfs_mount.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+nfs = lib.nfs_init_context()
+# The URL's arguments set the ports and the AUTH_SYS ids on the context.
+if not lib.nfs_parse_url_full(nfs, sys.argv[2].encode()):
+    sys.exit("bad url")
+lib.nfs_set_timeout(nfs, 5000)
+sys.exit(0 if lib.nfs_mount(nfs, b"127.0.0.1", b"/swap") == 0 else 3)
+"""
+
+
+def libnfs_available() -> bool:
+    try:
+        ctypes.CDLL(LIBNFS)
+    except OSError:
+        return False
+    return True
+
+
+def receive_record(sock: socket.socket, max_record: int) -> bytearray:
+    """Receive one record as the transport will: fragment headers through a RecordAssembler,
+    bodies straight into the record buffer."""
+    assembler, record = RecordAssembler(max_record), bytearray(max_record)
+    while True:
+        header = sock.recv(4, socket.MSG_WAITALL)
+        assert len(header) == 4, "client closed"
+        length = assembler.begin_fragment(header)
+        view = memoryview(record)[assembler.received:assembler.received + length]
+        while view:
+            count = sock.recv_into(view)
+            assert count, "client closed"
+            view = view[count:]
+        done = assembler.end_fragment()
+        if done is not None:
+            return record[:done]
+
+
+@pytest.mark.skipif(not libnfs_available(), reason="libnfs (libnfs13) is not installed")
+def test_calls_from_libnfs_parse_and_it_accepts_our_reply():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(10)
+    url = f"nfs://127.0.0.1/swap/node01?version=3&nfsport={port}&mountport={port}&uid=1234&gid=567"
+    client = subprocess.Popen([sys.executable, "-c", LIBNFS_MOUNT, LIBNFS, url])
+    calls = []
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            # libnfs opens with MOUNT NULL; answering it lets it go on to MNT, which it only
+            # does if it took our reply for a valid one.
+            null = parse_call(memoryview(receive_record(conn, 4096)))
+            calls.append(null)
+            reply = accepted(null.xid)
+            conn.sendall(fragment_header(len(reply)) + reply)
+            calls.append(parse_call(memoryview(receive_record(conn, 4096))))
+    finally:
+        listener.close()
+        try:
+            client.wait(timeout=20)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    null, mnt = calls
+    assert (null.prog, null.vers, null.proc, bytes(null.args)) == (C.PROG_MOUNT, 3, 0, b"")
+    assert (mnt.prog, mnt.vers, mnt.proc) == (C.PROG_MOUNT, 3, 1)
+    assert mnt.xid != null.xid
+    for call in calls:
+        assert call.cred.uid == 1234 and call.cred.gid == 567
+        assert call.cred.machine  # libnfs names itself
+    u = Unpacker(mnt.args)
+    assert u.string(1024) == b"/swap"  # MNT dirpath: the URL is split at its last '/'
+    u.done()
