@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -665,3 +666,24 @@ def test_calls_from_libnfs_parse_and_it_accepts_our_reply():
     u = Unpacker(mnt.args)
     assert u.string(1024) == b"/swap"  # MNT dirpath: the URL is split at its last '/'
     u.done()
+
+
+FUZZ_RPC = Path(__file__).parent / "fuzz" / "fuzz_rpc.py"
+
+
+def test_fuzz_target_runs_clean_for_a_while(tmp_path):
+    """A short run of tests/fuzz/fuzz_rpc.py (the long runs are by hand)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sys.path.insert(0, str(FUZZ_RPC.parent))
+    try:
+        import fuzz_rpc
+    finally:
+        sys.path.pop(0)
+    (corpus / "seed").write_bytes(fuzz_rpc.SEED)
+    result = subprocess.run(
+        [sys.executable, str(FUZZ_RPC), "-runs=100000", "-max_len=2048", str(corpus)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done 100000 runs" in result.stderr, result.stderr[-2000:]
