@@ -152,7 +152,7 @@ class RecordAssembler:
 
     Usage by the transport, per fragment:
         length = assembler.begin_fragment(header4)   # may raise RecordError
-        ... receive `length` bytes at offset assembler.received (before begin) ...
+        ... receive `length` bytes into the record buffer at offset assembler.received ...
         record_length = assembler.end_fragment()     # None while more fragments follow
     """
 
