@@ -31,7 +31,7 @@ SAMPLE = FileHandle(export_id=7, fileid=0x0123456789ABCDEF, generation=0xDEADBEE
 
 
 def test_key_created_0600_and_stable_across_reloads(tmp_path):
-    old_umask = os.umask(0)  # a permissive umask must not leak into the key's mode
+    old_umask = os.umask(0o700)  # a umask that strips the owner's bits must not matter
     try:
         key = HandleKey.load_or_create(tmp_path)
     finally:
@@ -222,7 +222,7 @@ def test_swap_directory_created_0700(tmp_path):
 
 
 def test_swap_file_created_fully_allocated_0600_root_owned(tmp_path):
-    old_umask = os.umask(0o077 ^ 0o777)  # a umask that would strip the owner's bits
+    old_umask = os.umask(0o700)  # a umask that would strip the owner's bits
     try:
         with make_files(tmp_path) as files:
             swap_file = files.open("node01")
@@ -360,7 +360,10 @@ def test_existing_sparse_file_gets_allocated(tmp_path):
 
 @pytest.mark.parametrize(
     "node",
-    ["", "Node01", "-node", "node-", "a.b", "..", ".", "a/b", "x" * 64, "node\0", "node\n", 7, None],
+    [
+        *("", "Node01", "-node", "node-", "a.b", "..", ".", "a/b", "x" * 64, "node\0", "node\n"),
+        *(7, None),
+    ],
 )
 def test_bad_node_names_refused(tmp_path, node):
     assert not valid_node(node)
@@ -407,7 +410,8 @@ def test_scrub_zeroes_keeps_allocation_and_stales_old_handles(tmp_path):
     key = HandleKey.load_or_create(tmp_path)
     with make_files(tmp_path) as files:
         swap_file = files.open("node01")
-        old_handle = decode(key, encode(key, FileHandle(1, swap_file.fileid, swap_file.generation)))
+        issued = encode(key, FileHandle(1, swap_file.fileid, swap_file.generation))
+        old_handle = decode(key, issued)
         os.pwrite(swap_file.fd, b"\xa5" * 8192, 0)
         os.pwrite(swap_file.fd, b"\x5a" * 4096, SIZE - 4096)
         scrubbed = files.scrub("node01")
@@ -446,8 +450,17 @@ def test_corrupt_state_file_refused(tmp_path):
     with make_files(tmp_path) as files:
         files.open("node01")
     state_path = tmp_path / "nfs-swap.json"
-    for bad in (b"{", b"[]", b'{"format": 1}', b'{"format": 1, "next_generation": 0, "nodes": {}}',
-                b'{"format": 1, "next_generation": 5, "nodes": {"../x": {"fileid": 1, "generation": 1}}}'):
+    for bad in (
+        b"{",
+        b"[]",
+        b'{"format": 1}',
+        b'{"format": 1, "next_generation": 0, "nodes": {}}',
+        b'{"format": 2, "next_generation": 5, "nodes": {}}',
+        b'{"format": 1, "next_generation": 5, "nodes": {"../x": {"fileid": 1, "generation": 1}}}',
+        b'{"format": 1, "next_generation": 5, "nodes": {"a": {"fileid": -1, "generation": 1}}}',
+        b'{"format": 1, "next_generation": 5, "nodes": {"a": {"fileid": "1", "generation": 1}}}',
+        b'{"format": 1, "next_generation": 5, "nodes": {"a": {"fileid": 1, "generation": 0}}}',
+    ):
         state_path.write_bytes(bad)
         with pytest.raises(SwapFileError, match="state"):
             make_files(tmp_path)

@@ -204,8 +204,11 @@ class SwapFiles:
     def _open_file(self, node: str, create: bool) -> SwapFile | None:
         path = self.directory / node
         try:
-            fd = os.open(node, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                         dir_fd=self._dir_fd)
+            fd = os.open(
+                node,
+                os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                dir_fd=self._dir_fd,
+            )
         except FileNotFoundError:
             if not create:
                 return None
@@ -225,15 +228,19 @@ class SwapFiles:
                 self._require_allocated(fd, path)
                 os.fsync(fd)
             if stat.S_IMODE(st.st_mode) != 0o600:
-                log.warning("swap file %s had mode %04o; setting 0600", path, stat.S_IMODE(st.st_mode))
+                log.warning(
+                    "swap file %s had mode %04o; setting 0600", path, stat.S_IMODE(st.st_mode)
+                )
                 os.fchmod(fd, 0o600)
             known = self._state["nodes"].get(node)
-            replaced = known is not None and known["fileid"] != st.st_ino
-            if replaced:
-                log.warning("swap file %s is not the file netswapd made (inode %d, expected %d);"
-                            " old handles of node %s are stale now", path, st.st_ino,
-                            known["fileid"], node)
-            generation = self._record(node, st.st_ino, new_generation=known is None or replaced)
+            if known is not None and known["fileid"] != st.st_ino:
+                log.warning(
+                    "swap file %s is not the file netswapd made (inode %d, expected %d); "
+                    "old handles of node %s are stale now",
+                    path, st.st_ino, known["fileid"], node,
+                )
+            # _record gives a new generation when the node is unknown or its inode changed.
+            generation = self._record(node, st.st_ino, new_generation=False)
             return SwapFile(node, path, fd, self.size, st.st_ino, generation)
         except BaseException:
             os.close(fd)
@@ -328,8 +335,10 @@ class SwapFiles:
             if not self.directory.is_dir():
                 raise SwapFileError(errno.ENOTDIR, f"{self.directory}: not a directory") from None
             if self.directory.stat().st_mode & 0o077:
-                log.warning("swap directory %s is accessible to group/others; node swap holds "
-                            "secrets", self.directory)
+                log.warning(
+                    "swap directory %s is accessible to group/others; node swap holds secrets",
+                    self.directory,
+                )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -343,8 +352,8 @@ class SwapFiles:
         except FileNotFoundError:
             # Start the counter anywhere: if this state was lost rather than new, handles from
             # before almost surely mismatch (stale) instead of matching a new incarnation.
-            return {"format": STATE_FORMAT, "next_generation": secrets.randbelow(_U32 - 1) + 1,
-                    "nodes": {}}
+            first = secrets.randbelow(_U32 - 1) + 1
+            return {"format": STATE_FORMAT, "next_generation": first, "nodes": {}}
         try:
             state = json.loads(raw)
             ok = (
@@ -372,7 +381,8 @@ class SwapFiles:
         return state
 
     def _record(self, node: str, fileid: int, new_generation: bool) -> int:
-        """Remember the node's fileid (and a new generation if asked); return its generation.
+        """Remember the node's fileid; return its generation, a new one if asked, if the node
+        is new or if its fileid changed (a file replaced under us: old handles must go stale).
 
         Called with the lock held.  Persists before returning, so no handle is ever issued
         for a generation that a restart would forget.
