@@ -13,6 +13,7 @@ import stat
 import subprocess
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, start_daemon
 
@@ -73,14 +74,30 @@ def test_a_node_sees_and_reads_only_its_own_fully_allocated_swap_file(nfs_daemon
         run("nfs-cat", url(nfs_daemon, "/swap/other-node"))
 
 
-def test_garbage_records_close_only_their_connection(nfs_daemon):
-    for garbage in (b"\x80\x00\x00\x05hello", b"\xff\xff\xff\xff" + b"x" * 64,
-                    b"\x00\x00\x00\x10" + b"\x00" * 16):
-        sock = socket.create_connection(("127.0.0.1", nfs_daemon.nfs_port))
-        sock.sendall(garbage)
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(10)
+def metric(daemon, name, **labels) -> float:
+    for family in text_string_to_metric_families(daemon.metrics()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0
+
+
+@pytest.mark.parametrize("garbage, reason", [
+    (b"\x80\x00\x00\x05hello", "not_a_call"),  # a 5-byte record: no room for an xid
+    (b"\xff\xff\xff\xff" + b"x" * 64, "record_too_large"),  # a forged 2 GiB record
+    (b"\x80\x00\x00\x00", "empty_record"),
+])
+def test_garbage_records_close_only_their_connection(nfs_daemon, garbage, reason):
+    free_before = metric(nfs_daemon, "netswap_pool_free_bytes")
+    sock = socket.create_connection(("127.0.0.1", nfs_daemon.nfs_port))
+    sock.sendall(garbage)
+    sock.settimeout(10)
+    try:
         while sock.recv(65536):
             pass
-        sock.close()
-    assert "localhost" in run("nfs-ls", url(nfs_daemon, "/swap")).stdout.decode()
+    except ConnectionResetError:
+        pass  # closed with data unread: a reset is a close too
+    sock.close()
+    assert metric(nfs_daemon, "netswap_rpc_protocol_errors_total", reason=reason) == 1
+    assert metric(nfs_daemon, "netswap_pool_free_bytes") == free_before  # nothing held
+    run("nfs-ls", url(nfs_daemon, "/scratch"))  # and the daemon serves on

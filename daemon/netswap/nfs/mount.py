@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
 
@@ -30,7 +31,7 @@ class MountProgram:
         name = PROCEDURE_NAMES.get(call.proc)
         if name is None:
             self.counters.inc("rpc_protocol_errors", "proc_unavail")
-            return [rpc.accepted(call.xid, rpc.PROC_UNAVAIL)]
+            return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
         self.counters.inc("mount_calls", name)
         args = xdr.Unpacker(call.args)
         try:
@@ -38,7 +39,7 @@ class MountProgram:
         except xdr.XdrError as exc:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
             log.info("mount %s: %s arguments malformed: %s", peer, name, exc)
-            return [rpc.accepted(call.xid, rpc.GARBAGE_ARGS)]
+            return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
         return [rpc.accepted(call.xid), body]
 
     def _null(self, args, peer) -> bytes:

@@ -16,6 +16,7 @@ import os
 import stat
 import time
 
+from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
 from .exports import (
@@ -72,14 +73,14 @@ class Nfs3Program:
         procedure = self._procedures.get(call.proc)
         if procedure is None:
             self.counters.inc("rpc_protocol_errors", "proc_unavail")
-            return [rpc.accepted(call.xid, rpc.PROC_UNAVAIL)]
+            return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
         args = xdr.Unpacker(call.args)
         try:
             return [rpc.accepted(call.xid), *procedure(args, peer, release)]
         except xdr.XdrError as exc:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
             log.info("nfs %s: %s arguments malformed: %s", peer, name, exc)
-            return [rpc.accepted(call.xid, rpc.GARBAGE_ARGS)]
+            return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
 
     # Helpers ------------------------------------------------------------------------
 

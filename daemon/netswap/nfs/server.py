@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from ..nbd.sender import ReplySender, SendPoller
 from ..nbd.server import tcp_listener
+from ..rpc import constants as RC
 from ..rpc import message as rpc
 from . import mount, nfs3
 from .exports import NfsExports
@@ -29,7 +30,6 @@ log = logging.getLogger("netswap.nfs")
 # Room for an RPC call's headers on top of its payload: xid .. verifier (AUTH_SYS bodies are
 # at most 400 bytes each), a file handle of 64 bytes, offsets and counts.
 RECORD_SLACK = 4096
-_LAST_FRAGMENT = 0x80000000
 
 
 class RpcServer:
@@ -116,6 +116,7 @@ class RpcConnection:
         self.peer = peer
         self._sender = ReplySender(sock, server.send_poller, peer)
         self._inflight = threading.BoundedSemaphore(64)
+        self._assembler = rpc.RecordAssembler(server.max_record)
 
     def close(self) -> None:
         try:
@@ -127,6 +128,9 @@ class RpcConnection:
         try:
             while self._serve_one():
                 pass
+        except rpc.RecordError as exc:
+            self.server.counters.inc("rpc_protocol_errors", exc.reason)
+            log.warning("%s %s: closing: %s", self.server.name, self.peer, exc)
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.info("%s %s: connection lost: %s", self.server.name, self.peer, exc)
         except Exception:
@@ -151,51 +155,28 @@ class RpcConnection:
 
     def _receive_record(self):
         """(pool buffer, record length) for the next record, or None when the client closed
-        between records (or sent a record this server refuses: the connection is closed)."""
+        between records. A record the assembler refuses (over the cap, empty) raises
+        RecordError before anything is allocated for it."""
         header = self._recv_exact(4, allow_eof=True)
         if header is None:
             return None
-        word = int.from_bytes(header, "big")
-        last, length = bool(word & _LAST_FRAGMENT), word & ~_LAST_FRAGMENT
-        if length > self.server.max_record:
-            self._refuse_record(f"fragment of {length} bytes over the cap of "
-                                f"{self.server.max_record}")
-            return None
-        if last:
-            if not length:
-                self._refuse_record("empty record")
-                return None
-            buffer = self._alloc(length)
-            try:
-                self._recv_into(buffer.view)
-            except BaseException:
-                buffer.release()
-                raise
-            return buffer, length
-        # A record in several fragments (rare: Linux and libnfs send one): gathered in a
-        # buffer of the cap, since its total is known only at its last fragment.
-        buffer = self._alloc(self.server.max_record)
-        filled = 0
+        assembler = self._assembler
+        last, _ = rpc.parse_fragment_header(header)
+        length = assembler.begin_fragment(header)
+        # One fragment (Linux and libnfs send one): a buffer of exactly its size. Several:
+        # a buffer of the cap, as the total is known only at the last one.
+        buffer = self._alloc(length if last else self.server.max_record)
         try:
             while True:
-                self._recv_into(buffer.view[filled:filled + length])
-                filled += length
-                if last:
-                    return buffer, filled
-                word = int.from_bytes(self._recv_exact(4), "big")
-                last, length = bool(word & _LAST_FRAGMENT), word & ~_LAST_FRAGMENT
-                if filled + length > self.server.max_record:
-                    self._refuse_record(f"record of over {filled + length} bytes over the "
-                                        f"cap of {self.server.max_record}")
-                    buffer.release()
-                    return None
+                start = assembler.received
+                self._recv_into(buffer.view[start:start + length])
+                record_length = assembler.end_fragment()
+                if record_length is not None:
+                    return buffer, record_length
+                length = assembler.begin_fragment(self._recv_exact(4))
         except BaseException:
             buffer.release()
             raise
-
-    def _refuse_record(self, why: str) -> None:
-        self.server.counters.inc("rpc_protocol_errors", "record_too_large")
-        log.warning("%s %s: closing: %s", self.server.name, self.peer, why)
 
     def _alloc(self, size: int):
         return self.server.pool.alloc(size, timeout=None)
@@ -233,7 +214,7 @@ class RpcConnection:
             self._finished(release)
             return
         length = sum(len(memoryview(part).cast("B")) for part in parts)
-        framed = [(length | _LAST_FRAGMENT).to_bytes(4, "big"), *parts]
+        framed = [rpc.fragment_header(length), *parts]
         self._sender.send(framed, lambda: self._finished(release))
 
     def _finished(self, release: list) -> None:
@@ -247,23 +228,19 @@ class RpcConnection:
         try:
             call = rpc.parse_call(record)
         except rpc.NotACall as exc:
-            counters.inc("rpc_protocol_errors", "not_a_call")
-            log.info("%s %s: ignored a record that is not a call: %s", name, self.peer, exc)
+            # Nothing to answer (no xid, or a REPLY): the stream cannot be trusted further.
+            counters.inc("rpc_protocol_errors", exc.reason)
+            log.warning("%s %s: closing: %s", name, self.peer, exc)
+            self.close()
             return None
-        except rpc.RpcMismatch as exc:
-            counters.inc("rpc_protocol_errors", "rpc_mismatch")
-            return [rpc.denied_rpc_mismatch(exc.xid)]
-        except rpc.AuthFailure as exc:
-            counters.inc("rpc_protocol_errors", "auth")
-            log.info("%s %s: credential refused: %s", name, self.peer, exc)
-            return [rpc.denied_auth(exc.xid, exc.auth_stat)]
-        except rpc.GarbageCall as exc:
-            counters.inc("rpc_protocol_errors", "garbage")
-            return [rpc.accepted(exc.xid, rpc.GARBAGE_ARGS)]
+        except rpc.CallRejected as exc:
+            counters.inc("rpc_protocol_errors", exc.reason)
+            log.info("%s %s: call refused: %s", name, self.peer, exc)
+            return [exc.reply()]
         program = self.server.programs.get(call.prog)
         if program is None:
             counters.inc("rpc_protocol_errors", "prog_unavail")
-            return [rpc.accepted(call.xid, rpc.PROG_UNAVAIL)]
+            return [rpc.accepted(call.xid, RC.PROG_UNAVAIL)]
         if call.vers != program.version:
             counters.inc("rpc_protocol_errors", "prog_mismatch")
             return [rpc.prog_mismatch(call.xid, program.version, program.version)]
