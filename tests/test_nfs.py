@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -101,3 +102,56 @@ def test_garbage_records_close_only_their_connection(nfs_daemon, garbage, reason
     assert metric(nfs_daemon, "netswap_rpc_protocol_errors_total", reason=reason) == 1
     assert metric(nfs_daemon, "netswap_pool_free_bytes") == free_before  # nothing held
     run("nfs-ls", url(nfs_daemon, "/scratch"))  # and the daemon serves on
+
+
+# Writes into an existing file need the libnfs API (the CLI tools only create files): a child
+# process drives Debian's libnfs13 through ctypes, so a crash in it cannot take pytest down.
+_LIBNFS_WRITE = r"""
+import ctypes, os, sys
+lib = ctypes.CDLL("libnfs.so.13")
+lib.nfs_init_context.restype = ctypes.c_void_p
+lib.nfs_parse_url_full.restype = ctypes.c_void_p
+lib.nfs_parse_url_full.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+lib.nfs_mount.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+lib.nfs_open.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int,
+                         ctypes.POINTER(ctypes.c_void_p)]
+lib.nfs_pwrite.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                           ctypes.c_char_p]
+lib.nfs_fsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+lib.nfs_close.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+lib.nfs_get_error.restype = ctypes.c_char_p
+lib.nfs_get_error.argtypes = [ctypes.c_void_p]
+url, name, offset = sys.argv[1].encode(), sys.argv[2].encode(), int(sys.argv[3])
+data = sys.stdin.buffer.read()
+nfs = lib.nfs_init_context()
+def check(result, what):
+    if result < 0:
+        sys.exit(f"{what}: {lib.nfs_get_error(nfs).decode()}")
+    return result
+if not lib.nfs_parse_url_full(nfs, url):
+    sys.exit("bad url: " + lib.nfs_get_error(nfs).decode())
+check(lib.nfs_mount(nfs, b"127.0.0.1", b"/swap"), "mount")
+fh = ctypes.c_void_p()
+check(lib.nfs_open(nfs, b"/" + name, os.O_RDWR, ctypes.byref(fh)), "open")
+done = 0
+while done < len(data):
+    done += check(lib.nfs_pwrite(nfs, fh, offset + done, len(data) - done, data[done:]), "pwrite")
+check(lib.nfs_fsync(nfs, fh), "fsync")
+check(lib.nfs_close(nfs, fh), "close")
+"""
+
+
+def test_libnfs_writes_into_the_existing_swap_file_and_reads_them_back(nfs_daemon):
+    data = os.urandom(3 * MiB + 4096)
+    offset = 1 * MiB
+    result = subprocess.run([sys.executable, "-c", _LIBNFS_WRITE, url(nfs_daemon, "/swap"),
+                             "localhost", str(offset)], input=data, capture_output=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    back = run("nfs-cat", url(nfs_daemon, "/swap/localhost")).stdout
+    assert len(back) == SWAP_SIZE  # the file did not grow or shrink
+    assert back[offset:offset + len(data)] == data
+    assert back[:offset] == bytes(offset)
+    served = (nfs_daemon.state_dir / "nfs-swap" / "localhost").read_bytes()
+    assert served[offset:offset + len(data)] == data  # on the server's file, not just a cache
+    assert metric(nfs_daemon, "netswap_nfs_calls_total", procedure="write") >= 1
