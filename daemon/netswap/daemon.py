@@ -187,7 +187,8 @@ class Daemon:
     def _start_nfs(self, config) -> "NfsService":
         try:
             service = NfsService(config, self.pool, self.counters, self.server.workers,
-                                 self.server.send_poller)
+                                 self.server.send_poller, self.lifecycle,
+                                 self.server.swap_socket_policy)
             service.start()
         except (ListenError, OSError, ValueError) as exc:
             raise StartError(f"nfs: {exc}") from exc

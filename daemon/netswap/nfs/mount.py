@@ -27,7 +27,7 @@ class MountProgram:
         self.exports = exports
         self.counters = counters
 
-    def call(self, call, peer: str, release: list):
+    def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc)
         if name is None:
             self.counters.inc("rpc_protocol_errors", "proc_unavail")

@@ -21,7 +21,8 @@ from ..rpc import message as rpc
 from ..rpc import xdr
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_INVAL, NFS3ERR_IO, NFS3ERR_ISDIR,
-    NFS3ERR_NAMETOOLONG, NFS3ERR_NOSPC, NFS3ERR_NOTSUPP, NFS3ERR_ROFS, SWAP_EXPORT, NfsError,
+    NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOSPC, NFS3ERR_NOTSUPP, NFS3ERR_ROFS,
+    SWAP_EXPORT, NfsError,
     Node,
 )
 
@@ -43,6 +44,9 @@ PROCEDURE_NAMES = {0: "null", 1: "getattr", 2: "setattr", 3: "lookup", 4: "acces
 # READLINK post_op_attr; MKDIR/SYMLINK/MKNOD/REMOVE/RMDIR wcc_data; RENAME two wcc_data;
 # LINK post_op_attr + wcc_data).
 _NOT_SERVED = {5: 1, 9: 2, 10: 2, 11: 2, 12: 2, 13: 2, 14: 4, 15: 3}
+# The same for the procedures served: what follows the status of a failed reply.
+_FAILURE_BODY = {1: 0, 2: 2, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2, 16: 1, 17: 1, 18: 1, 19: 1, 20: 1,
+                 21: 2}
 
 
 class Nfs3Program:
@@ -61,9 +65,18 @@ class Nfs3Program:
                             16: self._readdir, 17: self._readdirplus, 18: self._fsstat,
                             19: self._fsinfo, 20: self._pathconf, 21: self._commit}
 
-    def call(self, call, peer: str, release: list):
+    def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc, "unknown")
         self.counters.inc("nfs_calls", name)
+        if emergency and call.proc in _FAILURE_BODY and not self._for_swap(call, peer):
+            # The drop rule (the seed's part 2): this record was received into the reserve,
+            # but what it asks for is not the node's swap file. It is not executed; JUKEBOX
+            # makes the client retry later, when normal memory is back.
+            self.counters.inc("emergency_dropped", "nfs")
+            log.info("nfs %s: %s call received into the reserve for a non-swap object: "
+                     "answered JUKEBOX", peer, name)
+            return [rpc.accepted(call.xid), *self._status_only(NFS3ERR_JUKEBOX,
+                                                               _FAILURE_BODY[call.proc])]
         if call.proc in _NOT_SERVED:
             packer = xdr.Packer()
             packer.uint(NFS3ERR_NOTSUPP)
@@ -81,6 +94,15 @@ class Nfs3Program:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
             log.info("nfs %s: %s arguments malformed: %s", peer, name, exc)
             return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
+
+    def _for_swap(self, call, peer: str) -> bool:
+        """Does the call's object belong to the swap export (the node's swap file, or the
+        export's directory swapon looks it up in)? Unreadable handles are not swap."""
+        try:
+            handle = xdr.Unpacker(call.args).opaque(64)
+            return self.exports.resolve(handle, peer).export_id == SWAP_EXPORT
+        except (xdr.XdrError, NfsError):
+            return False
 
     # Helpers ------------------------------------------------------------------------
 

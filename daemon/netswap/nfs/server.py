@@ -18,7 +18,9 @@ import socket
 import threading
 from typing import Callable, Optional
 
+from ..errors import AttachRefused
 from ..nbd.sender import ReplySender, SendPoller
+from ..netpolicy import tag_emergency
 from ..nbd.server import tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
@@ -36,7 +38,10 @@ class RpcServer:
     """Listeners and connections for a set of RPC programs, on the addresses given."""
 
     def __init__(self, name: str, addresses, programs: dict, pool, counters, workers,
-                 send_poller: SendPoller, max_record: int, key: str) -> None:
+                 send_poller: SendPoller, max_record: int, key: str,
+                 swap_nodes=None) -> None:
+        """`swap_nodes`, for the NFS port: an object with .node_of(peer), .attach(node)
+        and .socket_policy; a swap node's connection is tagged and may use its reserve."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
         self._addresses = addresses
         self.programs = programs  # program number -> an object with .call(call, client)
@@ -46,6 +51,7 @@ class RpcServer:
         self.send_poller = send_poller
         self.max_record = max_record
         self._key = key
+        self.swap_nodes = swap_nodes
         self._listeners: list[socket.socket] = []
         self._connections: set[RpcConnection] = set()
         self._lock = threading.Lock()
@@ -98,7 +104,19 @@ class RpcServer:
 
     def _start_connection(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = RpcConnection(self, sock, peer)
+        attachment = None
+        if self.swap_nodes is not None and (node := self.swap_nodes.node_of(peer)) is not None:
+            # A swap node's connection carries its swap file's I/O: tagged from accept (the
+            # SK_MEMALLOC socket) and attached to the node's reserve (the seed's swapon).
+            try:
+                attachment = self.swap_nodes.attach(node)
+            except AttachRefused as exc:
+                log.warning("%s %s: node %r not attached: %s", self.name, peer, node, exc)
+            else:
+                for problem in tag_emergency(sock, self.swap_nodes.socket_policy):
+                    self.counters.inc("socket_tag_failures")
+                    log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
+        connection = RpcConnection(self, sock, peer, attachment)
         with self._lock:
             self._connections.add(connection)
         self.counters.inc("rpc_connections", self.name)
@@ -110,10 +128,12 @@ class RpcServer:
 
 
 class RpcConnection:
-    def __init__(self, server: RpcServer, sock: socket.socket, peer: str) -> None:
+    def __init__(self, server: RpcServer, sock: socket.socket, peer: str,
+                 attachment=None) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
+        self._attachment = attachment  # a swap node's reserve, or None (never the reserve)
         self._sender = ReplySender(sock, server.send_poller, peer)
         self._inflight = threading.BoundedSemaphore(64)
         self._assembler = rpc.RecordAssembler(server.max_record)
@@ -142,6 +162,8 @@ class RpcConnection:
                 self._inflight.acquire()
             self.server.send_poller.forget(self._sender)
             self.sock.close()
+            if self._attachment is not None:
+                self._attachment.release()
             self.server.connection_closed(self)
 
     def _serve_one(self) -> bool:
@@ -179,6 +201,11 @@ class RpcConnection:
             raise
 
     def _alloc(self, size: int):
+        """A record buffer. A swap node's connection may fall back to its reserve when normal
+        memory is gone; others wait for normal memory (and so stop reading: backpressure)."""
+        if self._attachment is not None:
+            return self.server.pool.alloc(size, timeout=None, emergency=True,
+                                          group=self._attachment.requests)
         return self.server.pool.alloc(size, timeout=None)
 
     def _recv_exact(self, count: int, allow_eof: bool = False) -> Optional[bytes]:
@@ -244,19 +271,22 @@ class RpcConnection:
         if call.vers != program.version:
             counters.inc("rpc_protocol_errors", "prog_mismatch")
             return [rpc.prog_mismatch(call.xid, program.version, program.version)]
-        return program.call(call, self.peer, release)
+        return program.call(call, self.peer, release, emergency=release[0].emergency)
 
 
 class NfsService:
     """The NFS side of the daemon: the exports, and MOUNT and NFSv3 each on its listeners."""
 
-    def __init__(self, config, pool, counters, workers, send_poller) -> None:
+    def __init__(self, config, pool, counters, workers, send_poller, lifecycle,
+                 socket_policy) -> None:
         nfs = config.nfs
         self.exports = NfsExports(config, config.daemon.state_dir)
+        self.swap_nodes = _SwapNodes(nfs, lifecycle, socket_policy) if nfs.swap_export else None
         max_record = nfs.max_io + RECORD_SLACK
         self.nfs = RpcServer("nfs", nfs.listen,
                              {nfs3.PROGRAM: nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io)},
-                             pool, counters, workers, send_poller, max_record, "nfs.listen")
+                             pool, counters, workers, send_poller, max_record, "nfs.listen",
+                             swap_nodes=self.swap_nodes)
         self.mount = RpcServer("mount", nfs.mount_listen,
                                {mount.PROGRAM: mount.MountProgram(self.exports, counters)},
                                pool, counters, workers, send_poller, max_record,
@@ -274,3 +304,29 @@ class NfsService:
         self.nfs.stop()
         self.mount.stop()
         self.exports.close()
+
+
+class _NfsSwapNode:
+    """A node's NFS swap, as the lifecycle sees an export: it attaches by node name, so a
+    node that also swaps over NBD shares one reserve between the two."""
+
+    is_swap = True
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.name = f"nfs:{node}"
+
+
+class _SwapNodes:
+    """Which NFS clients are swap nodes, and their attach to the reserve."""
+
+    def __init__(self, nfs, lifecycle, socket_policy) -> None:
+        self._nfs = nfs
+        self._lifecycle = lifecycle
+        self.socket_policy = socket_policy
+
+    def node_of(self, peer: str):
+        return self._nfs.node_of(peer)
+
+    def attach(self, node: str):
+        return self._lifecycle.attach(_NfsSwapNode(node))
