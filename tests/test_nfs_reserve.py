@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -194,3 +195,14 @@ def test_a_swap_nodes_records_use_its_reserve_and_non_swap_calls_are_dropped(dae
     assert metric(daemon, "netswap_emergency_dropped_total", consumer="nfs") == 1
     node.close()
     stranger.close()
+
+
+def test_the_reserve_tree_has_node_slots_for_nfs_swap_alone(tmp_path):
+    """NBD swap off, NFS swap on: nodes still get reserve slots, and the tree says whose."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[swap]\nenabled = false\n'
+                      'max_nodes = 2\n')
+    result = subprocess.run([sys.executable, "-m", "netswap", "reserve", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "swap/<node> ×2" in result.stdout and "over NBD or NFS" in result.stdout, result.stdout

@@ -21,9 +21,8 @@ from ..rpc import message as rpc
 from ..rpc import xdr
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_INVAL, NFS3ERR_IO, NFS3ERR_ISDIR,
-    NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOSPC, NFS3ERR_NOTSUPP, NFS3ERR_ROFS,
-    SWAP_EXPORT, NfsError,
-    Node,
+    NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC, NFS3ERR_NOTDIR,
+    NFS3ERR_NOTSUPP, NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
 )
 
 log = logging.getLogger("netswap.nfs")
@@ -404,7 +403,7 @@ class Nfs3Program:
         try:
             directory = self.exports.resolve(handle, peer)
             if not directory.is_dir:
-                raise NfsError(20)  # NOTDIR
+                raise NfsError(NFS3ERR_NOTDIR)
             entries = self.exports.listing(directory, peer)
         except NfsError as exc:
             return self._failed(exc)
@@ -512,5 +511,5 @@ class Nfs3Program:
 def _from_os(exc: OSError) -> NfsError:
     status = {errno.ENOSPC: NFS3ERR_NOSPC, errno.EDQUOT: NFS3ERR_NOSPC, errno.EACCES: NFS3ERR_ACCES,
               errno.EPERM: NFS3ERR_ACCES, errno.EROFS: NFS3ERR_ROFS,
-              errno.ENOENT: 2}.get(exc.errno, NFS3ERR_IO)
+              errno.ENOENT: NFS3ERR_NOENT}.get(exc.errno, NFS3ERR_IO)
     return NfsError(status, str(exc))
