@@ -35,7 +35,7 @@ NULL, GETATTR, SETATTR, LOOKUP, READ, WRITE, CREATE = 0, 1, 2, 3, 6, 7, 8
 REMOVE, RENAME, READDIR, COMMIT = 12, 14, 16, 21
 MNT = 1
 UNSTABLE, FILE_SYNC = 0, 2
-NFS3_OK, NFS3ERR_NOENT, NFS3ERR_ACCES, NFS3ERR_NOSPC = 0, 2, 13, 28
+NFS3_OK, NFS3ERR_NOENT, NFS3ERR_ACCES, NFS3ERR_FBIG, NFS3ERR_NOSPC = 0, 2, 13, 27, 28
 NFS3ERR_BADHANDLE, NFS3ERR_NOTSUPP = 10001, 10004
 MNT3_OK, MNT3ERR_ACCES = 0, 13
 FATTR3_SIZE = 5 * 4 + 8  # type, mode, nlink, uid, gid precede size
@@ -529,6 +529,9 @@ def test_write_past_the_end_of_a_swap_file_is_nospc_and_it_does_not_grow(isolate
     pytest.param(sattr3(size=SWAP_SIZE * 2), id="grow"),
     pytest.param(sattr3(size=0), id="truncate"),
     pytest.param(sattr3(mode=0o666), id="mode"),
+    # The size it has is allowed alone (nfs-cp truncates to it); with a mode it was answered
+    # OK while the mode was silently not applied.
+    pytest.param(sattr3(mode=0o666, size=SWAP_SIZE), id="same size and a mode"),
 ])
 def test_setattr_cannot_change_a_swap_files_size_or_mode(isolated, attributes):
     world = isolated
@@ -540,6 +543,28 @@ def test_setattr_cannot_change_a_swap_files_size_or_mode(isolated, attributes):
     u.done()
     after = swap_file.stat()
     assert (after.st_size, after.st_mode) == (before.st_size, before.st_mode)
+
+
+@pytest.mark.parametrize("offset", [2**63 - 4096, 2**63, 2**64 - 4096])
+def test_write_past_the_largest_file_size_is_fbig(isolated, offset):
+    # Past 2**63 - 1 (FSINFO's maxfilesize) pwrite cannot take the offset: this was an
+    # OverflowError, a traceback and no reply at all (a hard mount hangs on it).
+    world = isolated
+    before = counted(world, "netswap_nfs_errors_total", status=str(NFS3ERR_FBIG))
+    assert world.alpha.write(world.scratch_file, offset, b"\xaa" * 4096) == (NFS3ERR_FBIG, None)
+    assert world.alpha.getattr(world.scratch_file) == (NFS3_OK, 0)
+    assert counted(world, "netswap_nfs_errors_total", status=str(NFS3ERR_FBIG)) == before + 1
+
+
+@pytest.mark.parametrize("size", [2**63, 2**64 - 1])
+def test_setattr_size_past_the_largest_file_size_is_fbig(isolated, size):
+    world = isolated
+    u = world.alpha.proc(SETATTR, xdr(("o", world.scratch_file)) + sattr3(size=size)
+                         + xdr(("b", False)))
+    assert u.uint() == NFS3ERR_FBIG
+    _skip_wcc(u)
+    u.done()
+    assert world.alpha.getattr(world.scratch_file) == (NFS3_OK, 0)
 
 
 def test_create_in_swap_is_refused(isolated):
