@@ -310,10 +310,13 @@ def header(xid, prog=NFS_PROG, vers=NFS_VERS, proc=NULL):
     return rpc.call_header(xid, prog, vers, proc, CRED)
 
 
-def with_flavor(xid, flavor):
-    """A call header with an opaque_auth credential of `flavor` (8 bytes of body)."""
-    return (struct.pack(">6I", xid, RC.CALL, 2, NFS_PROG, NFS_VERS, NULL)
-            + xdr(("u", flavor), ("o", bytes(8)), ("u", RC.AUTH_NONE), ("o", b"")))
+def with_auth(xid, flavor, verifier_flavor=RC.AUTH_NONE, prog=NFS_PROG, vers=NFS_VERS):
+    """A NULL call whose credential is `flavor` with 8 zero bytes of body (for AUTH_SYS: cut
+    short) and whose verifier is `verifier_flavor` (with 8 bytes unless AUTH_NONE)."""
+    verifier = b"" if verifier_flavor == RC.AUTH_NONE else bytes(8)
+    credential = b"" if flavor == RC.AUTH_NONE else bytes(8)
+    return (struct.pack(">6I", xid, RC.CALL, 2, prog, vers, NULL)
+            + xdr(("u", flavor), ("o", credential), ("u", verifier_flavor), ("o", verifier)))
 
 
 def truncated_write(handle: bytes) -> bytes:
@@ -335,19 +338,22 @@ def check_rpc_mismatch(reply):
     assert not reply.accepted and reply.stat == RC.RPC_MISMATCH and reply.mismatch == (2, 2), reply
 
 
-def check_auth_error(reply):
-    assert (not reply.accepted and reply.stat == RC.AUTH_ERROR
-            and reply.auth_stat == RC.AUTH_BADCRED), reply
+def check_auth_error(auth_stat):
+    def check(reply):
+        assert (not reply.accepted and reply.stat == RC.AUTH_ERROR
+                and reply.auth_stat == auth_stat), reply
+    return check
 
 
 @dataclass
 class BadCall:
-    """`record(xid, world)` is sent; `check` judges the reply (None: the server must close);
-    the counter (name, labels) must go up by one."""
+    """`record(xid, world)` is sent to `service` ("nfs" or "mount"); `check` judges the reply
+    (None: the server must close); the counter (name, labels) must go up by one."""
 
     record: Callable
     check: Optional[Callable]
     counter: tuple
+    service: str = "nfs"
 
 
 BAD_CALLS = {
@@ -364,9 +370,33 @@ BAD_CALLS = {
                          + xdr(("u", 0), ("o", b""), ("u", 0), ("o", b"")),
                          check_rpc_mismatch,
                          ("netswap_rpc_protocol_errors_total", {"reason": "rpc_mismatch"})),
-    "unknown auth flavor": BadCall(lambda x, w: with_flavor(x, 390004), check_auth_error,
+    "unknown auth flavor": BadCall(lambda x, w: with_auth(x, 390004),
+                                   check_auth_error(RC.AUTH_BADCRED),
                                    ("netswap_rpc_protocol_errors_total",
                                     {"reason": "auth_badcred"})),
+    "AUTH_SYS body cut short": BadCall(lambda x, w: with_auth(x, RC.AUTH_SYS),
+                                       check_auth_error(RC.AUTH_BADCRED),
+                                       ("netswap_rpc_protocol_errors_total",
+                                        {"reason": "auth_badcred"})),
+    "a verifier of another flavor": BadCall(lambda x, w: with_auth(x, RC.AUTH_NONE, RC.AUTH_SYS),
+                                            check_auth_error(RC.AUTH_BADVERF),
+                                            ("netswap_rpc_protocol_errors_total",
+                                             {"reason": "auth_badverf"})),
+    "MOUNT wrong version": BadCall(lambda x, w: header(x, MOUNT_PROG, 4), check_prog_mismatch,
+                                   ("netswap_rpc_protocol_errors_total",
+                                    {"reason": "prog_mismatch"}), "mount"),
+    "MOUNT unknown procedure": BadCall(lambda x, w: header(x, MOUNT_PROG, MOUNT_VERS, 9),
+                                       check_accepted(RC.PROC_UNAVAIL),
+                                       ("netswap_rpc_protocol_errors_total",
+                                        {"reason": "proc_unavail"}), "mount"),
+    "MNT path cut short": BadCall(
+        lambda x, w: header(x, MOUNT_PROG, MOUNT_VERS, MNT) + xdr(("u", 100)) + b"/swa",
+        check_accepted(RC.GARBAGE_ARGS),
+        ("netswap_rpc_protocol_errors_total", {"reason": "garbage_args"}), "mount"),
+    "NFS program on the MOUNT port": BadCall(lambda x, w: header(x),
+                                             check_accepted(RC.PROG_UNAVAIL),
+                                             ("netswap_rpc_protocol_errors_total",
+                                              {"reason": "prog_unavail"}), "mount"),
     "a reply sent to the server": BadCall(lambda x, w: rpc.accepted(x), None,
                                           ("netswap_rpc_protocol_errors_total",
                                            {"reason": "not_a_call"})),
@@ -399,7 +429,9 @@ def test_a_bad_call_gets_the_reply_the_spec_requires(isolated, case):
     world, bad = isolated, BAD_CALLS[case]
     name, labels = bad.counter
     before = counted(world, name, **labels)
-    client = RpcClient(world.daemon.nfs_port, BETA)
+    port, prog, vers = ((world.daemon.nfs_port, NFS_PROG, NFS_VERS) if bad.service == "nfs"
+                        else (world.daemon.mount_port, MOUNT_PROG, MOUNT_VERS))
+    client = RpcClient(port, BETA)
     try:
         xid = client.next_xid()
         record = bad.record(xid, world)
@@ -409,10 +441,39 @@ def test_a_bad_call_gets_the_reply_the_spec_requires(isolated, case):
         else:
             bad.check(client.raw_call(record, xid))
             # The connection carries on: a NULL call on it is answered.
-            assert client.call(NFS_PROG, NFS_VERS, NULL).stat == RC.SUCCESS
+            assert client.call(prog, vers, NULL).stat == RC.SUCCESS
     finally:
         client.close()
     assert counted(world, name, **labels) == before + 1
+
+
+def test_a_record_in_fragments_and_calls_in_flight_are_answered_by_xid(isolated):
+    world = isolated
+    client = RpcClient(world.daemon.nfs_port, BETA)
+    try:
+        xid = client.next_xid()
+        record = header(xid)
+        client.sock.sendall(rpc.fragment_header(8, last=False) + record[:8]
+                            + rpc.fragment_header(8, last=False) + record[8:16]
+                            + rpc.fragment_header(len(record) - 16) + record[16:])
+        reply = rpc.parse_reply(client.receive_record())
+        assert (reply.xid, reply.accepted, reply.stat) == (xid, True, RC.SUCCESS)
+        xids = [client.next_xid() for _ in range(16)]
+        client.sock.sendall(b"".join(
+            rpc.fragment_header(len(call)) + call
+            for call in (header(x, proc=GETATTR) + xdr(("o", world.scratch_file)) for x in xids)))
+        replies = [rpc.parse_reply(client.receive_record()) for _ in xids]
+        assert sorted(r.xid for r in replies) == sorted(xids)
+        assert all(r.accepted and r.stat == RC.SUCCESS for r in replies)
+    finally:
+        client.close()
+
+
+def test_a_client_gone_in_the_middle_of_a_record_holds_nothing(isolated):
+    world = isolated  # `isolated` checks the pool bytes are back
+    client = RpcClient(world.daemon.nfs_port, BETA)
+    client.sock.sendall(rpc.fragment_header(1000) + header(client.next_xid()))
+    client.close()
 
 
 # --------------------------------------------------------------------------- forged handles
@@ -475,12 +536,29 @@ def test_beta_cannot_use_alphas_swap_file_handle(isolated):
     assert on_disk[:len(ALPHA_PATTERN)] == ALPHA_PATTERN
 
 
+@pytest.mark.parametrize("proc, args", [
+    pytest.param(4, lambda h: xdr(("o", h), ("u", 0x3F)), id="access"),
+    pytest.param(SETATTR, lambda h: xdr(("o", h)) + sattr3(mode=0o644) + xdr(("b", False)),
+                 id="setattr"),
+    pytest.param(18, lambda h: xdr(("o", h)), id="fsstat"),
+    pytest.param(LOOKUP, lambda h: xdr(("o", h), ("o", b"alpha")), id="lookup"),
+])
+def test_beta_gets_nothing_else_through_alphas_handle(isolated, proc, args):
+    world = isolated
+    beta = Nfs(world.daemon, BETA)
+    try:
+        assert beta.proc(proc, args(world.alpha_swap)).uint() == NFS3ERR_ACCES
+    finally:
+        beta.close()
+
+
 def test_beta_sees_neither_alphas_name_nor_file_in_swap(isolated):
     world = isolated
     beta = Nfs(world.daemon, BETA)
     try:
         swap = beta.root("/swap")
-        assert beta.lookup(swap, "alpha") == (NFS3ERR_NOENT, None)
+        for name in ("alpha", "beta/../alpha", "../alpha", "alpha\0", "ALPHA", ".."):
+            assert beta.lookup(swap, name) == (NFS3ERR_NOENT, None), name
         assert beta.lookup(swap, "beta")[0] == NFS3_OK  # beta's own, made on first use
         assert beta.readdir(swap) == (NFS3_OK, ["beta"])
     finally:
