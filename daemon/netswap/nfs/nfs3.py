@@ -21,8 +21,8 @@ from ..rpc import message as rpc
 from ..rpc import xdr
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
-    NFS3ERR_ISDIR, NFS3ERR_NAMETOOLONG, NFS3ERR_NOSPC, NFS3ERR_NOTSUPP, NFS3ERR_ROFS, SWAP_EXPORT, NfsError,
-    Node,
+    NFS3ERR_ISDIR, NFS3ERR_NAMETOOLONG, NFS3ERR_NOSPC, NFS3ERR_NOTSUPP, NFS3ERR_ROFS,
+    SWAP_EXPORT, NfsError, Node,
 )
 
 log = logging.getLogger("netswap.nfs")
