@@ -57,7 +57,9 @@ class RpcClient:
         self.sock = socket.socket()
         self.sock.bind((source, 0))
         self.sock.connect(("127.0.0.1", port))
-        self.sock.settimeout(20)
+        # A hang guard, not a timing check: fdatasync on a disk shared with other tests can
+        # take many seconds.
+        self.sock.settimeout(120)
         self._xid = int.from_bytes(os.urandom(4), "big") & 0x7FFF_FFFF
 
     def close(self) -> None:
