@@ -20,9 +20,9 @@ from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
 from .exports import (
-    NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_INVAL, NFS3ERR_IO, NFS3ERR_ISDIR,
-    NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC, NFS3ERR_NOTDIR,
-    NFS3ERR_NOTSUPP, NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
+    NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
+    NFS3ERR_ISDIR, NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC,
+    NFS3ERR_NOTDIR, NFS3ERR_NOTSUPP, NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
 )
 
 log = logging.getLogger("netswap.nfs")
@@ -34,6 +34,9 @@ UNCHECKED, GUARDED, EXCLUSIVE = 0, 1, 2
 ACCESS_ALL = 0x3F  # READ LOOKUP MODIFY EXTEND DELETE EXECUTE
 ACCESS_DELETE, ACCESS_EXECUTE = 0x10, 0x20
 NAME_MAX = 255
+# FSINFO's maxfilesize: the largest off_t. Offsets and sizes are uhyper on the wire; past this
+# os.pwritev and os.truncate raise OverflowError, not an OSError, so they are refused first.
+MAX_FILE_SIZE = 2**63 - 1
 PROCEDURE_NAMES = {0: "null", 1: "getattr", 2: "setattr", 3: "lookup", 4: "access",
                    5: "readlink", 6: "read", 7: "write", 8: "create", 9: "mkdir",
                    10: "symlink", 11: "mknod", 12: "remove", 13: "rmdir", 14: "rename",
@@ -189,12 +192,16 @@ class Nfs3Program:
             node = self.exports.resolve(handle, peer)
             if node.is_swap_file and (size is not None or mode is not None or uid is not None
                                       or gid is not None):
-                if size is not None and size == os.stat(node.path).st_size:
-                    pass  # setting the size it has (nfs-cp's O_TRUNC of nothing) changes nothing
-                else:
+                # Setting the size it has and nothing else (nfs-cp's O_TRUNC of nothing)
+                # changes nothing and is answered OK; anything more must not be answered OK
+                # while the mode or owner asked for is silently not applied.
+                if (mode is not None or uid is not None or gid is not None
+                        or size != os.stat(node.path).st_size):
                     raise NfsError(NFS3ERR_ACCES, "a swap file's size, mode and owner are fixed")
             elif node.is_dir and size is not None:
                 raise NfsError(NFS3ERR_ISDIR)
+            elif size is not None and size > MAX_FILE_SIZE:
+                raise NfsError(NFS3ERR_FBIG, f"size {size} over the largest file")
             else:
                 if size is not None:
                     os.truncate(node.path, size)
@@ -312,6 +319,8 @@ class Nfs3Program:
                 raise NfsError(NFS3ERR_ISDIR)
             if node.is_swap_file and offset + count > os.stat(node.path).st_size:
                 raise NfsError(NFS3ERR_NOSPC, "past the end of a swap file (it never grows)")
+            if offset + count > MAX_FILE_SIZE:
+                raise NfsError(NFS3ERR_FBIG, "write ends past the largest file")
             # Swap files are always written FILE_SYNC: the swap path asks for it, and a
             # node keeps running across a restart of ours and will read its pages back.
             committed = FILE_SYNC if node.is_swap_file else stable
@@ -460,7 +469,7 @@ class Nfs3Program:
                       self.max_io, self.max_io, 4096,  # wtmax, wtpref, wtmult
                       64 * 1024):  # dtpref
             packer.uint(value)
-        packer.uhyper(2**63 - 1)  # maxfilesize
+        packer.uhyper(MAX_FILE_SIZE)
         packer.uint(0)
         packer.uint(1)  # time_delta: nanoseconds
         packer.uint(0x18)  # FSF3_HOMOGENEOUS | FSF3_CANSETTIME
@@ -509,7 +518,8 @@ class Nfs3Program:
 
 
 def _from_os(exc: OSError) -> NfsError:
-    status = {errno.ENOSPC: NFS3ERR_NOSPC, errno.EDQUOT: NFS3ERR_NOSPC, errno.EACCES: NFS3ERR_ACCES,
+    status = {errno.ENOSPC: NFS3ERR_NOSPC, errno.EDQUOT: NFS3ERR_NOSPC, errno.EFBIG: NFS3ERR_FBIG,
+              errno.EINVAL: NFS3ERR_INVAL, errno.EACCES: NFS3ERR_ACCES,
               errno.EPERM: NFS3ERR_ACCES, errno.EROFS: NFS3ERR_ROFS,
               errno.ENOENT: NFS3ERR_NOENT}.get(exc.errno, NFS3ERR_IO)
     return NfsError(status, str(exc))
