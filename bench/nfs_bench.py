@@ -417,6 +417,8 @@ def run_server(args, name: str, repeat: int, tmp: Path, results: dict) -> None:
         if sampler:
             sampler.stop()
         code = server.stop()
+        if server.served_dir is not None:  # one bench file on disk at a time
+            (server.served_dir / BENCH_FILE).unlink(missing_ok=True)
         run["exit_code"] = code
         if code not in (None, 0, -signal.SIGTERM) and not run["errors"]:
             run["errors"].append(f"{name} exited with {code}")
@@ -638,7 +640,7 @@ def main(argv=None) -> int:
     if not base.is_dir():
         print(f"nfs_bench: --dir {base} is not a directory", file=sys.stderr)
         return 2
-    need = 2 * (args.size_1m + args.size_4k)  # a file per server
+    need = max(args.size_1m, args.size_4k)  # one bench file at a time (run_server)
     if shutil.disk_usage(base).free < need + (1 << 30):
         print(f"nfs_bench: not enough free space in {base}", file=sys.stderr)
         return 2
