@@ -407,7 +407,8 @@ class Nfs3Program:
         cookie = args.uhyper()
         args.fixed_opaque(8)  # cookieverf: the listing is small and rebuilt each time
         args.uint()  # dircount (READDIRPLUS) or count
-        maxcount = args.uint() if plus else None
+        if plus:
+            args.uint()  # maxcount: every entry fits (the directories are small)
         args.done()
         try:
             directory = self.exports.resolve(handle, peer)

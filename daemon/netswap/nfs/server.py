@@ -16,7 +16,7 @@ import logging
 import selectors
 import socket
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 from ..errors import AttachRefused
 from ..nbd.sender import ReplySender, SendPoller
@@ -271,7 +271,14 @@ class RpcConnection:
         if call.vers != program.version:
             counters.inc("rpc_protocol_errors", "prog_mismatch")
             return [rpc.prog_mismatch(call.xid, program.version, program.version)]
-        return program.call(call, self.peer, release, emergency=release[0].emergency)
+        try:
+            return program.call(call, self.peer, release, emergency=release[0].emergency)
+        except Exception:
+            # A bug of ours: the call gets SYSTEM_ERR rather than no reply, which a hard
+            # mount would wait on forever.
+            counters.inc("internal_errors")
+            log.exception("%s %s: procedure %d failed", name, self.peer, call.proc)
+            return [rpc.accepted(call.xid, RC.SYSTEM_ERR)]
 
 
 class NfsService:
