@@ -32,6 +32,9 @@ log = logging.getLogger("netswap.nfs")
 # Room for an RPC call's headers on top of its payload: xid .. verifier (AUTH_SYS bodies are
 # at most 400 bytes each), a file handle of 64 bytes, offsets and counts.
 RECORD_SLACK = 4096
+# Calls of one connection between "received" and "replied"; past it the reader stops reading
+# (TCP backpressure). The Linux client keeps up to its slot table (65 by default) in flight.
+MAX_INFLIGHT_CALLS = 64
 
 
 class RpcServer:
@@ -135,7 +138,7 @@ class RpcConnection:
         self.peer = peer
         self._attachment = attachment  # a swap node's reserve, or None (never the reserve)
         self._sender = ReplySender(sock, server.send_poller, peer)
-        self._inflight = threading.BoundedSemaphore(64)
+        self._inflight = threading.BoundedSemaphore(MAX_INFLIGHT_CALLS)
         self._assembler = rpc.RecordAssembler(server.max_record)
 
     def close(self) -> None:
@@ -158,7 +161,7 @@ class RpcConnection:
             log.exception("%s %s: internal error, closing the connection", self.server.name,
                           self.peer)
         finally:
-            for _ in range(64):  # in-flight calls still reply on this socket
+            for _ in range(MAX_INFLIGHT_CALLS):  # in-flight calls still reply on this socket
                 self._inflight.acquire()
             self.server.send_poller.forget(self._sender)
             self.sock.close()
