@@ -21,6 +21,7 @@ install-python:
 bench: deps
 	$(PYTHON) bench/fio_matrix.py
 	$(PYTHON) bench/swap_storm.py
+	$(PYTHON) bench/nfs_bench.py
 
 clean:
 	rm -rf build *.egg-info daemon/*.egg-info daemon/netswap/_pool*.so daemon/netswap/_pool.c

@@ -99,7 +99,7 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
                  pool: str = "auto", swap_size: str = "64MiB", exports: str | None = None,
                  nbd_options: str = "", pool_options: str = "", swap_options: str = "",
                  listen: str | None = None, pressure_options: str = "enabled = false",
-                 metrics_port: int = 0) -> None:
+                 metrics_port: int = 0, nfs_options: str = "enabled = false") -> None:
     if exports is None:
         exports = """
             [[exports]]
@@ -152,6 +152,10 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             # swapping, cgroups at their limits) must not throttle unrelated tests.
             [pressure]
             {pressure_options}
+
+            # Off unless a test is about it: NFS binds fixed ports by default.
+            [nfs]
+            {nfs_options}
 
             [metrics]
             listen = ["127.0.0.1:{metrics_port}"]

@@ -301,7 +301,7 @@ def test_relative_state_dir_without_a_file_is_an_error():
 # ---------------------------------------------------------------------------------------------
 # Errors: each names the key path, the value as written, and what is allowed.
 
-ALL_SECTIONS = "daemon, pool, nbd, swap, network, pressure, protect, metrics, exports"
+ALL_SECTIONS = "daemon, pool, nbd, swap, network, pressure, protect, nfs, metrics, exports"
 
 ERROR_CASES = [
     # (id, document, key, value, fragment of the allowed set)

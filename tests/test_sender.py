@@ -186,3 +186,21 @@ def test_sealed_replies_are_made_chunk_by_chunk_as_the_socket_takes_them():
     poller.stop()
     server.close()
     client.close()
+
+
+def test_a_reply_with_empty_parts_is_sent_and_completed():
+    """An empty part (a procedure with no results) must not leave the sender retrying a
+    zero-byte send forever while it holds the connection's gate."""
+    left, right = socket.socketpair()
+    poller = SendPoller(send_timeout=5, on_timeout=lambda sender: None)
+    try:
+        sender = ReplySender(left, poller, "test")
+        done = threading.Event()
+        sender.send([b"", b"head", b"", memoryview(b"tail"), b""], done.set)
+        assert done.wait(5)
+        right.settimeout(5)
+        assert right.recv(64) == b"headtail"
+    finally:
+        poller.stop()
+        left.close()
+        right.close()

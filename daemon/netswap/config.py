@@ -46,6 +46,7 @@ __all__ = [
     "SIZE_SYNTAX",
     "Config",
     "MetricsConfig",
+    "NfsConfig",
     "ConfigError",
     "DaemonConfig",
     "ExportConfig",
@@ -558,6 +559,33 @@ class _Networks(_UniqueStrings):
         return network
 
 
+class _NodeNetworks(_Kind):
+    """A table node name -> list of networks -> a tuple of (network, node), most specific
+    network first, so that a lookup takes the first match."""
+
+    type_name = "table of lists"
+    allowed = ('a table of node = ["CIDR", ...] (node: a swap node name; networks as in '
+               "swap.allow); a network may belong to one node only")
+
+    def convert(self, value, key):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"is {_describe_type(value)}, not a table", value=value,
+                              allowed=self.allowed)
+        owner: dict = {}
+        for node, networks in value.items():
+            item_key = _key_path(key, str(node))
+            if not _NODE_NAME_RE.fullmatch(str(node)):
+                raise ConfigError(item_key, "is not a swap node name", value=node,
+                                  allowed=self.allowed)
+            for network in _Networks().convert(networks, item_key):
+                if network in owner:
+                    raise ConfigError(item_key, f"lists {network}, which belongs to node "
+                                      f"{owner[network]!r} already", value=networks,
+                                      allowed=self.allowed)
+                owner[network] = str(node)
+        return tuple(sorted(owner.items(), key=lambda item: -item[0].prefixlen))
+
+
 class _Uids(_Kind):
     """"any" (-> None: no check) or a list of numeric uids -> a tuple of ints.
 
@@ -855,6 +883,38 @@ _PROTECT = (
            '"required" refuses to start without it, "best-effort" warns, "off" never tries.'),
 )
 
+_NFS_EXPORT_PATH = _Text(0, 1024)
+
+_NFS = (
+    _Field("enabled", _Boolean(), True,
+           "Serve NFSv3 (and MOUNT v3) over TCP: a swap export of per-node swap files and a "
+           "scratch export of ordinary files."),
+    _Field("listen", _ListenAddresses(), ["127.0.0.1:2049"],
+           "TCP addresses for NFSv3; an empty list serves NFS nowhere."),
+    _Field("mount_listen", _ListenAddresses(), ["127.0.0.1:20048"],
+           "TCP addresses for MOUNT v3 (clients give it as mountport=)."),
+    _Field("swap_export", _NFS_EXPORT_PATH, "/swap",
+           "Export path of the swap export (MNT argument); each node sees only its own file "
+           'there, named after the node; "" disables it.'),
+    _Field("swap_directory", _PathText("a path, relative to daemon.state_dir or absolute"),
+           "nfs-swap", "Directory holding the per-node swap files.",
+           also="and must resolve strictly inside daemon.state_dir"),
+    _Field("swap_size", _Size(MiB, multiple_of=MiB), "256MiB",
+           "Size of each node's swap file, fully allocated when the node first uses it "
+           "(swapon refuses files with holes)."),
+    _Field("scratch_export", _NFS_EXPORT_PATH, "/scratch",
+           'Export path of a writable directory of ordinary files (a non-swap consumer); "" '
+           "disables it."),
+    _Field("scratch_directory", _PathText("a path, relative to daemon.state_dir or absolute"),
+           "nfs-scratch", "Directory served as the scratch export.",
+           also="and must resolve strictly inside daemon.state_dir"),
+    _Field("nodes", _NodeNetworks(), {"localhost": ["127.0.0.0/8", "::1"]},
+           "Which client addresses are which swap node ([nfs.nodes] node = [networks]); a "
+           "client in none of them gets no swap file."),
+    _Field("max_io", _Size(8 * KiB, 16 * MiB, power_of_two=True), "1MiB",
+           "Largest READ/WRITE (FSINFO rtmax/wtmax); records are capped just above it."),
+)
+
 _METRICS = (
     _Field("listen", _ListenAddresses(), ["127.0.0.1:9810"],
            "Where Prometheus scrapes /metrics: the pool, the reserve tree, drops and server "
@@ -894,7 +954,7 @@ _EXPORT = (
 # Fixed sections, in file and documentation order; "exports" is an array of tables.
 _SECTIONS = {"daemon": _DAEMON, "pool": _POOL, "nbd": _NBD, "swap": _SWAP,
              "network": _NETWORK, "pressure": _PRESSURE, "protect": _PROTECT,
-             "metrics": _METRICS}
+             "nfs": _NFS, "metrics": _METRICS}
 _TOP_LEVEL = (*_SECTIONS, "exports")
 
 KEYS: tuple[str, ...] = (
@@ -997,6 +1057,30 @@ class ProtectConfig:
 
 
 @dataclass(frozen=True)
+class NfsConfig:
+    enabled: bool
+    listen: tuple[tuple[str, int], ...]
+    mount_listen: tuple[tuple[str, int], ...]
+    swap_export: str  # "" = none
+    swap_directory: Path  # absolute
+    swap_size: int  # bytes
+    scratch_export: str  # "" = none
+    scratch_directory: Path  # absolute
+    nodes: tuple  # ((network, node), ...), most specific first
+    max_io: int  # bytes
+
+    def node_of(self, address: str) -> str | None:
+        """The swap node a client address is, or None."""
+        ip = ipaddress.ip_address(address)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        for network, node in self.nodes:
+            if ip.version == network.version and ip in network:
+                return node
+        return None
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: tuple[tuple[str, int], ...]  # (host, port) pairs, as nbd.listen
 
@@ -1023,6 +1107,7 @@ class Config:
     network: NetworkConfig
     pressure: PressureConfig
     protect: ProtectConfig
+    nfs: NfsConfig
     metrics: MetricsConfig
     exports: tuple[ExportConfig, ...]
     source: str  # the file this came from, or "<string>"
@@ -1242,6 +1327,32 @@ def _build_protect(table) -> ProtectConfig:
     return ProtectConfig(**values)
 
 
+def _build_nfs(table, state_dir: Path) -> NfsConfig:
+    values, written = _read_table(table, "nfs", _NFS)
+    for kind in ("swap", "scratch"):
+        key = f"{kind}_export"
+        path = values[key]
+        # An export path is what clients MNT: absolute, normalised, one component or more.
+        if path and (not path.startswith("/") or path == "/" or os.path.normpath(path) != path):
+            raise ConfigError(f"nfs.{key}", "is not a normalised absolute path below /",
+                              value=written[key], allowed='e.g. "/swap", or "" to disable')
+        directory = _under(state_dir, values[f"{kind}_directory"])
+        if directory == state_dir or not directory.is_relative_to(state_dir):
+            raise ConfigError(f"nfs.{kind}_directory", f"resolves to {str(directory)!r}, not "
+                              f"inside daemon.state_dir {str(state_dir)!r}",
+                              value=written[f"{kind}_directory"],
+                              allowed="a directory strictly inside daemon.state_dir")
+        values[f"{kind}_directory"] = directory
+    if values["swap_export"] and values["swap_export"] == values["scratch_export"]:
+        raise ConfigError("nfs.scratch_export", "is the same path as nfs.swap_export",
+                          value=written["scratch_export"], allowed="a different export path")
+    if values["swap_directory"] == values["scratch_directory"]:
+        raise ConfigError("nfs.scratch_directory", "is the same directory as "
+                          "nfs.swap_directory", value=written["scratch_directory"],
+                          allowed="a different directory")
+    return NfsConfig(**values)
+
+
 def _build_metrics(table) -> MetricsConfig:
     values, _ = _read_table(table, "metrics", _METRICS)
     return MetricsConfig(**values)
@@ -1315,13 +1426,14 @@ def parse(mapping: Mapping, source: str = "<string>", *, base_dir: Path | None =
         network = _build_network(mapping.get("network", {}))
         pressure = _build_pressure(mapping.get("pressure", {}))
         protect = _build_protect(mapping.get("protect", {}))
+        nfs = _build_nfs(mapping.get("nfs", {}), daemon.state_dir)
         metrics = _build_metrics(mapping.get("metrics", {}))
         exports = _build_exports(mapping.get("exports", []), daemon.state_dir, swap, nbd)
     except ConfigError as error:
         error.source = source
         raise
     return Config(daemon=daemon, pool=pool, nbd=nbd, swap=swap, network=network,
-                  pressure=pressure, protect=protect, metrics=metrics, exports=exports,
+                  pressure=pressure, protect=protect, nfs=nfs, metrics=metrics, exports=exports,
                   source=source)
 
 

@@ -28,6 +28,7 @@ from .metrics import NetswapCollector, serve
 from .nbd.server import ListenError, NbdServer
 from .nbd.tls import server_context
 from .netpolicy import ShapeError, Shaper
+from .nfs.server import NfsService
 from .operations import Operations
 from .pressure import PressureMonitor
 from .protect import ProtectError, protect_process
@@ -147,6 +148,10 @@ class Daemon:
         except ListenError as exc:
             raise StartError(str(exc)) from exc
         undo.callback(self._stop_server)
+        self.nfs = None
+        if config.nfs.enabled:
+            self.nfs = self._start_nfs(config)
+            undo.callback(self.nfs.stop)
         if self.pressure is not None:
             self.pressure.start()
             undo.callback(self.pressure.stop)
@@ -178,6 +183,16 @@ class Daemon:
         interval = self.notifier.watchdog_interval or 0
         self.notifier.start_watchdog(lambda: self.server.healthy(interval / 2))
         undo.callback(self.notifier.stop_watchdog)
+
+    def _start_nfs(self, config) -> "NfsService":
+        try:
+            service = NfsService(config, self.pool, self.counters, self.server.workers,
+                                 self.server.send_poller, self.lifecycle,
+                                 self.server.swap_socket_policy)
+            service.start()
+        except (ListenError, OSError, ValueError) as exc:
+            raise StartError(f"nfs: {exc}") from exc
+        return service
 
     def _wipe_at_start(self) -> None:
         """wipe = true: what a previous run left (swap images, static exports) is discarded

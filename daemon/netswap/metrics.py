@@ -96,6 +96,16 @@ _EVENTS = {
                         "reason (python: a request only Python serves; queued_reply: a reply "
                         "that had to wait for the socket; write_error: a failed write).",
                         "reason"),
+    "rpc_connections": ("netswap_rpc_connections_total",
+                        "NFS and MOUNT connections accepted, by service.", "service"),
+    "rpc_protocol_errors": ("netswap_rpc_protocol_errors_total",
+                            "RPC records and calls refused (the record cap, no xid, wrong "
+                            "version, credentials, garbage arguments, unknown program or "
+                            "procedure), by reason.", "reason"),
+    "nfs_calls": ("netswap_nfs_calls_total", "NFSv3 calls, by procedure.", "procedure"),
+    "nfs_errors": ("netswap_nfs_errors_total",
+                   "NFSv3 calls answered with an NFS3ERR status, by status number.", "status"),
+    "mount_calls": ("netswap_mount_calls_total", "MOUNT v3 calls, by procedure.", "procedure"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

@@ -199,15 +199,17 @@ class _Reply:
 
 
 def skip_sent(parts: list, count: int) -> list:
-    """`parts` without its first `count` bytes (views, no copies)."""
-    while count and parts:
+    """`parts` without its first `count` bytes (views, no copies). Empty parts at the front
+    go too: left in place, one would be "sent" as 0 bytes forever."""
+    while parts:
         first = memoryview(parts[0]).cast("B")
         if count >= len(first):
             count -= len(first)
             parts.pop(0)
         else:
-            parts[0] = first[count:]
-            count = 0
+            if count:
+                parts[0] = first[count:]
+            break
     return parts
 
 

@@ -109,7 +109,7 @@ class NbdServer:
         """Bind every listener (or fail naming the address), then start accepting."""
         try:
             for host, port in self.config.nbd.listen:
-                self._listeners.append(_tcp_listener(host, port))
+                self._listeners.append(tcp_listener(host, port))
             if self.config.nbd.unix_socket is not None:
                 self._listeners.append(self._unix_listener(self.config.nbd.unix_socket))
         except BaseException:
@@ -318,7 +318,8 @@ def _keep_alive(sock: socket.socket, idle: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2 * seconds * 1000)
 
 
-def _tcp_listener(host: str, port: int) -> socket.socket:
+def tcp_listener(host: str, port: int, key: str = "nbd.listen") -> socket.socket:
+    """A listening TCP socket on host:port; a failure names the config `key` it came from."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if host in ("", "*"):
         family, address = socket.AF_INET6, "::"
@@ -336,5 +337,5 @@ def _tcp_listener(host: str, port: int) -> socket.socket:
         sock.bind((address, port))
         sock.listen(_BACKLOG)
     except OSError as exc:
-        raise ListenError(f"nbd.listen: cannot listen on {shown}: {exc.strerror}") from exc
+        raise ListenError(f"{key}: cannot listen on {shown}: {exc.strerror}") from exc
     return sock

@@ -4,7 +4,8 @@
     ├── normal                       pool.normal_budget: non-swap consumers and swap's normal path
     └── nbd
         ├── unrouted                 connections tagged by peer address whose export is not swap
-        └── swap/<node> × max_nodes  one slot per node that may be attached at once
+        └── swap/<node> × max_nodes  one slot per node that may be attached at once (its
+            │                        swap over NBD, NFS or both)
             ├── requests             swap.reserve_inflight × swap.reserve_request
             └── windows              swap.max_connections × the receive window
 
@@ -83,8 +84,11 @@ def build_tree(config: Config) -> Group:
     unrouted = Group("unrouted", swap.reserve_inflight * swap.reserve_request,
                      detail="tagged-by-peer connections to non-swap exports")
     nbd = Group("nbd", children=[unrouted])
-    if swap.enabled:
-        nbd.children.append(node_template(config, f"swap/<node> ×{swap.max_nodes}", swap.max_nodes))
+    # A node's reserve serves its swap over NBD, NFS or both (one slot per node).
+    if swap.enabled or (config.nfs.enabled and config.nfs.swap_export):
+        template = node_template(config, f"swap/<node> ×{swap.max_nodes}", swap.max_nodes)
+        template.detail = "a swap node, over NBD or NFS"
+        nbd.children.append(template)
     return Group("netswapd", children=[
         Group("normal", config.pool.normal_budget, detail="pool.normal_budget"),
         nbd,

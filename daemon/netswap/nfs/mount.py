@@ -1,0 +1,93 @@
+"""MOUNT v3 (RFC 1813 §5), program 100005 version 3: hands out the root handle of an
+export. Access is decided again on every NFS call (exports.py), so MNT grants nothing a
+handle would not: it refuses the swap export to a client that is no node only so that the
+mount fails where the operator looks, not at the first swapon."""
+
+from __future__ import annotations
+
+import logging
+
+from ..rpc import constants as RC
+from ..rpc import message as rpc
+from ..rpc import xdr
+
+log = logging.getLogger("netswap.nfs")
+
+PROGRAM, VERSION = 100005, 3
+MNT3_OK, MNT3ERR_NOENT, MNT3ERR_ACCES = 0, 2, 13
+AUTH_SYS = 1
+MNTPATHLEN = 1024
+PROCEDURE_NAMES = {0: "null", 1: "mnt", 2: "dump", 3: "umnt", 4: "umntall", 5: "export"}
+
+
+class MountProgram:
+    version = VERSION
+
+    def __init__(self, exports, counters) -> None:
+        self.exports = exports
+        self.counters = counters
+
+    def call(self, call, peer: str, release: list, emergency: bool = False):
+        name = PROCEDURE_NAMES.get(call.proc)
+        if name is None:
+            self.counters.inc("rpc_protocol_errors", "proc_unavail")
+            return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
+        self.counters.inc("mount_calls", name)
+        args = xdr.Unpacker(call.args)
+        try:
+            body = getattr(self, "_" + name)(args, peer)
+        except xdr.XdrError as exc:
+            self.counters.inc("rpc_protocol_errors", "garbage_args")
+            log.info("mount %s: %s arguments malformed: %s", peer, name, exc)
+            return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
+        return [rpc.accepted(call.xid), body]
+
+    def _null(self, args, peer) -> bytes:
+        args.done()
+        return b""
+
+    def _mnt(self, args, peer) -> bytes:
+        path = args.string(MNTPATHLEN).decode("utf-8", "replace")
+        args.done()
+        packer = xdr.Packer()
+        if path not in self.exports.roots:
+            log.info("mount %s: MNT %r: no such export", peer, path)
+            packer.uint(MNT3ERR_NOENT)
+            return packer.bytes()
+        if path == self.exports.config.swap_export and self.exports.node_of(peer) is None:
+            log.warning("mount %s: MNT %r refused: the address is no node in nfs.nodes",
+                        peer, path)
+            self.counters.inc("access_denied", "nfs:not_a_node")
+            packer.uint(MNT3ERR_ACCES)
+            return packer.bytes()
+        log.info("mount %s: mounted %r", peer, path)
+        packer.uint(MNT3_OK)
+        packer.opaque(self.exports.root_handle(path))
+        packer.uint(1)  # auth_flavors<>: AUTH_SYS only
+        packer.uint(AUTH_SYS)
+        return packer.bytes()
+
+    def _dump(self, args, peer) -> bytes:
+        args.done()
+        packer = xdr.Packer()
+        packer.bool(False)  # mounts are not tracked: NFSv3 is stateless, UMNT advisory
+        return packer.bytes()
+
+    def _umnt(self, args, peer) -> bytes:
+        args.string(MNTPATHLEN)
+        args.done()
+        return b""
+
+    def _umntall(self, args, peer) -> bytes:
+        args.done()
+        return b""
+
+    def _export(self, args, peer) -> bytes:
+        args.done()
+        packer = xdr.Packer()
+        for path in sorted(self.exports.roots):
+            packer.bool(True)
+            packer.string(path.encode())
+            packer.bool(False)  # no groups list: access is by address (nfs.nodes)
+        packer.bool(False)
+        return packer.bytes()

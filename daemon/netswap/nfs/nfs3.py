@@ -1,0 +1,526 @@
+"""NFSv3 (RFC 1813), program 100003 version 3: the procedures a Linux client needs to
+swapon a file on the mount, and libnfs's nfs-ls / nfs-cat / nfs-cp need for the rest.
+
+Each procedure unpacks its arguments (xdr.py: every length checked before use; truncated or
+malformed arguments are GARBAGE_ARGS), asks exports.py what the handle names for this
+caller, does the I/O on pool buffers, and packs the result. Procedures this server does not
+do (REMOVE, RENAME, MKDIR, ...) get NFS3ERR_NOTSUPP with the failure body their result type
+defines, so a client decodes a well-formed answer.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+from ..rpc import constants as RC
+from ..rpc import message as rpc
+from ..rpc import xdr
+from .exports import (
+    NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
+    NFS3ERR_ISDIR, NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC,
+    NFS3ERR_NOTDIR, NFS3ERR_NOTSUPP, NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
+)
+
+log = logging.getLogger("netswap.nfs")
+
+PROGRAM, VERSION = 100003, 3
+NF3REG, NF3DIR = 1, 2
+UNSTABLE, DATA_SYNC, FILE_SYNC = 0, 1, 2
+UNCHECKED, GUARDED, EXCLUSIVE = 0, 1, 2
+ACCESS_ALL = 0x3F  # READ LOOKUP MODIFY EXTEND DELETE EXECUTE
+ACCESS_DELETE, ACCESS_EXECUTE = 0x10, 0x20
+NAME_MAX = 255
+# FSINFO's maxfilesize: the largest off_t. Offsets and sizes are uhyper on the wire; past this
+# os.pwritev and os.truncate raise OverflowError, not an OSError, so they are refused first.
+MAX_FILE_SIZE = 2**63 - 1
+PROCEDURE_NAMES = {0: "null", 1: "getattr", 2: "setattr", 3: "lookup", 4: "access",
+                   5: "readlink", 6: "read", 7: "write", 8: "create", 9: "mkdir",
+                   10: "symlink", 11: "mknod", 12: "remove", 13: "rmdir", 14: "rename",
+                   15: "link", 16: "readdir", 17: "readdirplus", 18: "fsstat", 19: "fsinfo",
+                   20: "pathconf", 21: "commit"}
+# Procedures not served, and how many FALSE optionals their failure body holds (RFC 1813:
+# READLINK post_op_attr; MKDIR/SYMLINK/MKNOD/REMOVE/RMDIR wcc_data; RENAME two wcc_data;
+# LINK post_op_attr + wcc_data).
+_NOT_SERVED = {5: 1, 9: 2, 10: 2, 11: 2, 12: 2, 13: 2, 14: 4, 15: 3}
+# The same for the procedures served: what follows the status of a failed reply.
+_FAILURE_BODY = {1: 0, 2: 2, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2, 16: 1, 17: 1, 18: 1, 19: 1, 20: 1,
+                 21: 2}
+
+
+class Nfs3Program:
+    version = VERSION
+
+    def __init__(self, exports, pool, counters, max_io: int) -> None:
+        self.exports = exports
+        self.pool = pool
+        self.counters = counters
+        self.max_io = max_io
+        # Changes with every start: a client holding UNSTABLE writes then sees a new
+        # verifier at COMMIT and sends them again (§3.3.7).
+        self.verifier = time.time_ns().to_bytes(8, "big")
+        self._procedures = {0: self._null, 1: self._getattr, 2: self._setattr, 3: self._lookup,
+                            4: self._access, 6: self._read, 7: self._write, 8: self._create,
+                            16: self._readdir, 17: self._readdirplus, 18: self._fsstat,
+                            19: self._fsinfo, 20: self._pathconf, 21: self._commit}
+
+    def call(self, call, peer: str, release: list, emergency: bool = False):
+        name = PROCEDURE_NAMES.get(call.proc, "unknown")
+        self.counters.inc("nfs_calls", name)
+        if emergency and call.proc in _FAILURE_BODY and not self._for_swap(call, peer):
+            # The drop rule (the seed's part 2): this record was received into the reserve,
+            # but what it asks for is not the node's swap file. It is not executed; JUKEBOX
+            # makes the client retry later, when normal memory is back.
+            self.counters.inc("emergency_dropped", "nfs")
+            log.info("nfs %s: %s call received into the reserve for a non-swap object: "
+                     "answered JUKEBOX", peer, name)
+            return [rpc.accepted(call.xid), *self._status_only(NFS3ERR_JUKEBOX,
+                                                               _FAILURE_BODY[call.proc])]
+        if call.proc in _NOT_SERVED:
+            packer = xdr.Packer()
+            packer.uint(NFS3ERR_NOTSUPP)
+            for _ in range(_NOT_SERVED[call.proc]):
+                packer.bool(False)
+            return [rpc.accepted(call.xid), packer.bytes()]
+        procedure = self._procedures.get(call.proc)
+        if procedure is None:
+            self.counters.inc("rpc_protocol_errors", "proc_unavail")
+            return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
+        args = xdr.Unpacker(call.args)
+        try:
+            return [rpc.accepted(call.xid), *procedure(args, peer, release)]
+        except xdr.XdrError as exc:
+            self.counters.inc("rpc_protocol_errors", "garbage_args")
+            log.info("nfs %s: %s arguments malformed: %s", peer, name, exc)
+            return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
+
+    def _for_swap(self, call, peer: str) -> bool:
+        """Does the call's object belong to the swap export (the node's swap file, or the
+        export's directory swapon looks it up in)? Unreadable handles are not swap."""
+        try:
+            handle = xdr.Unpacker(call.args).opaque(64)
+            return self.exports.resolve(handle, peer).export_id == SWAP_EXPORT
+        except (xdr.XdrError, NfsError):
+            return False
+
+    # Helpers ------------------------------------------------------------------------
+
+    def _node(self, args, peer: str) -> Node:
+        return self.exports.resolve(args.opaque(64), peer)
+
+    def _attributes(self, packer, node: Node) -> None:
+        """fattr3 (§2.5). A swap file reports used >= size: swapon refuses files with holes."""
+        st = os.stat(node.path)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        packer.uint(NF3DIR if is_dir else NF3REG)
+        packer.uint(st.st_mode & 0o7777)
+        packer.uint(st.st_nlink)
+        packer.uint(st.st_uid)
+        packer.uint(st.st_gid)
+        packer.uhyper(st.st_size)
+        used = st.st_blocks * 512
+        packer.uhyper(max(used, st.st_size) if node.is_swap_file else used)
+        packer.uint(0)
+        packer.uint(0)  # rdev
+        packer.uhyper(node.export_id)  # fsid: one per export, constant
+        packer.uhyper(st.st_ino)
+        for ns in (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns):
+            packer.uint(ns // 1_000_000_000)
+            packer.uint(ns % 1_000_000_000)
+
+    def _post_op(self, packer, node) -> None:
+        if node is None:
+            packer.bool(False)
+            return
+        packer.bool(True)
+        self._attributes(packer, node)
+
+    def _wcc(self, packer, node) -> None:
+        packer.bool(False)  # no pre-operation attributes: allowed, and never stale
+        self._post_op(packer, node)
+
+    def _status_only(self, status: int, falses: int = 1) -> list:
+        packer = xdr.Packer()
+        packer.uint(status)
+        for _ in range(falses):
+            packer.bool(False)
+        return [packer.bytes()]
+
+    def _failed(self, exc: NfsError, falses: int = 1) -> list:
+        self.counters.inc("nfs_errors", str(exc.status))
+        return self._status_only(exc.status, falses)
+
+    # Procedures ---------------------------------------------------------------------
+
+    def _null(self, args, peer, release):
+        args.done()
+        return []
+
+    def _getattr(self, args, peer, release):
+        handle = args.opaque(64)
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+        except NfsError as exc:
+            return self._failed(exc, falses=0)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._attributes(packer, node)
+        return [packer.bytes()]
+
+    def _setattr(self, args, peer, release):
+        handle = args.opaque(64)
+        mode = args.uint() if args.bool() else None
+        uid = args.uint() if args.bool() else None
+        gid = args.uint() if args.bool() else None
+        size = args.uhyper() if args.bool() else None
+        for _ in range(2):  # atime, mtime: set_it 0 don't, 1 server time, 2 client time
+            how = args.uint()
+            if how == 2:
+                args.uint()
+                args.uint()
+            elif how not in (0, 1):
+                raise xdr.XdrError(f"time_how {how}")
+        if args.bool():
+            args.uint()
+            args.uint()  # guard ctime: not checked (a client may send it; we do not race)
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+            if node.is_swap_file and (size is not None or mode is not None or uid is not None
+                                      or gid is not None):
+                # Setting the size it has and nothing else (nfs-cp's O_TRUNC of nothing)
+                # changes nothing and is answered OK; anything more must not be answered OK
+                # while the mode or owner asked for is silently not applied.
+                if (mode is not None or uid is not None or gid is not None
+                        or size != os.stat(node.path).st_size):
+                    raise NfsError(NFS3ERR_ACCES, "a swap file's size, mode and owner are fixed")
+            elif node.is_dir and size is not None:
+                raise NfsError(NFS3ERR_ISDIR)
+            elif size is not None and size > MAX_FILE_SIZE:
+                raise NfsError(NFS3ERR_FBIG, f"size {size} over the largest file")
+            else:
+                if size is not None:
+                    os.truncate(node.path, size)
+                if mode is not None:
+                    os.chmod(node.path, mode & 0o7777)
+        except NfsError as exc:
+            return self._failed(exc, falses=2)
+        except OSError as exc:
+            return self._failed(_from_os(exc), falses=2)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._wcc(packer, node)
+        return [packer.bytes()]
+
+    def _lookup(self, args, peer, release):
+        handle = args.opaque(64)
+        name = args.string(NAME_MAX + 1)
+        args.done()
+        try:
+            directory = self.exports.resolve(handle, peer)
+        except NfsError as exc:
+            return self._failed(exc)
+        try:
+            if len(name) > NAME_MAX:
+                raise NfsError(NFS3ERR_NAMETOOLONG)
+            found = self.exports.lookup(directory, name.decode("utf-8", "replace"), peer)
+        except NfsError as exc:
+            packer = xdr.Packer()
+            packer.uint(exc.status)
+            self._post_op(packer, directory)
+            return [packer.bytes()]
+        except OSError as exc:
+            return self._failed(_from_os(exc))
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        packer.opaque(self.exports.handle_for(found))
+        self._post_op(packer, found)
+        self._post_op(packer, directory)
+        return [packer.bytes()]
+
+    def _access(self, args, peer, release):
+        handle = args.opaque(64)
+        wanted = args.uint()
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+        except NfsError as exc:
+            return self._failed(exc)
+        granted = ACCESS_ALL
+        if node.is_swap_file:
+            granted &= ~(ACCESS_DELETE | ACCESS_EXECUTE)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._post_op(packer, node)
+        packer.uint(wanted & granted)  # exactly the asked-for bits that are granted
+        return [packer.bytes()]
+
+    def _read(self, args, peer, release):
+        handle = args.opaque(64)
+        offset = args.uhyper()
+        count = args.uint()
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+            if node.is_dir:
+                raise NfsError(NFS3ERR_ISDIR)
+        except NfsError as exc:
+            return self._failed(exc)
+        count = min(count, self.max_io)
+        size = os.stat(node.path).st_size
+        count = max(0, min(count, size - offset)) if offset < size else 0
+        got = 0
+        data = None
+        if count:
+            buffer = self.pool.alloc(count, timeout=None)
+            release.append(buffer)
+            try:
+                got = self._pread(node, buffer.view, offset)
+            except OSError as exc:
+                return self._failed(_from_os(exc))
+            data = buffer.view[:got]
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._post_op(packer, node)
+        packer.uint(got)
+        packer.bool(offset + got >= size)
+        packer.uint(got)  # the data<> length; the bytes follow from the pool buffer
+        parts = [packer.bytes()]
+        if got:
+            parts.append(data)
+            if got % 4:
+                parts.append(bytes(4 - got % 4))
+        return parts
+
+    def _pread(self, node: Node, view, offset: int) -> int:
+        fd = node.fd if node.fd is not None else os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.preadv(fd, [view], offset)
+        finally:
+            if node.fd is None:
+                os.close(fd)
+
+    def _write(self, args, peer, release):
+        handle = args.opaque(64)
+        offset = args.uhyper()
+        count = args.uint()
+        stable = args.uint()
+        data = args.opaque(self.max_io)
+        args.done()
+        if stable not in (UNSTABLE, DATA_SYNC, FILE_SYNC) or count != len(data):
+            raise xdr.XdrError(f"stable_how {stable}, count {count} for {len(data)} bytes")
+        try:
+            node = self.exports.resolve(handle, peer)
+            if node.is_dir:
+                raise NfsError(NFS3ERR_ISDIR)
+            if node.is_swap_file and offset + count > os.stat(node.path).st_size:
+                raise NfsError(NFS3ERR_NOSPC, "past the end of a swap file (it never grows)")
+            if offset + count > MAX_FILE_SIZE:
+                raise NfsError(NFS3ERR_FBIG, "write ends past the largest file")
+            # Swap files are always written FILE_SYNC: the swap path asks for it, and a
+            # node keeps running across a restart of ours and will read its pages back.
+            committed = FILE_SYNC if node.is_swap_file else stable
+            self._pwrite(node, data, offset, sync=committed != UNSTABLE)
+        except NfsError as exc:
+            return self._failed(exc, falses=2)
+        except OSError as exc:
+            return self._failed(_from_os(exc), falses=2)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._wcc(packer, node)
+        packer.uint(count)
+        packer.uint(committed)
+        packer.fixed_opaque(self.verifier)
+        return [packer.bytes()]
+
+    def _pwrite(self, node: Node, data, offset: int, sync: bool) -> None:
+        fd = node.fd if node.fd is not None else os.open(node.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwritev(fd, [data[done:]], offset + done)
+            if sync:
+                os.fdatasync(fd)
+        finally:
+            if node.fd is None:
+                os.close(fd)
+
+    def _create(self, args, peer, release):
+        handle = args.opaque(64)
+        name = args.string(NAME_MAX + 1)
+        how = args.uint()
+        mode = 0o644
+        if how in (UNCHECKED, GUARDED):
+            if args.bool():
+                mode = args.uint() & 0o7777
+            for _ in range(3):  # uid, gid, size
+                if args.bool():
+                    args.uint() if _ < 2 else args.uhyper()
+            for _ in range(2):
+                if args.uint() == 2:
+                    args.uint()
+                    args.uint()
+        elif how == EXCLUSIVE:
+            args.fixed_opaque(8)
+        else:
+            raise xdr.XdrError(f"createmode {how}")
+        args.done()
+        try:
+            directory = self.exports.resolve(handle, peer)
+            if directory.export_id == SWAP_EXPORT:
+                raise NfsError(NFS3ERR_ACCES, "swap files are made by the server")
+            text = name.decode("utf-8", "replace")
+            if len(name) > NAME_MAX:
+                raise NfsError(NFS3ERR_NAMETOOLONG)
+            if not text or "/" in text or text in (".", "..") or "\0" in text:
+                raise NfsError(NFS3ERR_INVAL, "bad name")
+            path = directory.path / text
+            flags = os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            if how != UNCHECKED:
+                flags |= os.O_EXCL
+            try:
+                os.close(os.open(path, flags, mode))
+            except FileExistsError:
+                if how == EXCLUSIVE:
+                    pass  # a retransmitted exclusive create: the file is the one we made
+                else:
+                    raise NfsError(NFS3ERR_EXIST) from None
+            created = self.exports.lookup(directory, text, peer)
+        except NfsError as exc:
+            return self._failed(exc, falses=2)
+        except OSError as exc:
+            return self._failed(_from_os(exc), falses=2)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        packer.bool(True)
+        packer.opaque(self.exports.handle_for(created))
+        self._post_op(packer, created)
+        self._wcc(packer, directory)
+        return [packer.bytes()]
+
+    def _readdir(self, args, peer, release, plus: bool = False):
+        handle = args.opaque(64)
+        cookie = args.uhyper()
+        args.fixed_opaque(8)  # cookieverf: the listing is small and rebuilt each time
+        args.uint()  # dircount (READDIRPLUS) or count
+        if plus:
+            args.uint()  # maxcount: every entry fits (the directories are small)
+        args.done()
+        try:
+            directory = self.exports.resolve(handle, peer)
+            if not directory.is_dir:
+                raise NfsError(NFS3ERR_NOTDIR)
+            entries = self.exports.listing(directory, peer)
+        except NfsError as exc:
+            return self._failed(exc)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._post_op(packer, directory)
+        packer.fixed_opaque(bytes(8))
+        for index, (name, node) in enumerate(entries, start=1):
+            if index <= cookie:
+                continue
+            packer.bool(True)
+            packer.uhyper(os.stat(node.path).st_ino)
+            packer.string(name.encode())
+            packer.uhyper(index)
+            if plus:
+                self._post_op(packer, node)
+                packer.bool(True)
+                packer.opaque(self.exports.handle_for(node))
+        packer.bool(False)
+        packer.bool(True)  # eof: every entry fits (the directories are small)
+        return [packer.bytes()]
+
+    def _readdirplus(self, args, peer, release):
+        return self._readdir(args, peer, release, plus=True)
+
+    def _fsstat(self, args, peer, release):
+        handle = args.opaque(64)
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+        except NfsError as exc:
+            return self._failed(exc)
+        fs = os.statvfs(node.path)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._post_op(packer, node)
+        for value in (fs.f_blocks * fs.f_frsize, fs.f_bfree * fs.f_frsize,
+                      fs.f_bavail * fs.f_frsize, fs.f_files, fs.f_ffree, fs.f_favail):
+            packer.uhyper(value)
+        packer.uint(0)  # invarsec
+        return [packer.bytes()]
+
+    def _fsinfo(self, args, peer, release):
+        handle = args.opaque(64)
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+        except NfsError as exc:
+            return self._failed(exc)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._post_op(packer, node)
+        for value in (self.max_io, self.max_io, 4096,  # rtmax, rtpref, rtmult
+                      self.max_io, self.max_io, 4096,  # wtmax, wtpref, wtmult
+                      64 * 1024):  # dtpref
+            packer.uint(value)
+        packer.uhyper(MAX_FILE_SIZE)
+        packer.uint(0)
+        packer.uint(1)  # time_delta: nanoseconds
+        packer.uint(0x18)  # FSF3_HOMOGENEOUS | FSF3_CANSETTIME
+        return [packer.bytes()]
+
+    def _pathconf(self, args, peer, release):
+        handle = args.opaque(64)
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+        except NfsError as exc:
+            return self._failed(exc)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._post_op(packer, node)
+        packer.uint(1)  # linkmax
+        packer.uint(NAME_MAX)
+        for flag in (True, True, False, True):  # no_trunc, chown_restricted, case-ins., -pres.
+            packer.bool(flag)
+        return [packer.bytes()]
+
+    def _commit(self, args, peer, release):
+        handle = args.opaque(64)
+        args.uhyper()
+        args.uint()  # offset, count: the whole file is made durable
+        args.done()
+        try:
+            node = self.exports.resolve(handle, peer)
+            if node.is_dir:
+                raise NfsError(NFS3ERR_ISDIR)
+            fd = node.fd if node.fd is not None else os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                if node.fd is None:
+                    os.close(fd)
+        except NfsError as exc:
+            return self._failed(exc, falses=2)
+        except OSError as exc:
+            return self._failed(_from_os(exc), falses=2)
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._wcc(packer, node)
+        packer.fixed_opaque(self.verifier)
+        return [packer.bytes()]
+
+
+def _from_os(exc: OSError) -> NfsError:
+    status = {errno.ENOSPC: NFS3ERR_NOSPC, errno.EDQUOT: NFS3ERR_NOSPC, errno.EFBIG: NFS3ERR_FBIG,
+              errno.EINVAL: NFS3ERR_INVAL, errno.EACCES: NFS3ERR_ACCES,
+              errno.EPERM: NFS3ERR_ACCES, errno.EROFS: NFS3ERR_ROFS,
+              errno.ENOENT: NFS3ERR_NOENT}.get(exc.errno, NFS3ERR_IO)
+    return NfsError(status, str(exc))

@@ -1,0 +1,208 @@
+"""The reserve on a multiplexed protocol (issue 7; the seed's part 2 for real).
+
+One NFS connection of a swap node carries calls for every file of its mount. With the
+normal budget held by someone else (a non-swap NBD client stalled in the middle of a large
+WRITE, whose buffer the daemon holds while it waits for the payload), the node's records
+are received into its reserve: a call for its swap file proceeds, a call for a scratch file
+received that way is not executed (NFS3ERR_JUKEBOX, counted as an emergency drop), and a
+client that is no node never touches the reserve: it waits until normal memory is back.
+Each branch is proven on the wire, with the counters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, start_daemon
+from netswap.nbd import constants as NBD
+from netswap.rpc import message as rpc
+from netswap.rpc import xdr
+from test_server_raw import request as nbd_request
+from test_server_raw import transmission
+
+KiB, MiB = 1 << 10, 1 << 20
+NFS_PROGRAM, MOUNT_PROGRAM = 100003, 100005
+WRITE, CREATE, LOOKUP = 7, 8, 3
+FILE_SYNC, NFS3ERR_JUKEBOX = 2, 10008
+ROOT = rpc.AuthSys(stamp=0, machine="test", uid=0, gid=0)
+
+
+def metric(daemon, name, **labels) -> float:
+    for family in text_string_to_metric_families(daemon.metrics()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0
+
+
+class RpcClient:
+    """Calls one at a time over one TCP connection from a chosen source address."""
+
+    def __init__(self, port: int, source: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(10)
+        self.xid = 0
+
+    def send(self, program: int, procedure: int, args: bytes) -> None:
+        self.xid += 1
+        body = rpc.call_header(self.xid, program, 3, procedure, ROOT) + args
+        self.sock.sendall(rpc.fragment_header(len(body)) + body)
+
+    def reply(self) -> xdr.Unpacker:
+        header = self._exact(4)
+        _, length = rpc.parse_fragment_header(header)
+        reply = rpc.parse_reply(memoryview(self._exact(length)))
+        assert reply.xid == self.xid and reply.accepted and reply.stat == 0, reply
+        return xdr.Unpacker(reply.results)
+
+    def call(self, program: int, procedure: int, args: bytes) -> xdr.Unpacker:
+        self.send(program, procedure, args)
+        return self.reply()
+
+    def _exact(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            assert chunk, "closed by the server"
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def pack(*fields) -> bytes:
+    packer = xdr.Packer()
+    for kind, value in fields:
+        getattr(packer, kind)(value)
+    return packer.bytes()
+
+
+def mount(daemon, source: str, path: str) -> bytes:
+    client = RpcClient(daemon.mount_port, source)
+    try:
+        results = client.call(MOUNT_PROGRAM, 1, pack(("string", path.encode())))
+        assert results.uint() == 0
+        return bytes(results.opaque(64))
+    finally:
+        client.close()
+
+
+def write_args(handle: bytes, offset: int, data: bytes) -> bytes:
+    return pack(("opaque", handle), ("uhyper", offset), ("uint", len(data)),
+                ("uint", FILE_SYNC), ("opaque", data))
+
+
+def write_status(client: RpcClient, handle: bytes, offset: int, data: bytes) -> int:
+    return client.call(NFS_PROGRAM, WRITE, write_args(handle, offset, data)).uint()
+
+
+def lookup(client: RpcClient, directory: bytes, name: str) -> bytes:
+    results = client.call(NFS_PROGRAM, LOOKUP, pack(("opaque", directory),
+                                                     ("string", name.encode())))
+    assert results.uint() == 0
+    return bytes(results.opaque(64))
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    nfs_port, mount_port = free_port(), free_port()
+    running = start_daemon(
+        tmp_path,
+        nbd_options='max_request = "1MiB"',
+        pool_options='normal_budget = "1MiB"\nheadroom = 0',
+        # One node's reserve, small: the pool is then little more than the normal budget.
+        swap_options='max_nodes = 1\nreserve_inflight = 4\nreserve_request = "64KiB"\n'
+                     'max_connections = 1',
+        nfs_options=f"""
+            enabled = true
+            listen = ["127.0.0.1:{nfs_port}"]
+            mount_listen = ["127.0.0.1:{mount_port}"]
+            swap_size = "4MiB"
+            max_io = "64KiB"
+            nodes = {{ localhost = ["127.0.0.1"] }}
+            """)
+    running.nfs_port, running.mount_port = nfs_port, mount_port
+    yield running
+    code = running.stop()
+    assert "Traceback" not in running.log(), running.log()
+    assert code == 0, running.log()
+
+
+def normal_free(daemon) -> float:
+    return (metric(daemon, "netswap_pool_free_bytes")
+            - metric(daemon, "netswap_pool_watermark_bytes"))
+
+
+def test_a_swap_nodes_records_use_its_reserve_and_non_swap_calls_are_dropped(daemon):
+    swap_root = mount(daemon, "127.0.0.1", "/swap")
+    scratch_root = mount(daemon, "127.0.0.1", "/scratch")
+    node = RpcClient(daemon.nfs_port, "127.0.0.1")  # node "localhost": tagged, attached
+    stranger = RpcClient(daemon.nfs_port, "127.0.0.3")  # no node: never the reserve
+    swap_file = lookup(node, swap_root, "localhost")
+    # A scratch file to write to later, made while normal memory is plentiful.
+    created = node.call(NFS_PROGRAM, CREATE, pack(
+        ("opaque", scratch_root), ("string", b"notes"), ("uint", 0),
+        ("bool", False), ("bool", False), ("bool", False), ("bool", False),
+        ("uint", 0), ("uint", 0)))
+    assert created.uint() == 0 and created.bool()
+    scratch_file = bytes(created.opaque(64))
+    block = os.urandom(32 * KiB)
+
+    # Someone else takes the normal budget: a non-swap NBD WRITE of 1 MiB whose payload
+    # stalls after 4 KiB; the daemon holds its buffer while waiting for the rest.
+    holders = []
+    while (free := normal_free(daemon)) >= 64 * KiB and len(holders) < 16:
+        size = min(MiB, 1 << (int(free).bit_length() - 1))  # a buddy block that fits
+        hold = transmission(daemon)
+        nbd_request(hold, NBD.CMD_WRITE, len(holders) * MiB, size, cookie=1,
+                    payload=bytes(4 * KiB))
+        holders.append(hold)
+        time.sleep(0.2)
+    assert normal_free(daemon) < 64 * KiB, "could not exhaust the normal budget"
+    emergency_before = metric(daemon, "netswap_emergency_allocations_total")
+
+    # Branch 1: the node's swap-file WRITE is received into its reserve and proceeds.
+    assert write_status(node, swap_file, 0, block) == 0
+    assert metric(daemon, "netswap_emergency_allocations_total") > emergency_before
+    assert (daemon.state_dir / "nfs-swap" / "localhost").read_bytes()[:len(block)] == block
+
+    # Branch 2: the same connection's WRITE to a scratch file, received into the reserve,
+    # is not executed: JUKEBOX, counted, the file unchanged.
+    assert write_status(node, scratch_file, 0, block) == NFS3ERR_JUKEBOX
+    assert metric(daemon, "netswap_emergency_dropped_total", consumer="nfs") == 1
+    assert (daemon.state_dir / "nfs-scratch" / "notes").stat().st_size == 0
+
+    # Branch 3: a client that is no node waits for normal memory, never the reserve.
+    stranger.send(NFS_PROGRAM, WRITE, write_args(scratch_file, 0, block))
+    stranger.sock.settimeout(1.5)
+    with pytest.raises(socket.timeout):
+        stranger.sock.recv(1)
+    for hold in holders:  # normal memory comes back
+        hold.close()
+    stranger.sock.settimeout(10)
+    assert stranger.reply().uint() == 0
+    assert (daemon.state_dir / "nfs-scratch" / "notes").read_bytes() == block
+    assert metric(daemon, "netswap_emergency_dropped_total", consumer="nfs") == 1
+    node.close()
+    stranger.close()
+
+
+def test_the_reserve_tree_has_node_slots_for_nfs_swap_alone(tmp_path):
+    """NBD swap off, NFS swap on: nodes still get reserve slots, and the tree says whose."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[swap]\nenabled = false\n'
+                      'max_nodes = 2\n')
+    result = subprocess.run([sys.executable, "-m", "netswap", "reserve", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "swap/<node> ×2" in result.stdout and "over NBD or NFS" in result.stdout, result.stdout
