@@ -73,7 +73,9 @@ class RpcServer:
         self._acceptor.start()
         for listener in self._listeners:
             host, port = listener.getsockname()[:2]
-            log.info("%s listening on %s", self.name, f"[{host}]:{port}" if ":" in host
+            # Not "listening on": the daemon logs that once everything is up, and tools
+            # (tests, scripts) wait for it.
+            log.info("%s served on %s", self.name, f"[{host}]:{port}" if ":" in host
                      else f"{host}:{port}")
 
     def stop(self) -> None:
