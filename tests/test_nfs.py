@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -155,3 +156,35 @@ def test_libnfs_writes_into_the_existing_swap_file_and_reads_them_back(nfs_daemo
     served = (nfs_daemon.state_dir / "nfs-swap" / "localhost").read_bytes()
     assert served[offset:offset + len(data)] == data  # on the server's file, not just a cache
     assert metric(nfs_daemon, "netswap_nfs_calls_total", procedure="write") >= 1
+
+
+def test_with_swap_wipe_a_node_that_detaches_for_good_finds_its_swap_file_zeroed(tmp_path):
+    nfs_port, mount_port = free_port(), free_port()
+    daemon = start_daemon(tmp_path, swap_options='wipe = true\ndetach_grace = "0.5s"',
+                          nfs_options=f"""
+        enabled = true
+        listen = ["127.0.0.1:{nfs_port}"]
+        mount_listen = ["127.0.0.1:{mount_port}"]
+        swap_size = "{SWAP_SIZE // MiB}MiB"
+        """)
+    daemon.nfs_port, daemon.mount_port = nfs_port, mount_port
+    try:
+        data = os.urandom(1 * MiB)
+        result = subprocess.run([sys.executable, "-c", _LIBNFS_WRITE, url(daemon, "/swap"),
+                                 "localhost", "0"], input=data, capture_output=True, timeout=120)
+        assert result.returncode == 0, result.stderr.decode()
+        swap_file = daemon.state_dir / "nfs-swap" / "localhost"
+        assert swap_file.read_bytes()[:len(data)] == data
+        # The client is gone: after the grace period the node detaches and is wiped.
+        deadline = time.monotonic() + 15
+        while "node 'localhost' detached" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "node 'localhost' detached" in daemon.log(), daemon.log()
+        st = swap_file.stat()
+        assert swap_file.read_bytes() == bytes(SWAP_SIZE)
+        assert st.st_blocks * 512 >= SWAP_SIZE  # zeroed in place, still no holes
+        assert metric(daemon, "netswap_wipes_total", export="nfs:localhost") == 1
+    finally:
+        code = daemon.stop()
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert code == 0, daemon.log()

@@ -293,7 +293,8 @@ class NfsService:
                  socket_policy) -> None:
         nfs = config.nfs
         self.exports = NfsExports(config, config.daemon.state_dir)
-        self.swap_nodes = _SwapNodes(nfs, lifecycle, socket_policy) if nfs.swap_export else None
+        self.swap_nodes = (_SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap)
+                           if nfs.swap_export else None)
         max_record = nfs.max_io + RECORD_SLACK
         self.nfs = RpcServer("nfs", nfs.listen,
                              {nfs3.PROGRAM: nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io)},
@@ -320,25 +321,35 @@ class NfsService:
 
 class _NfsSwapNode:
     """A node's NFS swap, as the lifecycle sees an export: it attaches by node name, so a
-    node that also swaps over NBD shares one reserve between the two."""
+    node that also swaps over NBD shares one reserve between the two. With swap.wipe the
+    lifecycle discards its contents when the node detaches for good, through `backend`."""
 
     is_swap = True
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, swap_files) -> None:
         self.node = node
         self.name = f"nfs:{node}"
+        self._swap_files = swap_files
+        self.size = 0  # the whole file: the scrub knows its size
+        self.backend = self  # the lifecycle's wipe calls backend.write_zeroes
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+        # Zeroed in place, still fully allocated (a hole would make swapon refuse it), made
+        # durable, and given a new generation so that handles from before go stale.
+        self._swap_files.scrub(self.node)
 
 
 class _SwapNodes:
     """Which NFS clients are swap nodes, and their attach to the reserve."""
 
-    def __init__(self, nfs, lifecycle, socket_policy) -> None:
+    def __init__(self, nfs, lifecycle, socket_policy, swap_files) -> None:
         self._nfs = nfs
         self._lifecycle = lifecycle
         self.socket_policy = socket_policy
+        self._swap_files = swap_files
 
     def node_of(self, peer: str):
         return self._nfs.node_of(peer)
 
     def attach(self, node: str):
-        return self._lifecycle.attach(_NfsSwapNode(node))
+        return self._lifecycle.attach(_NfsSwapNode(node, self._swap_files))
