@@ -188,3 +188,19 @@ def test_with_swap_wipe_a_node_that_detaches_for_good_finds_its_swap_file_zeroed
         code = daemon.stop()
     assert "Traceback" not in daemon.log(), daemon.log()
     assert code == 0, daemon.log()
+
+    # What a run leaves behind (a daemon killed before the node detached) is wiped at the
+    # next start, before any client can read it.
+    swap_file.write_bytes(os.urandom(SWAP_SIZE))
+    daemon = start_daemon(tmp_path, swap_options='wipe = true\ndetach_grace = "0.5s"',
+                          nfs_options=f"""
+        enabled = true
+        listen = ["127.0.0.1:{nfs_port}"]
+        mount_listen = ["127.0.0.1:{mount_port}"]
+        swap_size = "{SWAP_SIZE // MiB}MiB"
+        """)
+    try:
+        assert swap_file.read_bytes() == bytes(SWAP_SIZE)
+        assert metric(daemon, "netswap_wipes_total", export="nfs:localhost") == 1
+    finally:
+        assert daemon.stop() == 0, daemon.log()

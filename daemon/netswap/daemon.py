@@ -189,7 +189,7 @@ class Daemon:
             service = NfsService(config, self.pool, self.counters, self.server.workers,
                                  self.server.send_poller, self.lifecycle,
                                  self.server.swap_socket_policy)
-            service.start()
+            service.start(wipe=config.swap.wipe)
         except (ListenError, OSError, ValueError) as exc:
             raise StartError(f"nfs: {exc}") from exc
         return service

@@ -292,6 +292,7 @@ class NfsService:
     def __init__(self, config, pool, counters, workers, send_poller, lifecycle,
                  socket_policy) -> None:
         nfs = config.nfs
+        self._counters = counters
         self.exports = NfsExports(config, config.daemon.state_dir)
         self.swap_nodes = (_SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap)
                            if nfs.swap_export else None)
@@ -305,7 +306,13 @@ class NfsService:
                                pool, counters, workers, send_poller, max_record,
                                "nfs.mount_listen")
 
-    def start(self) -> None:
+    def start(self, wipe: bool = False) -> None:
+        """Listen; with `wipe` (swap.wipe), first zero what a previous run left in every
+        node's swap file, before any client can reach it."""
+        if wipe and self.exports.swap is not None:
+            for node in self.exports.swap.nodes():
+                if self.exports.swap.scrub(node) is not None:
+                    self._counters.inc("wipes", f"nfs:{node}")
         self.mount.start()
         try:
             self.nfs.start()

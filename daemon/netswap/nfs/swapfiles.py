@@ -148,6 +148,11 @@ class SwapFiles:
         found = self._get(node, create=False)
         return found if found is not None and found.fileid == fileid else None
 
+    def nodes(self) -> list[str]:
+        """Every node that has had a swap file here (what swap.wipe at start scrubs)."""
+        with self._lock:
+            return sorted(self._state["nodes"])
+
     def scrub(self, node: str) -> SwapFile | None:
         """Zero the node's file, keep it fully allocated, give it a new generation.
 
