@@ -96,6 +96,11 @@ class Nfs3Program:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
             log.info("nfs %s: %s arguments malformed: %s", peer, name, exc)
             return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
+        except NfsError as exc:
+            # A failed procedure: its status, then its result type's failure body.
+            self.counters.inc("nfs_errors", str(exc.status))
+            return [rpc.accepted(call.xid),
+                    *self._status_only(exc.status, _FAILURE_BODY[call.proc])]
 
     def _for_swap(self, call, peer: str) -> bool:
         """Does the call's object belong to the swap export (the node's swap file, or the
@@ -107,9 +112,6 @@ class Nfs3Program:
             return False
 
     # Helpers ------------------------------------------------------------------------
-
-    def _node(self, args, peer: str) -> Node:
-        return self.exports.resolve(args.opaque(64), peer)
 
     def _attributes(self, packer, node: Node) -> None:
         """fattr3 (§2.5). A swap file reports used >= size: swapon refuses files with holes."""
@@ -131,6 +133,19 @@ class Nfs3Program:
             packer.uint(ns // 1_000_000_000)
             packer.uint(ns % 1_000_000_000)
 
+    def _object(self, args, peer: str) -> Node:
+        """The object of a call whose only argument is its handle."""
+        handle = args.opaque(64)
+        args.done()
+        return self.exports.resolve(handle, peer)
+
+    def _ok(self, node) -> xdr.Packer:
+        """A result that starts with NFS3_OK and the object's post_op_attr."""
+        packer = xdr.Packer()
+        packer.uint(NFS3_OK)
+        self._post_op(packer, node)
+        return packer
+
     def _post_op(self, packer, node) -> None:
         if node is None:
             packer.bool(False)
@@ -149,10 +164,6 @@ class Nfs3Program:
             packer.bool(False)
         return [packer.bytes()]
 
-    def _failed(self, exc: NfsError, falses: int = 1) -> list:
-        self.counters.inc("nfs_errors", str(exc.status))
-        return self._status_only(exc.status, falses)
-
     # Procedures ---------------------------------------------------------------------
 
     def _null(self, args, peer, release):
@@ -160,12 +171,7 @@ class Nfs3Program:
         return []
 
     def _getattr(self, args, peer, release):
-        handle = args.opaque(64)
-        args.done()
-        try:
-            node = self.exports.resolve(handle, peer)
-        except NfsError as exc:
-            return self._failed(exc, falses=0)
+        node = self._object(args, peer)
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
         self._attributes(packer, node)
@@ -207,10 +213,8 @@ class Nfs3Program:
                     os.truncate(node.path, size)
                 if mode is not None:
                     os.chmod(node.path, mode & 0o7777)
-        except NfsError as exc:
-            return self._failed(exc, falses=2)
         except OSError as exc:
-            return self._failed(_from_os(exc), falses=2)
+            raise _from_os(exc) from exc
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
         self._wcc(packer, node)
@@ -220,10 +224,7 @@ class Nfs3Program:
         handle = args.opaque(64)
         name = args.string(NAME_MAX + 1)
         args.done()
-        try:
-            directory = self.exports.resolve(handle, peer)
-        except NfsError as exc:
-            return self._failed(exc)
+        directory = self.exports.resolve(handle, peer)
         try:
             if len(name) > NAME_MAX:
                 raise NfsError(NFS3ERR_NAMETOOLONG)
@@ -234,7 +235,7 @@ class Nfs3Program:
             self._post_op(packer, directory)
             return [packer.bytes()]
         except OSError as exc:
-            return self._failed(_from_os(exc))
+            raise _from_os(exc) from exc
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
         packer.opaque(self.exports.handle_for(found))
@@ -246,16 +247,11 @@ class Nfs3Program:
         handle = args.opaque(64)
         wanted = args.uint()
         args.done()
-        try:
-            node = self.exports.resolve(handle, peer)
-        except NfsError as exc:
-            return self._failed(exc)
+        node = self.exports.resolve(handle, peer)
         granted = ACCESS_ALL
         if node.is_swap_file:
             granted &= ~(ACCESS_DELETE | ACCESS_EXECUTE)
-        packer = xdr.Packer()
-        packer.uint(NFS3_OK)
-        self._post_op(packer, node)
+        packer = self._ok(node)
         packer.uint(wanted & granted)  # exactly the asked-for bits that are granted
         return [packer.bytes()]
 
@@ -264,12 +260,9 @@ class Nfs3Program:
         offset = args.uhyper()
         count = args.uint()
         args.done()
-        try:
-            node = self.exports.resolve(handle, peer)
-            if node.is_dir:
-                raise NfsError(NFS3ERR_ISDIR)
-        except NfsError as exc:
-            return self._failed(exc)
+        node = self.exports.resolve(handle, peer)
+        if node.is_dir:
+            raise NfsError(NFS3ERR_ISDIR)
         count = min(count, self.max_io)
         size = os.stat(node.path).st_size
         count = max(0, min(count, size - offset)) if offset < size else 0
@@ -281,11 +274,9 @@ class Nfs3Program:
             try:
                 got = self._pread(node, buffer.view, offset)
             except OSError as exc:
-                return self._failed(_from_os(exc))
+                raise _from_os(exc) from exc
             data = buffer.view[:got]
-        packer = xdr.Packer()
-        packer.uint(NFS3_OK)
-        self._post_op(packer, node)
+        packer = self._ok(node)
         packer.uint(got)
         packer.bool(offset + got >= size)
         packer.uint(got)  # the data<> length; the bytes follow from the pool buffer
@@ -325,10 +316,8 @@ class Nfs3Program:
             # node keeps running across a restart of ours and will read its pages back.
             committed = FILE_SYNC if node.is_swap_file else stable
             self._pwrite(node, data, offset, sync=committed != UNSTABLE)
-        except NfsError as exc:
-            return self._failed(exc, falses=2)
         except OSError as exc:
-            return self._failed(_from_os(exc), falses=2)
+            raise _from_os(exc) from exc
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
         self._wcc(packer, node)
@@ -390,10 +379,8 @@ class Nfs3Program:
                 else:
                     raise NfsError(NFS3ERR_EXIST) from None
             created = self.exports.lookup(directory, text, peer)
-        except NfsError as exc:
-            return self._failed(exc, falses=2)
         except OSError as exc:
-            return self._failed(_from_os(exc), falses=2)
+            raise _from_os(exc) from exc
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
         packer.bool(True)
@@ -410,16 +397,11 @@ class Nfs3Program:
         if plus:
             args.uint()  # maxcount: every entry fits (the directories are small)
         args.done()
-        try:
-            directory = self.exports.resolve(handle, peer)
-            if not directory.is_dir:
-                raise NfsError(NFS3ERR_NOTDIR)
-            entries = self.exports.listing(directory, peer)
-        except NfsError as exc:
-            return self._failed(exc)
-        packer = xdr.Packer()
-        packer.uint(NFS3_OK)
-        self._post_op(packer, directory)
+        directory = self.exports.resolve(handle, peer)
+        if not directory.is_dir:
+            raise NfsError(NFS3ERR_NOTDIR)
+        entries = self.exports.listing(directory, peer)
+        packer = self._ok(directory)
         packer.fixed_opaque(bytes(8))
         for index, (name, node) in enumerate(entries, start=1):
             if index <= cookie:
@@ -440,16 +422,9 @@ class Nfs3Program:
         return self._readdir(args, peer, release, plus=True)
 
     def _fsstat(self, args, peer, release):
-        handle = args.opaque(64)
-        args.done()
-        try:
-            node = self.exports.resolve(handle, peer)
-        except NfsError as exc:
-            return self._failed(exc)
+        node = self._object(args, peer)
         fs = os.statvfs(node.path)
-        packer = xdr.Packer()
-        packer.uint(NFS3_OK)
-        self._post_op(packer, node)
+        packer = self._ok(node)
         for value in (fs.f_blocks * fs.f_frsize, fs.f_bfree * fs.f_frsize,
                       fs.f_bavail * fs.f_frsize, fs.f_files, fs.f_ffree, fs.f_favail):
             packer.uhyper(value)
@@ -457,15 +432,8 @@ class Nfs3Program:
         return [packer.bytes()]
 
     def _fsinfo(self, args, peer, release):
-        handle = args.opaque(64)
-        args.done()
-        try:
-            node = self.exports.resolve(handle, peer)
-        except NfsError as exc:
-            return self._failed(exc)
-        packer = xdr.Packer()
-        packer.uint(NFS3_OK)
-        self._post_op(packer, node)
+        node = self._object(args, peer)
+        packer = self._ok(node)
         for value in (self.max_io, self.max_io, 4096,  # rtmax, rtpref, rtmult
                       self.max_io, self.max_io, 4096,  # wtmax, wtpref, wtmult
                       64 * 1024):  # dtpref
@@ -477,15 +445,8 @@ class Nfs3Program:
         return [packer.bytes()]
 
     def _pathconf(self, args, peer, release):
-        handle = args.opaque(64)
-        args.done()
-        try:
-            node = self.exports.resolve(handle, peer)
-        except NfsError as exc:
-            return self._failed(exc)
-        packer = xdr.Packer()
-        packer.uint(NFS3_OK)
-        self._post_op(packer, node)
+        node = self._object(args, peer)
+        packer = self._ok(node)
         packer.uint(1)  # linkmax
         packer.uint(NAME_MAX)
         for flag in (True, True, False, True):  # no_trunc, chown_restricted, case-ins., -pres.
@@ -507,10 +468,8 @@ class Nfs3Program:
             finally:
                 if node.fd is None:
                     os.close(fd)
-        except NfsError as exc:
-            return self._failed(exc, falses=2)
         except OSError as exc:
-            return self._failed(_from_os(exc), falses=2)
+            raise _from_os(exc) from exc
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
         self._wcc(packer, node)
