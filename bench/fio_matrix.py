@@ -284,6 +284,24 @@ def nbd_ready(port: int) -> bool:
 # --------------------------------------------------------------------------- servers
 
 
+def netswapd_command(workdir: Path, log_level: str, workers: int, sections: str) -> list[str]:
+    """Write a bench netswapd's config in `workdir` (its state dir is workdir/state, made
+    here) from the [daemon] section every bench uses plus `sections` (dedented); return the
+    command that runs it. Shared with nfs_bench.py."""
+    state = workdir / "state"
+    state.mkdir()
+    config = workdir / "netswapd.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [daemon]
+        state_dir = "{state}"
+        log_level = "{log_level}"
+        workers = {workers}
+        shutdown_timeout = "5s"
+
+        """) + textwrap.dedent(sections))
+    return [sys.executable, "-m", "netswap", "--config", str(config)]
+
+
 @dataclass
 class Server:
     """One running NBD server serving the bench file on 127.0.0.1:port."""
@@ -350,21 +368,12 @@ class Server:
     def netswapd_command(self, sections: str) -> list[str]:
         """netswapd on 127.0.0.1:port with a state dir of its own, plus `sections` of config
         (indented as in this file; dedented here)."""
-        state = self.workdir / "state"
-        state.mkdir()
-        config = self.workdir / "netswapd.toml"
-        config.write_text(textwrap.dedent(f"""\
-            [daemon]
-            state_dir = "{state}"
-            log_level = "{self.netswapd_log_level}"
-            workers = {self.workers}
-            shutdown_timeout = "5s"
-
+        return netswapd_command(self.workdir, self.netswapd_log_level, self.workers, f"""\
             [nbd]
             listen = ["127.0.0.1:{self.port}"]
             unix_socket = ""
-            """) + textwrap.dedent(sections))
-        return [sys.executable, "-m", "netswap", "--config", str(config)]
+            """ + textwrap.dedent(sections))
+
 
     def start(self) -> None:
         self.port = free_port()
@@ -712,6 +721,12 @@ def print_report(results: dict, summary: dict, servers: list[str], rows: list[Ro
         peaks = ", ".join(fmt_mib(v) for v in rss["rss_tree_peak"])
         print(f"- {s}: VmRSS {ends}; tree peak {peaks}")
 
+    print_problems(results)
+
+
+def print_problems(results: dict) -> None:
+    """Errors, notable server log lines and log tails of every run, if any (shared with
+    nfs_bench.py)."""
     problems = [(r, e) for r in results["runs"] for e in r["errors"]]
     findings = [(r, l) for r in results["runs"] for l in r["log_findings"]]
     if problems or findings:

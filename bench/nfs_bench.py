@@ -39,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fio_matrix import (  # noqa: E402  (a sibling script, not a package)
     REPO, BenchError, RssSampler, _die_with_parent, fmt_mib, fmt_num, free_port, median,
-    parse_size, proc_alive, reap_orphans, set_child_subreaper, tool_version, tree, vm_rss)
+    netswapd_command, parse_size, print_problems, proc_alive, reap_orphans,
+    set_child_subreaper, tool_version, tree, vm_rss)
 
 ALL_SERVERS = ("netswapd", "ganesha")
 MiB = 1 << 20
@@ -197,18 +198,10 @@ class Server:
 
     def command(self) -> list[str]:
         if self.name == "netswapd":
-            state = self.workdir / "state"
-            state.mkdir()
-            self.export, self.served_dir = "/scratch", state / "nfs-scratch"
-            config = self.workdir / "netswapd.toml"
+            self.export = "/scratch"
+            self.served_dir = self.workdir / "state" / "nfs-scratch"
             # No swap (NBD or NFS), no static exports: the scratch export is all it serves.
-            config.write_text(textwrap.dedent(f"""\
-                [daemon]
-                state_dir = "{state}"
-                log_level = "{self.netswapd_log_level}"
-                workers = {self.workers}
-                shutdown_timeout = "5s"
-
+            return netswapd_command(self.workdir, self.netswapd_log_level, self.workers, f"""\
                 [pool]
                 size = "256MiB"
                 lock = "best-effort"
@@ -230,8 +223,7 @@ class Server:
 
                 [metrics]
                 listen = []
-                """))
-            return [sys.executable, "-m", "netswap", "--config", str(config)]
+                """)
         if self.name == "ganesha":
             # FSAL VFS needs a file system with file handles (open_by_handle_at; ext4, xfs,
             # recent tmpfs, not every overlayfs): the workdir is under --dir, /var/tmp.
@@ -527,19 +519,7 @@ def print_report(results: dict, summary: dict, servers: list[str]) -> None:
         print("Transfer sizes the servers offered (FSINFO rtmax/wtmax, as libnfs saw them): "
               + "; ".join(f"{s} {m['readmax'] // 1024} KiB / {m['writemax'] // 1024} KiB"
                           for s, m in mounts.items()))
-    problems = [(r, e) for r in results["runs"] for e in r["errors"]]
-    findings = [(r, l) for r in results["runs"] for l in r["log_findings"]]
-    if problems or findings:
-        print()
-        print("Problems:")
-        for run, err in problems:
-            print(f"- repeat {run['repeat'] + 1} {run['server']}: {err}")
-        for run, line in findings[:40]:
-            print(f"- repeat {run['repeat'] + 1} {run['server']} log: {line}")
-        for run in results["runs"]:
-            if run.get("log_tail"):
-                print(f"\n{run['server']} (repeat {run['repeat'] + 1}) log tail:\n"
-                      + textwrap.indent(run["log_tail"], "    "))
+    print_problems(results)
 
 
 # --------------------------------------------------------------------------- setup
