@@ -45,10 +45,12 @@ class Attachment:
     def is_swap(self) -> bool:
         return self.requests is not None
 
-    def release(self) -> None:
+    def release(self, for_good: bool = True) -> None:
+        """Give the attachment back. `for_good` = False: the node is only idle (NFS), its
+        swap still holds its pages, so swap.wipe must not discard them when it detaches."""
         if self._lifecycle is not None:
             if self.is_swap:
-                self._lifecycle._release(self.export.node)
+                self._lifecycle._release(self.export.node, for_good)
             else:
                 self._lifecycle._release_static(self.export)
         self._lifecycle = None
@@ -60,6 +62,7 @@ class _Node:
         self.export = export
         self.connections = 0
         self.expiry: Optional[threading.Timer] = None
+        self.wipe_at_expiry = True  # as the last release said (for good, or only idle)
 
     @property
     def groups(self):
@@ -178,7 +181,7 @@ class Lifecycle:
                  export.node, entry.total, self._pool.watermark)
         return _Node(entry, export)
 
-    def _release(self, name: str) -> None:
+    def _release(self, name: str, for_good: bool = True) -> None:
         with self._lock:
             node = self._nodes.get(name)
             if node is None:
@@ -186,6 +189,7 @@ class Lifecycle:
             node.connections -= 1
             if node.connections > 0 or self._closed:
                 return
+            node.wipe_at_expiry = for_good
             grace = self._config.swap.detach_grace
             node.expiry = threading.Timer(grace, self._expire, args=(name,))
             node.expiry.daemon = True
@@ -218,7 +222,8 @@ class Lifecycle:
                 return  # reattached since the timer was set
             if node.expiry is not None:
                 node.expiry.cancel()
-            if self.wipes_swap:
+            # An operator's detach and the daemon's stop (force) are for good.
+            if self.wipes_swap and (force or node.wipe_at_expiry):
                 self._wipe_logged(node.export, "the node detached")
             del self._nodes[name]
             self._nbd.children.remove(node.tree_entry)
