@@ -122,7 +122,9 @@ lib.nfs_fsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 lib.nfs_close.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 lib.nfs_get_error.restype = ctypes.c_char_p
 lib.nfs_get_error.argtypes = [ctypes.c_void_p]
+lib.nfs_umount.argtypes = [ctypes.c_void_p]
 url, name, offset = sys.argv[1].encode(), sys.argv[2].encode(), int(sys.argv[3])
+unmount = sys.argv[4:] == ["umount"]
 data = sys.stdin.buffer.read()
 nfs = lib.nfs_init_context()
 def check(result, what):
@@ -139,16 +141,23 @@ while done < len(data):
     done += check(lib.nfs_pwrite(nfs, fh, offset + done, len(data) - done, data[done:]), "pwrite")
 check(lib.nfs_fsync(nfs, fh), "fsync")
 check(lib.nfs_close(nfs, fh), "close")
+if unmount:
+    check(lib.nfs_umount(nfs), "umount")  # MOUNT UMNT of the export, over TCP
 """
+
+
+def libnfs_write(daemon, data: bytes, offset: int, unmount: bool = False) -> None:
+    """Write `data` into node localhost's swap file with libnfs's API, then (unmount) UMNT."""
+    result = subprocess.run([sys.executable, "-c", _LIBNFS_WRITE, url(daemon, "/swap"),
+                             "localhost", str(offset), *(["umount"] if unmount else [])],
+                            input=data, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
 
 
 def test_libnfs_writes_into_the_existing_swap_file_and_reads_them_back(nfs_daemon):
     data = os.urandom(3 * MiB + 4096)
     offset = 1 * MiB
-    result = subprocess.run([sys.executable, "-c", _LIBNFS_WRITE, url(nfs_daemon, "/swap"),
-                             "localhost", str(offset)], input=data, capture_output=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr.decode()
+    libnfs_write(nfs_daemon, data, offset)
     back = run("nfs-cat", url(nfs_daemon, "/swap/localhost")).stdout
     assert len(back) == SWAP_SIZE  # the file did not grow or shrink
     assert back[offset:offset + len(data)] == data
@@ -170,16 +179,15 @@ def test_with_swap_wipe_a_node_that_detaches_for_good_finds_its_swap_file_zeroed
     daemon.nfs_port, daemon.mount_port = nfs_port, mount_port
     try:
         data = os.urandom(1 * MiB)
-        result = subprocess.run([sys.executable, "-c", _LIBNFS_WRITE, url(daemon, "/swap"),
-                                 "localhost", "0"], input=data, capture_output=True, timeout=120)
-        assert result.returncode == 0, result.stderr.decode()
+        libnfs_write(daemon, data, 0, unmount=True)
         swap_file = daemon.state_dir / "nfs-swap" / "localhost"
-        assert swap_file.read_bytes()[:len(data)] == data
-        # The client is gone: after the grace period the node detaches and is wiped.
+        # The client unmounted the swap export: after the grace period the node detaches
+        # for good and is wiped.
         deadline = time.monotonic() + 15
         while "node 'localhost' detached" not in daemon.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "node 'localhost' detached" in daemon.log(), daemon.log()
+        assert metric(daemon, "netswap_nfs_node_releases_total", reason="umnt") == 1
         st = swap_file.stat()
         assert swap_file.read_bytes() == bytes(SWAP_SIZE)
         assert st.st_blocks * 512 >= SWAP_SIZE  # zeroed in place, still no holes
@@ -204,3 +212,68 @@ def test_with_swap_wipe_a_node_that_detaches_for_good_finds_its_swap_file_zeroed
         assert metric(daemon, "netswap_wipes_total", export="nfs:localhost") == 1
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def _nfs_daemon(tmp_path, swap_options: str, nfs_extra: str):
+    nfs_port, mount_port = free_port(), free_port()
+    daemon = start_daemon(tmp_path, swap_options=swap_options, nfs_options=f"""
+        enabled = true
+        listen = ["127.0.0.1:{nfs_port}"]
+        mount_listen = ["127.0.0.1:{mount_port}"]
+        swap_size = "{SWAP_SIZE // MiB}MiB"
+        {nfs_extra}
+        """)
+    daemon.nfs_port, daemon.mount_port = nfs_port, mount_port
+    return daemon
+
+
+def _wait_for(predicate, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_mnt_of_the_swap_export_attaches_the_node_and_only_umnt_releases_it(tmp_path):
+    # NFS has no connection per swap device: a node's reserve must not follow its TCP
+    # connections (the kernel closes and reopens them at will), but what it says and does.
+    daemon = _nfs_daemon(tmp_path, 'detach_grace = "0.5s"', 'swap_idle_timeout = "never"')
+    try:
+        run("nfs-ls", url(daemon, "/swap"))  # MNT of /swap, a READDIR, then it disconnects
+        assert metric(daemon, "netswap_node_attaches_total") == 1
+        time.sleep(2)  # four grace periods with no connection at all
+        assert metric(daemon, "netswap_node_detaches_total") == 0, daemon.log()
+        data = os.urandom(64 * 1024)
+        libnfs_write(daemon, data, 0, unmount=True)  # swap-file I/O, then UMNT /swap
+        assert metric(daemon, "netswap_node_attaches_total") == 1  # still the same attach
+        _wait_for(lambda: metric(daemon, "netswap_node_detaches_total") == 1, daemon.log())
+        assert metric(daemon, "netswap_nfs_node_releases_total", reason="umnt") == 1
+        # Without swap.wipe the file keeps what was written.
+        swap_file = daemon.state_dir / "nfs-swap" / "localhost"
+        assert swap_file.read_bytes()[:len(data)] == data
+    finally:
+        code = daemon.stop()
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert code == 0, daemon.log()
+
+
+def test_an_idle_node_is_released_keeps_its_pages_under_wipe_and_attaches_again(tmp_path):
+    daemon = _nfs_daemon(tmp_path, 'wipe = true\ndetach_grace = "0.5s"',
+                         'swap_idle_timeout = "1s"')
+    try:
+        first, second = os.urandom(1 * MiB), os.urandom(1 * MiB)
+        libnfs_write(daemon, first, 0)  # no UMNT: a Linux node's UMNT never reaches us
+        _wait_for(lambda: metric(daemon, "netswap_node_detaches_total") == 1, daemon.log())
+        assert metric(daemon, "netswap_nfs_node_releases_total", reason="idle") == 1
+        # Idle is not gone: the node's swapped pages stay, even with swap.wipe.
+        assert metric(daemon, "netswap_wipes_total", export="nfs:localhost") == 0
+        swap_file = daemon.state_dir / "nfs-swap" / "localhost"
+        assert swap_file.read_bytes()[:MiB] == first
+        libnfs_write(daemon, second, 2 * MiB)  # its next swap-file call attaches it again
+        assert metric(daemon, "netswap_node_attaches_total") == 2
+        contents = swap_file.read_bytes()
+        assert contents[:MiB] == first and contents[2 * MiB:3 * MiB] == second
+    finally:
+        code = daemon.stop()
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert code == 0, daemon.log()

@@ -29,7 +29,8 @@ from test_server_raw import transmission
 
 KiB, MiB = 1 << 10, 1 << 20
 NFS_PROGRAM, MOUNT_PROGRAM = 100003, 100005
-WRITE, CREATE, LOOKUP = 7, 8, 3
+WRITE, CREATE, LOOKUP, READ = 7, 8, 3, 6
+FATTR3_BYTES = 84
 FILE_SYNC, NFS3ERR_JUKEBOX = 2, 10008
 ROOT = rpc.AuthSys(stamp=0, machine="test", uid=0, gid=0)
 
@@ -113,8 +114,7 @@ def lookup(client: RpcClient, directory: bytes, name: str) -> bytes:
     return bytes(results.opaque(64))
 
 
-@pytest.fixture
-def daemon(tmp_path):
+def start_reserve_daemon(tmp_path, nfs_extra: str = "", swap_extra: str = ""):
     nfs_port, mount_port = free_port(), free_port()
     running = start_daemon(
         tmp_path,
@@ -122,7 +122,7 @@ def daemon(tmp_path):
         pool_options='normal_budget = "1MiB"\nheadroom = 0',
         # One node's reserve, small: the pool is then little more than the normal budget.
         swap_options='max_nodes = 1\nreserve_inflight = 4\nreserve_request = "64KiB"\n'
-                     'max_connections = 1',
+                     'max_connections = 1\n' + swap_extra,
         nfs_options=f"""
             enabled = true
             listen = ["127.0.0.1:{nfs_port}"]
@@ -130,12 +130,39 @@ def daemon(tmp_path):
             swap_size = "4MiB"
             max_io = "64KiB"
             nodes = {{ localhost = ["127.0.0.1"] }}
+            {nfs_extra}
             """)
     running.nfs_port, running.mount_port = nfs_port, mount_port
-    yield running
+    return running
+
+
+def stop_cleanly(running) -> None:
     code = running.stop()
     assert "Traceback" not in running.log(), running.log()
     assert code == 0, running.log()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    running = start_reserve_daemon(tmp_path)
+    yield running
+    stop_cleanly(running)
+
+
+def exhaust_normal_budget(daemon) -> list:
+    """Someone else takes the normal budget: non-swap NBD WRITEs of up to 1 MiB whose
+    payload stalls after 4 KiB; the daemon holds their buffers while waiting for the rest.
+    Returns the stalled connections (closing them gives the memory back)."""
+    holders = []
+    while (free := normal_free(daemon)) >= 64 * KiB and len(holders) < 16:
+        size = min(MiB, 1 << (int(free).bit_length() - 1))  # a buddy block that fits
+        hold = transmission(daemon)
+        nbd_request(hold, NBD.CMD_WRITE, len(holders) * MiB, size, cookie=1,
+                    payload=bytes(4 * KiB))
+        holders.append(hold)
+        time.sleep(0.2)
+    assert normal_free(daemon) < 64 * KiB, "could not exhaust the normal budget"
+    return holders
 
 
 def normal_free(daemon) -> float:
@@ -158,23 +185,26 @@ def test_a_swap_nodes_records_use_its_reserve_and_non_swap_calls_are_dropped(dae
     scratch_file = bytes(created.opaque(64))
     block = os.urandom(32 * KiB)
 
-    # Someone else takes the normal budget: a non-swap NBD WRITE of 1 MiB whose payload
-    # stalls after 4 KiB; the daemon holds its buffer while waiting for the rest.
-    holders = []
-    while (free := normal_free(daemon)) >= 64 * KiB and len(holders) < 16:
-        size = min(MiB, 1 << (int(free).bit_length() - 1))  # a buddy block that fits
-        hold = transmission(daemon)
-        nbd_request(hold, NBD.CMD_WRITE, len(holders) * MiB, size, cookie=1,
-                    payload=bytes(4 * KiB))
-        holders.append(hold)
-        time.sleep(0.2)
-    assert normal_free(daemon) < 64 * KiB, "could not exhaust the normal budget"
+    holders = exhaust_normal_budget(daemon)
     emergency_before = metric(daemon, "netswap_emergency_allocations_total")
 
     # Branch 1: the node's swap-file WRITE is received into its reserve and proceeds.
     assert write_status(node, swap_file, 0, block) == 0
     assert metric(daemon, "netswap_emergency_allocations_total") > emergency_before
     assert (daemon.state_dir / "nfs-swap" / "localhost").read_bytes()[:len(block)] == block
+
+    # A swap-in: the data of the node's swap-file READ comes from its reserve too (normal
+    # memory is still gone; waiting for it would leave the node's page fault hanging).
+    emergency_before = metric(daemon, "netswap_emergency_allocations_total")
+    results = node.call(NFS_PROGRAM, READ, pack(("opaque", swap_file), ("uhyper", 0),
+                                                 ("uint", len(block))))
+    assert results.uint() == 0
+    assert results.bool()  # post_op_attr present
+    results.fixed_opaque(FATTR3_BYTES)
+    assert results.uint() == len(block)
+    results.bool()  # eof
+    assert bytes(results.opaque(len(block))) == block
+    assert metric(daemon, "netswap_emergency_allocations_total") >= emergency_before + 2
 
     # Branch 2: the same connection's WRITE to a scratch file, received into the reserve,
     # is not executed: JUKEBOX, counted, the file unchanged.
@@ -195,6 +225,34 @@ def test_a_swap_nodes_records_use_its_reserve_and_non_swap_calls_are_dropped(dae
     assert metric(daemon, "netswap_emergency_dropped_total", consumer="nfs") == 1
     node.close()
     stranger.close()
+
+
+def test_a_node_released_for_idleness_that_pages_under_pressure_is_attached_again(tmp_path):
+    daemon = start_reserve_daemon(tmp_path, nfs_extra='swap_idle_timeout = "1s"',
+                                  swap_extra='detach_grace = "0.2s"')
+    try:
+        swap_root = mount(daemon, "127.0.0.1", "/swap")  # attaches the node
+        node = RpcClient(daemon.nfs_port, "127.0.0.1")
+        swap_file = lookup(node, swap_root, "localhost")
+        deadline = time.monotonic() + 15
+        while metric(daemon, "netswap_node_detaches_total") < 1:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.1)
+        assert metric(daemon, "netswap_nfs_node_releases_total", reason="idle") == 1
+        holders = exhaust_normal_budget(daemon)
+        emergency_before = metric(daemon, "netswap_emergency_allocations_total")
+        # Its swap-out arrives with normal memory gone: received into its reserve, which
+        # is attached again for it, rather than waiting for memory the swap-out would free.
+        block = os.urandom(32 * KiB)
+        assert write_status(node, swap_file, 0, block) == 0
+        assert metric(daemon, "netswap_node_attaches_total") == 2
+        assert metric(daemon, "netswap_emergency_allocations_total") > emergency_before
+        assert (daemon.state_dir / "nfs-swap" / "localhost").read_bytes()[:len(block)] == block
+        for hold in holders:
+            hold.close()
+        node.close()
+    finally:
+        stop_cleanly(daemon)
 
 
 def test_the_reserve_tree_has_node_slots_for_nfs_swap_alone(tmp_path):

@@ -448,23 +448,25 @@ class _Duration(_Kind):
         return parse_duration(value, key)
 
 
-class _AutoOr(_Kind):
-    """The string "auto" (-> None: the daemon derives the value) or a value of another kind."""
+class _WordOr(_Kind):
+    """A word (-> None: "auto", the daemon derives the value; "never", the thing is off) or
+    a value of another kind."""
 
-    def __init__(self, kind: _Kind):
+    def __init__(self, word: str, kind: _Kind):
+        self.word = word
         self.kind = kind
-        self.type_name = f'"auto" or {kind.type_name}'
-        self.allowed = f'"auto", or {kind.allowed}'
+        self.type_name = f'"{word}" or {kind.type_name}'
+        self.allowed = f'"{word}", or {kind.allowed}'
 
     def convert(self, value, key):
-        if value == "auto":
+        if value == self.word:
             return None
         try:
             return self.kind.convert(value, key)
         except ConfigError as error:
             # The inner kind's allowed text may be more specific than its summary (the size
-            # syntax after a parse error); keep it, and say that "auto" was an option too.
-            error.allowed = f'"auto", or {error.allowed}'
+            # syntax after a parse error); keep it, and say that the word was an option too.
+            error.allowed = f'"{self.word}", or {error.allowed}'
             raise
 
 
@@ -701,7 +703,7 @@ _DAEMON = (
 _INSISTENCE = _Choice("required", "best-effort", "off")
 
 _POOL = (
-    _Field("size", _AutoOr(_Size(MiB, multiple_of=4096)), "auto",
+    _Field("size", _WordOr("auto", _Size(MiB, multiple_of=4096)), "auto",
            "Size of the mlocked pool every request payload is carved from; the daemon's "
            'memory for request data never exceeds it. "auto" sizes it to the reservations '
            "(pool.normal_budget and the swap reserve) plus pool.headroom.",
@@ -911,6 +913,11 @@ _NFS = (
     _Field("nodes", _NodeNetworks(), {"localhost": ["127.0.0.0/8", "::1"]},
            "Which client addresses are which swap node ([nfs.nodes] node = [networks]); a "
            "client in none of them gets no swap file."),
+    _Field("swap_idle_timeout", _WordOr("never", _Duration()), "10m",
+           "A node's reserve is attached on its MNT of the swap export or its first swap-file "
+           "READ/WRITE/COMMIT, and detached on its UMNT or after this long without any "
+           "(then swap.detach_grace as for NBD); an idle detach never wipes the file, a later "
+           'swap-file call attaches again. "never": only UMNT detaches.'),
     _Field("max_io", _Size(8 * KiB, 16 * MiB, power_of_two=True), "1MiB",
            "Largest READ/WRITE (FSINFO rtmax/wtmax); records are capped just above it."),
 )
@@ -1068,6 +1075,7 @@ class NfsConfig:
     scratch_directory: Path  # absolute
     nodes: tuple  # ((network, node), ...), most specific first
     max_io: int  # bytes
+    swap_idle_timeout: float | None  # seconds; None = never
 
     def node_of(self, address: str) -> str | None:
         """The swap node a client address is, or None."""

@@ -67,7 +67,8 @@ _EVENTS = {
                             "Swap sockets whose kernel tagging (priority, DSCP, mark, buffers) "
                             "was incomplete.", None),
     "swap_attaches": ("netswap_node_attaches_total",
-                      "Nodes whose reserve was connected (first connection after none).", None),
+                      "Nodes whose reserve was connected (first NBD connection, or NFS MNT or "
+                      "swap-file I/O, after none).", None),
     "swap_detaches": ("netswap_node_detaches_total",
                       "Nodes whose reserve was released after the detach grace period.", None),
     "send_timeouts": ("netswap_send_timeouts_total",
@@ -106,6 +107,9 @@ _EVENTS = {
     "nfs_errors": ("netswap_nfs_errors_total",
                    "NFSv3 calls answered with an NFS3ERR status, by status number.", "status"),
     "mount_calls": ("netswap_mount_calls_total", "MOUNT v3 calls, by procedure.", "procedure"),
+    "nfs_node_releases": ("netswap_nfs_node_releases_total",
+                          "NFS swap nodes whose reserve the NFS side gave back, by reason "
+                          "(umnt, idle, stop); swap.detach_grace runs after it.", "reason"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

@@ -23,9 +23,10 @@ PROCEDURE_NAMES = {0: "null", 1: "mnt", 2: "dump", 3: "umnt", 4: "umntall", 5: "
 class MountProgram:
     version = VERSION
 
-    def __init__(self, exports, counters) -> None:
+    def __init__(self, exports, counters, swap_nodes=None) -> None:
         self.exports = exports
         self.counters = counters
+        self.swap_nodes = swap_nodes  # MNT of the swap export attaches the node, UMNT releases it
 
     def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc)
@@ -61,6 +62,8 @@ class MountProgram:
             packer.uint(MNT3ERR_ACCES)
             return packer.bytes()
         log.info("mount %s: mounted %r", peer, path)
+        if path == self.exports.config.swap_export and self.swap_nodes is not None:
+            self.swap_nodes.swap_activity(self.exports.node_of(peer))
         packer.uint(MNT3_OK)
         packer.opaque(self.exports.root_handle(path))
         packer.uint(1)  # auth_flavors<>: AUTH_SYS only
@@ -74,13 +77,24 @@ class MountProgram:
         return packer.bytes()
 
     def _umnt(self, args, peer) -> bytes:
-        args.string(MNTPATHLEN)
+        path = args.string(MNTPATHLEN).decode("utf-8", "replace")
         args.done()
+        if path == self.exports.config.swap_export:
+            self._unmounted(peer)
         return b""
 
     def _umntall(self, args, peer) -> bytes:
         args.done()
+        self._unmounted(peer)
         return b""
+
+    def _unmounted(self, peer: str) -> None:
+        """The node says it is done with the swap export: its reserve goes (after
+        swap.detach_grace). Advisory in NFSv3, and only ever about the caller's own node."""
+        node = self.exports.node_of(peer)
+        if node is not None and self.swap_nodes is not None:
+            log.info("mount %s: node %r unmounted the swap export", peer, node)
+            self.swap_nodes.unmounted(node)
 
     def _export(self, args, peer) -> bytes:
         args.done()

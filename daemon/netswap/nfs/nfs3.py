@@ -54,8 +54,9 @@ _FAILURE_BODY = {1: 0, 2: 2, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2, 16: 1, 17: 1, 18: 1, 
 class Nfs3Program:
     version = VERSION
 
-    def __init__(self, exports, pool, counters, max_io: int) -> None:
+    def __init__(self, exports, pool, counters, max_io: int, swap_nodes=None) -> None:
         self.exports = exports
+        self.swap_nodes = swap_nodes  # attaches a node's reserve on its swap-file I/O
         self.pool = pool
         self.counters = counters
         self.max_io = max_io
@@ -138,6 +139,23 @@ class Nfs3Program:
         handle = args.opaque(64)
         args.done()
         return self.exports.resolve(handle, peer)
+
+    def _swap_activity(self, node: Node) -> None:
+        """A swap-file call: the node's reserve is attached (again), its idle clock reset."""
+        if self.swap_nodes is not None:
+            self.swap_nodes.swap_activity(node.swap_owner)
+
+    def _swap_read_loan(self, node: Node, release: list):
+        """For a swap-file READ: swap activity, and a loan of the node's reserve for the
+        data buffer, put on `release` (None for other files, or a node whose attach was
+        refused)."""
+        if not node.is_swap_file or self.swap_nodes is None:
+            return None
+        self.swap_nodes.swap_activity(node.swap_owner)
+        loan = self.swap_nodes.borrow_reserve(node.swap_owner)
+        if loan is not None:
+            release.append(loan)
+        return loan
 
     def _ok(self, node) -> xdr.Packer:
         """A result that starts with NFS3_OK and the object's post_op_attr."""
@@ -263,14 +281,18 @@ class Nfs3Program:
         node = self.exports.resolve(handle, peer)
         if node.is_dir:
             raise NfsError(NFS3ERR_ISDIR)
+        loan = self._swap_read_loan(node, release)
         count = min(count, self.max_io)
         size = os.stat(node.path).st_size
         count = max(0, min(count, size - offset)) if offset < size else 0
         got = 0
         data = None
         if count:
-            buffer = self.pool.alloc(count, timeout=None)
-            release.append(buffer)
+            # A swap-in may need the node's reserve when normal memory is gone (the READ
+            # answers a page fault); everything else waits for normal memory.
+            buffer = (self.pool.alloc(count, timeout=None) if loan is None else
+                      self.pool.alloc(count, timeout=None, emergency=True, group=loan.group))
+            release.insert(0, buffer)  # before the loan that keeps its group attached
             try:
                 got = self._pread(node, buffer.view, offset)
             except OSError as exc:
@@ -308,6 +330,8 @@ class Nfs3Program:
             node = self.exports.resolve(handle, peer)
             if node.is_dir:
                 raise NfsError(NFS3ERR_ISDIR)
+            if node.is_swap_file:
+                self._swap_activity(node)
             if node.is_swap_file and offset + count > os.stat(node.path).st_size:
                 raise NfsError(NFS3ERR_NOSPC, "past the end of a swap file (it never grows)")
             if offset + count > MAX_FILE_SIZE:
@@ -462,6 +486,8 @@ class Nfs3Program:
             node = self.exports.resolve(handle, peer)
             if node.is_dir:
                 raise NfsError(NFS3ERR_ISDIR)
+            if node.is_swap_file:
+                self._swap_activity(node)
             fd = node.fd if node.fd is not None else os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fdatasync(fd)

@@ -16,6 +16,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from typing import Optional
 
 from ..errors import AttachRefused
@@ -109,19 +110,15 @@ class RpcServer:
 
     def _start_connection(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        attachment = None
-        if self.swap_nodes is not None and (node := self.swap_nodes.node_of(peer)) is not None:
+        node = self.swap_nodes.node_of(peer) if self.swap_nodes is not None else None
+        if node is not None:
             # A swap node's connection carries its swap file's I/O: tagged from accept (the
-            # SK_MEMALLOC socket) and attached to the node's reserve (the seed's swapon).
-            try:
-                attachment = self.swap_nodes.attach(node)
-            except AttachRefused as exc:
-                log.warning("%s %s: node %r not attached: %s", self.name, peer, node, exc)
-            else:
-                for problem in tag_emergency(sock, self.swap_nodes.socket_policy):
-                    self.counters.inc("socket_tag_failures")
-                    log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
-        connection = RpcConnection(self, sock, peer, attachment)
+            # SK_MEMALLOC socket). Its reserve is the node's, attached while the node swaps
+            # (_SwapNodes), not while this connection is open.
+            for problem in tag_emergency(sock, self.swap_nodes.socket_policy):
+                self.counters.inc("socket_tag_failures")
+                log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
+        connection = RpcConnection(self, sock, peer, node)
         with self._lock:
             self._connections.add(connection)
         self.counters.inc("rpc_connections", self.name)
@@ -134,11 +131,11 @@ class RpcServer:
 
 class RpcConnection:
     def __init__(self, server: RpcServer, sock: socket.socket, peer: str,
-                 attachment=None) -> None:
+                 node: Optional[str] = None) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
-        self._attachment = attachment  # a swap node's reserve, or None (never the reserve)
+        self._node = node  # the swap node this peer is, or None (never the reserve)
         self._sender = ReplySender(sock, server.send_poller, peer)
         self._inflight = threading.BoundedSemaphore(MAX_INFLIGHT_CALLS)
         self._assembler = rpc.RecordAssembler(server.max_record)
@@ -167,23 +164,20 @@ class RpcConnection:
                 self._inflight.acquire()
             self.server.send_poller.forget(self._sender)
             self.sock.close()
-            if self._attachment is not None:
-                self._attachment.release()
             self.server.connection_closed(self)
 
     def _serve_one(self) -> bool:
         record = self._receive_record()
         if record is None:
             return False
-        buffer, length = record
         self._inflight.acquire()
-        self.server.workers.submit_for(("rpc", self.peer), length, self._execute, buffer, length)
+        self.server.workers.submit_for(("rpc", self.peer), record[1], self._execute, *record)
         return True
 
     def _receive_record(self):
-        """(pool buffer, record length) for the next record, or None when the client closed
-        between records. A record the assembler refuses (over the cap, empty) raises
-        RecordError before anything is allocated for it."""
+        """(pool buffer, record length, reserve loan or None) for the next record, or None
+        when the client closed between records. A record the assembler refuses (over the
+        cap, empty) raises RecordError before anything is allocated for it."""
         header = self._recv_exact(4, allow_eof=True)
         if header is None:
             return None
@@ -192,26 +186,47 @@ class RpcConnection:
         length = assembler.begin_fragment(header)
         # One fragment (Linux and libnfs send one): a buffer of exactly its size. Several:
         # a buffer of the cap, as the total is known only at the last one.
-        buffer = self._alloc(length if last else self.server.max_record)
+        buffer, loan = self._alloc(length if last else self.server.max_record)
         try:
             while True:
                 start = assembler.received
                 self._recv_into(buffer.view[start:start + length])
                 record_length = assembler.end_fragment()
                 if record_length is not None:
-                    return buffer, record_length
+                    return buffer, record_length, loan
                 length = assembler.begin_fragment(self._recv_exact(4))
         except BaseException:
             buffer.release()
+            if loan is not None:
+                loan.release()
             raise
 
     def _alloc(self, size: int):
-        """A record buffer. A swap node's connection may fall back to its reserve when normal
-        memory is gone; others wait for normal memory (and so stop reading: backpressure)."""
-        if self._attachment is not None:
-            return self.server.pool.alloc(size, timeout=None, emergency=True,
-                                          group=self._attachment.requests)
-        return self.server.pool.alloc(size, timeout=None)
+        """(buffer, loan) for a record. A swap node's connection may fall back to the
+        node's reserve when normal memory is gone, while the node is attached: the loan
+        keeps it attached until the buffer is back. Others wait for normal memory (and so
+        stop reading: backpressure)."""
+        pool = self.server.pool
+        if self._node is not None:
+            swap_nodes = self.server.swap_nodes
+            loan = swap_nodes.borrow_reserve(self._node)
+            if loan is None:
+                buffer = pool.alloc(size)  # normal memory, without waiting
+                if buffer is not None:
+                    return buffer, None
+                # A node released for idleness that sends while normal memory is gone is
+                # most likely paging: attach it again now rather than wait for memory its
+                # swap-out would free. What it sent is then routed like any reserve record
+                # (a non-swap call gets JUKEBOX).
+                swap_nodes.swap_activity(self._node)
+                loan = swap_nodes.borrow_reserve(self._node)
+            if loan is not None:
+                try:
+                    return pool.alloc(size, timeout=None, emergency=True, group=loan.group), loan
+                except BaseException:
+                    loan.release()
+                    raise
+        return pool.alloc(size, timeout=None), None
 
     def _recv_exact(self, count: int, allow_eof: bool = False) -> Optional[bytes]:
         data = b""
@@ -234,8 +249,10 @@ class RpcConnection:
 
     # Workers ------------------------------------------------------------------------
 
-    def _execute(self, buffer, length: int) -> None:
-        release: list = [buffer]
+    def _execute(self, buffer, length: int, loan) -> None:
+        # Released in this order once the reply is sent: the buffer before the loan that
+        # keeps its reserve group attached.
+        release: list = [buffer] if loan is None else [buffer, loan]
         try:
             parts = self._answer(buffer.view[:length], release)
         except Exception:
@@ -294,15 +311,16 @@ class NfsService:
         nfs = config.nfs
         self._counters = counters
         self.exports = NfsExports(config, config.daemon.state_dir)
-        self.swap_nodes = (_SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap)
-                           if nfs.swap_export else None)
+        self.swap_nodes = (_SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap,
+                                      counters) if nfs.swap_export else None)
         max_record = nfs.max_io + RECORD_SLACK
-        self.nfs = RpcServer("nfs", nfs.listen,
-                             {nfs3.PROGRAM: nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io)},
+        program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
+        self.nfs = RpcServer("nfs", nfs.listen, {nfs3.PROGRAM: program},
                              pool, counters, workers, send_poller, max_record, "nfs.listen",
                              swap_nodes=self.swap_nodes)
         self.mount = RpcServer("mount", nfs.mount_listen,
-                               {mount.PROGRAM: mount.MountProgram(self.exports, counters)},
+                               {mount.PROGRAM: mount.MountProgram(self.exports, counters,
+                                                                  self.swap_nodes)},
                                pool, counters, workers, send_poller, max_record,
                                "nfs.mount_listen")
 
@@ -319,10 +337,14 @@ class NfsService:
         except BaseException:
             self.mount.stop()
             raise
+        if self.swap_nodes is not None:
+            self.swap_nodes.start()
 
     def stop(self) -> None:
         self.nfs.stop()
         self.mount.stop()
+        if self.swap_nodes is not None:
+            self.swap_nodes.stop()
         self.exports.close()
 
 
@@ -346,17 +368,149 @@ class _NfsSwapNode:
         self._swap_files.scrub(self.node)
 
 
-class _SwapNodes:
-    """Which NFS clients are swap nodes, and their attach to the reserve."""
+class _Hold:
+    """The NFS side's attachment of one node, and what keeps it."""
 
-    def __init__(self, nfs, lifecycle, socket_policy, swap_files) -> None:
+    __slots__ = ("attachment", "last_io", "loans", "unmounted")
+
+    def __init__(self, attachment) -> None:
+        self.attachment = attachment
+        self.last_io = time.monotonic()
+        self.loans = 0  # buffers taken from the node's reserve, not yet back
+        self.unmounted = False  # UMNT came while loans were out: release when they are back
+
+
+class _ReserveLoan:
+    """A record buffer's claim on its node's reserve: the node stays attached (its groups
+    cannot be destroyed under a buffer) until the loan is released."""
+
+    __slots__ = ("group", "_nodes", "_node", "_hold")
+
+    def __init__(self, nodes: "_SwapNodes", node: str, hold: _Hold) -> None:
+        self.group = hold.attachment.requests
+        self._nodes = nodes
+        self._node = node
+        self._hold = hold
+
+    def release(self) -> None:
+        self._nodes._return_loan(self._node, self._hold)
+
+
+class _SwapNodes:
+    """Which NFS clients are swap nodes, and when each holds its reserve.
+
+    NFS has no connection per swap device (one connection carries every file of a mount;
+    the kernel reconnects at will), so a node's reserve follows what it does instead: it is
+    attached on the node's MNT of the swap export or its first READ/WRITE/COMMIT of its swap
+    file, and released on its UMNT of the swap export, or when it has made no such call for
+    nfs.swap_idle_timeout (then the lifecycle's detach_grace runs as for NBD). A later
+    swap-file call attaches again. The kernel's UMNT goes over UDP, which this TCP-only
+    server does not hear: the idle timeout is what detaches a Linux node."""
+
+    def __init__(self, nfs, lifecycle, socket_policy, swap_files, counters) -> None:
         self._nfs = nfs
         self._lifecycle = lifecycle
         self.socket_policy = socket_policy
         self._swap_files = swap_files
+        self._counters = counters
+        self._lock = threading.Lock()
+        self._holds: dict[str, _Hold] = {}
+        self._stop = threading.Event()
+        self._sweeper: Optional[threading.Thread] = None
 
     def node_of(self, peer: str):
         return self._nfs.node_of(peer)
 
-    def attach(self, node: str):
-        return self._lifecycle.attach(_NfsSwapNode(node, self._swap_files))
+    def start(self) -> None:
+        if self._nfs.swap_idle_timeout is not None:
+            self._sweeper = threading.Thread(target=self._sweep_loop, name="nfs-idle-detach",
+                                             daemon=True)
+            self._sweeper.start()
+
+    def stop(self) -> None:
+        """Release every node (daemon stop, after the connections ended): for good."""
+        self._stop.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
+        with self._lock:
+            holds = list(self._holds.items())
+            self._holds.clear()
+        for node, hold in holds:
+            self._release(node, hold, "stop", for_good=True)
+
+    def swap_activity(self, node: str) -> None:
+        """The node mounted the swap export or did I/O on its swap file: attach it if it is
+        not, and restart its idle clock. A refused attach (the pool cannot back another
+        reserve) is logged and counted by the lifecycle; the call itself goes on without a
+        reserve, and the next one tries again."""
+        with self._lock:
+            hold = self._holds.get(node)
+            if hold is not None:
+                hold.last_io = time.monotonic()
+                hold.unmounted = False  # mounted or used again since
+                return
+            try:
+                attachment = self._lifecycle.attach(_NfsSwapNode(node, self._swap_files))
+            except AttachRefused as exc:
+                log.warning("nfs: node %r not attached: %s", node, exc)
+                return
+            self._holds[node] = _Hold(attachment)
+        log.info("nfs: node %r attached (swap-file activity)", node)
+
+    def unmounted(self, node: str) -> None:
+        """The node's UMNT of the swap export (or UMNTALL): it says it is done, for good."""
+        with self._lock:
+            hold = self._holds.get(node)
+            if hold is None:
+                return
+            if hold.loans:
+                hold.unmounted = True  # its last buffer back releases it
+                return
+            del self._holds[node]
+        self._release(node, hold, "umnt", for_good=True)
+
+    def borrow_reserve(self, node: str) -> Optional[_ReserveLoan]:
+        """A loan of the node's request reserve for one record, or None if not attached."""
+        with self._lock:
+            hold = self._holds.get(node)
+            if hold is None:
+                return None
+            hold.loans += 1
+            return _ReserveLoan(self, node, hold)
+
+    def attached(self) -> list[str]:
+        with self._lock:
+            return sorted(self._holds)
+
+    def _return_loan(self, node: str, hold: _Hold) -> None:
+        with self._lock:
+            hold.loans -= 1
+            if hold.loans or not hold.unmounted or self._holds.get(node) is not hold:
+                return
+            del self._holds[node]
+        self._release(node, hold, "umnt", for_good=True)
+
+    def _sweep_loop(self) -> None:
+        timeout = self._nfs.swap_idle_timeout
+        while not self._stop.wait(min(timeout / 4, 10.0)):
+            self.sweep_idle(time.monotonic() - timeout)
+
+    def sweep_idle(self, before: float) -> None:
+        """Release the nodes whose last swap activity is older than `before`."""
+        with self._lock:
+            idle = [(node, hold) for node, hold in self._holds.items()
+                    if hold.last_io < before and not hold.loans]
+            for node, _ in idle:
+                del self._holds[node]
+        for node, hold in idle:
+            self._release(node, hold, "idle", for_good=False)
+
+    _WHY = {"umnt": "it unmounted the swap export", "stop": "the daemon stops",
+            "idle": "no swap-file call for nfs.swap_idle_timeout (its file keeps its pages)"}
+
+    def _release(self, node: str, hold: _Hold, reason: str, for_good: bool) -> None:
+        # An idle node's swapped pages are still in its file: not for good, so swap.wipe
+        # keeps them when the lifecycle detaches it.
+        self._counters.inc("nfs_node_releases", reason)
+        log.info("nfs: node %r released: %s", node, self._WHY[reason])
+        hold.attachment.release(for_good)
