@@ -7,6 +7,7 @@ node "localhost") and a scratch export of ordinary files, on ports of the test's
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import stat
@@ -273,6 +274,34 @@ def test_an_idle_node_is_released_keeps_its_pages_under_wipe_and_attaches_again(
         assert metric(daemon, "netswap_node_attaches_total") == 2
         contents = swap_file.read_bytes()
         assert contents[:MiB] == first and contents[2 * MiB:3 * MiB] == second
+    finally:
+        code = daemon.stop()
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert code == 0, daemon.log()
+
+
+def test_netswapctl_detach_of_an_nfs_node_releases_and_wipes_its_swap_file(tmp_path):
+    daemon = _nfs_daemon(tmp_path, "", 'swap_idle_timeout = "never"')
+    control = daemon.config_path.parent / "control.sock"
+
+    def netswapctl(*args):
+        return subprocess.run([sys.executable, "-m", "netswap.ctl", "--socket", str(control),
+                               *args], capture_output=True, text=True, timeout=60)
+    try:
+        libnfs_write(daemon, os.urandom(1 * MiB), 0)
+        status = json.loads(netswapctl("--json", "status").stdout)
+        assert status["attached_nodes"] == {"localhost": 1}
+        result = netswapctl("detach", "localhost", "--wipe")
+        assert result.returncode == 0, result.stderr
+        assert "reserve released, swap wiped" in result.stdout, result.stdout
+        assert metric(daemon, "netswap_nfs_node_releases_total", reason="operator") == 1
+        swap_file = daemon.state_dir / "nfs-swap" / "localhost"
+        assert swap_file.read_bytes() == bytes(SWAP_SIZE)
+        assert json.loads(netswapctl("--json", "status").stdout)["attached_nodes"] == {}
+        libnfs_write(daemon, b"back", 0)  # the node carries on: attached again
+        assert metric(daemon, "netswap_node_attaches_total") == 2
+        missing = netswapctl("detach", "never-seen")
+        assert missing.returncode == 1 and "no swap export" in missing.stderr
     finally:
         code = daemon.stop()
     assert "Traceback" not in daemon.log(), daemon.log()

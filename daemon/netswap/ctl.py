@@ -21,10 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="uptime, connections, attached nodes, reserve, pressure")
     commands.add_parser("exports", help="every export with its size, use and connections")
     detach = commands.add_parser("detach", help="close a node's connections and release its reserve")
-    detach.add_argument("node", help="the node name (as in swap/NODE)")
+    detach.add_argument("node", help="the node name (as in swap/NODE over NBD, /swap/NODE over NFS)")
     detach.add_argument("--wipe", action="store_true",
-                        help="also discard the node's swap contents (punch the whole file) and "
-                             "drop its binding (swap.bind), so a replaced node may attach")
+                        help="also discard the node's swap contents (punch the NBD image, zero "
+                             "the NFS swap file) and drop its binding (swap.bind), so a replaced "
+                             "node may attach")
     return parser
 
 

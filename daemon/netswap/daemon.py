@@ -168,7 +168,7 @@ class Daemon:
         if config.daemon.control_socket is not None:
             operations = Operations(server=self.server, registry=self.registry,
                                     lifecycle=self.lifecycle, access=self.access, pool=self.pool, tree=self.tree,
-                                    pressure=self.pressure, started=self.started)
+                                    pressure=self.pressure, started=self.started, nfs=self.nfs)
             control = ControlServer(config.daemon.control_socket, operations.commands())
             try:
                 control.start()

@@ -23,8 +23,9 @@ _DETACH_WAIT = 10.0
 
 class Operations:
     def __init__(self, *, server, registry, lifecycle, pool, tree, pressure, started: float,
-                 access=None) -> None:
+                 access=None, nfs=None) -> None:
         self._server = server
+        self._nfs = nfs  # the NFS side (NfsService), or None
         self._registry = registry
         self._lifecycle = lifecycle
         self._access = access
@@ -98,12 +99,15 @@ class Operations:
         if not isinstance(node, str) or not node:
             raise CommandError("detach needs a node name")
         name = f"swap/{node}"
-        # Only a node that has a swap export (open, or on disk from an earlier run): looking
-        # up any other name would create one.
-        if name not in {listed for listed, _ in self._registry.list()}:
+        # Only a node that has a swap export (open, or on disk from an earlier run), over NBD
+        # or NFS: looking up any other name would create one.
+        over_nbd = name in {listed for listed, _ in self._registry.list()}
+        over_nfs = self._nfs is not None and self._nfs.knows_node(node)
+        if not over_nbd and not over_nfs:
             raise CommandError(f"no swap export for node {node!r}")
-        export = self._registry.lookup(name)
-        dropped = self._server.drop_node(node)
+        dropped = self._server.drop_node(node) if over_nbd else 0
+        if over_nfs:
+            dropped += self._nfs.drop_node(node)
         deadline = time.monotonic() + _DETACH_WAIT
         while self._lifecycle.attached_nodes().get(node, 0) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -115,7 +119,10 @@ class Operations:
         if request.get("wipe"):
             if not wiped:
                 # Swap holds whatever the node had in memory: discard it all, durably.
-                self._lifecycle.wipe(export, "operator's detach --wipe")
+                if over_nbd:
+                    self._lifecycle.wipe(self._registry.lookup(name), "operator's detach --wipe")
+                if over_nfs:
+                    self._nfs.wipe_node(node)
                 wiped = True
             if self._access is not None:
                 unbound = self._access.unbind(node)

@@ -59,7 +59,9 @@ class Attachment:
 class _Node:
     def __init__(self, tree_entry: Group, export) -> None:
         self.tree_entry = tree_entry
-        self.export = export
+        # Every export the node attached through (its NBD swap export, its NFS swap file):
+        # swap.wipe discards all of them when it detaches for good.
+        self.exports = {export.name: export}
         self.connections = 0
         self.expiry: Optional[threading.Timer] = None
         self.wipe_at_expiry = True  # as the last release said (for good, or only idle)
@@ -113,6 +115,7 @@ class Lifecycle:
             elif node.expiry is not None:
                 node.expiry.cancel()  # reattached within the grace period: keep the reserve
                 node.expiry = None
+            node.exports.setdefault(export.name, export)
             node.connections += 1
         requests, windows = node.groups
         return Attachment(export, requests, windows, self)
@@ -224,7 +227,8 @@ class Lifecycle:
                 node.expiry.cancel()
             # An operator's detach and the daemon's stop (force) are for good.
             if self.wipes_swap and (force or node.wipe_at_expiry):
-                self._wipe_logged(node.export, "the node detached")
+                for export in node.exports.values():
+                    self._wipe_logged(export, "the node detached")
             del self._nodes[name]
             self._nbd.children.remove(node.tree_entry)
         for group in node.groups:

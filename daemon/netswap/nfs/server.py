@@ -44,8 +44,8 @@ class RpcServer:
     def __init__(self, name: str, addresses, programs: dict, pool, counters, workers,
                  send_poller: SendPoller, max_record: int, key: str,
                  swap_nodes=None) -> None:
-        """`swap_nodes`, for the NFS port: an object with .node_of(peer), .attach(node)
-        and .socket_policy; a swap node's connection is tagged and may use its reserve."""
+        """`swap_nodes`, for the NFS port (a _SwapNodes): a swap node's connection is
+        tagged and may use the node's reserve while the node is attached."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
         self._addresses = addresses
         self.programs = programs  # program number -> an object with .call(call, client)
@@ -124,6 +124,14 @@ class RpcServer:
         self.counters.inc("rpc_connections", self.name)
         threading.Thread(target=connection.run, name=f"{self.name} {peer}", daemon=True).start()
 
+    def close_node(self, node: str) -> int:
+        """Close the connections of swap node `node`; return how many."""
+        with self._lock:
+            connections = [c for c in self._connections if c.node == node]
+        for connection in connections:
+            connection.close()
+        return len(connections)
+
     def connection_closed(self, connection: "RpcConnection") -> None:
         with self._lock:
             self._connections.discard(connection)
@@ -135,7 +143,7 @@ class RpcConnection:
         self.server = server
         self.sock = sock
         self.peer = peer
-        self._node = node  # the swap node this peer is, or None (never the reserve)
+        self.node = node  # the swap node this peer is, or None (never the reserve)
         self._sender = ReplySender(sock, server.send_poller, peer)
         self._inflight = threading.BoundedSemaphore(MAX_INFLIGHT_CALLS)
         self._assembler = rpc.RecordAssembler(server.max_record)
@@ -207,9 +215,9 @@ class RpcConnection:
         keeps it attached until the buffer is back. Others wait for normal memory (and so
         stop reading: backpressure)."""
         pool = self.server.pool
-        if self._node is not None:
+        if self.node is not None:
             swap_nodes = self.server.swap_nodes
-            loan = swap_nodes.borrow_reserve(self._node)
+            loan = swap_nodes.borrow_reserve(self.node)
             if loan is None:
                 buffer = pool.alloc(size)  # normal memory, without waiting
                 if buffer is not None:
@@ -218,8 +226,8 @@ class RpcConnection:
                 # most likely paging: attach it again now rather than wait for memory its
                 # swap-out would free. What it sent is then routed like any reserve record
                 # (a non-swap call gets JUKEBOX).
-                swap_nodes.swap_activity(self._node)
-                loan = swap_nodes.borrow_reserve(self._node)
+                swap_nodes.swap_activity(self.node)
+                loan = swap_nodes.borrow_reserve(self.node)
             if loan is not None:
                 try:
                     return pool.alloc(size, timeout=None, emergency=True, group=loan.group), loan
@@ -340,6 +348,28 @@ class NfsService:
         if self.swap_nodes is not None:
             self.swap_nodes.start()
 
+    def knows_node(self, node: str) -> bool:
+        """Is `node` a swap node here (named in nfs.nodes, or with a swap file on disk)?"""
+        if self.swap_nodes is None:
+            return False
+        return node in self.swap_nodes.names() or node in self.exports.swap.nodes()
+
+    def drop_node(self, node: str) -> int:
+        """An operator's detach: close the node's NFS connections and release its reserve
+        for good. Returns how many connections were closed. A live node reconnects (hard
+        mounts retry) and its next swap-file call attaches it again."""
+        closed = self.nfs.close_node(node)
+        if self.swap_nodes is not None:
+            self.swap_nodes.release_for_good(node, "operator")
+        return closed
+
+    def wipe_node(self, node: str) -> bool:
+        """Zero the node's NFS swap file (new generation: its handles go stale)."""
+        if self.exports.swap is None or self.exports.swap.scrub(node) is None:
+            return False
+        self._counters.inc("wipes", f"nfs:{node}")
+        return True
+
     def stop(self) -> None:
         self.nfs.stop()
         self.mount.stop()
@@ -371,13 +401,13 @@ class _NfsSwapNode:
 class _Hold:
     """The NFS side's attachment of one node, and what keeps it."""
 
-    __slots__ = ("attachment", "last_io", "loans", "unmounted")
+    __slots__ = ("attachment", "last_io", "loans", "ending")
 
     def __init__(self, attachment) -> None:
         self.attachment = attachment
         self.last_io = time.monotonic()
         self.loans = 0  # buffers taken from the node's reserve, not yet back
-        self.unmounted = False  # UMNT came while loans were out: release when they are back
+        self.ending: Optional[str] = None  # released for good (why) once its loans are back
 
 
 class _ReserveLoan:
@@ -421,6 +451,9 @@ class _SwapNodes:
     def node_of(self, peer: str):
         return self._nfs.node_of(peer)
 
+    def names(self) -> set[str]:
+        return {name for _, name in self._nfs.nodes}
+
     def start(self) -> None:
         if self._nfs.swap_idle_timeout is not None:
             self._sweeper = threading.Thread(target=self._sweep_loop, name="nfs-idle-detach",
@@ -447,7 +480,7 @@ class _SwapNodes:
             hold = self._holds.get(node)
             if hold is not None:
                 hold.last_io = time.monotonic()
-                hold.unmounted = False  # mounted or used again since
+                hold.ending = None  # mounted or used again since
                 return
             try:
                 attachment = self._lifecycle.attach(_NfsSwapNode(node, self._swap_files))
@@ -459,15 +492,21 @@ class _SwapNodes:
 
     def unmounted(self, node: str) -> None:
         """The node's UMNT of the swap export (or UMNTALL): it says it is done, for good."""
+        self.release_for_good(node, "umnt")
+
+    def release_for_good(self, node: str, reason: str) -> bool:
+        """Release the node's reserve now (UMNT, an operator's detach); with buffers of its
+        reserve still out, when the last one is back. False if it was not attached."""
         with self._lock:
             hold = self._holds.get(node)
             if hold is None:
-                return
+                return False
             if hold.loans:
-                hold.unmounted = True  # its last buffer back releases it
-                return
+                hold.ending = reason  # its last buffer back releases it
+                return True
             del self._holds[node]
-        self._release(node, hold, "umnt", for_good=True)
+        self._release(node, hold, reason, for_good=True)
+        return True
 
     def borrow_reserve(self, node: str) -> Optional[_ReserveLoan]:
         """A loan of the node's request reserve for one record, or None if not attached."""
@@ -485,10 +524,10 @@ class _SwapNodes:
     def _return_loan(self, node: str, hold: _Hold) -> None:
         with self._lock:
             hold.loans -= 1
-            if hold.loans or not hold.unmounted or self._holds.get(node) is not hold:
+            if hold.loans or hold.ending is None or self._holds.get(node) is not hold:
                 return
             del self._holds[node]
-        self._release(node, hold, "umnt", for_good=True)
+        self._release(node, hold, hold.ending, for_good=True)
 
     def _sweep_loop(self) -> None:
         timeout = self._nfs.swap_idle_timeout
@@ -506,6 +545,7 @@ class _SwapNodes:
             self._release(node, hold, "idle", for_good=False)
 
     _WHY = {"umnt": "it unmounted the swap export", "stop": "the daemon stops",
+            "operator": "an operator detached it",
             "idle": "no swap-file call for nfs.swap_idle_timeout (its file keeps its pages)"}
 
     def _release(self, node: str, hold: _Hold, reason: str, for_good: bool) -> None:
