@@ -1,6 +1,6 @@
 """NFSv3 procedures as RFC 1813 defines them, beyond what swapon needs (issue 7): READDIR and
 READDIRPLUS paging (§3.3.16, §3.3.17), CREATE modes (§3.3.8), SETATTR owner, times and guard
-(§3.3.2).
+(§3.3.2); and the NFS side's connection limits and keepalive.
 
 Against a live netswapd: libnfs's nfs-ls where a real client shows the behaviour, else the
 raw RPC client of test_nfs_hostile.py (127.0.0.1 is node alpha, 127.0.0.2 node beta).
@@ -9,19 +9,22 @@ raw RPC client of test_nfs_hostile.py (127.0.0.1 is node alpha, 127.0.0.2 node b
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
+import subprocess
 import time
 from typing import Optional
 
 import pytest
 
+from conftest import free_port, start_daemon
 from netswap.rpc import constants as RC
 from netswap.rpc.xdr import Unpacker
 from test_nfs import metric, run, url
 from test_nfs_hostile import (
     ALPHA, BETA, CREATE, FATTR3_BYTES, GETATTR, NFS3_OK, NFS_PROG, NFS_VERS, READDIR, SETATTR,
-    Nfs, _skip_wcc, start_nfs_daemon, stop_clean, xdr,
+    STRANGER, Closed, Nfs, RpcClient, _skip_wcc, start_nfs_daemon, stop_clean, xdr,
 )
 
 READDIRPLUS = 17
@@ -349,3 +352,83 @@ def test_a_swap_file_and_the_swap_directory_keep_their_owner_and_mode(daemon, al
         assert setattr_(alpha, alpha.root("/swap"), attributes) == NFS3ERR_ACCES
         st = path.parent.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o700)
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def nfs_daemon_with(tmp_path, options: str):
+    nfs_port, mount_port = free_port(), free_port()
+    daemon = start_daemon(tmp_path, nfs_options=f"""
+        enabled = true
+        listen = ["127.0.0.1:{nfs_port}"]
+        mount_listen = ["127.0.0.1:{mount_port}"]
+        swap_size = "4MiB"
+        max_io = "64KiB"
+        nodes = {{ alpha = ["{ALPHA}/32"], beta = ["{BETA}/32"] }}
+        {options}
+        """)
+    daemon.nfs_port, daemon.mount_port = nfs_port, mount_port
+    return daemon
+
+
+def serves(client: RpcClient) -> bool:
+    """Does the server answer a NULL call on this connection (False: it closed it)?"""
+    try:
+        return client.call(NFS_PROG, NFS_VERS, 0).stat == RC.SUCCESS
+    except (Closed, ConnectionError):
+        return False
+
+
+def test_connections_past_the_limits_are_closed_at_accept_logged_and_counted(tmp_path):
+    daemon = nfs_daemon_with(tmp_path, "max_connections = 3\nmax_connections_per_client = 2")
+    clients = []
+    try:
+        def connect(source: str, port: int = daemon.nfs_port) -> RpcClient:
+            clients.append(RpcClient(port, source))
+            return clients[-1]
+
+        first = connect(ALPHA)
+        connect(ALPHA, daemon.mount_port)  # alpha's second, on the MOUNT port
+        assert serves(first)
+        third = connect(ALPHA)  # alpha's third: over the per-client limit (NFS + MOUNT)
+        assert not serves(third)
+        beta = connect(BETA)
+        assert serves(beta)
+        stranger = connect(STRANGER)  # the fourth in all: over max_connections
+        assert not serves(stranger)
+        assert serves(first) and serves(beta)  # the admitted ones carry on
+        first.close()
+        # A closed connection gives its place back.
+        deadline = time.monotonic() + 10
+        while not serves(connect(ALPHA)):
+            assert time.monotonic() < deadline, "the limit did not free the closed place"
+            time.sleep(0.05)
+        refused = lambda reason: metric(daemon, "netswap_connections_refused_total",  # noqa
+                                        reason=reason)
+        assert refused("nfs.max_connections_per_client") >= 1
+        assert refused("nfs.max_connections") >= 1
+        log = daemon.log()
+        assert "refusing connections from 127.0.0.1: nfs.max_connections_per_client" in log
+        assert "refusing connections from 127.0.0.3: nfs.max_connections reached" in log
+    finally:
+        for client in clients:
+            client.close()
+        stop_clean(daemon)
+
+
+def test_nfs_connections_have_tcp_keepalive(tmp_path):
+    daemon = nfs_daemon_with(tmp_path, 'keepalive = "7s"')
+    client = RpcClient(daemon.nfs_port, ALPHA)
+    try:
+        assert serves(client)
+        port = client.sock.getsockname()[1]
+        # The server's end of this connection: its keepalive timer, armed at 7 s idle.
+        out = subprocess.run(["ss", "-tnoH", "state", "established",
+                              f"( sport = :{daemon.nfs_port} and dport = :{port} )"],
+                             capture_output=True, text=True, check=True).stdout
+        assert re.search(r"timer:\(keepalive,", out), out
+        assert not re.search(r"timer:\(keepalive,[0-9]{2,}", out), out  # below 10 s
+    finally:
+        client.close()
+        stop_clean(daemon)

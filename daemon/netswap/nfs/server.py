@@ -13,15 +13,18 @@ several are in flight and replies go out in completion order, matched by xid.
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import threading
+import time
+from collections import Counter
 from typing import Optional
 
 from ..errors import AttachRefused
 from ..nbd.sender import ReplySender, SendPoller
 from ..netpolicy import tag_emergency
-from ..nbd.server import tcp_listener
+from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from . import mount, nfs3
@@ -37,14 +40,49 @@ RECORD_SLACK = 4096
 MAX_INFLIGHT_CALLS = 64
 
 
+class ConnectionLimits:
+    """nfs.max_connections and nfs.max_connections_per_client, counted over every RpcServer
+    that shares this object (NFS and MOUNT): a budget of the NFS side's own, apart from the
+    NBD side's, so a flood on one service cannot lock swap nodes out of the other."""
+
+    def __init__(self, max_connections: int, max_per_client: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self._open = 0
+        self._per_client: Counter[str] = Counter()  # open connections by client address
+        self._lock = threading.Lock()
+
+    def admit(self, client: str) -> Optional[str]:
+        """Count a new connection from `client` in, or say which limit refuses it (the
+        counter label: the config key)."""
+        with self._lock:
+            if self._open >= self.max_connections:
+                return "nfs.max_connections"
+            if self._per_client[client] >= self.max_per_client:
+                return "nfs.max_connections_per_client"
+            self._open += 1
+            self._per_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        with self._lock:
+            self._open -= 1
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]  # the table holds open clients only
+
+
 class RpcServer:
     """Listeners and connections for a set of RPC programs, on the addresses given."""
 
     def __init__(self, name: str, addresses, programs: dict, pool, counters, workers,
                  send_poller: SendPoller, max_record: int, key: str,
-                 swap_nodes=None) -> None:
+                 swap_nodes=None, limits: Optional[ConnectionLimits] = None,
+                 keepalive: Optional[float] = None) -> None:
         """`swap_nodes`, for the NFS port: an object with .node_of(peer), .attach(node)
-        and .socket_policy; a swap node's connection is tagged and may use its reserve."""
+        and .socket_policy; a swap node's connection is tagged and may use its reserve.
+        `limits`: the connection limits to count in (None: none); `keepalive`: seconds of
+        silence before TCP probes a client (None: no keepalive)."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
         self._addresses = addresses
         self.programs = programs  # program number -> an object with .call(call, client)
@@ -55,11 +93,15 @@ class RpcServer:
         self.max_record = max_record
         self._key = key
         self.swap_nodes = swap_nodes
+        self._limits = limits
+        self._keepalive = keepalive
+        self._last_refusal_log: dict[str, float] = {}
         self._listeners: list[socket.socket] = []
         self._connections: set[RpcConnection] = set()
         self._lock = threading.Lock()
         self._stopping = False
         self._acceptor: Optional[threading.Thread] = None
+        self._wake_r, self._wake_w = os.pipe()  # stop() ends the accept loop at once
 
     def start(self) -> None:
         try:
@@ -80,6 +122,7 @@ class RpcServer:
 
     def stop(self) -> None:
         self._stopping = True
+        os.write(self._wake_w, b"x")
         self._close_listeners()
         with self._lock:
             connections = list(self._connections)
@@ -96,19 +139,58 @@ class RpcServer:
 
     def _accept_loop(self) -> None:
         selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ)
         for listener in self._listeners:
+            listener.setblocking(False)
             selector.register(listener, selectors.EVENT_READ)
-        while not self._stopping:
-            for key, _ in selector.select(timeout=0.5):
-                try:
-                    sock, address = key.fileobj.accept()
-                except OSError:
-                    continue  # closed by stop(), or the client went away
-                self._start_connection(sock, address[0])
-        selector.close()
+        try:
+            while not self._stopping:
+                for key, _ in selector.select():
+                    if key.fileobj == self._wake_r:
+                        return
+                    self._accept(key.fileobj)
+        finally:
+            selector.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. EMFILE: log, keep serving the clients we have
+            self.counters.inc("accept_errors", exc.__class__.__name__)
+            log.warning("%s: accept failed: %s", self.name, exc)
+            return
+        peer = address[0]
+        refusal = self._limits.admit(peer) if self._limits is not None else None
+        if refusal is not None:
+            # Closed before any record is read: no thread, no buffer for it.
+            sock.close()
+            self.counters.inc("connections_refused", refusal)
+            self._log_refusal(refusal, peer)
+            return
+        try:
+            sock.setblocking(True)
+            self._start_connection(sock, peer)
+        except BaseException:
+            if self._limits is not None:
+                self._limits.release(peer)
+            sock.close()
+            raise
+
+    def _log_refusal(self, reason: str, client: str) -> None:
+        # A flood of refusals must not become a flood of log lines: one per reason a second.
+        now = time.monotonic()
+        if now - self._last_refusal_log.get(reason, 0.0) >= 1.0:
+            self._last_refusal_log[reason] = now
+            log.warning("%s: refusing connections from %s: %s reached (%s refused so far)",
+                        self.name, client, reason,
+                        self.counters.get("connections_refused", reason))
 
     def _start_connection(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._keepalive is not None:
+            keep_alive(sock, self._keepalive)
         attachment = None
         if self.swap_nodes is not None and (node := self.swap_nodes.node_of(peer)) is not None:
             # A swap node's connection carries its swap file's I/O: tagged from accept (the
@@ -130,6 +212,8 @@ class RpcServer:
     def connection_closed(self, connection: "RpcConnection") -> None:
         with self._lock:
             self._connections.discard(connection)
+        if self._limits is not None:
+            self._limits.release(connection.peer)
 
 
 class RpcConnection:
@@ -297,14 +381,16 @@ class NfsService:
         self.swap_nodes = (_SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap)
                            if nfs.swap_export else None)
         max_record = nfs.max_io + RECORD_SLACK
+        limits = ConnectionLimits(nfs.max_connections, nfs.max_connections_per_client)
         self.nfs = RpcServer("nfs", nfs.listen,
                              {nfs3.PROGRAM: nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io)},
                              pool, counters, workers, send_poller, max_record, "nfs.listen",
-                             swap_nodes=self.swap_nodes)
+                             swap_nodes=self.swap_nodes, limits=limits,
+                             keepalive=nfs.keepalive)
         self.mount = RpcServer("mount", nfs.mount_listen,
                                {mount.PROGRAM: mount.MountProgram(self.exports, counters)},
                                pool, counters, workers, send_poller, max_record,
-                               "nfs.mount_listen")
+                               "nfs.mount_listen", limits=limits, keepalive=nfs.keepalive)
 
     def start(self, wipe: bool = False) -> None:
         """Listen; with `wipe` (swap.wipe), first zero what a previous run left in every
