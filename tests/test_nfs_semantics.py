@@ -1,6 +1,6 @@
 """NFSv3 procedures as RFC 1813 defines them, beyond what swapon needs (issue 7): READDIR and
 READDIRPLUS paging (§3.3.16, §3.3.17), CREATE modes (§3.3.8), SETATTR owner, times and guard
-(§3.3.2); and the NFS side's connection limits and keepalive.
+(§3.3.2); and the NFS side's connection limits, keepalive and stop.
 
 Against a live netswapd: libnfs's nfs-ls where a real client shows the behaviour, else the
 raw RPC client of test_nfs_hostile.py (127.0.0.1 is node alpha, 127.0.0.2 node beta).
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import struct
 import subprocess
+import threading
 import time
 from typing import Optional
 
@@ -20,11 +22,13 @@ import pytest
 
 from conftest import free_port, start_daemon
 from netswap.rpc import constants as RC
+from netswap.rpc import message as rpc
 from netswap.rpc.xdr import Unpacker
 from test_nfs import metric, run, url
 from test_nfs_hostile import (
-    ALPHA, BETA, CREATE, FATTR3_BYTES, GETATTR, NFS3_OK, NFS_PROG, NFS_VERS, READDIR, SETATTR,
-    STRANGER, Closed, Nfs, RpcClient, _skip_wcc, start_nfs_daemon, stop_clean, xdr,
+    ALPHA, BETA, CRED, CREATE, FATTR3_BYTES, FILE_SYNC, GETATTR, NFS3_OK, NFS_PROG, NFS_VERS,
+    READDIR, SETATTR, STRANGER, WRITE, Closed, Nfs, RpcClient, _skip_wcc, start_nfs_daemon,
+    stop_clean, xdr,
 )
 
 READDIRPLUS = 17
@@ -432,3 +436,62 @@ def test_nfs_connections_have_tcp_keepalive(tmp_path):
     finally:
         client.close()
         stop_clean(daemon)
+
+
+def test_stop_waits_for_calls_in_flight_before_closing_the_swap_files(tmp_path):
+    """SIGTERM while nodes stream FILE_SYNC writes to their swap files: every call the
+    daemon took finishes on open files before stop returns (no EBADF, no calls on closed
+    swap files, no tracebacks), and the daemon says it stopped clean."""
+    daemon = nfs_daemon_with(tmp_path, "")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    block = os.urandom(64 * 1024)
+
+    def stream(source: str, node: str) -> None:
+        client = Nfs(daemon, source)
+        try:
+            handle = client.swap_handle(node)
+            connection = client.nfs
+            in_flight = 0
+            offset = 0
+            while not stop.is_set():
+                # Several calls in flight, so the daemon's workers always hold some.
+                while in_flight < 16:
+                    args = xdr(("o", handle), ("h", offset), ("u", len(block)),
+                               ("u", FILE_SYNC), ("o", block))
+                    xid = connection.next_xid()
+                    connection.send_record(
+                        rpc.call_header(xid, NFS_PROG, NFS_VERS, WRITE, CRED) + args)
+                    offset = (offset + len(block)) % (4 * 1024 * 1024)
+                    in_flight += 1
+                connection.receive_record()
+                in_flight -= 1
+        except (Closed, ConnectionError, OSError):
+            pass  # the daemon stopped under us: expected
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=stream, args=(source, node))
+               for source, node in ((ALPHA, "alpha"), (BETA, "beta"))]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while metric(daemon, "netswap_nfs_calls_total", procedure="write") < 200:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        daemon.process.send_signal(signal.SIGTERM)
+        code = daemon.process.wait(60)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    log = daemon.log()
+    assert not errors, errors
+    assert "Traceback" not in log, log
+    assert "Bad file descriptor" not in log, log
+    final = log[log.rindex("final counters"):]
+    assert "internal_errors" not in final and "nfs_errors" not in final, final
+    assert code == 0, log

@@ -98,6 +98,7 @@ class RpcServer:
         self._last_refusal_log: dict[str, float] = {}
         self._listeners: list[socket.socket] = []
         self._connections: set[RpcConnection] = set()
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = False
         self._acceptor: Optional[threading.Thread] = None
@@ -120,14 +121,26 @@ class RpcServer:
             log.info("%s served on %s", self.name, f"[{host}]:{port}" if ":" in host
                      else f"{host}:{port}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> bool:
+        """Stop accepting, close every connection, and wait up to `timeout` seconds for
+        their threads: a connection thread ends only when its calls have replied, and until
+        then it uses pool buffers and the exports' files. True if all ended in time."""
         self._stopping = True
         os.write(self._wake_w, b"x")
+        if self._acceptor is not None:
+            self._acceptor.join()  # no connection starts after this
         self._close_listeners()
         with self._lock:
             connections = list(self._connections)
+            threads = list(self._threads)
         for connection in connections:
             connection.close()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return not any(thread.is_alive() for thread in threads)
 
     @property
     def ports(self) -> list[int]:
@@ -204,14 +217,18 @@ class RpcServer:
                     self.counters.inc("socket_tag_failures")
                     log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
         connection = RpcConnection(self, sock, peer, attachment)
+        thread = threading.Thread(target=connection.run, name=f"{self.name} {peer}",
+                                  daemon=True)
         with self._lock:
             self._connections.add(connection)
+            self._threads.add(thread)
         self.counters.inc("rpc_connections", self.name)
-        threading.Thread(target=connection.run, name=f"{self.name} {peer}", daemon=True).start()
+        thread.start()
 
     def connection_closed(self, connection: "RpcConnection") -> None:
         with self._lock:
             self._connections.discard(connection)
+            self._threads.discard(threading.current_thread())
         if self._limits is not None:
             self._limits.release(connection.peer)
 
@@ -403,13 +420,19 @@ class NfsService:
         try:
             self.nfs.start()
         except BaseException:
-            self.mount.stop()
+            self.mount.stop(0)
             raise
 
-    def stop(self) -> None:
-        self.nfs.stop()
-        self.mount.stop()
-        self.exports.close()
+    def stop(self, timeout: float) -> bool:
+        """Close every connection and wait up to `timeout` seconds for their calls to end;
+        True if they all did. The swap files are closed only then: a call still running
+        could otherwise write through a descriptor number that now names another file."""
+        deadline = time.monotonic() + timeout
+        clean = self.nfs.stop(timeout)
+        clean = self.mount.stop(max(0.0, deadline - time.monotonic())) and clean
+        if clean:
+            self.exports.close()
+        return clean
 
 
 class _NfsSwapNode:
