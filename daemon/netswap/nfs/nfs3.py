@@ -434,9 +434,9 @@ class Nfs3Program:
 
         A cookie is a keyed hash of the entry's name, and a directory is listed in cookie
         order: the page after cookie c holds the entries whose cookie is above c. So a cookie
-        stays valid while files come and go between pages (no entry there before the listing
-        began is skipped or listed twice), and across our restarts. The cookie verifier names
-        that scheme for the directory; a verifier of another gets NFS3ERR_BAD_COOKIE.
+        stays valid while files come and go between pages (an entry there all along is
+        listed exactly once), and across our restarts (the key is the handle key's). The
+        cookie verifier names that scheme for the export; another gets NFS3ERR_BAD_COOKIE.
         """
         handle = args.opaque(64)
         cookie = args.uhyper()
@@ -463,7 +463,7 @@ class Nfs3Program:
         dir_room = dircount
         page: list[tuple[int, bytes]] = []
         eof = True
-        for index, (entry_cookie, name, node) in enumerate(pending):
+        for entry_cookie, name, node in pending:
             try:
                 entry, dir_size = self._dir_entry(name, node, entry_cookie, plus)
             except FileNotFoundError:
