@@ -920,6 +920,16 @@ _NFS = (
            'swap-file call attaches again. "never": only UMNT detaches.'),
     _Field("max_io", _Size(8 * KiB, 16 * MiB, power_of_two=True), "1MiB",
            "Largest READ/WRITE (FSINFO rtmax/wtmax); records are capped just above it."),
+    _Field("max_connections", _Integer(1, 65536), 1024,
+           "NFS and MOUNT connections open at once, all clients together (a budget of its "
+           "own, apart from nbd.max_connections); past it new ones are closed at accept."),
+    _Field("max_connections_per_client", _Integer(1, 65536), 64,
+           "NFS and MOUNT connections open at once from one client address (a Linux mount "
+           "takes one, or nconnect=N, plus a short MOUNT one; each libnfs tool one of each); "
+           "past it that client's new connections are closed at accept."),
+    _Field("keepalive", _Duration(), "30s",
+           "Idle time after which TCP keepalive probes an NFS client, as nbd.keepalive: a "
+           "node gone without a word is disconnected within about twice this."),
 )
 
 _METRICS = (
@@ -1076,6 +1086,9 @@ class NfsConfig:
     nodes: tuple  # ((network, node), ...), most specific first
     max_io: int  # bytes
     swap_idle_timeout: float | None  # seconds; None = never
+    max_connections: int  # NFS and MOUNT together
+    max_connections_per_client: int
+    keepalive: float  # seconds
 
     def node_of(self, address: str) -> str | None:
         """The swap node a client address is, or None."""

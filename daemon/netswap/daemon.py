@@ -151,7 +151,7 @@ class Daemon:
         self.nfs = None
         if config.nfs.enabled:
             self.nfs = self._start_nfs(config)
-            undo.callback(self.nfs.stop)
+            undo.callback(self._stop_nfs)
         if self.pressure is not None:
             self.pressure.start()
             undo.callback(self.pressure.stop)
@@ -269,6 +269,12 @@ class Daemon:
         if not self.server.stop(timeout):
             self._clean = False
             log.warning("in-flight requests did not finish within %.0f s", timeout)
+
+    def _stop_nfs(self) -> None:
+        timeout = self.config.daemon.shutdown_timeout
+        if not self.nfs.stop(timeout):
+            self._clean = False
+            log.warning("NFS calls in flight did not finish within %.0f s", timeout)
 
     def _log_final_counters(self) -> None:
         # One machine-readable line with everything counted, for operators and tests alike.

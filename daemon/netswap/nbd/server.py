@@ -236,7 +236,7 @@ class NbdServer:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies are small and latency-bound; never let Nagle hold one back.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keep_alive(sock, self.config.nbd.keepalive)
+            keep_alive(sock, self.config.nbd.keepalive)
             peer = f"{address[0]}:{address[1]}" if sock.family == socket.AF_INET else f"[{address[0]}]:{address[1]}"
             tagged = self._is_swap_node(address[0])
         else:
@@ -305,7 +305,7 @@ class NbdServer:
             self._unix_path = None
 
 
-def _keep_alive(sock: socket.socket, idle: float) -> None:
+def keep_alive(sock: socket.socket, idle: float) -> None:
     """Notice a client that vanished without a word (a node that lost power sends no reset):
     probe after `idle` seconds of silence, 3 probes `idle`/3 apart, and give up on data it
     has not acknowledged for 2 x `idle`. The reader then sees ETIMEDOUT and the connection

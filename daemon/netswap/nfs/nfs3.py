@@ -11,10 +11,14 @@ defines, so a client decodes a well-formed answer.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
+import threading
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 from ..rpc import constants as RC
 from ..rpc import message as rpc
@@ -34,6 +38,14 @@ UNCHECKED, GUARDED, EXCLUSIVE = 0, 1, 2
 ACCESS_ALL = 0x3F  # READ LOOKUP MODIFY EXTEND DELETE EXECUTE
 ACCESS_DELETE, ACCESS_EXECUTE = 0x10, 0x20
 NAME_MAX = 255
+# set_atime / set_mtime (time_how, §2.5): leave it, the server's clock, the time given.
+DONT_CHANGE, SET_TO_SERVER_TIME, SET_TO_CLIENT_TIME = 0, 1, 2
+# Statuses only these procedures give (§2.6).
+NFS3ERR_NOT_SYNC, NFS3ERR_BAD_COOKIE, NFS3ERR_TOOSMALL = 10002, 10003, 10005
+# EXCLUSIVE CREATE keeps the client's verifier in the new file's atime and mtime seconds
+# (§3.3.8), 31 bits each so that every file system stores them unchanged (a 32-bit signed
+# time_t file system would turn 2**31 and up negative, or clamp them).
+_VERIFIER_SECONDS = 0x7FFF_FFFF
 # FSINFO's maxfilesize: the largest off_t. Offsets and sizes are uhyper on the wire; past this
 # os.pwritev and os.truncate raise OverflowError, not an OSError, so they are refused first.
 MAX_FILE_SIZE = 2**63 - 1
@@ -63,6 +75,12 @@ class Nfs3Program:
         # Changes with every start: a client holding UNSTABLE writes then sees a new
         # verifier at COMMIT and sends them again (§3.3.7).
         self.verifier = time.time_ns().to_bytes(8, "big")
+        # READDIR cookies are a keyed hash of the entry's name (see _readdir); the key comes
+        # from the handle key, so cookies, like handles, mean the same after a restart.
+        self._cookie_key = exports.key.mac(b"readdir cookie key")
+        # An EXCLUSIVE CREATE and its retransmission may run on two workers at once: the
+        # one that makes the file stamps the verifier before the other looks at it.
+        self._exclusive_create = threading.Lock()
         self._procedures = {0: self._null, 1: self._getattr, 2: self._setattr, 3: self._lookup,
                             4: self._access, 6: self._read, 7: self._write, 8: self._create,
                             16: self._readdir, 17: self._readdirplus, 18: self._fsstat,
@@ -197,40 +215,37 @@ class Nfs3Program:
 
     def _setattr(self, args, peer, release):
         handle = args.opaque(64)
-        mode = args.uint() if args.bool() else None
-        uid = args.uint() if args.bool() else None
-        gid = args.uint() if args.bool() else None
-        size = args.uhyper() if args.bool() else None
-        for _ in range(2):  # atime, mtime: set_it 0 don't, 1 server time, 2 client time
-            how = args.uint()
-            if how == 2:
-                args.uint()
-                args.uint()
-            elif how not in (0, 1):
-                raise xdr.XdrError(f"time_how {how}")
-        if args.bool():
-            args.uint()
-            args.uint()  # guard ctime: not checked (a client may send it; we do not race)
+        wanted = _unpack_sattr3(args)
+        guard = (args.uint(), args.uint()) if args.bool() else None  # sattrguard3: ctime
         args.done()
         try:
             node = self.exports.resolve(handle, peer)
-            if node.is_swap_file and (size is not None or mode is not None or uid is not None
-                                      or gid is not None):
+            if node.is_swap_file:
                 # Setting the size it has and nothing else (nfs-cp's O_TRUNC of nothing)
                 # changes nothing and is answered OK; anything more must not be answered OK
                 # while the mode or owner asked for is silently not applied.
-                if (mode is not None or uid is not None or gid is not None
-                        or size != os.stat(node.path).st_size):
+                if (wanted.mode is not None or wanted.uid is not None or wanted.gid is not None
+                        or wanted.size not in (None, os.stat(node.path).st_size)):
                     raise NfsError(NFS3ERR_ACCES, "a swap file's size, mode and owner are fixed")
-            elif node.is_dir and size is not None:
-                raise NfsError(NFS3ERR_ISDIR)
-            elif size is not None and size > MAX_FILE_SIZE:
-                raise NfsError(NFS3ERR_FBIG, f"size {size} over the largest file")
-            else:
-                if size is not None:
-                    os.truncate(node.path, size)
-                if mode is not None:
-                    os.chmod(node.path, mode & 0o7777)
+                wanted.size = None  # the size it has: nothing to do
+            elif node.is_dir:
+                if wanted.size is not None:
+                    raise NfsError(NFS3ERR_ISDIR)
+                if wanted.mode is not None or wanted.uid is not None or wanted.gid is not None:
+                    # An export's directory is the server's (the swap one holds every node's
+                    # file): a client may touch its times, not open it up or give it away.
+                    raise NfsError(NFS3ERR_ACCES, "an export directory's mode and owner are fixed")
+            elif wanted.size is not None and wanted.size > MAX_FILE_SIZE:
+                raise NfsError(NFS3ERR_FBIG, f"size {wanted.size} over the largest file")
+            if guard is not None:
+                # §3.3.2: apply only if the object's ctime is still the one the client saw.
+                # Checked just before applying, not atomically with it: NFSv3 offers no lock
+                # to take, and a change that lands in between is one the guard could not
+                # have seen either.
+                ctime = os.stat(node.path).st_ctime_ns
+                if divmod(ctime, 1_000_000_000) != guard:
+                    raise NfsError(NFS3ERR_NOT_SYNC, "ctime guard does not match")
+            _apply_sattr3(node.path, wanted)
         except OSError as exc:
             raise _from_os(exc) from exc
         packer = xdr.Packer()
@@ -366,19 +381,10 @@ class Nfs3Program:
         handle = args.opaque(64)
         name = args.string(NAME_MAX + 1)
         how = args.uint()
-        mode = 0o644
         if how in (UNCHECKED, GUARDED):
-            if args.bool():
-                mode = args.uint() & 0o7777
-            for _ in range(3):  # uid, gid, size
-                if args.bool():
-                    args.uint() if _ < 2 else args.uhyper()
-            for _ in range(2):
-                if args.uint() == 2:
-                    args.uint()
-                    args.uint()
+            wanted, verifier = _unpack_sattr3(args), None
         elif how == EXCLUSIVE:
-            args.fixed_opaque(8)
+            wanted, verifier = Sattr3(), bytes(args.fixed_opaque(8))
         else:
             raise xdr.XdrError(f"createmode {how}")
         args.done()
@@ -386,22 +392,28 @@ class Nfs3Program:
             directory = self.exports.resolve(handle, peer)
             if directory.export_id == SWAP_EXPORT:
                 raise NfsError(NFS3ERR_ACCES, "swap files are made by the server")
+            if not directory.is_dir:
+                raise NfsError(NFS3ERR_NOTDIR)
             text = name.decode("utf-8", "replace")
             if len(name) > NAME_MAX:
                 raise NfsError(NFS3ERR_NAMETOOLONG)
             if not text or "/" in text or text in (".", "..") or "\0" in text:
                 raise NfsError(NFS3ERR_INVAL, "bad name")
+            if wanted.size is not None and wanted.size > MAX_FILE_SIZE:
+                raise NfsError(NFS3ERR_FBIG, f"size {wanted.size} over the largest file")
             path = directory.path / text
-            flags = os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-            if how != UNCHECKED:
-                flags |= os.O_EXCL
-            try:
-                os.close(os.open(path, flags, mode))
-            except FileExistsError:
-                if how == EXCLUSIVE:
-                    pass  # a retransmitted exclusive create: the file is the one we made
-                else:
-                    raise NfsError(NFS3ERR_EXIST) from None
+            if how == EXCLUSIVE:
+                with self._exclusive_create:
+                    self._create_exclusive(path, verifier)
+            elif self._create_file(path, 0o644 if wanted.mode is None else wanted.mode,
+                                   exclusive=how == GUARDED):
+                _apply_sattr3(path, wanted)  # the attributes a new file starts with
+            elif wanted.size is not None:
+                # UNCHECKED on an existing file: like open(O_CREAT | O_TRUNC), only the size
+                # is applied; the other attributes are for a file being made (as knfsd does).
+                # Looked up first: only a plain file of the export is truncated.
+                _apply_sattr3(self.exports.lookup(directory, text, peer).path,
+                              Sattr3(size=wanted.size))
             created = self.exports.lookup(directory, text, peer)
         except OSError as exc:
             raise _from_os(exc) from exc
@@ -413,34 +425,115 @@ class Nfs3Program:
         self._wcc(packer, directory)
         return [packer.bytes()]
 
+    @staticmethod
+    def _create_file(path, mode: int, exclusive: bool) -> bool:
+        """Create the regular file at `path`; True if it is new, False if it was there
+        (GUARDED: NFS3ERR_EXIST instead)."""
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            os.close(os.open(path, flags, mode))
+            return True
+        except FileExistsError:
+            if exclusive:
+                raise NfsError(NFS3ERR_EXIST) from None
+            return False
+
+    def _create_exclusive(self, path, verifier: bytes) -> None:
+        """EXCLUSIVE (§3.3.8): a new file stamped with the client's verifier; an existing
+        file is this create's own if it carries the same verifier (the reply was lost and
+        the call retransmitted), and NFS3ERR_EXIST otherwise. The client replaces the
+        stamped times with a SETATTR once it has the file."""
+        stamp = (int.from_bytes(verifier[:4], "big") & _VERIFIER_SECONDS,
+                 int.from_bytes(verifier[4:], "big") & _VERIFIER_SECONDS)
+        if self._create_file(path, 0o644, exclusive=False):
+            os.utime(path, ns=tuple(seconds * 1_000_000_000 for seconds in stamp))
+            return
+        st = os.lstat(path)
+        if not (stat.S_ISREG(st.st_mode) and (st.st_atime_ns // 1_000_000_000,
+                                              st.st_mtime_ns // 1_000_000_000) == stamp):
+            raise NfsError(NFS3ERR_EXIST, "exists, made by another create")
+
     def _readdir(self, args, peer, release, plus: bool = False):
+        """READDIR (§3.3.16) and READDIRPLUS (§3.3.17), a page at a time.
+
+        A cookie is a keyed hash of the entry's name, and a directory is listed in cookie
+        order: the page after cookie c holds the entries whose cookie is above c. So a cookie
+        stays valid while files come and go between pages (an entry there all along is
+        listed exactly once), and across our restarts (the key is the handle key's). The
+        cookie verifier names that scheme for the export; another gets NFS3ERR_BAD_COOKIE.
+        """
         handle = args.opaque(64)
         cookie = args.uhyper()
-        args.fixed_opaque(8)  # cookieverf: the listing is small and rebuilt each time
-        args.uint()  # dircount (READDIRPLUS) or count
-        if plus:
-            args.uint()  # maxcount: every entry fits (the directories are small)
+        verifier = bytes(args.fixed_opaque(8))
+        # READDIR: count bounds the whole result. READDIRPLUS: maxcount bounds it, and
+        # dircount the entries' fileid, name and cookie alone.
+        dircount = args.uint()
+        maxcount = args.uint() if plus else dircount
         args.done()
         directory = self.exports.resolve(handle, peer)
         if not directory.is_dir:
             raise NfsError(NFS3ERR_NOTDIR)
-        entries = self.exports.listing(directory, peer)
+        cookieverf = self._cookie_verifier(directory)
+        # Zeros are what a client sends with cookie 0, and what it holds after dropping its
+        # cache; our cookies do not expire, so they are taken with any cookie.
+        if cookie and verifier not in (cookieverf, bytes(8)):
+            raise NfsError(NFS3ERR_BAD_COOKIE, "cookie verifier of another listing")
+        pending = sorted((entry_cookie, name, node)
+                         for name, node in self.exports.listing(directory, peer)
+                         if (entry_cookie := self._cookie_of(name)) > cookie)
         packer = self._ok(directory)
-        packer.fixed_opaque(bytes(8))
-        for index, (name, node) in enumerate(entries, start=1):
-            if index <= cookie:
-                continue
+        packer.fixed_opaque(cookieverf)
+        room = min(maxcount, self.max_io) - len(packer) - 8  # the list's end and eof follow
+        dir_room = dircount
+        page: list[tuple[int, bytes]] = []
+        eof = True
+        for entry_cookie, name, node in pending:
+            try:
+                entry, dir_size = self._dir_entry(name, node, entry_cookie, plus)
+            except FileNotFoundError:
+                continue  # removed since the listing was read
+            if len(entry) > room or (plus and dir_size > dir_room):
+                eof = False
+                # Two names of one cookie (a hash collision) go on the same page: a page
+                # ending between them would make the next one skip the second.
+                while page and page[-1][0] == entry_cookie:
+                    page.pop()
+                break
+            page.append((entry_cookie, entry))
+            room -= len(entry)
+            dir_room -= dir_size
+        if not page and (not eof or room < 0):
+            raise NfsError(NFS3ERR_TOOSMALL, f"not one entry fits in {maxcount} bytes")
+        parts = [packer.bytes(), *(entry for _, entry in page)]
+        tail = xdr.Packer()
+        tail.bool(False)  # no more entries on this page
+        tail.bool(eof)
+        parts.append(tail.bytes())
+        return [b"".join(parts)]
+
+    def _dir_entry(self, name: str, node: Node, cookie: int, plus: bool) -> tuple[bytes, int]:
+        """An entry3 (or entryplus3) with the TRUE that leads it, and how many of its bytes
+        count against READDIRPLUS's dircount (all but the attributes and the handle)."""
+        packer = xdr.Packer()
+        packer.bool(True)
+        packer.uhyper(os.stat(node.path).st_ino)
+        packer.string(os.fsencode(name))
+        packer.uhyper(cookie)
+        dir_size = len(packer)
+        if plus:
+            self._post_op(packer, node)
             packer.bool(True)
-            packer.uhyper(os.stat(node.path).st_ino)
-            packer.string(name.encode())
-            packer.uhyper(index)
-            if plus:
-                self._post_op(packer, node)
-                packer.bool(True)
-                packer.opaque(self.exports.handle_for(node))
-        packer.bool(False)
-        packer.bool(True)  # eof: every entry fits (the directories are small)
-        return [packer.bytes()]
+            packer.opaque(self.exports.handle_for(node))
+        return packer.bytes(), dir_size
+
+    def _cookie_of(self, name: str) -> int:
+        digest = hashlib.blake2b(os.fsencode(name), digest_size=8, key=self._cookie_key).digest()
+        # 63 bits (some clients keep cookies in a signed offset), never 0 (the start).
+        return int.from_bytes(digest, "big") >> 1 or 1
+
+    def _cookie_verifier(self, directory: Node) -> bytes:
+        return hashlib.blake2b(f"{directory.export_id}".encode(), digest_size=8,
+                               key=self._cookie_key, person=b"cookieverf").digest()
 
     def _readdirplus(self, args, peer, release):
         return self._readdir(args, peer, release, plus=True)
@@ -501,6 +594,78 @@ class Nfs3Program:
         self._wcc(packer, node)
         packer.fixed_opaque(self.verifier)
         return [packer.bytes()]
+
+
+@dataclass
+class Sattr3:
+    """A sattr3 (§2.5): what to set, None for what to leave. Times are in nanoseconds, or
+    SERVER_TIME for the server's clock at the moment they are applied."""
+
+    mode: Optional[int] = None
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    size: Optional[int] = None
+    atime: Optional[object] = None
+    mtime: Optional[object] = None
+
+
+SERVER_TIME = "server time"
+U32_MAX = 0xFFFF_FFFF
+
+
+def _unpack_sattr3(args) -> Sattr3:
+    wanted = Sattr3()
+    if args.bool():
+        wanted.mode = args.uint() & 0o7777
+    if args.bool():
+        wanted.uid = args.uint()
+    if args.bool():
+        wanted.gid = args.uint()
+    if args.bool():
+        wanted.size = args.uhyper()
+    times = []
+    for _ in range(2):  # atime, mtime
+        how = args.uint()
+        if how == SET_TO_CLIENT_TIME:
+            seconds, nanoseconds = args.uint(), args.uint()
+            if nanoseconds >= 1_000_000_000:
+                raise xdr.XdrError(f"nseconds {nanoseconds}")
+            times.append(seconds * 1_000_000_000 + nanoseconds)
+        elif how == SET_TO_SERVER_TIME:
+            times.append(SERVER_TIME)
+        elif how == DONT_CHANGE:
+            times.append(None)
+        else:
+            raise xdr.XdrError(f"time_how {how}")
+    wanted.atime, wanted.mtime = times
+    return wanted
+
+
+def _apply_sattr3(path, wanted: Sattr3) -> None:
+    """Set what `wanted` asks for on the file at `path` (a regular file or a directory,
+    never a symlink: the exports hold none, and we would not follow one)."""
+    if wanted.size is not None:
+        os.truncate(path, wanted.size)
+    if U32_MAX in (wanted.uid, wanted.gid):
+        # (uid_t)-1 means "leave it" to chown(2): an OK reply would claim a change not made.
+        raise NfsError(NFS3ERR_INVAL, "uid or gid 4294967295")
+    if wanted.uid is not None or wanted.gid is not None:
+        # Before the mode: chown clears set-user/group-ID bits the mode may ask for.
+        os.chown(path, -1 if wanted.uid is None else wanted.uid,
+                 -1 if wanted.gid is None else wanted.gid, follow_symlinks=False)
+    if wanted.mode is not None:
+        os.chmod(path, wanted.mode)
+    # Times last: a truncate moves mtime, and the client asked for the mtime it gave.
+    if wanted.atime == SERVER_TIME and wanted.mtime == SERVER_TIME:
+        os.utime(path)
+    elif wanted.atime is not None or wanted.mtime is not None:
+        # os.utime sets both; the one not asked for keeps its value (read just before).
+        st = os.stat(path)
+        now = time.time_ns()
+        atime = st.st_atime_ns if wanted.atime is None else wanted.atime
+        mtime = st.st_mtime_ns if wanted.mtime is None else wanted.mtime
+        os.utime(path, ns=(now if atime == SERVER_TIME else atime,
+                           now if mtime == SERVER_TIME else mtime))
 
 
 def _from_os(exc: OSError) -> NfsError:

@@ -13,16 +13,18 @@ several are in flight and replies go out in completion order, matched by xid.
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Optional
 
 from ..errors import AttachRefused
 from ..nbd.sender import ReplySender, SendPoller
 from ..netpolicy import tag_emergency
-from ..nbd.server import tcp_listener
+from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from . import mount, nfs3
@@ -38,14 +40,49 @@ RECORD_SLACK = 4096
 MAX_INFLIGHT_CALLS = 64
 
 
+class ConnectionLimits:
+    """nfs.max_connections and nfs.max_connections_per_client, counted over every RpcServer
+    that shares this object (NFS and MOUNT): a budget of the NFS side's own, apart from the
+    NBD side's, so a flood on one service cannot lock swap nodes out of the other."""
+
+    def __init__(self, max_connections: int, max_per_client: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self._open = 0
+        self._per_client: Counter[str] = Counter()  # open connections by client address
+        self._lock = threading.Lock()
+
+    def admit(self, client: str) -> Optional[str]:
+        """Count a new connection from `client` in, or say which limit refuses it (the
+        counter label: the config key)."""
+        with self._lock:
+            if self._open >= self.max_connections:
+                return "nfs.max_connections"
+            if self._per_client[client] >= self.max_per_client:
+                return "nfs.max_connections_per_client"
+            self._open += 1
+            self._per_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        with self._lock:
+            self._open -= 1
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]  # the table holds open clients only
+
+
 class RpcServer:
     """Listeners and connections for a set of RPC programs, on the addresses given."""
 
     def __init__(self, name: str, addresses, programs: dict, pool, counters, workers,
                  send_poller: SendPoller, max_record: int, key: str,
-                 swap_nodes=None) -> None:
+                 swap_nodes=None, limits: Optional[ConnectionLimits] = None,
+                 keepalive: Optional[float] = None) -> None:
         """`swap_nodes`, for the NFS port (a _SwapNodes): a swap node's connection is
-        tagged and may use the node's reserve while the node is attached."""
+        tagged and may use the node's reserve while the node is attached. `limits`: the
+        connection limits to count in (None: none); `keepalive`: seconds of silence before
+        TCP probes a client (None: no keepalive)."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
         self._addresses = addresses
         self.programs = programs  # program number -> an object with .call(call, client)
@@ -56,11 +93,16 @@ class RpcServer:
         self.max_record = max_record
         self._key = key
         self.swap_nodes = swap_nodes
+        self._limits = limits
+        self._keepalive = keepalive
+        self._last_refusal_log: dict[str, float] = {}
         self._listeners: list[socket.socket] = []
         self._connections: set[RpcConnection] = set()
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = False
         self._acceptor: Optional[threading.Thread] = None
+        self._wake_r, self._wake_w = os.pipe()  # stop() ends the accept loop at once
 
     def start(self) -> None:
         try:
@@ -79,13 +121,26 @@ class RpcServer:
             log.info("%s served on %s", self.name, f"[{host}]:{port}" if ":" in host
                      else f"{host}:{port}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> bool:
+        """Stop accepting, close every connection, and wait up to `timeout` seconds for
+        their threads: a connection thread ends only when its calls have replied, and until
+        then it uses pool buffers and the exports' files. True if all ended in time."""
         self._stopping = True
+        os.write(self._wake_w, b"x")
+        if self._acceptor is not None:
+            self._acceptor.join()  # no connection starts after this
         self._close_listeners()
         with self._lock:
             connections = list(self._connections)
+            threads = list(self._threads)
         for connection in connections:
             connection.close()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return not any(thread.is_alive() for thread in threads)
 
     @property
     def ports(self) -> list[int]:
@@ -97,19 +152,58 @@ class RpcServer:
 
     def _accept_loop(self) -> None:
         selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ)
         for listener in self._listeners:
+            listener.setblocking(False)
             selector.register(listener, selectors.EVENT_READ)
-        while not self._stopping:
-            for key, _ in selector.select(timeout=0.5):
-                try:
-                    sock, address = key.fileobj.accept()
-                except OSError:
-                    continue  # closed by stop(), or the client went away
-                self._start_connection(sock, address[0])
-        selector.close()
+        try:
+            while not self._stopping:
+                for key, _ in selector.select():
+                    if key.fileobj == self._wake_r:
+                        return
+                    self._accept(key.fileobj)
+        finally:
+            selector.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. EMFILE: log, keep serving the clients we have
+            self.counters.inc("accept_errors", exc.__class__.__name__)
+            log.warning("%s: accept failed: %s", self.name, exc)
+            return
+        peer = address[0]
+        refusal = self._limits.admit(peer) if self._limits is not None else None
+        if refusal is not None:
+            # Closed before any record is read: no thread, no buffer for it.
+            sock.close()
+            self.counters.inc("connections_refused", refusal)
+            self._log_refusal(refusal, peer)
+            return
+        try:
+            sock.setblocking(True)
+            self._start_connection(sock, peer)
+        except BaseException:
+            if self._limits is not None:
+                self._limits.release(peer)
+            sock.close()
+            raise
+
+    def _log_refusal(self, reason: str, client: str) -> None:
+        # A flood of refusals must not become a flood of log lines: one per reason a second.
+        now = time.monotonic()
+        if now - self._last_refusal_log.get(reason, 0.0) >= 1.0:
+            self._last_refusal_log[reason] = now
+            log.warning("%s: refusing connections from %s: %s reached (%s refused so far)",
+                        self.name, client, reason,
+                        self.counters.get("connections_refused", reason))
 
     def _start_connection(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._keepalive is not None:
+            keep_alive(sock, self._keepalive)
         node = self.swap_nodes.node_of(peer) if self.swap_nodes is not None else None
         if node is not None:
             # A swap node's connection carries its swap file's I/O: tagged from accept (the
@@ -119,10 +213,13 @@ class RpcServer:
                 self.counters.inc("socket_tag_failures")
                 log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
         connection = RpcConnection(self, sock, peer, node)
+        thread = threading.Thread(target=connection.run, name=f"{self.name} {peer}",
+                                  daemon=True)
         with self._lock:
             self._connections.add(connection)
+            self._threads.add(thread)
         self.counters.inc("rpc_connections", self.name)
-        threading.Thread(target=connection.run, name=f"{self.name} {peer}", daemon=True).start()
+        thread.start()
 
     def close_node(self, node: str) -> int:
         """Close the connections of swap node `node`; return how many."""
@@ -135,6 +232,9 @@ class RpcServer:
     def connection_closed(self, connection: "RpcConnection") -> None:
         with self._lock:
             self._connections.discard(connection)
+            self._threads.discard(threading.current_thread())
+        if self._limits is not None:
+            self._limits.release(connection.peer)
 
 
 class RpcConnection:
@@ -322,15 +422,17 @@ class NfsService:
         self.swap_nodes = (_SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap,
                                       counters) if nfs.swap_export else None)
         max_record = nfs.max_io + RECORD_SLACK
+        limits = ConnectionLimits(nfs.max_connections, nfs.max_connections_per_client)
         program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
         self.nfs = RpcServer("nfs", nfs.listen, {nfs3.PROGRAM: program},
                              pool, counters, workers, send_poller, max_record, "nfs.listen",
-                             swap_nodes=self.swap_nodes)
+                             swap_nodes=self.swap_nodes, limits=limits,
+                             keepalive=nfs.keepalive)
         self.mount = RpcServer("mount", nfs.mount_listen,
                                {mount.PROGRAM: mount.MountProgram(self.exports, counters,
                                                                   self.swap_nodes)},
                                pool, counters, workers, send_poller, max_record,
-                               "nfs.mount_listen")
+                               "nfs.mount_listen", limits=limits, keepalive=nfs.keepalive)
 
     def start(self, wipe: bool = False) -> None:
         """Listen; with `wipe` (swap.wipe), first zero what a previous run left in every
@@ -343,7 +445,7 @@ class NfsService:
         try:
             self.nfs.start()
         except BaseException:
-            self.mount.stop()
+            self.mount.stop(0)
             raise
         if self.swap_nodes is not None:
             self.swap_nodes.start()
@@ -370,12 +472,19 @@ class NfsService:
         self._counters.inc("wipes", f"nfs:{node}")
         return True
 
-    def stop(self) -> None:
-        self.nfs.stop()
-        self.mount.stop()
-        if self.swap_nodes is not None:
-            self.swap_nodes.stop()
-        self.exports.close()
+    def stop(self, timeout: float) -> bool:
+        """Close every connection and wait up to `timeout` seconds for their calls to end;
+        True if they all did. The swap files are closed and the nodes' reserves released
+        only then: a call still running could otherwise write through a descriptor number
+        that now names another file, or hold a buffer of a reserve being destroyed."""
+        deadline = time.monotonic() + timeout
+        clean = self.nfs.stop(timeout)
+        clean = self.mount.stop(max(0.0, deadline - time.monotonic())) and clean
+        if clean:
+            if self.swap_nodes is not None:
+                self.swap_nodes.stop()
+            self.exports.close()
+        return clean
 
 
 class _NfsSwapNode:
