@@ -913,6 +913,19 @@ _NFS = (
            "client in none of them gets no swap file."),
     _Field("max_io", _Size(8 * KiB, 16 * MiB, power_of_two=True), "1MiB",
            "Largest READ/WRITE (FSINFO rtmax/wtmax); records are capped just above it."),
+    _Field("portmapper", _Choice("off", "serve", "register"), "register",
+           "How clients find the NFS and MOUNT ports without port=/mountport=: "
+           '"register" SETs them at the local rpcbind (nfs.rpcbind_socket) at start and UNSETs '
+           'them at stop, only a warning if none answers; "serve" answers portmapper v2 itself '
+           'on nfs.portmapper_listen (TCP; SET, UNSET and CALLIT refused); "off" neither.'),
+    _Field("portmapper_listen", _ListenAddresses(), ["127.0.0.1:111"],
+           'TCP addresses of the portmapper with nfs.portmapper = "serve" (clients ask port '
+           "111)."),
+    _Field("rpcbind_socket", _PathText("an absolute path of at most 107 bytes", absolute=True,
+                                       max_bytes=107),
+           "/run/rpcbind.sock",
+           "The local rpcbind's AF_LOCAL socket, where nfs.portmapper = \"register\" "
+           "registers (rpcbind takes SET only from local callers)."),
 )
 
 _METRICS = (
@@ -1068,6 +1081,9 @@ class NfsConfig:
     scratch_directory: Path  # absolute
     nodes: tuple  # ((network, node), ...), most specific first
     max_io: int  # bytes
+    portmapper: str  # "off" | "serve" | "register"
+    portmapper_listen: tuple[tuple[str, int], ...]
+    rpcbind_socket: Path
 
     def node_of(self, address: str) -> str | None:
         """The swap node a client address is, or None."""

@@ -106,6 +106,11 @@ _EVENTS = {
     "nfs_errors": ("netswap_nfs_errors_total",
                    "NFSv3 calls answered with an NFS3ERR status, by status number.", "status"),
     "mount_calls": ("netswap_mount_calls_total", "MOUNT v3 calls, by procedure.", "procedure"),
+    "portmap_calls": ("netswap_portmap_calls_total",
+                      "Portmapper (PMAP v2) calls served, by procedure.", "procedure"),
+    "rpcbind_registration_failures": ("netswap_rpcbind_registration_failures_total",
+                                      "NFS and MOUNT mappings the local rpcbind did not take "
+                                      "(or give back at stop), by reason.", "reason"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

@@ -12,6 +12,7 @@ several are in flight and replies go out in completion order, matched by xid.
 
 from __future__ import annotations
 
+import functools
 import logging
 import selectors
 import socket
@@ -26,6 +27,7 @@ from ..rpc import constants as RC
 from ..rpc import message as rpc
 from . import mount, nfs3
 from .exports import NfsExports
+from .portmapper import Portmapper
 
 log = logging.getLogger("netswap.nfs")
 
@@ -89,6 +91,11 @@ class RpcServer:
     @property
     def ports(self) -> list[int]:
         return [listener.getsockname()[1] for listener in self._listeners]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of each listener, as bound."""
+        return [listener.getsockname()[:2] for listener in self._listeners]
 
     def _close_listeners(self) -> None:
         for listener in self._listeners:
@@ -273,9 +280,11 @@ class RpcConnection:
         if program is None:
             counters.inc("rpc_protocol_errors", "prog_unavail")
             return [rpc.accepted(call.xid, RC.PROG_UNAVAIL)]
-        if call.vers != program.version:
+        # A program serves one version, or a range (the portmapper: 2 to 4).
+        low, high = getattr(program, "versions", (program.version, program.version))
+        if not low <= call.vers <= high:
             counters.inc("rpc_protocol_errors", "prog_mismatch")
-            return [rpc.prog_mismatch(call.xid, program.version, program.version)]
+            return [rpc.prog_mismatch(call.xid, low, high)]
         try:
             return program.call(call, self.peer, release, emergency=release[0].emergency)
         except Exception:
@@ -305,6 +314,8 @@ class NfsService:
                                {mount.PROGRAM: mount.MountProgram(self.exports, counters)},
                                pool, counters, workers, send_poller, max_record,
                                "nfs.mount_listen")
+        self.portmapper = Portmapper(nfs, counters, functools.partial(
+            RpcServer, pool=pool, counters=counters, workers=workers, send_poller=send_poller))
 
     def start(self, wipe: bool = False) -> None:
         """Listen; with `wipe` (swap.wipe), first zero what a previous run left in every
@@ -316,11 +327,14 @@ class NfsService:
         self.mount.start()
         try:
             self.nfs.start()
+            self.portmapper.start(self.nfs, self.mount)  # publishes the ports just bound
         except BaseException:
+            self.nfs.stop()
             self.mount.stop()
             raise
 
     def stop(self) -> None:
+        self.portmapper.stop()
         self.nfs.stop()
         self.mount.stop()
         self.exports.close()
