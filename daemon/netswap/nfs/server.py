@@ -94,8 +94,16 @@ class RpcServer:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """(host, port) of each listener, as bound."""
-        return [listener.getsockname()[:2] for listener in self._listeners]
+        """(host, port) of each listener, as bound: a dual-stack wildcard ("" or "*" in the
+        config, bound to "::" without IPV6_V6ONLY) is ("0.0.0.0", port) and ("::", port)."""
+        bound = []
+        for listener in self._listeners:
+            host, port = listener.getsockname()[:2]
+            if listener.family == socket.AF_INET6 and not listener.getsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                bound.append(("0.0.0.0", port))
+            bound.append((host, port))
+        return bound
 
     def _close_listeners(self) -> None:
         for listener in self._listeners:

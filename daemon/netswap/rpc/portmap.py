@@ -198,8 +198,9 @@ class PortmapProgram:
 
     def _rpcb_getaddr(self, args, peer) -> bytes:
         wanted = _unpack_rpcb(args)
-        # No netid: the one the caller came in on (rpcbind does the same).
-        netid = wanted.netid or ("tcp6" if ":" in peer else "tcp")
+        # No netid: the one the caller came in on (rpcbind does the same); an IPv4 caller
+        # on a dual-stack listener shows as ::ffff:a.b.c.d.
+        netid = wanted.netid or _netid_of(peer)
         packer = xdr.Packer()
         for entry in self.entries:
             if (entry.prog, entry.vers, entry.netid) == (wanted.prog, wanted.vers, netid):
@@ -215,6 +216,11 @@ class PortmapProgram:
             _pack_rpcb(packer, entry)
         packer.bool(False)
         return packer.bytes()
+
+
+def _netid_of(peer: str) -> str:
+    ip = ipaddress.ip_address(peer)
+    return "tcp6" if ip.version == 6 and ip.ipv4_mapped is None else "tcp"
 
 
 def _unpack_rpcb(args: xdr.Unpacker) -> Registration:
