@@ -107,7 +107,8 @@ _EVENTS = {
                    "NFSv3 calls answered with an NFS3ERR status, by status number.", "status"),
     "mount_calls": ("netswap_mount_calls_total", "MOUNT v3 calls, by procedure.", "procedure"),
     "portmap_calls": ("netswap_portmap_calls_total",
-                      "Portmapper (PMAP v2) calls served, by procedure.", "procedure"),
+                      "Portmapper calls served (PMAP v2, rpcbind v3/v4), by procedure.",
+                      "procedure"),
     "rpcbind_registration_failures": ("netswap_rpcbind_registration_failures_total",
                                       "NFS and MOUNT mappings the local rpcbind did not take "
                                       "(or give back at stop), by reason.", "reason"),
