@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import free_port, start_daemon
 from netswap.rpc import constants as RC
 from netswap.rpc import message as rpc
+from netswap.rpc import portmap
 
 NFS_PORT, MOUNT_PORT = 2111, 21111  # inside the namespace: anything but the defaults
 NFS_PROG, MOUNT_PROG, PMAP_PROG = 100003, 100005, 100000
@@ -125,10 +126,10 @@ def rpcbind(netns):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def start_in(netns, tmp_path, portmapper_options: str):
+def start_in(netns, tmp_path, portmapper_options: str, nfs_host: str = "127.0.0.1"):
     daemon = start_daemon(tmp_path, prefix=netns.exec(), nfs_options=f"""
         enabled = true
-        listen = ["127.0.0.1:{NFS_PORT}"]
+        listen = ["{nfs_host}:{NFS_PORT}"]
         mount_listen = ["127.0.0.1:{MOUNT_PORT}"]
         swap_size = "4MiB"
         {portmapper_options}
@@ -261,6 +262,28 @@ def test_rpcinfo_and_nfs_ls_find_the_ports_at_our_own_portmapper(netns, tmp_path
     assert "portmap served on 127.0.0.1:111" in log
 
 
+def test_mount_nfs_asks_our_portmapper_for_both_ports(netns, tmp_path):
+    # The node-side mount line without port= and mountport= (README, "Over NFSv3").
+    daemon = start_in(netns, tmp_path, 'portmapper = "serve"')
+    target = tmp_path / "mnt"
+    target.mkdir()
+    try:
+        # ip netns exec runs it in a mount namespace of its own; unmounted in the same
+        # shell all the same, should this kernel have NFS and the mount succeed.
+        result = netns.run("sh", "-c", f"mount.nfs 127.0.0.1:/scratch {target} -v -o "
+                           f"vers=3,proto=tcp,mountproto=tcp,nolock,soft,retry=0 && "
+                           f"{{ ls {target}; umount {target}; }}", check=False)
+        output = result.stdout + result.stderr
+        assert f"prog {NFS_PROG} vers 3 prot TCP port {NFS_PORT}" in output, output
+        assert f"prog {MOUNT_PROG} vers 3 prot TCP port {MOUNT_PORT}" in output, output
+        # Without NFS in the kernel (CI containers) mount(2) fails after the lookups.
+        assert ((result.returncode == 0 and "found-by-portmap.txt" in output)
+                or "mount(2): No such device" in output), output
+        assert metric(daemon, "netswap_portmap_calls_total", procedure="getport") >= 2
+    finally:
+        stop_clean(daemon)
+
+
 def test_a_served_portmapper_refuses_changes_relays_and_garbage_and_carries_on(netns, tmp_path):
     daemon = start_in(netns, tmp_path, f"""
         portmapper = "serve"
@@ -327,6 +350,28 @@ def test_a_served_portmapper_refuses_changes_relays_and_garbage_and_carries_on(n
     finally:
         log = stop_clean(daemon)
     assert f"portmap {FOREIGN}: SET of program {NFS_PROG}" in log
+
+
+def test_getaddr_answers_a_wildcard_listener_with_the_address_the_caller_reached(netns,
+                                                                                  tmp_path):
+    daemon = start_in(netns, tmp_path, 'portmapper = "serve"', nfs_host="*")
+    try:
+        client = Client(netns.socket())
+        reply = client.call(3, rpcb(NFS_PROG, 3, "", ""), vers=3)  # netid "": the caller's
+        (length,) = struct.unpack(">I", reply.results[:4])
+        assert bytes(reply.results[4:4 + length]) == \
+            f"127.0.0.1.{NFS_PORT >> 8}.{NFS_PORT & 0xFF}".encode()
+        assert getport(client, NFS_PROG) == NFS_PORT
+        client.close()
+    finally:
+        stop_clean(daemon)
+
+
+def test_universal_addresses_follow_rfc_5665():
+    assert portmap.universal_address("127.0.0.1", 2049) == ("tcp", "127.0.0.1.8.1")
+    assert portmap.universal_address("", 111) == ("tcp", "0.0.0.0.0.111")
+    assert portmap.universal_address("::1", 20048) == ("tcp6", "::1.78.80")
+    assert portmap.Registration(1, 1, "tcp6", "::1.78.80").port == 20048
 
 
 def test_serve_on_a_taken_port_fails_the_start_naming_the_key(tmp_path):
