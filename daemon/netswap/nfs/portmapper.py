@@ -30,8 +30,9 @@ from ..rpc import portmap
 
 log = logging.getLogger("netswap.nfs")
 
-# A PMAP v2 call is its RPC header (credentials at most 400 bytes each) and four words.
-PORTMAP_MAX_RECORD = 1024
+# A call is its RPC header (credentials at most 400 bytes each) and a mapping (four words)
+# or an rpcb (two words and three short strings).
+PORTMAP_MAX_RECORD = 2048
 # rpcbind answers from memory; a slow answer means it is stuck, and the start must not be.
 RPCBIND_TIMEOUT = 2.0
 # A DUMP lists every registration of the host: generous, but bounded.
@@ -53,7 +54,7 @@ class Portmapper:
         self.server = None
         self._registrar: Optional[RpcbindRegistrar] = None
         if self.mode == "serve":
-            self._program = portmap.PortmapProgram((), counters)
+            self._program = portmap.PortmapProgram(counters)
             self.server = serve_rpc("portmap", nfs_config.portmapper_listen,
                                     {portmap.PROGRAM: self._program},
                                     max_record=PORTMAP_MAX_RECORD, key="nfs.portmapper_listen")
@@ -64,7 +65,7 @@ class Portmapper:
         """`nfs` and `mount`: the started RpcServers whose ports are published."""
         if self.server is not None:
             self.server.start()
-            self._program.entries = served_table(nfs, mount, self.server)
+            self._program.publish(served_table(nfs, mount, self.server))
         if self._registrar is not None:
             self._registrar.register(published(((nfs, NFS_PROGRAM, NFS_VERSION),
                                                 (mount, MOUNT_PROGRAM, MOUNT_VERSION))))

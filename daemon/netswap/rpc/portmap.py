@@ -45,6 +45,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,6 +73,9 @@ _RELAYS = {2: {5: "callit"}, 3: {5: "callit"}, 4: {5: "bcast", 10: "indirect"}}
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 _PROT_NETID = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}  # PMAP v2 is IPv4 only
 RPCB_STRING_MAX = 1024  # no bound in the RFC; rpcbind's own entries are far shorter
+
+# Bounds the wait of a call that races the start; the publish follows the bind at once.
+_PUBLISH_WAIT = 10.0
 
 _MAPPING = struct.Struct(">4I")  # prog, vers, prot, port
 _U32 = struct.Struct(">I")
@@ -110,17 +114,24 @@ class PortmapProgram:
     """Portmapper v2 and rpcbind v3/v4 over a fixed table (see the module docstring); the
     transport calls `call`.
 
-    `entries` is read on every call, so the owner may fill it after the listeners it
-    describes have their ports (port 0 in the config)."""
+    The table includes the portmapper's own port, known only once its listener is bound
+    (port 0 in the config), so the owner `publish`es it after the transport has started;
+    a call that arrives in between waits for it rather than being told "port 0"."""
 
     version = VERSION
     versions = (2, 4)  # served range: PROG_MISMATCH answers name it
 
-    def __init__(self, entries: tuple, counters) -> None:
-        self.entries = tuple(entries)
+    def __init__(self, counters) -> None:
+        self.entries: tuple[Registration, ...] = ()
         self.counters = counters
+        self._published = threading.Event()
+
+    def publish(self, entries) -> None:
+        self.entries = tuple(entries)
+        self._published.set()
 
     def call(self, call, peer: str, release: list, emergency: bool = False):
+        self._published.wait(_PUBLISH_WAIT)
         name = _SERVED[call.vers].get(call.proc)
         if name is None:
             relay = _RELAYS[call.vers].get(call.proc)
