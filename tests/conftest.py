@@ -123,6 +123,8 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             read_only = true
             description = "read only"
         """
+    # A test daemon never touches the host's rpcbind or port 111 unless the test asks.
+    portmapper = "" if "portmapper" in nfs_options else 'portmapper = "off"'
     path.write_text(
         textwrap.dedent(
             f"""
@@ -153,8 +155,10 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             [pressure]
             {pressure_options}
 
-            # Off unless a test is about it: NFS binds fixed ports by default.
+            # Off unless a test is about it: NFS binds fixed ports by default, and registers
+            # with the host's rpcbind unless told otherwise.
             [nfs]
+            {portmapper}
             {nfs_options}
 
             [metrics]
@@ -166,9 +170,11 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
     )
 
 
-def start_daemon(tmp: Path, cgroup: Path | None = None, **config) -> Daemon:
+def start_daemon(tmp: Path, cgroup: Path | None = None, prefix: tuple[str, ...] = (),
+                 **config) -> Daemon:
     """Start netswapd on a config written from `config` (see write_config); with `cgroup`,
-    the daemon runs inside that (v1 memory) cgroup from its first instruction."""
+    the daemon runs inside that (v1 memory) cgroup from its first instruction. `prefix`
+    is a command that execs the daemon's (e.g. ip netns exec NAME)."""
     state_dir = tmp / "state"
     state_dir.mkdir(exist_ok=True)
     # A read-only export needs its file to exist before the daemon starts.
@@ -185,7 +191,7 @@ def start_daemon(tmp: Path, cgroup: Path | None = None, **config) -> Daemon:
     def join_cgroup():
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     process = subprocess.Popen(
-        [sys.executable, "-m", "netswap", "--config", str(config_path)],
+        [*prefix, sys.executable, "-m", "netswap", "--config", str(config_path)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         preexec_fn=join_cgroup if cgroup is not None else None,
     )

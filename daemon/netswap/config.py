@@ -930,6 +930,19 @@ _NFS = (
     _Field("keepalive", _Duration(), "30s",
            "Idle time after which TCP keepalive probes an NFS client, as nbd.keepalive: a "
            "node gone without a word is disconnected within about twice this."),
+    _Field("portmapper", _Choice("off", "serve", "register"), "register",
+           "How clients find the NFS and MOUNT ports without port=/mountport=: "
+           '"register" SETs them at the local rpcbind (nfs.rpcbind_socket) at start and UNSETs '
+           'them at stop, only a warning if none answers; "serve" answers portmapper v2 itself '
+           'on nfs.portmapper_listen (TCP; SET, UNSET and CALLIT refused); "off" neither.'),
+    _Field("portmapper_listen", _ListenAddresses(), ["127.0.0.1:111"],
+           'TCP addresses of the portmapper with nfs.portmapper = "serve" (clients ask port '
+           "111)."),
+    _Field("rpcbind_socket", _PathText("an absolute path of at most 107 bytes", absolute=True,
+                                       max_bytes=107),
+           "/run/rpcbind.sock",
+           "The local rpcbind's AF_LOCAL socket, where nfs.portmapper = \"register\" "
+           "registers (rpcbind takes SET only from local callers)."),
 )
 
 _METRICS = (
@@ -1089,6 +1102,9 @@ class NfsConfig:
     max_connections: int  # NFS and MOUNT together
     max_connections_per_client: int
     keepalive: float  # seconds
+    portmapper: str  # "off" | "serve" | "register"
+    portmapper_listen: tuple[tuple[str, int], ...]
+    rpcbind_socket: Path
 
     def node_of(self, address: str) -> str | None:
         """The swap node a client address is, or None."""

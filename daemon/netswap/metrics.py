@@ -110,6 +110,12 @@ _EVENTS = {
     "nfs_node_releases": ("netswap_nfs_node_releases_total",
                           "NFS swap nodes whose reserve the NFS side gave back, by reason "
                           "(umnt, idle, stop); swap.detach_grace runs after it.", "reason"),
+    "portmap_calls": ("netswap_portmap_calls_total",
+                      "Portmapper calls served (PMAP v2, rpcbind v3/v4), by procedure.",
+                      "procedure"),
+    "rpcbind_registration_failures": ("netswap_rpcbind_registration_failures_total",
+                                      "NFS and MOUNT mappings the local rpcbind did not take "
+                                      "(or give back at stop), by reason.", "reason"),
     "internal_errors": ("netswap_internal_errors_total",
                         "Connections closed by a bug in netswapd (logged with a traceback).", None),
 }

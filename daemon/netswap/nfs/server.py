@@ -12,6 +12,7 @@ several are in flight and replies go out in completion order, matched by xid.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import selectors
@@ -29,6 +30,7 @@ from ..rpc import constants as RC
 from ..rpc import message as rpc
 from . import mount, nfs3
 from .exports import NfsExports
+from .portmapper import Portmapper
 
 log = logging.getLogger("netswap.nfs")
 
@@ -145,6 +147,19 @@ class RpcServer:
     @property
     def ports(self) -> list[int]:
         return [listener.getsockname()[1] for listener in self._listeners]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of each listener, as bound: a dual-stack wildcard ("" or "*" in the
+        config, bound to "::" without IPV6_V6ONLY) is ("0.0.0.0", port) and ("::", port)."""
+        bound = []
+        for listener in self._listeners:
+            host, port = listener.getsockname()[:2]
+            if listener.family == socket.AF_INET6 and not listener.getsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                bound.append(("0.0.0.0", port))
+            bound.append((host, port))
+        return bound
 
     def _close_listeners(self) -> None:
         for listener in self._listeners:
@@ -398,9 +413,11 @@ class RpcConnection:
         if program is None:
             counters.inc("rpc_protocol_errors", "prog_unavail")
             return [rpc.accepted(call.xid, RC.PROG_UNAVAIL)]
-        if call.vers != program.version:
+        # A program serves one version, or a range (the portmapper: 2 to 4).
+        low, high = getattr(program, "versions", (program.version, program.version))
+        if not low <= call.vers <= high:
             counters.inc("rpc_protocol_errors", "prog_mismatch")
-            return [rpc.prog_mismatch(call.xid, program.version, program.version)]
+            return [rpc.prog_mismatch(call.xid, low, high)]
         try:
             return program.call(call, self.peer, release, emergency=release[0].emergency)
         except Exception:
@@ -433,6 +450,9 @@ class NfsService:
                                                                   self.swap_nodes)},
                                pool, counters, workers, send_poller, max_record,
                                "nfs.mount_listen", limits=limits, keepalive=nfs.keepalive)
+        self.portmapper = Portmapper(nfs, counters, functools.partial(
+            RpcServer, pool=pool, counters=counters, workers=workers, send_poller=send_poller,
+            limits=limits, keepalive=nfs.keepalive))
 
     def start(self, wipe: bool = False) -> None:
         """Listen; with `wipe` (swap.wipe), first zero what a previous run left in every
@@ -444,7 +464,9 @@ class NfsService:
         self.mount.start()
         try:
             self.nfs.start()
+            self.portmapper.start(self.nfs, self.mount)  # publishes the ports just bound
         except BaseException:
+            self.nfs.stop(0)
             self.mount.stop(0)
             raise
         if self.swap_nodes is not None:
@@ -478,7 +500,8 @@ class NfsService:
         only then: a call still running could otherwise write through a descriptor number
         that now names another file, or hold a buffer of a reserve being destroyed."""
         deadline = time.monotonic() + timeout
-        clean = self.nfs.stop(timeout)
+        self.portmapper.stop(timeout)  # unregistered first: no client is sent here meanwhile
+        clean = self.nfs.stop(max(0.0, deadline - time.monotonic()))
         clean = self.mount.stop(max(0.0, deadline - time.monotonic())) and clean
         if clean:
             if self.swap_nodes is not None:
