@@ -23,7 +23,6 @@ started for the run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ sys.path.insert(0, str(HERE))
 from fio_matrix import netswapd_command, parse_size  # noqa: E402
 from nfs_bench import Rpcbind, Server  # noqa: E402
 from swap_storm import storm  # noqa: E402
+from swapnode import qemu_nbd_nfs  # noqa: E402
 
 SERVERS = ("netswapd", "ganesha")
 NODE = "localhost"  # what netswapd's default nfs.nodes calls a loopback client
@@ -99,29 +99,6 @@ def wait_registered(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"rpcbind does not map NFS v3/tcp to port {port} after {timeout:.0f} s")
 
 
-@contextlib.contextmanager
-def qemu_nbd(url: str, socket_path: Path):
-    """qemu-nbd serving `url` (QEMU's NFS driver) as NBD on a Unix socket."""
-    process = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=none", "-k", str(socket_path),
-                                url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not socket_path.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"qemu-nbd did not come up on {url}: "
-                                   f"{process.stderr.read() if process.poll() is not None else ''}")
-            time.sleep(0.05)
-        yield f"nbd+unix:///?socket={socket_path}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 class _Node:
     """What swap_storm.storm needs of a server: a name and an NBD URI."""
 
@@ -135,7 +112,7 @@ def run_one(name: str, data: int, workdir: Path, workers: int) -> dict:
     server.start()
     try:
         wait_registered(server.nfs_port)
-        with qemu_nbd(server.url, workdir / "qemu-nbd.sock") as uri:
+        with qemu_nbd_nfs(server.url, workdir / "qemu-nbd.sock") as uri:
             return storm(_Node(name, uri), data, workdir)
     finally:
         code = server.stop()

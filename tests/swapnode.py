@@ -1,9 +1,13 @@
-"""The node side of swap over NBD on this machine, for tests and benchmarks.
+"""The node side of swap over NBD (and NFS) on this machine, for tests and benchmarks.
 
 This kernel has no nbd driver, so a node is emulated with nbdfuse (exposing an NBD export as
 a file) + a loop device + mkswap + swapon, and a workload in a child memory cgroup limited
 below its data, which the kernel must then swap through that device. Every context manager
 undoes what it set up, also when the body fails.
+
+Nor has it an NFS client: a swap file on an NFS server is opened by qemu-nbd with QEMU's NFS
+driver (libnfs; it finds the ports through the portmapper, as a mount without port= does)
+and served as NBD on a Unix socket, which the same nbdfuse + loop + swapon then swap to.
 """
 
 from __future__ import annotations
@@ -78,6 +82,30 @@ def nbdfuse_file(uri: str, mountpoint: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def qemu_nbd_nfs(url: str, socket_path: Path, prefix: tuple[str, ...] = ()):
+    """qemu-nbd serving the file at `url` (nfs://HOST/EXPORT/FILE) as NBD on a Unix socket;
+    yields the NBD URI. `prefix` runs it elsewhere (ip netns exec NS)."""
+    process = subprocess.Popen([*prefix, "qemu-nbd", "-f", "raw", "--cache=none",
+                                "-k", str(socket_path), url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qemu-nbd did not come up on {url}: "
+                                   f"{process.stderr.read() if process.poll() is not None else ''}")
+            time.sleep(0.05)
+        yield f"nbd+unix:///?socket={socket_path}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager
