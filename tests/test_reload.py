@@ -30,6 +30,14 @@ def test_live_keys_apply_and_restart_keys_are_kept_and_named():
     assert effective.pool.non_swap_exhausted == "enomem"
 
 
+def test_every_nfs_key_needs_a_restart_and_a_reload_says_so():
+    old = parse()
+    new = parse(nfs={"swap_idle_timeout": "1m", "max_connections": 8, "portmapper": "off"})
+    effective, restart = plan_reload(old, new)
+    assert restart == ["nfs.max_connections", "nfs.portmapper", "nfs.swap_idle_timeout"]
+    assert effective.nfs == old.nfs
+
+
 def test_nothing_changed_needs_nothing():
     effective, restart = plan_reload(parse(), parse())
     assert restart == [] and effective == parse()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import Config
+from .config import Config, NfsConfig
 
 # (section, key) pairs fixed at start.
 RESTART_ONLY = {
@@ -27,6 +27,9 @@ RESTART_ONLY = {
                  "available_exit"},
     "protect": {"mlockall", "oom_score_adj", "io_flusher"},
     "metrics": {"listen"},
+    # The NFS side reads its config once, at start (listeners, exports, limits, the idle
+    # clock, the portmapper): every key of it needs a restart, and a reload says so.
+    "nfs": {field.name for field in dataclasses.fields(NfsConfig)},
 }
 
 
