@@ -152,11 +152,13 @@ class RpcConnection:
         self.peer = peer
         self._attachment = attachment  # a swap node's reserve, or None (never the reserve)
         self._sender = ReplySender(sock, server.send_poller, peer)
-        self._inflight = threading.BoundedSemaphore(MAX_INFLIGHT_CALLS)
         self._assembler = rpc.RecordAssembler(server.max_record)
-        # Calls between "received" and "replied" (the semaphore above cannot be read).
+        # Calls between "received" and "replied", at most MAX_INFLIGHT_CALLS; the reader
+        # waits on the condition at the limit, and for none at the end. (A counter rather
+        # than a semaphore: the reader must also know when it is zero.)
         self._pending = 0
-        self._pending_lock = threading.Lock()
+        self._replied = threading.Condition(threading.Lock())
+        self._reader_waits = False  # only then does a reply notify (notify is not free)
         self._unread = bytearray(4)  # FIONREAD's answer
 
     def close(self) -> None:
@@ -179,8 +181,9 @@ class RpcConnection:
             log.exception("%s %s: internal error, closing the connection", self.server.name,
                           self.peer)
         finally:
-            for _ in range(MAX_INFLIGHT_CALLS):  # in-flight calls still reply on this socket
-                self._inflight.acquire()
+            with self._replied:  # in-flight calls still reply on this socket
+                while self._pending:
+                    self._wait_for_reply()
             self.server.send_poller.forget(self._sender)
             self.sock.close()
             if self._attachment is not None:
@@ -192,8 +195,9 @@ class RpcConnection:
         if record is None:
             return False
         buffer, length = record
-        self._inflight.acquire()
-        with self._pending_lock:
+        with self._replied:
+            while self._pending >= MAX_INFLIGHT_CALLS:
+                self._wait_for_reply()
             alone = not self._pending
             self._pending += 1
         if alone and not self._bytes_waiting():
@@ -219,8 +223,8 @@ class RpcConnection:
         if header is None:
             return None
         assembler = self._assembler
-        last, _ = rpc.parse_fragment_header(header)
         length = assembler.begin_fragment(header)
+        last = header[0] & 0x80  # the last-fragment bit, which begin_fragment has checked
         # One fragment (Linux and libnfs send one): a buffer of exactly its size. Several:
         # a buffer of the cap, as the total is known only at the last one.
         buffer = self._alloc(length if last else self.server.max_record)
@@ -284,9 +288,18 @@ class RpcConnection:
     def _finished(self, release: list) -> None:
         for buffer in release:
             buffer.release()
-        with self._pending_lock:
+        with self._replied:
             self._pending -= 1
-        self._inflight.release()
+            if self._reader_waits:
+                self._replied.notify()
+
+    def _wait_for_reply(self) -> None:
+        """The reader, holding self._replied, waits until a call is replied."""
+        self._reader_waits = True
+        try:
+            self._replied.wait()
+        finally:
+            self._reader_waits = False
 
     def _answer(self, record: memoryview, release: list) -> Optional[list]:
         """The reply's parts for one record, or None when it gets none."""
