@@ -10,8 +10,10 @@ import pytest
 
 from netswap import config
 from netswap.nfs.exports import (
-    NFS3ERR_ACCES, NFS3ERR_BADHANDLE, NFS3ERR_STALE, SCRATCH_EXPORT, NfsError, NfsExports,
+    NFS3ERR_ACCES, NFS3ERR_BADHANDLE, NFS3ERR_STALE, SCRATCH_EXPORT, SWAP_EXPORT, NfsError,
+    NfsExports,
 )
+from netswap.nfs.handles import FileHandle, encode
 from netswap.rpc import message as rpc
 
 ALPHA, BETA = "127.0.0.1", "127.0.0.2"
@@ -94,6 +96,21 @@ def test_a_remembered_swap_handle_is_refused_to_another_node(exports):
     for _ in range(2):  # first and remembered
         assert exports.resolve(handle, ALPHA).swap_owner == "alpha"
         assert status(lambda: exports.resolve(handle, BETA)) == NFS3ERR_ACCES
+
+
+def test_a_swap_handle_is_stale_once_the_swap_export_is_no_longer_served(exports, tmp_path):
+    handle = swap_handle(exports, ALPHA)
+    exports.close()
+    without_swap = NfsExports(config.parse({
+        "daemon": {"state_dir": str(tmp_path / "state")},
+        "nfs": {"enabled": True, "swap_export": ""},
+    }), tmp_path / "state")  # the same key: the handle's MAC still holds
+    try:
+        assert status(lambda: without_swap.resolve(handle, ALPHA)) == NFS3ERR_STALE
+        made_up = encode(without_swap.key, FileHandle(SWAP_EXPORT, 12345, 7))
+        assert status(lambda: without_swap.resolve(made_up, ALPHA)) == NFS3ERR_STALE
+    finally:
+        without_swap.close()
 
 
 def test_a_handle_differing_in_one_byte_from_a_remembered_one_is_refused(exports):

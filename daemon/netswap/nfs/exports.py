@@ -112,7 +112,7 @@ class NfsExports:
     def resolve(self, data: bytes, peer: str) -> Node:
         """The object a handle names, if this caller may reach it; NfsError otherwise."""
         handle = self._verify(data)
-        if handle.export_id == SWAP_EXPORT and handle.generation:
+        if handle.export_id == SWAP_EXPORT and handle.generation and self.swap is not None:
             # Generation 0 is the export root's: a swap file's handle never names it.
             return self._swap_file(handle, peer)
         if handle.export_id == SCRATCH_EXPORT:
