@@ -5,6 +5,18 @@ access is decided here on every call, from the handle and the caller's address: 
 reaches its own swap file and nothing of another node's, whatever handle it presents
 (a handle is an HMAC-protected export id, file id and generation: forged or stale ones are
 refused before any lookup).
+
+Every READ and WRITE resolves its handle, so resolving is on the hot path, and three things
+are remembered between calls (none of them decides access on its own):
+* handle bytes -> the FileHandle they verified as: the MAC is a pure function of the bytes
+  and the key, which never changes while the daemon runs, so a verified handle stays
+  verified. Only handles that passed the MAC are kept, and the table is bounded.
+* a swap file's fileid -> its SwapFile: the handle's generation and the owner node are still
+  compared with the caller's on every call, so a scrub (new generation) makes old handles
+  stale at once and no node ever gets another node's file from it.
+* a scratch file's fileid -> its path: a hit is checked with one lstat of that path (still a
+  regular file with that inode), whose result also gives the reply's attributes; anything
+  else (renamed, replaced, gone) falls back to the directory scan.
 """
 
 from __future__ import annotations
@@ -19,6 +31,9 @@ from .handles import BadHandle, FileHandle, HandleKey, decode, encode
 from .swapfiles import SwapFiles
 
 SWAP_EXPORT, SCRATCH_EXPORT = 1, 2
+# Entries per remembering table (see the module docstring); when one is full it starts over.
+# A client works on a handful of files, so this is far above the working set.
+CACHE_ENTRIES = 4096
 
 
 class NfsError(Exception):
@@ -46,6 +61,9 @@ class Node:
     is_dir: bool
     fd: Optional[int] = None  # open descriptor of a swap file (owned by SwapFiles)
     swap_owner: Optional[str] = None  # the node a swap file belongs to
+    # The lstat that resolve() made of a scratch file to check it: its attributes before
+    # the call, so a READ needs no second stat.
+    st: Optional[os.stat_result] = None
 
     @property
     def is_swap_file(self) -> bool:
@@ -66,8 +84,12 @@ class NfsExports:
         if nfs.scratch_export:
             nfs.scratch_directory.mkdir(mode=0o755, parents=True, exist_ok=True)
             self.roots[nfs.scratch_export] = (SCRATCH_EXPORT, nfs.scratch_directory)
+        self._verified: dict[bytes, FileHandle] = {}
+        self._swap_files: dict[int, object] = {}  # fileid -> SwapFile
+        self._scratch_paths: dict[int, Path] = {}  # fileid -> path
 
     def close(self) -> None:
+        self._swap_files.clear()  # their descriptors close with SwapFiles
         if self.swap is not None:
             self.swap.close()
 
@@ -89,26 +111,60 @@ class NfsExports:
 
     def resolve(self, data: bytes, peer: str) -> Node:
         """The object a handle names, if this caller may reach it; NfsError otherwise."""
-        try:
-            handle = decode(self.key, bytes(data))
-        except BadHandle as exc:
-            raise NfsError(NFS3ERR_BADHANDLE, str(exc)) from None
+        handle = self._verify(data)
+        if handle.export_id == SWAP_EXPORT and handle.generation and self.swap is not None:
+            # Generation 0 is the export root's: a swap file's handle never names it.
+            return self._swap_file(handle, peer)
+        if handle.export_id == SCRATCH_EXPORT:
+            path = self._scratch_paths.get(handle.fileid)
+            if path is not None:
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    st = None
+                # A regular file with the handle's inode is what the scan would find (it
+                # cannot be the root, a directory).
+                if st is not None and st.st_ino == handle.fileid and stat.S_ISREG(st.st_mode):
+                    return Node(SCRATCH_EXPORT, path, False, st=st)
+                self._scratch_paths.pop(handle.fileid, None)
         directory = self._directory(handle.export_id)
         root_ino = os.stat(directory).st_ino
         if handle.fileid == root_ino:
             return Node(handle.export_id, directory, True)
         if handle.export_id == SWAP_EXPORT:
-            swap_file = self.swap.by_fileid(handle.fileid)
-            if swap_file is None or swap_file.generation != handle.generation:
-                raise NfsError(NFS3ERR_STALE, "no such swap file (or an older generation)")
-            if swap_file.node != self.node_of(peer):
-                # Another node's file: refused whatever the handle says (isolation).
-                raise NfsError(NFS3ERR_ACCES, f"swap file of node {swap_file.node!r}")
-            return Node(SWAP_EXPORT, swap_file.path, False, swap_file.fd, swap_file.node)
+            return self._swap_file(handle, peer)
         for entry in os.scandir(directory):
             if entry.inode() == handle.fileid and entry.is_file(follow_symlinks=False):
-                return Node(SCRATCH_EXPORT, Path(entry.path), False)
+                path = Path(entry.path)
+                _remember(self._scratch_paths, handle.fileid, path)
+                return Node(SCRATCH_EXPORT, path, False)
         raise NfsError(NFS3ERR_STALE, "no such file")
+
+    def _verify(self, data) -> FileHandle:
+        key = bytes(data)
+        handle = self._verified.get(key)
+        if handle is None:
+            try:
+                handle = decode(self.key, key)
+            except BadHandle as exc:
+                raise NfsError(NFS3ERR_BADHANDLE, str(exc)) from None
+            _remember(self._verified, key, handle)
+        return handle
+
+    def _swap_file(self, handle: FileHandle, peer: str) -> Node:
+        swap_file = self._swap_files.get(handle.fileid)
+        if swap_file is None:
+            swap_file = self.swap.by_fileid(handle.fileid)
+            if swap_file is not None:
+                _remember(self._swap_files, handle.fileid, swap_file)
+        # Both checks on every call, cached or not: the generation (a scrub bumps it in place)
+        # and the owner (isolation).
+        if swap_file is None or swap_file.generation != handle.generation:
+            raise NfsError(NFS3ERR_STALE, "no such swap file (or an older generation)")
+        if swap_file.node != self.node_of(peer):
+            # Another node's file: refused whatever the handle says (isolation).
+            raise NfsError(NFS3ERR_ACCES, f"swap file of node {swap_file.node!r}")
+        return Node(SWAP_EXPORT, swap_file.path, False, swap_file.fd, swap_file.node)
 
     def _directory(self, export_id: int) -> Path:
         for exported_id, directory in self.roots.values():
@@ -151,3 +207,11 @@ class NfsExports:
         return sorted((entry.name, Node(SCRATCH_EXPORT, Path(entry.path), False))
                       for entry in os.scandir(directory.path)
                       if entry.is_file(follow_symlinks=False))
+
+
+def _remember(table: dict, key, value) -> None:
+    """Keep `value` under `key`, starting the table over when it is full (a bound, not an
+    eviction policy: the working set is a few entries per client)."""
+    if len(table) >= CACHE_ENTRIES:
+        table.clear()
+    table[key] = value

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -61,6 +62,16 @@ _NOT_SERVED = {5: 1, 9: 2, 10: 2, 11: 2, 12: 2, 13: 2, 14: 4, 15: 3}
 # The same for the procedures served: what follows the status of a failed reply.
 _FAILURE_BODY = {1: 0, 2: 2, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2, 16: 1, 17: 1, 18: 1, 19: 1, 20: 1,
                  21: 2}
+# fattr3 (§2.5) in one pack: type, mode, nlink, uid, gid, size, used, rdev (2 words), fsid,
+# fileid, atime, mtime, ctime (seconds and nanoseconds each).
+_FATTR3 = struct.Struct(">5I2Q2I2Q6I")
+# A READ or WRITE result is packed whole, around the fattr3 (the hot path: one pack each).
+# READ: NFS3_OK, post_op_attr TRUE | count, eof, data length.
+_READ_HEAD, _READ_TAIL = struct.Struct(">2I"), struct.Struct(">3I")
+# WRITE: NFS3_OK, pre_op_attr FALSE, post_op_attr TRUE | count, committed, verifier.
+_WRITE_HEAD, _WRITE_TAIL = struct.Struct(">3I"), struct.Struct(">2I8s")
+# Their arguments after the handle: offset, count (READ); offset, count, stable (WRITE).
+_READ_ARGS, _WRITE_ARGS = struct.Struct(">QI"), struct.Struct(">QII")
 
 
 class Nfs3Program:
@@ -132,25 +143,29 @@ class Nfs3Program:
 
     # Helpers ------------------------------------------------------------------------
 
-    def _attributes(self, packer, node: Node) -> None:
-        """fattr3 (§2.5). A swap file reports used >= size: swapon refuses files with holes."""
-        st = os.stat(node.path)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        packer.uint(NF3DIR if is_dir else NF3REG)
-        packer.uint(st.st_mode & 0o7777)
-        packer.uint(st.st_nlink)
-        packer.uint(st.st_uid)
-        packer.uint(st.st_gid)
-        packer.uhyper(st.st_size)
+    def _attributes(self, packer, node: Node, st=None) -> None:
+        """fattr3 (§2.5), of `st` if given (a stat made during this call), else of the
+        node's file now (a swap file through its open descriptor)."""
+        if st is None:
+            st = os.fstat(node.fd) if node.fd is not None else os.stat(node.path)
+        packer.pack(_FATTR3, *self._fattr3(node, st))
+
+    @staticmethod
+    def _fattr3(node: Node, st) -> tuple:
+        """fattr3's fields. A swap file reports used >= size: swapon refuses files with
+        holes."""
         used = st.st_blocks * 512
-        packer.uhyper(max(used, st.st_size) if node.is_swap_file else used)
-        packer.uint(0)
-        packer.uint(0)  # rdev
-        packer.uhyper(node.export_id)  # fsid: one per export, constant
-        packer.uhyper(st.st_ino)
-        for ns in (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns):
-            packer.uint(ns // 1_000_000_000)
-            packer.uint(ns % 1_000_000_000)
+        if node.is_swap_file:
+            used = max(used, st.st_size)
+        atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        return (NF3DIR if stat.S_ISDIR(st.st_mode) else NF3REG, st.st_mode & 0o7777,
+                st.st_nlink, st.st_uid, st.st_gid, st.st_size, used,
+                0, 0,  # rdev
+                node.export_id,  # fsid: one per export, constant
+                st.st_ino,
+                atime // 1_000_000_000, atime % 1_000_000_000,
+                mtime // 1_000_000_000, mtime % 1_000_000_000,
+                ctime // 1_000_000_000, ctime % 1_000_000_000)
 
     def _object(self, args, peer: str) -> Node:
         """The object of a call whose only argument is its handle."""
@@ -175,19 +190,20 @@ class Nfs3Program:
             release.append(loan)
         return loan
 
-    def _ok(self, node) -> xdr.Packer:
-        """A result that starts with NFS3_OK and the object's post_op_attr."""
+    def _ok(self, node, st=None) -> xdr.Packer:
+        """A result that starts with NFS3_OK and the object's post_op_attr (of `st`, a stat
+        made during this call, if given)."""
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
-        self._post_op(packer, node)
+        self._post_op(packer, node, st)
         return packer
 
-    def _post_op(self, packer, node) -> None:
+    def _post_op(self, packer, node, st=None) -> None:
         if node is None:
             packer.bool(False)
             return
         packer.bool(True)
-        self._attributes(packer, node)
+        self._attributes(packer, node, st)
 
     def _wcc(self, packer, node) -> None:
         packer.bool(False)  # no pre-operation attributes: allowed, and never stale
@@ -210,7 +226,7 @@ class Nfs3Program:
         node = self._object(args, peer)
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
-        self._attributes(packer, node)
+        self._attributes(packer, node, node.st)
         return [packer.bytes()]
 
     def _setattr(self, args, peer, release):
@@ -284,59 +300,57 @@ class Nfs3Program:
         granted = ACCESS_ALL
         if node.is_swap_file:
             granted &= ~(ACCESS_DELETE | ACCESS_EXECUTE)
-        packer = self._ok(node)
+        packer = self._ok(node, node.st)
         packer.uint(wanted & granted)  # exactly the asked-for bits that are granted
         return [packer.bytes()]
 
     def _read(self, args, peer, release):
         handle = args.opaque(64)
-        offset = args.uhyper()
-        count = args.uint()
+        offset, count = args.unpack(_READ_ARGS)
         args.done()
         node = self.exports.resolve(handle, peer)
         if node.is_dir:
             raise NfsError(NFS3ERR_ISDIR)
         loan = self._swap_read_loan(node, release)
         count = min(count, self.max_io)
-        size = os.stat(node.path).st_size
-        count = max(0, min(count, size - offset)) if offset < size else 0
-        got = 0
-        data = None
-        if count:
-            # A swap-in may need the node's reserve when normal memory is gone (the READ
-            # answers a page fault); everything else waits for normal memory.
-            buffer = (self.pool.alloc(count, timeout=None) if loan is None else
-                      self.pool.alloc(count, timeout=None, emergency=True, group=loan.group))
-            release.insert(0, buffer)  # before the loan that keeps its group attached
+        fd = node.fd
+        try:
+            if fd is None:
+                fd = os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                got = self._pread(node, buffer.view, offset)
-            except OSError as exc:
-                raise _from_os(exc) from exc
-            data = buffer.view[:got]
-        packer = self._ok(node)
-        packer.uint(got)
-        packer.bool(offset + got >= size)
-        packer.uint(got)  # the data<> length; the bytes follow from the pool buffer
-        parts = [packer.bytes()]
+                # The attributes in the reply are the ones the read was sized by: resolve's
+                # check of a scratch file, made during this call, or an fstat.
+                st = node.st if node.st is not None else os.fstat(fd)
+                size = st.st_size
+                count = max(0, min(count, size - offset)) if offset < size else 0
+                got = 0
+                if count:
+                    # A swap-in may need the node's reserve when normal memory is gone (the
+                    # READ answers a page fault); everything else waits for normal memory.
+                    buffer = (self.pool.alloc(count, timeout=None) if loan is None else
+                              self.pool.alloc(count, timeout=None, emergency=True,
+                                              group=loan.group))
+                    release.insert(0, buffer)  # before the loan that keeps its group attached
+                    got = os.preadv(fd, [buffer.view], offset)
+            finally:
+                if node.fd is None:
+                    os.close(fd)
+        except OSError as exc:
+            raise _from_os(exc) from exc
+        try:
+            head = _READ_HEAD.pack(NFS3_OK, 1) + _FATTR3.pack(*self._fattr3(node, st))
+        except struct.error as exc:  # a value out of its XDR type's range: a bug of ours
+            raise ValueError(f"READ attributes do not fit fattr3: {exc}") from None
+        parts = [head + _READ_TAIL.pack(got, offset + got >= size, got)]
         if got:
-            parts.append(data)
+            parts.append(buffer.view[:got])  # the bytes go out from the pool buffer
             if got % 4:
                 parts.append(bytes(4 - got % 4))
         return parts
 
-    def _pread(self, node: Node, view, offset: int) -> int:
-        fd = node.fd if node.fd is not None else os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.preadv(fd, [view], offset)
-        finally:
-            if node.fd is None:
-                os.close(fd)
-
     def _write(self, args, peer, release):
         handle = args.opaque(64)
-        offset = args.uhyper()
-        count = args.uint()
-        stable = args.uint()
+        offset, count, stable = args.unpack(_WRITE_ARGS)
         data = args.opaque(self.max_io)
         args.done()
         if stable not in (UNSTABLE, DATA_SYNC, FILE_SYNC) or count != len(data):
@@ -347,25 +361,25 @@ class Nfs3Program:
                 raise NfsError(NFS3ERR_ISDIR)
             if node.is_swap_file:
                 self._swap_activity(node)
-            if node.is_swap_file and offset + count > os.stat(node.path).st_size:
-                raise NfsError(NFS3ERR_NOSPC, "past the end of a swap file (it never grows)")
+                # A swap file is the swap export's size, always (swapfiles.py).
+                if offset + count > self.exports.swap.size:
+                    raise NfsError(NFS3ERR_NOSPC, "past the end of a swap file (it never grows)")
             if offset + count > MAX_FILE_SIZE:
                 raise NfsError(NFS3ERR_FBIG, "write ends past the largest file")
             # Swap files are always written FILE_SYNC: the swap path asks for it, and a
             # node keeps running across a restart of ours and will read its pages back.
             committed = FILE_SYNC if node.is_swap_file else stable
-            self._pwrite(node, data, offset, sync=committed != UNSTABLE)
+            st = self._pwrite(node, data, offset, sync=committed != UNSTABLE)
         except OSError as exc:
             raise _from_os(exc) from exc
-        packer = xdr.Packer()
-        packer.uint(NFS3_OK)
-        self._wcc(packer, node)
-        packer.uint(count)
-        packer.uint(committed)
-        packer.fixed_opaque(self.verifier)
-        return [packer.bytes()]
+        try:
+            return [_WRITE_HEAD.pack(NFS3_OK, 0, 1) + _FATTR3.pack(*self._fattr3(node, st))
+                    + _WRITE_TAIL.pack(count, committed, self.verifier)]
+        except struct.error as exc:
+            raise ValueError(f"WRITE attributes do not fit fattr3: {exc}") from None
 
-    def _pwrite(self, node: Node, data, offset: int, sync: bool) -> None:
+    def _pwrite(self, node: Node, data, offset: int, sync: bool) -> os.stat_result:
+        """Write `data` at `offset`; return the file's attributes after the write."""
         fd = node.fd if node.fd is not None else os.open(node.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             done = 0
@@ -373,6 +387,7 @@ class Nfs3Program:
                 done += os.pwritev(fd, [data[done:]], offset + done)
             if sync:
                 os.fdatasync(fd)
+            return os.fstat(fd)
         finally:
             if node.fd is None:
                 os.close(fd)
