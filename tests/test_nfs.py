@@ -166,6 +166,16 @@ def test_libnfs_writes_into_the_existing_swap_file_and_reads_them_back(nfs_daemo
     served = (nfs_daemon.state_dir / "nfs-swap" / "localhost").read_bytes()
     assert served[offset:offset + len(data)] == data  # on the server's file, not just a cache
     assert metric(nfs_daemon, "netswap_nfs_calls_total", procedure="write") >= 1
+    # Per procedure, like the NBD side: payload bytes, and a latency histogram per service.
+    assert metric(nfs_daemon, "netswap_nfs_bytes_total", procedure="write") == len(data)
+    assert metric(nfs_daemon, "netswap_nfs_bytes_total", procedure="read") == SWAP_SIZE
+    writes = metric(nfs_daemon, "netswap_rpc_call_duration_seconds_count", service="nfs",
+                    procedure="write")
+    assert writes == metric(nfs_daemon, "netswap_nfs_calls_total", procedure="write")
+    assert metric(nfs_daemon, "netswap_rpc_call_duration_seconds_sum", service="nfs",
+                  procedure="write") > 0
+    assert metric(nfs_daemon, "netswap_rpc_call_duration_seconds_count", service="mount",
+                  procedure="mnt") >= 2
 
 
 def test_with_swap_wipe_a_node_that_detaches_for_good_finds_its_swap_file_zeroed(tmp_path):
@@ -306,3 +316,14 @@ def test_netswapctl_detach_of_an_nfs_node_releases_and_wipes_its_swap_file(tmp_p
         code = daemon.stop()
     assert "Traceback" not in daemon.log(), daemon.log()
     assert code == 0, daemon.log()
+
+
+def test_exposition_after_nfs_traffic_passes_promtool(nfs_daemon):
+    run("nfs-cat", url(nfs_daemon, "/swap/localhost"))
+    run("nfs-ls", url(nfs_daemon, "/scratch"))
+    assert metric(nfs_daemon, "netswap_rpc_call_duration_seconds_count", service="nfs",
+                  procedure="read") >= 1
+    text = nfs_daemon.metrics()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr

@@ -36,6 +36,7 @@ class Counters:
         self._lock = threading.Lock()
         self._values: Counter[tuple[str, str]] = Counter()
         self.requests = RequestStats()
+        self.calls = CallStats()
 
     def inc(self, name: str, label: str = "", amount: int = 1) -> None:
         with self._lock:
@@ -171,3 +172,27 @@ class RequestStats:
     def snapshot(self) -> list[OpSnapshot]:
         with self._lock:
             return [stats.snapshot() for ops in self._exports.values() for stats in ops.values()]
+
+
+class CallStats:
+    """Latency per RPC service (nfs, mount, portmap) and procedure, like RequestStats' per
+    NBD command: from a call's record being received to its reply being sent. Procedure
+    names come from the programs' fixed tables (unknown numbers share "unknown"), so the set
+    of entries is bounded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # serialises creating entries; never taken per call
+        self._entries: dict[tuple[str, str], _OpStats] = {}
+
+    def observe(self, service: str, procedure: str, elapsed_ns: int) -> None:
+        stats = self._entries.get((service, procedure))
+        if stats is None:
+            with self._lock:
+                stats = self._entries.setdefault((service, procedure),
+                                                 _OpStats(service, procedure))
+        stats.observe(0, 0, elapsed_ns)
+
+    def snapshot(self) -> list[OpSnapshot]:
+        with self._lock:
+            entries = list(self._entries.values())
+        return [stats.snapshot() for stats in entries]

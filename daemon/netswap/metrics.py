@@ -107,6 +107,9 @@ _EVENTS = {
     "nfs_errors": ("netswap_nfs_errors_total",
                    "NFSv3 calls answered with an NFS3ERR status, by status number.", "status"),
     "mount_calls": ("netswap_mount_calls_total", "MOUNT v3 calls, by procedure.", "procedure"),
+    "nfs_bytes": ("netswap_nfs_bytes_total",
+                  "Payload bytes of NFS READs and WRITEs that succeeded, by procedure.",
+                  "procedure"),
     "nfs_node_releases": ("netswap_nfs_node_releases_total",
                           "NFS swap nodes whose reserve the NFS side gave back, by reason "
                           "(umnt, idle, stop); swap.detach_grace runs after it.", "reason"),
@@ -131,6 +134,15 @@ _ERRNO_NAMES = {C.EPERM: "EPERM", C.EIO: "EIO", C.ENOMEM: "ENOMEM", C.EINVAL: "E
                 C.ESHUTDOWN: "ESHUTDOWN"}
 
 _BUCKET_BOUNDS = [f"{bound:g}" for bound in LATENCY_BUCKETS] + ["+Inf"]
+
+
+def _cumulative(counts) -> list[tuple[str, int]]:
+    """Per-bucket counts -> Prometheus' cumulative (le, count) pairs."""
+    total, buckets = 0, []
+    for bound, count in zip(_BUCKET_BOUNDS, counts):
+        total += count
+        buckets.append((bound, total))
+    return buckets
 
 
 class NetswapCollector:
@@ -262,12 +274,16 @@ class NetswapCollector:
             for error, count in sorted(stats.errors.items()):
                 name = _ERRNO_NAMES.get(error) or errno.errorcode.get(error, str(error))
                 errors.add_metric(key + [name], count)
-            cumulative, buckets = 0, []
-            for bound, count in zip(_BUCKET_BOUNDS, stats.buckets):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            latency.add_metric(key, buckets, stats.latency_seconds)
+            latency.add_metric(key, _cumulative(stats.buckets), stats.latency_seconds)
         yield from (requests, nbytes, errors, latency)
+        calls = HistogramMetricFamily(
+            "netswap_rpc_call_duration_seconds",
+            "Time from an RPC call's record being received to its reply being sent, by "
+            "service (nfs, mount, portmap) and procedure.", labels=["service", "procedure"])
+        for stats in self._counters.calls.snapshot():
+            calls.add_metric([stats.export, stats.op], _cumulative(stats.buckets),
+                             stats.latency_seconds)
+        yield calls
 
     def _node_metrics(self) -> Iterator:
         """Attached nodes (reserve connected, grace period included) and their swap export.

@@ -28,6 +28,10 @@ class MountProgram:
         self.counters = counters
         self.swap_nodes = swap_nodes  # MNT of the swap export attaches the node, UMNT releases it
 
+    @staticmethod
+    def procedure_name(call) -> str:
+        return PROCEDURE_NAMES.get(call.proc, "unknown")
+
     def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc)
         if name is None:

@@ -97,6 +97,10 @@ class Nfs3Program:
                             16: self._readdir, 17: self._readdirplus, 18: self._fsstat,
                             19: self._fsinfo, 20: self._pathconf, 21: self._commit}
 
+    @staticmethod
+    def procedure_name(call) -> str:
+        return PROCEDURE_NAMES.get(call.proc, "unknown")
+
     def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc, "unknown")
         self.counters.inc("nfs_calls", name)
@@ -342,6 +346,7 @@ class Nfs3Program:
         except struct.error as exc:  # a value out of its XDR type's range: a bug of ours
             raise ValueError(f"READ attributes do not fit fattr3: {exc}") from None
         parts = [head + _READ_TAIL.pack(got, offset + got >= size, got)]
+        self.counters.inc("nfs_bytes", "read", got)
         if got:
             parts.append(buffer.view[:got])  # the bytes go out from the pool buffer
             if got % 4:
@@ -372,6 +377,7 @@ class Nfs3Program:
             st = self._pwrite(node, data, offset, sync=committed != UNSTABLE)
         except OSError as exc:
             raise _from_os(exc) from exc
+        self.counters.inc("nfs_bytes", "write", count)
         try:
             return [_WRITE_HEAD.pack(NFS3_OK, 0, 1) + _FATTR3.pack(*self._fattr3(node, st))
                     + _WRITE_TAIL.pack(count, committed, self.verifier)]

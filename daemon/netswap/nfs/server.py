@@ -313,16 +313,17 @@ class RpcConnection:
         if record is None:
             return False
         buffer, length, loan = record
+        received = time.perf_counter_ns()
         with self._replied:
             while self._pending >= MAX_INFLIGHT_CALLS:
                 self._wait_for_reply()
             alone = not self._pending
             self._pending += 1
         if alone and not self._bytes_waiting():
-            self._execute(buffer, length, loan)  # see the module docstring
+            self._execute(buffer, length, loan, received)  # see the module docstring
         else:
             self.server.workers.submit_for(("rpc", self.peer), length, self._execute, buffer,
-                                           length, loan)
+                                           length, loan, received)
         return True
 
     def _bytes_waiting(self) -> bool:
@@ -408,12 +409,14 @@ class RpcConnection:
 
     # Workers ------------------------------------------------------------------------
 
-    def _execute(self, buffer, length: int, loan) -> None:
+    def _execute(self, buffer, length: int, loan, received: int) -> None:
+        """Answer one record; `received`: perf_counter_ns when it was in."""
         # Released in this order once the reply is sent: the buffer before the loan that
         # keeps its reserve group attached.
         release: list = [buffer] if loan is None else [buffer, loan]
+        procedure = None
         try:
-            parts = self._answer(buffer.view[:length], release)
+            parts, procedure = self._answer(buffer.view[:length], release)
         except Exception:
             self.server.counters.inc("internal_errors")
             log.exception("%s %s: call failed", self.server.name, self.peer)
@@ -424,9 +427,13 @@ class RpcConnection:
         # Parts are bytes, or byte views of pool buffers: nbytes is their length on the wire.
         length = sum(part.nbytes if type(part) is memoryview else len(part) for part in parts)
         framed = [rpc.fragment_header(length), *parts]
-        self._sender.send(framed, lambda: self._finished(release))
+        self._sender.send(framed, lambda: self._finished(release, procedure, received))
 
-    def _finished(self, release: list) -> None:
+    def _finished(self, release: list, procedure: Optional[str] = None,
+                  received: int = 0) -> None:
+        if procedure is not None:  # a call its program answered (not a refused record)
+            self.server.counters.calls.observe(self.server.name, procedure,
+                                               time.perf_counter_ns() - received)
         for buffer in release:
             buffer.release()
         with self._replied:
@@ -442,8 +449,9 @@ class RpcConnection:
         finally:
             self._reader_waits = False
 
-    def _answer(self, record: memoryview, release: list) -> Optional[list]:
-        """The reply's parts for one record, or None when it gets none."""
+    def _answer(self, record: memoryview, release: list) -> tuple[Optional[list], Optional[str]]:
+        """The reply's parts for one record (None when it gets none), and the name of the
+        procedure that answered it (None for a call no program took)."""
         counters, name = self.server.counters, self.server.name
         try:
             call = rpc.parse_call(record)
@@ -452,28 +460,29 @@ class RpcConnection:
             counters.inc("rpc_protocol_errors", exc.reason)
             log.warning("%s %s: closing: %s", name, self.peer, exc)
             self.close()
-            return None
+            return None, None
         except rpc.CallRejected as exc:
             counters.inc("rpc_protocol_errors", exc.reason)
             log.info("%s %s: call refused: %s", name, self.peer, exc)
-            return [exc.reply()]
+            return [exc.reply()], None
         program = self.server.programs.get(call.prog)
         if program is None:
             counters.inc("rpc_protocol_errors", "prog_unavail")
-            return [rpc.accepted(call.xid, RC.PROG_UNAVAIL)]
+            return [rpc.accepted(call.xid, RC.PROG_UNAVAIL)], None
         # A program serves one version, or a range (the portmapper: 2 to 4).
         low, high = getattr(program, "versions", (program.version, program.version))
         if not low <= call.vers <= high:
             counters.inc("rpc_protocol_errors", "prog_mismatch")
-            return [rpc.prog_mismatch(call.xid, low, high)]
+            return [rpc.prog_mismatch(call.xid, low, high)], None
+        procedure = program.procedure_name(call)
         try:
-            return program.call(call, self.peer, release, emergency=release[0].emergency)
+            return program.call(call, self.peer, release, emergency=release[0].emergency), procedure
         except Exception:
             # A bug of ours: the call gets SYSTEM_ERR rather than no reply, which a hard
             # mount would wait on forever.
             counters.inc("internal_errors")
             log.exception("%s %s: procedure %d failed", name, self.peer, call.proc)
-            return [rpc.accepted(call.xid, RC.SYSTEM_ERR)]
+            return [rpc.accepted(call.xid, RC.SYSTEM_ERR)], procedure
 
 
 class NfsService:

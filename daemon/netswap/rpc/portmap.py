@@ -130,6 +130,11 @@ class PortmapProgram:
         self.entries = tuple(entries)
         self._published.set()
 
+    @staticmethod
+    def procedure_name(call) -> str:
+        return (_SERVED[call.vers].get(call.proc) or _RELAYS[call.vers].get(call.proc)
+                or "unknown")
+
     def call(self, call, peer: str, release: list, emergency: bool = False):
         self._published.wait(_PUBLISH_WAIT)
         name = _SERVED[call.vers].get(call.proc)
