@@ -679,6 +679,28 @@ def test_remove_and_rename_are_not_supported_with_a_well_formed_reply(isolated, 
     assert (world.daemon.state_dir / "nfs-swap" / "alpha").exists()
 
 
+def test_a_swap_file_write_is_committed_as_asked_and_file_sync_is_synced(tmp_path):
+    daemon = start_nfs_daemon(tmp_path)
+    try:
+        client = Nfs(daemon, ALPHA)
+        try:
+            swap = client.swap_handle("alpha")
+            committed = {}
+            for stable in (UNSTABLE, FILE_SYNC):
+                u = client.proc(WRITE, xdr(("o", swap), ("h", 0), ("u", 4096), ("u", stable),
+                                           ("o", bytes(4096))))
+                assert u.uint() == NFS3_OK
+                _skip_wcc(u)
+                assert u.uint() == 4096
+                committed[stable] = u.uint()
+            assert committed == {UNSTABLE: UNSTABLE, FILE_SYNC: FILE_SYNC}
+            assert client.commit(swap)[0] == NFS3_OK
+        finally:
+            client.close()
+    finally:
+        stop_clean(daemon)
+
+
 # --------------------------------------------------------------------------- restarts
 
 

@@ -371,9 +371,12 @@ class Nfs3Program:
                     raise NfsError(NFS3ERR_NOSPC, "past the end of a swap file (it never grows)")
             if offset + count > MAX_FILE_SIZE:
                 raise NfsError(NFS3ERR_FBIG, "write ends past the largest file")
-            # Swap files are always written FILE_SYNC: the swap path asks for it, and a
-            # node keeps running across a restart of ours and will read its pages back.
-            committed = FILE_SYNC if node.is_swap_file else stable
+            # What the client asked for, on swap files too: the kernel's swap path asks
+            # FILE_SYNC (it cannot keep pages around for a later COMMIT), and gets a write
+            # made durable before the reply; a client that asks UNSTABLE keeps its data
+            # until a COMMIT whose verifier matches (it changes when we restart), as RFC
+            # 1813 §3.3.7 has it. Syncing every UNSTABLE write anyway only cost it time.
+            committed = stable
             st = self._pwrite(node, data, offset, sync=committed != UNSTABLE)
         except OSError as exc:
             raise _from_os(exc) from exc
