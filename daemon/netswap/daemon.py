@@ -28,7 +28,7 @@ from .metrics import NetswapCollector, serve
 from .nbd.server import ListenError, NbdServer
 from .nbd.tls import server_context
 from .netpolicy import ShapeError, Shaper
-from .nfs.server import NfsService
+from .nfs.service import NfsService
 from .operations import Operations
 from .pressure import PressureMonitor
 from .protect import ProtectError, protect_process

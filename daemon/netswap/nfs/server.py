@@ -1,4 +1,5 @@
-"""The NFS side's transport: TCP listeners for NFSv3 and MOUNT v3, one thread per connection.
+"""The NFS side's transport: TCP listeners for RPC programs (NFSv3, MOUNT v3, the
+portmapper), one thread per connection.
 
 A connection reads RPC records (RFC 5531 §11 record marking): each fragment header is
 checked against the record cap (nfs.max_io plus room for the call's headers) before
@@ -23,7 +24,6 @@ same rule.
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import selectors
@@ -34,15 +34,11 @@ import time
 from collections import Counter
 from typing import Optional
 
-from ..errors import AttachRefused
 from ..nbd.sender import ReplySender, SendPoller
 from ..netpolicy import tag_emergency
 from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
-from . import mount, nfs3
-from .exports import NfsExports
-from .portmapper import Portmapper
 
 log = logging.getLogger("netswap.nfs")
 
@@ -93,7 +89,7 @@ class RpcServer:
                  send_poller: SendPoller, max_record: int, key: str,
                  swap_nodes=None, limits: Optional[ConnectionLimits] = None,
                  keepalive: Optional[float] = None) -> None:
-        """`swap_nodes`, for the NFS port (a _SwapNodes): a swap node's connection is
+        """`swap_nodes`, for the NFS port (swapnodes.SwapNodes): a swap node's connection is
         tagged and may use the node's reserve while the node is attached. `limits`: the
         connection limits to count in (None: none); `keepalive`: seconds of silence before
         TCP probes a client (None: no keepalive)."""
@@ -235,7 +231,7 @@ class RpcServer:
         if node is not None:
             # A swap node's connection carries its swap file's I/O: tagged from accept (the
             # SK_MEMALLOC socket). Its reserve is the node's, attached while the node swaps
-            # (_SwapNodes), not while this connection is open.
+            # (swapnodes.py), not while this connection is open.
             for problem in tag_emergency(sock, self.swap_nodes.socket_policy):
                 self.counters.inc("socket_tag_failures")
                 log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
@@ -483,263 +479,3 @@ class RpcConnection:
             counters.inc("internal_errors")
             log.exception("%s %s: procedure %d failed", name, self.peer, call.proc)
             return [rpc.accepted(call.xid, RC.SYSTEM_ERR)], procedure
-
-
-class NfsService:
-    """The NFS side of the daemon: the exports, and MOUNT and NFSv3 each on its listeners."""
-
-    def __init__(self, config, pool, counters, workers, send_poller, lifecycle,
-                 socket_policy) -> None:
-        nfs = config.nfs
-        self._counters = counters
-        self.exports = NfsExports(config, config.daemon.state_dir)
-        self.swap_nodes = (_SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap,
-                                      counters) if nfs.swap_export else None)
-        max_record = nfs.max_io + RECORD_SLACK
-        limits = ConnectionLimits(nfs.max_connections, nfs.max_connections_per_client)
-        program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
-        self.nfs = RpcServer("nfs", nfs.listen, {nfs3.PROGRAM: program},
-                             pool, counters, workers, send_poller, max_record, "nfs.listen",
-                             swap_nodes=self.swap_nodes, limits=limits,
-                             keepalive=nfs.keepalive)
-        self.mount = RpcServer("mount", nfs.mount_listen,
-                               {mount.PROGRAM: mount.MountProgram(self.exports, counters,
-                                                                  self.swap_nodes)},
-                               pool, counters, workers, send_poller, max_record,
-                               "nfs.mount_listen", limits=limits, keepalive=nfs.keepalive)
-        self.portmapper = Portmapper(nfs, counters, functools.partial(
-            RpcServer, pool=pool, counters=counters, workers=workers, send_poller=send_poller,
-            limits=limits, keepalive=nfs.keepalive))
-
-    def start(self, wipe: bool = False) -> None:
-        """Listen; with `wipe` (swap.wipe), first zero what a previous run left in every
-        node's swap file, before any client can reach it."""
-        if wipe and self.exports.swap is not None:
-            for node in self.exports.swap.nodes():
-                if self.exports.swap.scrub(node) is not None:
-                    self._counters.inc("wipes", f"nfs:{node}")
-        self.mount.start()
-        try:
-            self.nfs.start()
-            self.portmapper.start(self.nfs, self.mount)  # publishes the ports just bound
-        except BaseException:
-            self.nfs.stop(0)
-            self.mount.stop(0)
-            raise
-        if self.swap_nodes is not None:
-            self.swap_nodes.start()
-
-    def knows_node(self, node: str) -> bool:
-        """Is `node` a swap node here (named in nfs.nodes, or with a swap file on disk)?"""
-        if self.swap_nodes is None:
-            return False
-        return node in self.swap_nodes.names() or node in self.exports.swap.nodes()
-
-    def drop_node(self, node: str) -> int:
-        """An operator's detach: close the node's NFS connections and release its reserve
-        for good. Returns how many connections were closed. A live node reconnects (hard
-        mounts retry) and its next swap-file call attaches it again."""
-        closed = self.nfs.close_node(node)
-        if self.swap_nodes is not None:
-            self.swap_nodes.release_for_good(node, "operator")
-        return closed
-
-    def wipe_node(self, node: str) -> bool:
-        """Zero the node's NFS swap file (new generation: its handles go stale)."""
-        if self.exports.swap is None or self.exports.swap.scrub(node) is None:
-            return False
-        self._counters.inc("wipes", f"nfs:{node}")
-        return True
-
-    def stop(self, timeout: float) -> bool:
-        """Close every connection and wait up to `timeout` seconds for their calls to end;
-        True if they all did. The swap files are closed and the nodes' reserves released
-        only then: a call still running could otherwise write through a descriptor number
-        that now names another file, or hold a buffer of a reserve being destroyed."""
-        deadline = time.monotonic() + timeout
-        self.portmapper.stop(timeout)  # unregistered first: no client is sent here meanwhile
-        clean = self.nfs.stop(max(0.0, deadline - time.monotonic()))
-        clean = self.mount.stop(max(0.0, deadline - time.monotonic())) and clean
-        if clean:
-            if self.swap_nodes is not None:
-                self.swap_nodes.stop()
-            self.exports.close()
-        return clean
-
-
-class _NfsSwapNode:
-    """A node's NFS swap, as the lifecycle sees an export: it attaches by node name, so a
-    node that also swaps over NBD shares one reserve between the two. With swap.wipe the
-    lifecycle discards its contents when the node detaches for good, through `backend`."""
-
-    is_swap = True
-
-    def __init__(self, node: str, swap_files) -> None:
-        self.node = node
-        self.name = f"nfs:{node}"
-        self._swap_files = swap_files
-        self.size = 0  # the whole file: the scrub knows its size
-        self.backend = self  # the lifecycle's wipe calls backend.write_zeroes
-
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        # Zeroed in place, still fully allocated (a hole would make swapon refuse it), made
-        # durable, and given a new generation so that handles from before go stale.
-        self._swap_files.scrub(self.node)
-
-
-class _Hold:
-    """The NFS side's attachment of one node, and what keeps it."""
-
-    __slots__ = ("attachment", "last_io", "loans", "ending")
-
-    def __init__(self, attachment) -> None:
-        self.attachment = attachment
-        self.last_io = time.monotonic()
-        self.loans = 0  # buffers taken from the node's reserve, not yet back
-        self.ending: Optional[str] = None  # released for good (why) once its loans are back
-
-
-class _ReserveLoan:
-    """A record buffer's claim on its node's reserve: the node stays attached (its groups
-    cannot be destroyed under a buffer) until the loan is released."""
-
-    __slots__ = ("group", "_nodes", "_node", "_hold")
-
-    def __init__(self, nodes: "_SwapNodes", node: str, hold: _Hold) -> None:
-        self.group = hold.attachment.requests
-        self._nodes = nodes
-        self._node = node
-        self._hold = hold
-
-    def release(self) -> None:
-        self._nodes._return_loan(self._node, self._hold)
-
-
-class _SwapNodes:
-    """Which NFS clients are swap nodes, and when each holds its reserve.
-
-    NFS has no connection per swap device (one connection carries every file of a mount;
-    the kernel reconnects at will), so a node's reserve follows what it does instead: it is
-    attached on the node's MNT of the swap export or its first READ/WRITE/COMMIT of its swap
-    file, and released on its UMNT of the swap export, or when it has made no such call for
-    nfs.swap_idle_timeout (then the lifecycle's detach_grace runs as for NBD). A later
-    swap-file call attaches again. The kernel's UMNT goes over UDP, which this TCP-only
-    server does not hear: the idle timeout is what detaches a Linux node."""
-
-    def __init__(self, nfs, lifecycle, socket_policy, swap_files, counters) -> None:
-        self._nfs = nfs
-        self._lifecycle = lifecycle
-        self.socket_policy = socket_policy
-        self._swap_files = swap_files
-        self._counters = counters
-        self._lock = threading.Lock()
-        self._holds: dict[str, _Hold] = {}
-        self._stop = threading.Event()
-        self._sweeper: Optional[threading.Thread] = None
-
-    def node_of(self, peer: str):
-        return self._nfs.node_of(peer)
-
-    def names(self) -> set[str]:
-        return {name for _, name in self._nfs.nodes}
-
-    def start(self) -> None:
-        if self._nfs.swap_idle_timeout is not None:
-            self._sweeper = threading.Thread(target=self._sweep_loop, name="nfs-idle-detach",
-                                             daemon=True)
-            self._sweeper.start()
-
-    def stop(self) -> None:
-        """Release every node (daemon stop, after the connections ended): for good."""
-        self._stop.set()
-        if self._sweeper is not None:
-            self._sweeper.join()
-        with self._lock:
-            holds = list(self._holds.items())
-            self._holds.clear()
-        for node, hold in holds:
-            self._release(node, hold, "stop", for_good=True)
-
-    def swap_activity(self, node: str) -> None:
-        """The node mounted the swap export or did I/O on its swap file: attach it if it is
-        not, and restart its idle clock. A refused attach (the pool cannot back another
-        reserve) is logged and counted by the lifecycle; the call itself goes on without a
-        reserve, and the next one tries again."""
-        with self._lock:
-            hold = self._holds.get(node)
-            if hold is not None:
-                hold.last_io = time.monotonic()
-                hold.ending = None  # mounted or used again since
-                return
-            try:
-                attachment = self._lifecycle.attach(_NfsSwapNode(node, self._swap_files))
-            except AttachRefused as exc:
-                log.warning("nfs: node %r not attached: %s", node, exc)
-                return
-            self._holds[node] = _Hold(attachment)
-        log.info("nfs: node %r attached (swap-file activity)", node)
-
-    def unmounted(self, node: str) -> None:
-        """The node's UMNT of the swap export (or UMNTALL): it says it is done, for good."""
-        self.release_for_good(node, "umnt")
-
-    def release_for_good(self, node: str, reason: str) -> bool:
-        """Release the node's reserve now (UMNT, an operator's detach); with buffers of its
-        reserve still out, when the last one is back. False if it was not attached."""
-        with self._lock:
-            hold = self._holds.get(node)
-            if hold is None:
-                return False
-            if hold.loans:
-                hold.ending = reason  # its last buffer back releases it
-                return True
-            del self._holds[node]
-        self._release(node, hold, reason, for_good=True)
-        return True
-
-    def borrow_reserve(self, node: str) -> Optional[_ReserveLoan]:
-        """A loan of the node's request reserve for one record, or None if not attached."""
-        with self._lock:
-            hold = self._holds.get(node)
-            if hold is None:
-                return None
-            hold.loans += 1
-            return _ReserveLoan(self, node, hold)
-
-    def attached(self) -> list[str]:
-        with self._lock:
-            return sorted(self._holds)
-
-    def _return_loan(self, node: str, hold: _Hold) -> None:
-        with self._lock:
-            hold.loans -= 1
-            if hold.loans or hold.ending is None or self._holds.get(node) is not hold:
-                return
-            del self._holds[node]
-        self._release(node, hold, hold.ending, for_good=True)
-
-    def _sweep_loop(self) -> None:
-        timeout = self._nfs.swap_idle_timeout
-        while not self._stop.wait(min(timeout / 4, 10.0)):
-            self.sweep_idle(time.monotonic() - timeout)
-
-    def sweep_idle(self, before: float) -> None:
-        """Release the nodes whose last swap activity is older than `before`."""
-        with self._lock:
-            idle = [(node, hold) for node, hold in self._holds.items()
-                    if hold.last_io < before and not hold.loans]
-            for node, _ in idle:
-                del self._holds[node]
-        for node, hold in idle:
-            self._release(node, hold, "idle", for_good=False)
-
-    _WHY = {"umnt": "it unmounted the swap export", "stop": "the daemon stops",
-            "operator": "an operator detached it",
-            "idle": "no swap-file call for nfs.swap_idle_timeout (its file keeps its pages)"}
-
-    def _release(self, node: str, hold: _Hold, reason: str, for_good: bool) -> None:
-        # An idle node's swapped pages are still in its file: not for good, so swap.wipe
-        # keeps them when the lifecycle detaches it.
-        self._counters.inc("nfs_node_releases", reason)
-        log.info("nfs: node %r released: %s", node, self._WHY[reason])
-        hold.attachment.release(for_good)
