@@ -22,7 +22,7 @@ class NfsService:
         self._counters = counters
         self.exports = NfsExports(config, config.daemon.state_dir)
         self.swap_nodes = (SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap,
-                                      counters) if nfs.swap_export else None)
+                                     counters) if nfs.swap_export else None)
         max_record = nfs.max_io + RECORD_SLACK
         limits = ConnectionLimits(nfs.max_connections, nfs.max_connections_per_client)
         program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
@@ -44,8 +44,7 @@ class NfsService:
         node's swap file, before any client can reach it."""
         if wipe and self.exports.swap is not None:
             for node in self.exports.swap.nodes():
-                if self.exports.swap.scrub(node) is not None:
-                    self._counters.inc("wipes", f"nfs:{node}")
+                self.wipe_node(node)
         self.mount.start()
         try:
             self.nfs.start()

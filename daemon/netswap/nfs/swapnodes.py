@@ -159,10 +159,6 @@ class SwapNodes:
             hold.loans += 1
             return _ReserveLoan(self, node, hold)
 
-    def attached(self) -> list[str]:
-        with self._lock:
-            return sorted(self._holds)
-
     def _return_loan(self, node: str, hold: _Hold) -> None:
         with self._lock:
             hold.loans -= 1
