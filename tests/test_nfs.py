@@ -327,3 +327,35 @@ def test_exposition_after_nfs_traffic_passes_promtool(nfs_daemon):
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                            text=True, timeout=30)
     assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+
+
+def test_a_node_swapping_over_nbd_and_nfs_has_one_reserve_and_wipe_covers_both(tmp_path):
+    from conftest import import_libnbd
+
+    nbd = import_libnbd()
+    daemon = _nfs_daemon(tmp_path, 'wipe = true\ndetach_grace = "0.5s"',
+                         'swap_idle_timeout = "never"')
+    try:
+        handle = nbd.NBD()
+        handle.connect_uri(daemon.uri("swap/localhost"))  # the same node, over NBD
+        handle.pwrite(b"n" * 65536, 0)
+        handle.flush()
+        libnfs_write(daemon, b"f" * 65536, 0)  # and over NFS: attaches through its file
+        assert metric(daemon, "netswap_node_attaches_total") == 1  # one reserve
+        control = daemon.config_path.parent / "control.sock"
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "netswap.ctl", "--socket", str(control), "--json", "status"],
+            capture_output=True, text=True, timeout=60).stdout)
+        assert status["attached_nodes"] == {"localhost": 2}  # its NBD connection, its NFS hold
+        assert status["reserve_tree"].count("swap/localhost ") == 1, status["reserve_tree"]
+        handle.shutdown()
+        libnfs_write(daemon, b"f", 0, unmount=True)  # its UMNT: NFS lets go for good
+        _wait_for(lambda: metric(daemon, "netswap_node_detaches_total") == 1, daemon.log())
+        # Detached for good: both of its swap areas are wiped, not only the first attached.
+        assert metric(daemon, "netswap_wipes_total", export="swap/localhost") == 1
+        assert metric(daemon, "netswap_wipes_total", export="nfs:localhost") == 1
+        assert (daemon.state_dir / "nfs-swap" / "localhost").read_bytes() == bytes(SWAP_SIZE)
+    finally:
+        code = daemon.stop()
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert code == 0, daemon.log()
