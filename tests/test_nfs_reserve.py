@@ -255,6 +255,33 @@ def test_a_node_released_for_idleness_that_pages_under_pressure_is_attached_agai
         stop_cleanly(daemon)
 
 
+def test_a_reader_waiting_for_pool_memory_does_not_hold_up_the_stop(tmp_path):
+    daemon = start_reserve_daemon(tmp_path)
+    holders: list = []
+    try:
+        scratch_root = mount(daemon, "127.0.0.3", "/scratch")
+        stranger = RpcClient(daemon.nfs_port, "127.0.0.3")  # no node: waits for memory
+        created = stranger.call(NFS_PROGRAM, CREATE, pack(
+            ("opaque", scratch_root), ("string", b"waits"), ("uint", 0),
+            ("bool", False), ("bool", False), ("bool", False), ("bool", False),
+            ("uint", 0), ("uint", 0)))
+        assert created.uint() == 0 and created.bool()
+        scratch_file = bytes(created.opaque(64))
+        holders = exhaust_normal_budget(daemon)  # kept open: their memory stays taken
+        stranger.send(NFS_PROGRAM, WRITE, write_args(scratch_file, 0, bytes(32 * KiB)))
+        deadline = time.monotonic() + 15
+        while metric(daemon, "netswap_held_back_total", consumer="non_swap") < 1:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.1)
+    finally:
+        code = daemon.stop()  # SIGTERM with that reader still waiting for pool memory
+        for hold in holders:
+            hold.close()
+    log = daemon.log()
+    assert "did not finish" not in log, log  # its thread ended: a clean stop
+    assert code == 0, log
+
+
 def test_the_reserve_tree_has_node_slots_for_nfs_swap_alone(tmp_path):
     """NBD swap off, NFS swap on: nodes still get reserve slots, and the tree says whose."""
     config = tmp_path / "c.toml"

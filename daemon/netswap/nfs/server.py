@@ -48,6 +48,8 @@ RECORD_SLACK = 4096
 # Calls of one connection between "received" and "replied"; past it the reader stops reading
 # (TCP backpressure). The Linux client keeps up to its slot table (65 by default) in flight.
 MAX_INFLIGHT_CALLS = 64
+# How long a blocked record allocation waits before it checks for a close or the stop.
+ALLOC_POLL = 0.5
 
 
 class ConnectionLimits:
@@ -151,6 +153,10 @@ class RpcServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
         return not any(thread.is_alive() for thread in threads)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def ports(self) -> list[int]:
@@ -269,6 +275,7 @@ class RpcConnection:
         self.node = node  # the swap node this peer is, or None (never the reserve)
         self._sender = ReplySender(sock, server.send_poller, peer)
         self._assembler = rpc.RecordAssembler(server.max_record)
+        self._closing = False
         # Calls between "received" and "replied", at most MAX_INFLIGHT_CALLS; the reader
         # waits on the condition at the limit, and for none at the end. (A counter rather
         # than a semaphore: the reader must also know when it is zero.)
@@ -278,6 +285,7 @@ class RpcConnection:
         self._unread = bytearray(4)  # FIONREAD's answer
 
     def close(self) -> None:
+        self._closing = True  # for a reader waiting on pool memory, not on the socket
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -378,11 +386,25 @@ class RpcConnection:
                 loan = swap_nodes.borrow_reserve(self.node)
             if loan is not None:
                 try:
-                    return pool.alloc(size, timeout=None, emergency=True, group=loan.group), loan
+                    return self._wait_for_buffer(size, emergency=True, group=loan.group), loan
                 except BaseException:
                     loan.release()
                     raise
-        return pool.alloc(size, timeout=None), None
+        return self._wait_for_buffer(size), None
+
+    def _wait_for_buffer(self, size: int, **how):
+        """A pool buffer, waiting as long as the pool has none (backpressure), but not past
+        this connection's close or the daemon's stop."""
+        pool = self.server.pool
+        buffer = pool.alloc(size, **how)
+        if buffer is not None:
+            return buffer
+        self.server.counters.inc("pool_waits", "swap" if how.get("emergency") else "non_swap")
+        while buffer is None:
+            if self._closing or self.server.stopping:
+                raise ConnectionError("closed while waiting for pool memory")
+            buffer = pool.alloc(size, timeout=ALLOC_POLL, **how)
+        return buffer
 
     def _recv_exact(self, count: int, allow_eof: bool = False) -> Optional[bytes]:
         data = b""
