@@ -323,6 +323,12 @@ def test_exposition_after_nfs_traffic_passes_promtool(nfs_daemon):
     run("nfs-ls", url(nfs_daemon, "/scratch"))
     assert metric(nfs_daemon, "netswap_rpc_call_duration_seconds_count", service="nfs",
                   procedure="read") >= 1
+    with socket.create_connection(("127.0.0.1", nfs_daemon.nfs_port)) as idle:
+        deadline = time.monotonic() + 15
+        while metric(nfs_daemon, "netswap_rpc_open_connections", service="nfs") != 1:
+            assert time.monotonic() < deadline, "the open connection is not counted"
+            time.sleep(0.05)
+        assert metric(nfs_daemon, "netswap_rpc_open_connections", service="mount") == 0
     text = nfs_daemon.metrics()
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                            text=True, timeout=30)

@@ -157,7 +157,7 @@ class Daemon:
             undo.callback(self.pressure.stop)
 
         collector = NetswapCollector(self.pool, self.tree, self.counters, self.server,
-                                     self.pressure, protection=self.protection)
+                                     self.pressure, protection=self.protection, nfs=self.nfs)
         try:
             metrics = serve(collector, config.metrics.listen)
         except OSError as exc:

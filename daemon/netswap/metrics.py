@@ -150,10 +150,13 @@ class NetswapCollector:
 
     `server` (the NbdServer) also gives the export registry and the lifecycle; `pressure` is
     the PressureMonitor, None when it is disabled; `protection` the ProtectionReport of
-    protect.protect_process, None if the daemon did not protect itself.
+    protect.protect_process, None if the daemon did not protect itself; `nfs` the
+    NfsService, None when NFS is off.
     """
 
-    def __init__(self, pool, tree, counters, server=None, pressure=None, protection=None) -> None:
+    def __init__(self, pool, tree, counters, server=None, pressure=None, protection=None,
+                 nfs=None) -> None:
+        self._nfs = nfs
         self._pool = pool
         self._tree = tree
         self._counters = counters
@@ -167,10 +170,17 @@ class NetswapCollector:
         yield from self._event_metrics()
         yield from self._request_metrics()
         if self._server is not None:
-            yield GaugeMetricFamily("netswap_connections", "Open client connections.",
+            yield GaugeMetricFamily("netswap_connections", "Open NBD client connections.",
                                     value=self._server.connection_count)
             yield from self._node_metrics()
             yield from self._export_metrics()
+        if self._nfs is not None:
+            open_now = GaugeMetricFamily("netswap_rpc_open_connections",
+                                         "Open NFS-side connections, by service.",
+                                         labels=["service"])
+            for service, count in sorted(self._nfs.connection_counts().items()):
+                open_now.add_metric([service], count)
+            yield open_now
         if self._pressure is not None:
             yield from self._pressure_metrics()
         if self._protection is not None:

@@ -155,6 +155,11 @@ class RpcServer:
         return not any(thread.is_alive() for thread in threads)
 
     @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    @property
     def stopping(self) -> bool:
         return self._stopping
 

@@ -56,6 +56,13 @@ class NfsService:
         if self.swap_nodes is not None:
             self.swap_nodes.start()
 
+    def connection_counts(self) -> dict[str, int]:
+        """Open connections per service (nfs, mount, portmap), for the metrics."""
+        servers = [self.nfs, self.mount]
+        if self.portmapper.server is not None:
+            servers.append(self.portmapper.server)
+        return {server.name: server.connection_count for server in servers}
+
     def knows_node(self, node: str) -> bool:
         """Is `node` a swap node here (named in nfs.nodes, or with a swap file on disk)?"""
         if self.swap_nodes is None:
