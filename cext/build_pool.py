@@ -27,18 +27,18 @@ def cdef_from_header(header: str) -> str:
     return "\n".join(kept)
 
 
-# The pool, and the NBD request loop that takes its buffers (one module: the loop calls
-# pool_alloc and pool_free directly, without crossing back into Python).
-HEADERS = ("pool.h", "nbdfast.h")
+# The pool, and the NBD and NFS request loops that take its buffers (one module: the loops
+# call pool_alloc and pool_free directly, without crossing back into Python).
+HEADERS = ("pool.h", "nbdfast.h", "nfsfast.h")
 for header in HEADERS:
     ffibuilder.cdef(cdef_from_header((CEXT_DIR / header).read_text()))
 
 ffibuilder.set_source(
     "netswap._pool",
     "".join(f'#include "{header}"\n' for header in HEADERS),
-    sources=[str(CEXT_DIR / "pool.c"), str(CEXT_DIR / "nbdfast.c")],
+    sources=[str(CEXT_DIR / "pool.c"), str(CEXT_DIR / "nbdfast.c"), str(CEXT_DIR / "nfsfast.c")],
     include_dirs=[str(CEXT_DIR)],
-    depends=[str(CEXT_DIR / header) for header in HEADERS],
+    depends=[str(CEXT_DIR / header) for header in (*HEADERS, "sendgate.h")],
     extra_compile_args=["-O2", "-std=gnu11"],
     libraries=["pthread"],
 )

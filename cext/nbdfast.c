@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "nbdfast.h"
 #include "pool.h"
+#include "sendgate.h"
 
 #include <endian.h>
 #include <errno.h>
@@ -187,6 +188,34 @@ void nbd_gate_release(struct nbd_send_gate *gate, int backlog, int took_partial)
     pthread_mutex_unlock(&gate->mutex);
 }
 
+int nbd_gate_sendmsg(struct nbd_send_gate *gate, int sock, struct msghdr *msg, uint64_t total,
+                     uint64_t *sent)
+{
+    int result;
+    *sent = 0;
+    pthread_mutex_lock(&gate->mutex);
+    if (gate->backlog || gate->c_partial) {
+        result = 0; /* queued replies go first: Python queues this one behind them */
+    } else {
+        ssize_t n;
+        do {
+            n = sendmsg(sock, msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            result = errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        } else {
+            *sent = (uint64_t)n;
+            result = *sent == total ? 1 : 0;
+            if (!result && n > 0)
+                gate->c_partial = 1; /* its rest must be next on the wire */
+        }
+    }
+    int saved = errno;
+    pthread_mutex_unlock(&gate->mutex);
+    errno = saved;
+    return result;
+}
+
 /* Send header + data without blocking.  1: all sent; 0: partly (c->sent says
  * how much); -1: the socket failed (errno). */
 static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
@@ -196,31 +225,7 @@ static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
         {.iov_base = data, .iov_len = data_len},
     };
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = data_len ? 2 : 1};
-    uint64_t total = (uint64_t)c->reply_len + data_len;
-    struct nbd_send_gate *gate = c->gate;
-    int result;
-    c->sent = 0;
-    pthread_mutex_lock(&gate->mutex);
-    if (gate->backlog || gate->c_partial) {
-        result = 0; /* queued replies go first: Python queues this one behind them */
-    } else {
-        ssize_t n;
-        do {
-            n = sendmsg(c->sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } while (n < 0 && errno == EINTR);
-        if (n < 0) {
-            result = errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-        } else {
-            c->sent = (uint64_t)n;
-            result = c->sent == total ? 1 : 0;
-            if (!result && n > 0)
-                gate->c_partial = 1; /* its rest must be next on the wire */
-        }
-    }
-    int saved = errno;
-    pthread_mutex_unlock(&gate->mutex);
-    errno = saved;
-    return result;
+    return nbd_gate_sendmsg(c->gate, c->sock, &msg, (uint64_t)c->reply_len + data_len, &c->sent);
 }
 
 /* Read a READ's data.  1: done; 0: leave it to a worker (which also reports errors). */

@@ -920,6 +920,10 @@ _NFS = (
            'swap-file call attaches again. "never": only UMNT detaches.'),
     _Field("max_io", _Size(8 * KiB, 16 * MiB, power_of_two=True), "1MiB",
            "Largest READ/WRITE (FSINFO rtmax/wtmax); records are capped just above it."),
+    _Field("c_loop", _Boolean(), True,
+           "Serve a swap node's plain READs and WRITEs of its own swap file in the C call "
+           "loop, without the GIL (false: every call takes the Python path; for comparison "
+           "and debugging)."),
     _Field("max_connections", _Integer(1, 65536), 1024,
            "NFS and MOUNT connections open at once, all clients together (a budget of its "
            "own, apart from nbd.max_connections); past it new ones are closed at accept."),
@@ -1099,6 +1103,7 @@ class NfsConfig:
     nodes: tuple  # ((network, node), ...), most specific first
     max_io: int  # bytes
     swap_idle_timeout: float | None  # seconds; None = never
+    c_loop: bool
     max_connections: int  # NFS and MOUNT together
     max_connections_per_client: int
     keepalive: float  # seconds

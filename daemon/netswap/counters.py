@@ -35,6 +35,8 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: Counter[tuple[str, str]] = Counter()
+        # C loops counting events too (add_live): read where they are at every get/snapshot.
+        self._live: list = []
         self.requests = RequestStats()
         self.calls = CallStats()
 
@@ -44,11 +46,28 @@ class Counters:
 
     def get(self, name: str, label: str = "") -> int:
         with self._lock:
-            return self._values[(name, label)]
+            return self._values[(name, label)] + sum(
+                source.counts().get((name, label), 0) for source in self._live)
 
     def snapshot(self) -> dict[tuple[str, str], int]:
         with self._lock:
-            return dict(self._values)
+            values = Counter(self._values)
+            for source in self._live:
+                values.update(source.counts())
+            return dict(values)
+
+    def add_live(self, source) -> None:
+        """Count what `source.counts()` ({(name, label): value}, values that only grow,
+        kept by a C loop with no Python in between) as these counters too, until
+        `retire_live`."""
+        with self._lock:
+            self._live.append(source)
+
+    def retire_live(self, source) -> None:
+        """`source` stops changing: fold it in (a reader sees it live or folded, never both)."""
+        with self._lock:
+            self._live.remove(source)
+            self._values.update(source.counts())
 
 
 @dataclass(frozen=True)
@@ -192,7 +211,23 @@ class CallStats:
                                                  _OpStats(service, procedure))
         stats.observe(0, 0, elapsed_ns)
 
+    def _entry(self, service: str, procedure: str) -> _OpStats:
+        with self._lock:
+            return self._entries.setdefault((service, procedure), _OpStats(service, procedure))
+
+    def add_live(self, service: str, procedure: str, source) -> None:
+        """As RequestStats.add_live, for a C loop's calls of (service, procedure)."""
+        stats = self._entry(service, procedure)
+        with self._lock:
+            stats.live.append(source)
+
+    def retire_live(self, service: str, procedure: str, source) -> None:
+        stats = self._entry(service, procedure)
+        with self._lock:
+            stats.live.remove(source)
+            stats.fold(source)
+
     def snapshot(self) -> list[OpSnapshot]:
         with self._lock:
             entries = list(self._entries.values())
-        return [stats.snapshot() for stats in entries]
+            return [stats.snapshot() for stats in entries]

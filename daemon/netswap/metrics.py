@@ -95,7 +95,8 @@ _EVENTS = {
     "c_loop_handoffs": ("netswap_c_loop_handoffs_total",
                         "Times the C request loop handed a connection to the Python path, by "
                         "reason (python: a request only Python serves; queued_reply: a reply "
-                        "that had to wait for the socket; write_error: a failed write).",
+                        "that had to wait for the socket; write_error: a failed write; the "
+                        "NFS call loop's nfs_python, nfs_queued_reply, nfs_io_error likewise).",
                         "reason"),
     "rpc_connections": ("netswap_rpc_connections_total",
                         "NFS and MOUNT connections accepted, by service.", "service"),

@@ -39,6 +39,7 @@ from ..netpolicy import tag_emergency
 from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
+from . import fastloop
 
 log = logging.getLogger("netswap.nfs")
 
@@ -90,11 +91,12 @@ class RpcServer:
     def __init__(self, name: str, addresses, programs: dict, pool, counters, workers,
                  send_poller: SendPoller, max_record: int, key: str,
                  swap_nodes=None, limits: Optional[ConnectionLimits] = None,
-                 keepalive: Optional[float] = None) -> None:
+                 keepalive: Optional[float] = None, fast_loop=None) -> None:
         """`swap_nodes`, for the NFS port (swapnodes.SwapNodes): a swap node's connection is
         tagged and may use the node's reserve while the node is attached. `limits`: the
         connection limits to count in (None: none); `keepalive`: seconds of silence before
-        TCP probes a client (None: no keepalive)."""
+        TCP probes a client (None: no keepalive). `fast_loop(connection)`: the C call loop
+        (nfs/fastloop.py) for a swap node's connection, or None for the Python path only."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
         self._addresses = addresses
         self.programs = programs  # program number -> an object with .call(call, client)
@@ -107,6 +109,7 @@ class RpcServer:
         self.swap_nodes = swap_nodes
         self._limits = limits
         self._keepalive = keepalive
+        self.fast_loop = fast_loop
         self._last_refusal_log: dict[str, float] = {}
         self._listeners: list[socket.socket] = []
         self._connections: set[RpcConnection] = set()
@@ -278,7 +281,7 @@ class RpcConnection:
         self.sock = sock
         self.peer = peer
         self.node = node  # the swap node this peer is, or None (never the reserve)
-        self._sender = ReplySender(sock, server.send_poller, peer)
+        self.sender = self._sender = ReplySender(sock, server.send_poller, peer)
         self._assembler = rpc.RecordAssembler(server.max_record)
         self._closing = False
         # Calls between "received" and "replied", at most MAX_INFLIGHT_CALLS; the reader
@@ -288,6 +291,9 @@ class RpcConnection:
         self._replied = threading.Condition(threading.Lock())
         self._reader_waits = False  # only then does a reply notify (notify is not free)
         self._unread = bytearray(4)  # FIONREAD's answer
+        # The C loop serving this swap node's READs and WRITEs of its own file (fastloop.py).
+        self._fast = (server.fast_loop(self) if server.fast_loop is not None and node is not None
+                      else None)
 
     def close(self) -> None:
         self._closing = True  # for a reader waiting on pool memory, not on the socket
@@ -298,7 +304,7 @@ class RpcConnection:
 
     def run(self) -> None:
         try:
-            while self._serve_one():
+            while (self._fast is None or self._serve_fast()) and self._serve_one():
                 pass
         except rpc.RecordError as exc:
             self.server.counters.inc("rpc_protocol_errors", exc.reason)
@@ -313,6 +319,8 @@ class RpcConnection:
             with self._replied:  # in-flight calls still reply on this socket
                 while self._pending:
                     self._wait_for_reply()
+            if self._fast is not None:
+                self._fast.close()
             self.server.send_poller.forget(self._sender)
             self.sock.close()
             self.server.connection_closed(self)
@@ -322,7 +330,10 @@ class RpcConnection:
         if record is None:
             return False
         buffer, length, loan = record
-        received = time.perf_counter_ns()
+        self._dispatch(buffer, length, loan, time.perf_counter_ns())
+        return True
+
+    def _dispatch(self, buffer, length: int, loan, received: int) -> None:
         with self._replied:
             while self._pending >= MAX_INFLIGHT_CALLS:
                 self._wait_for_reply()
@@ -333,6 +344,46 @@ class RpcConnection:
         else:
             self.server.workers.submit_for(("rpc", self.peer), length, self._execute, buffer,
                                            length, loan, received)
+
+    def _serve_fast(self) -> bool:
+        """Let the C loop serve calls until the next record is Python's (it is then unread
+        in the socket) or it hands one back; False when the client closed."""
+        fast, counters = self._fast, self.server.counters
+        reason = fast.serve()
+        if reason == fastloop.FALLBACK:
+            counters.inc("c_loop_handoffs", "nfs_python")
+            return True
+        if reason == fastloop.CLOSED:
+            return False
+        if reason == fastloop.SOCKET_ERROR:
+            raise fast.error
+        if reason == fastloop.RECORD_CUT:
+            raise ConnectionError("client closed in the middle of a record")
+        # A call the loop received and hands over: Python's from here, as if received here.
+        buffer, started = fast.buffer(), fast.started_ns
+        if reason == fastloop.HANDOFF:
+            counters.inc("c_loop_handoffs", "nfs_io_error")
+            self._dispatch(buffer, fast.record_length, None, started)  # run again, in Python
+            return True
+        assert reason == fastloop.PARTIAL, reason
+        counters.inc("c_loop_handoffs", "nfs_queued_reply")
+        with self._replied:
+            while self._pending >= MAX_INFLIGHT_CALLS:
+                self._wait_for_reply()
+            self._pending += 1
+        procedure, nbytes = fast.procedure, fast.bytes
+
+        def done() -> None:
+            counters.inc("nfs_calls", procedure)
+            counters.inc("nfs_bytes", procedure, nbytes)
+            self._finished([buffer], procedure, started)
+
+        # Replies were queued, or the socket took only part of this one: the sender
+        # finishes it (its rest first, if part is on the wire), then the buffer goes back.
+        if fast.sent:
+            self._sender.resume(fast.unsent_reply(buffer), done)
+        else:
+            self._sender.send(fast.unsent_reply(buffer), done)
         return True
 
     def _bytes_waiting(self) -> bool:
@@ -498,6 +549,9 @@ class RpcConnection:
             counters.inc("rpc_protocol_errors", "prog_mismatch")
             return [rpc.prog_mismatch(call.xid, low, high)], None
         procedure = program.procedure_name(call)
+        if self._fast is not None and call.prog == fastloop.PROGRAM and call.proc in (
+                fastloop.READ, fastloop.WRITE):
+            self._fast.offer(call.args)  # its handle may be served by the C loop from now on
         try:
             return program.call(call, self.peer, release, emergency=release[0].emergency), procedure
         except Exception:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import time
 
-from . import mount, nfs3
+from netswap._pool import ffi
+
+from . import fastloop, mount, nfs3
 from .exports import NfsExports
 from .portmapper import Portmapper
 from .server import RECORD_SLACK, ConnectionLimits, RpcServer
@@ -26,10 +28,23 @@ class NfsService:
         max_record = nfs.max_io + RECORD_SLACK
         limits = ConnectionLimits(nfs.max_connections, nfs.max_connections_per_client)
         program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
+        fast_loop = None
+        if nfs.c_loop and self.swap_nodes is not None:
+            # The scrub epoch the C loops compare their handles' with (fastloop.py).
+            self._scrub_epoch = ffi.new("int64_t *")
+            self.exports.swap.epoch = self._scrub_epoch
+
+            def fast_loop(connection):
+                return fastloop.NfsFastLoop(
+                    sock_fd=connection.sock.fileno(), pool=pool, max_record=max_record,
+                    max_io=nfs.max_io, exports=self.exports, verifier=program.verifier,
+                    epoch=self._scrub_epoch, node_clock=self.swap_nodes.clock(connection.node),
+                    gate=connection.sender.gate, counters=counters, service="nfs",
+                    peer=connection.peer, node=connection.node)
         self.nfs = RpcServer("nfs", nfs.listen, {nfs3.PROGRAM: program},
                              pool, counters, workers, send_poller, max_record, "nfs.listen",
                              swap_nodes=self.swap_nodes, limits=limits,
-                             keepalive=nfs.keepalive)
+                             keepalive=nfs.keepalive, fast_loop=fast_loop)
         self.mount = RpcServer("mount", nfs.mount_listen,
                                {mount.PROGRAM: mount.MountProgram(self.exports, counters,
                                                                   self.swap_nodes)},

@@ -102,6 +102,9 @@ class SwapFiles:
         self._lock = threading.Lock()  # guards _open, _state and the state file
         self._open: dict[str, SwapFile] = {}
         self._closed = False
+        # The NFS C loop's scrub epoch (an int64_t * of nfs/fastloop.py), or None: it changes
+        # when a scrub starts and when it ends, and so voids every handle the loops hold.
+        self.epoch = None
         self._prepare_directory()
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -166,12 +169,20 @@ class SwapFiles:
             return None
         with self._lock:
             self._check_open()
-            self._zero(swap_file)
-            self._require_allocated(swap_file.fd, swap_file.path)
-            os.fsync(swap_file.fd)
-            swap_file.generation = self._record(node, swap_file.fileid, new_generation=True)
+            self._bump_epoch()
+            try:
+                self._zero(swap_file)
+                self._require_allocated(swap_file.fd, swap_file.path)
+                os.fsync(swap_file.fd)
+                swap_file.generation = self._record(node, swap_file.fileid, new_generation=True)
+            finally:
+                self._bump_epoch()  # handles verified during the scrub are void too
         log.info("scrubbed swap file %s (generation %d)", swap_file.path, swap_file.generation)
         return swap_file
+
+    def _bump_epoch(self) -> None:
+        if self.epoch is not None:
+            self.epoch[0] += 1
 
     def close(self) -> None:
         with self._lock:

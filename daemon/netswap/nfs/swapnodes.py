@@ -87,6 +87,9 @@ class SwapNodes:
         self._counters = counters
         self._lock = threading.Lock()
         self._holds: dict[str, _Hold] = {}
+        # Per node, what the NFS C loops (fastloop.py) read and write: attached or not, and
+        # their last swap-file call. Made on a loop's first ask, kept for the daemon's life.
+        self._clocks: dict[str, object] = {}
         self._stop = threading.Event()
         self._sweeper: Optional[threading.Thread] = None
 
@@ -110,8 +113,33 @@ class SwapNodes:
         with self._lock:
             holds = list(self._holds.items())
             self._holds.clear()
+            for node, _ in holds:
+                self._set_attached(node, False)
         for node, hold in holds:
             self._release(node, hold, "stop", for_good=True)
+
+    def clock(self, node: str):
+        """The node's NodeClock (nfs/fastloop.py) for a C loop of its connection."""
+        from .fastloop import NodeClock
+        with self._lock:
+            clock = self._clocks.get(node)
+            if clock is None:
+                clock = self._clocks[node] = NodeClock()
+                hold = self._holds.get(node)
+                clock.attached = hold is not None and hold.ending is None
+            return clock
+
+    def _set_attached(self, node: str, attached: bool) -> None:
+        """(Holding the lock.) What the C loops see: while not attached (or released once its
+        loans are back) they leave the node's calls to Python, whose swap_activity attaches."""
+        clock = self._clocks.get(node)
+        if clock is not None:
+            clock.attached = attached
+
+    def _last_io(self, node: str, hold: _Hold) -> float:
+        """(Holding the lock.) The node's last swap-file call, Python's or a C loop's."""
+        clock = self._clocks.get(node)
+        return hold.last_io if clock is None else max(hold.last_io, clock.last_io)
 
     def swap_activity(self, node: str) -> None:
         """The node mounted the swap export or did I/O on its swap file: attach it if it is
@@ -123,6 +151,7 @@ class SwapNodes:
             if hold is not None:
                 hold.last_io = time.monotonic()
                 hold.ending = None  # mounted or used again since
+                self._set_attached(node, True)
                 return
             try:
                 attachment = self._lifecycle.attach(NfsSwapNode(node, self._swap_files))
@@ -130,6 +159,7 @@ class SwapNodes:
                 log.warning("nfs: node %r not attached: %s", node, exc)
                 return
             self._holds[node] = _Hold(attachment)
+            self._set_attached(node, True)
         log.info("nfs: node %r attached (swap-file activity)", node)
 
     def unmounted(self, node: str) -> None:
@@ -143,6 +173,7 @@ class SwapNodes:
             hold = self._holds.get(node)
             if hold is None:
                 return False
+            self._set_attached(node, False)
             if hold.loans:
                 hold.ending = reason  # its last buffer back releases it
                 return True
@@ -176,9 +207,10 @@ class SwapNodes:
         """Release the nodes whose last swap activity is older than `before`."""
         with self._lock:
             idle = [(node, hold) for node, hold in self._holds.items()
-                    if hold.last_io < before and not hold.loans]
+                    if self._last_io(node, hold) < before and not hold.loans]
             for node, _ in idle:
                 del self._holds[node]
+                self._set_attached(node, False)
         for node, hold in idle:
             self._release(node, hold, "idle", for_good=False)
 

@@ -1,0 +1,89 @@
+/*
+ * netswap's NFSv3 call loop for a swap node's own swap file, in C so that it
+ * runs without the GIL (the NFS counterpart of nbdfast.h).
+ *
+ * A swap node's NFS connection calls nfs_fast_serve() from its reader thread
+ * (again after each record it had to leave to Python).  The loop peeks at the
+ * next record (MSG_PEEK: nothing is consumed while it decides) and serves it
+ * itself only if it is a single-fragment ONC RPC call of NFSv3 READ or WRITE,
+ * with an AUTH_SYS or AUTH_NONE credential every length of which checks out,
+ * arguments exactly as nfs3.py decodes them, on a handle Python registered in
+ * this connection's table (it served a call on it for this very node), while
+ * the node is attached, with pool memory to be had without waiting.  Then:
+ * the record is received into a pool block, the file is read or written (and
+ * fdatasync'ed for a stable WRITE), the reply is built as nfs3.py builds it
+ * (fattr3 from fstat) and sent through the connection's send gate.
+ *
+ * Anything else stops the loop with the record still in the socket
+ * (NFS_FAST_FALLBACK) and Python serves it exactly as it would without this
+ * loop.  A record already received whose I/O then failed goes to Python whole
+ * (NFS_FAST_HANDOFF): Python parses and runs it again, and answers the error
+ * its own way.  The loop never verifies a handle (no HMAC): it only compares
+ * bytes with what Python verified for this connection's peer.
+ */
+#ifndef NETSWAP_NFSFAST_H
+#define NETSWAP_NFSFAST_H
+
+#include <stdint.h>
+
+#define NFS_FAST_HANDLES 8    /* handles one connection keeps: a node has one swap file */
+#define NFS_FAST_HANDLE_MAX 64
+#define NFS_FAST_REPLY_MAX 160 /* fragment header + accepted reply + READ/WRITE result head */
+
+/* Why nfs_fast_serve returned. */
+#define NFS_FAST_CLOSED 0       /* the client closed (or the read side was shut) between records */
+#define NFS_FAST_FALLBACK 1     /* the next record, untouched in the socket, is Python's */
+#define NFS_FAST_PARTIAL 2      /* a reply was not (or only partly) sent: reply/sent describe it */
+#define NFS_FAST_HANDOFF 3      /* a received record (block, record_len) is Python's to run */
+#define NFS_FAST_SOCKET_ERROR 4 /* recv or send failed with `error` */
+#define NFS_FAST_RECORD_CUT 5   /* the client closed in the middle of a record */
+
+/* One handle Python verified for this connection's node (its own swap file). */
+struct nfs_fast_handle {
+    uint32_t length;              /* 0: a free slot */
+    uint8_t bytes[NFS_FAST_HANDLE_MAX];
+    int fd;                       /* the swap file (a descriptor of Python's, dup'ed) */
+    uint64_t fsid;                /* the export id, fattr3.fsid */
+    int64_t epoch;                /* *swap_epoch when Python verified it */
+};
+
+/* A node's state the loop reads and writes (shared by its connections; Python owns it). */
+struct nfs_fast_node {
+    int attached;                 /* 1 while the node holds its reserve (swapnodes.py) */
+    int64_t last_io_ns;           /* CLOCK_MONOTONIC of the loop's last swap-file call */
+};
+
+struct nfs_fast_conn {
+    /* Set once. */
+    int sock;
+    struct pool *pool;
+    uint32_t max_record;          /* the record cap (nfs.max_io + slack) */
+    uint32_t max_io;
+    uint64_t swap_size;           /* a swap file's size: a WRITE never goes past it */
+    uint8_t verifier[8];          /* the WRITE verifier */
+    const int64_t *swap_epoch;    /* changes on every scrub: older entries are void */
+    struct nfs_fast_node *node;
+    struct nbd_send_gate *gate;
+    uint64_t bounds_ns[NBD_FAST_BOUNDS];
+    struct nfs_fast_handle handles[NFS_FAST_HANDLES];
+
+    /* Out, for PARTIAL and HANDOFF: the call and its pool block. */
+    int64_t block;
+    uint32_t block_len;
+    uint32_t record_len;          /* the record is block[0:record_len] */
+    uint32_t proc;
+    uint32_t data_offset;         /* PARTIAL READ: its data is block[data_offset:+data_len] */
+    uint32_t data_len;
+    uint64_t bytes;               /* what nfs_bytes counts for it */
+    int64_t started_ns;
+    uint8_t reply[NFS_FAST_REPLY_MAX];
+    uint32_t reply_len;
+    uint64_t sent;                /* bytes of reply + data (+ padding) already on the wire */
+    int error;
+
+    struct nbd_fast_op_stats stats[2]; /* 0 READ, 1 WRITE; nfs_calls = sum of buckets */
+};
+
+int nfs_fast_serve(struct nfs_fast_conn *c);
+
+#endif /* NETSWAP_NFSFAST_H */

@@ -1,0 +1,253 @@
+"""The Python side of the C call loop (cext/nfsfast.c) of one swap node's NFS connection.
+
+Why it exists: served in Python, a 4 KiB swap-file READ or WRITE costs ~85-125 µs of CPU
+under the GIL (record, parse, resolve, pack, send, statistics) where a C server spends half
+that. A swap node's calls on its own swap file need none of Python's decisions once Python
+has verified the file handle for this connection's peer (the peer is fixed, so the per-call
+node check is per connection), so the C loop serves them on the connection's reader thread
+without the GIL, as nbd/fastloop.py does for NBD.
+
+What stays in Python, by construction: the loop peeks at each record and stops at the
+first one it does not serve, leaving it unread in the socket, so Python receives, parses,
+checks and answers it exactly as without the loop: every other procedure, program or
+version, other credential flavors, several fragments, garbage, a handle not in this
+connection's table (the first call on a handle, scratch files, another node's handle, a
+handle made stale by a scrub), a WRITE past the end of the file, a node not attached (the
+attach is Python's), no pool memory without waiting (Python waits, or takes the node's
+reserve under the drop rule), and a READ that would wait for the disk or a stable WRITE
+while other calls are queued (those go to the workers, in parallel). A record the loop
+received whose I/O then failed is handed to Python whole, which runs it again and answers
+the error its way.
+
+The handle table: Python adds a handle after it served a READ or WRITE on it that resolves,
+for this peer, to the node's own swap file; the entry holds a dup of the file's descriptor
+(never a number another close frees) and the swap files' scrub epoch at the time it was
+verified, before the resolve: a scrub changes the epoch and voids every entry at once.
+The table is changed only on the reader thread between two runs of the loop, which reads
+it only while it runs on that thread: no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+
+from netswap._pool import ffi, lib
+
+from ..counters import LATENCY_BUCKETS
+from ..nbd.sender import skip_sent
+from ..rpc import xdr
+from .exports import NfsError
+
+log = logging.getLogger("netswap.nfs")
+
+_BOUNDS_NS = [round(bound * 1e9) for bound in LATENCY_BUCKETS]
+assert len(_BOUNDS_NS) == lib.NBD_FAST_BOUNDS, "cext/nbdfast.h and counters.py disagree"
+PROGRAM, READ, WRITE = 100003, 6, 7  # NFSv3 and its READ and WRITE (nfs3.py)
+_OPS = ((0, "read"), (1, "write"))  # the loop's stats index, and the procedure's name
+
+# What serve() returns (see cext/nfsfast.h).
+CLOSED = lib.NFS_FAST_CLOSED
+FALLBACK = lib.NFS_FAST_FALLBACK
+PARTIAL = lib.NFS_FAST_PARTIAL
+HANDOFF = lib.NFS_FAST_HANDOFF
+SOCKET_ERROR = lib.NFS_FAST_SOCKET_ERROR
+RECORD_CUT = lib.NFS_FAST_RECORD_CUT
+
+
+class NodeClock:
+    """A swap node's state shared with the C loops of its connections: whether it is
+    attached (else the loops leave its calls to Python, which attaches it), and when a loop
+    last served one of its swap-file calls (the idle clock, time.monotonic's clock)."""
+
+    def __init__(self) -> None:
+        self.c = ffi.new("struct nfs_fast_node *")
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.c.attached)
+
+    @attached.setter
+    def attached(self, value: bool) -> None:
+        self.c.attached = int(value)
+
+    @property
+    def last_io(self) -> float:
+        """time.monotonic() of the loops' last call on the node's swap file (0: none)."""
+        return self.c.last_io_ns / 1e9
+
+
+class _LiveCounts:
+    """nfs_calls and nfs_bytes of one loop, for Counters.add_live."""
+
+    def __init__(self, stats) -> None:
+        self._stats = stats
+
+    def counts(self) -> dict:
+        values = {}
+        for index, name in _OPS:
+            source = self._stats[index]
+            calls = sum(source.buckets)
+            if calls:  # no series for a procedure never called, as with Counters.inc
+                values[("nfs_calls", name)] = calls
+                values[("nfs_bytes", name)] = source.bytes
+        return values
+
+
+class NfsFastLoop:
+    """One connection's C loop: its state, its handle table, its statistics, and the calls
+    it hands back."""
+
+    def __init__(self, *, sock_fd: int, pool, max_record: int, max_io: int, exports,
+                 verifier: bytes, epoch, node_clock: NodeClock, gate, counters,
+                 service: str, peer: str, node: str) -> None:
+        self.pool = pool
+        self._exports = exports
+        self._epoch = epoch  # int64_t *, the swap files' scrub epoch
+        self._counters = counters
+        self._service = service
+        self._peer = peer
+        self._node = node
+        self._node_clock = node_clock  # kept alive while the loop points at it
+        self._fds = [-1] * lib.NFS_FAST_HANDLES
+        self._next_slot = 0
+        # Handles of READs and WRITEs Python served, from any thread; registered by the
+        # reader between two runs of the loop (deque appends are atomic).
+        self.candidates: deque = deque()
+        # Handles offered that are not this node's swap file (scratch files, the export's
+        # directory...): not resolved again on every call. Bounded; started over when full.
+        self._refused: set[bytes] = set()
+        conn = self._conn = ffi.new("struct nfs_fast_conn *")
+        conn.sock = sock_fd
+        conn.pool = pool.handle
+        conn.max_record = max_record
+        conn.max_io = max_io
+        conn.swap_size = exports.swap.size
+        conn.verifier = verifier
+        conn.swap_epoch = epoch
+        conn.node = node_clock.c
+        conn.gate = gate
+        conn.bounds_ns = _BOUNDS_NS
+        for index, name in _OPS:
+            counters.calls.add_live(service, name, conn.stats[index])
+        self._live = _LiveCounts(conn.stats)
+        counters.add_live(self._live)
+
+    # The handle table ---------------------------------------------------------------
+
+    def offer(self, args) -> None:
+        """A READ or WRITE Python served (its arguments): its handle may join the table.
+        Any thread; cheap (the checks are made by the reader, in register_offered)."""
+        try:
+            handle = bytes(xdr.Unpacker(args).opaque(64))
+        except xdr.XdrError:
+            return
+        if handle not in self._refused and not self._known(handle):
+            self.candidates.append(handle)
+
+    def _known(self, handle: bytes) -> bool:
+        epoch = self._epoch[0]
+        for entry in self._conn.handles:
+            if (entry.length == len(handle) and entry.epoch == epoch
+                    and bytes(ffi.buffer(entry.bytes, entry.length)) == handle):
+                return True
+        return False
+
+    def register_offered(self) -> None:
+        """The reader thread, the loop not running: add the handles offered that name this
+        node's own swap file for this peer."""
+        while self.candidates:
+            handle = self.candidates.popleft()
+            if self._known(handle):
+                continue
+            epoch = self._epoch[0]  # before the resolve: a scrub after it voids the entry
+            try:
+                node = self._exports.resolve(handle, self._peer)
+            except (NfsError, OSError):
+                node = None  # stale (a scrub: for good), or another node's
+            if (node is None or not node.is_swap_file or node.swap_owner != self._node
+                    or node.fd is None):
+                if len(self._refused) >= 64:
+                    self._refused.clear()
+                self._refused.add(handle)
+                continue
+            self._add(handle, node, epoch)
+
+    def _add(self, handle: bytes, node, epoch: int) -> None:
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % lib.NFS_FAST_HANDLES
+        entry = self._conn.handles[slot]
+        entry.length = 0
+        if self._fds[slot] >= 0:
+            os.close(self._fds[slot])
+            self._fds[slot] = -1
+        fd = self._fds[slot] = os.dup(node.fd)
+        entry.fd = fd
+        entry.fsid = node.export_id
+        entry.epoch = epoch
+        ffi.memmove(entry.bytes, handle, len(handle))
+        entry.length = len(handle)
+
+    # Running ------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run the C loop until it stops; returns why (the module's constants). The GIL is
+        released for the whole call."""
+        if self.candidates:
+            self.register_offered()
+        return lib.nfs_fast_serve(self._conn)
+
+    # What the loop hands back -------------------------------------------------------
+
+    @property
+    def started_ns(self) -> int:
+        return self._conn.started_ns
+
+    @property
+    def sent(self) -> int:
+        return self._conn.sent
+
+    @property
+    def record_length(self) -> int:
+        return self._conn.record_len
+
+    @property
+    def procedure(self) -> str:
+        return "read" if self._conn.proc == READ else "write"
+
+    @property
+    def bytes(self) -> int:
+        return self._conn.bytes
+
+    def buffer(self):
+        """The pool Buffer of the call handed back (its record at [0:record_length]); the
+        caller releases it."""
+        conn = self._conn
+        return self.pool.adopt(conn.block, conn.block_len, False)
+
+    def unsent_reply(self, buffer) -> list:
+        """The parts of a PARTIAL reply not sent yet."""
+        conn = self._conn
+        parts = [bytes(ffi.buffer(conn.reply, conn.reply_len))]
+        if conn.data_len:
+            parts.append(buffer.view[conn.data_offset:conn.data_offset + conn.data_len])
+            if conn.data_len % 4:
+                parts.append(bytes(4 - conn.data_len % 4))
+        return skip_sent(parts, conn.sent)
+
+    @property
+    def error(self) -> OSError:
+        err = self._conn.error
+        return OSError(err, os.strerror(err))
+
+    def close(self) -> None:
+        """The connection ended: fold the statistics into the totals, close the fds."""
+        for index, name in _OPS:
+            self._counters.calls.retire_live(self._service, name, self._conn.stats[index])
+        self._counters.retire_live(self._live)
+        for slot, fd in enumerate(self._fds):
+            self._conn.handles[slot].length = 0
+            if fd >= 0:
+                os.close(fd)
+        self._fds = [-1] * lib.NFS_FAST_HANDLES
