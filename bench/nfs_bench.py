@@ -11,6 +11,12 @@ printed as a Markdown table with the ratio netswapd/ganesha per row.
     python3 bench/nfs_bench.py                  # both servers, 3 repeats, 256 MiB + 32 MiB
     python3 bench/nfs_bench.py --quick          # smoke test, well under a minute
     python3 bench/nfs_bench.py --servers netswapd --json out.json
+    python3 bench/nfs_bench.py --export swap    # a swap node's own swap file (see below)
+
+With ``--export swap`` the client (as node localhost) writes and reads the swap file
+netswapd made for it in its swap export, the calls its C loop serves (``nfs.c_loop``;
+``--no-c-loop`` for the Python path); ganesha serves a fully allocated file of the same
+size, made beforehand, which the client opens the same way (no create, no truncate).
 
 Only the standard library is used (plus fio_matrix.py beside this file, for the process
 helpers).  Needs libnfs13 (Debian: libnfs13), and for the peer nfs-ganesha, nfs-ganesha-vfs
@@ -98,7 +104,8 @@ lib.nfs_get_writemax.restype = u64
 lib.nfs_get_writemax.argtypes = [vp]
 libc.memcmp.argtypes = [vp, vp, ctypes.c_size_t]
 
-url, server, export, name = (a.encode() for a in sys.argv[1:5])
+lib.nfs_open.argtypes = [vp, ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(vp)]
+url, server, export, name, how = (a.encode() for a in sys.argv[1:6])
 nfs = lib.nfs_init_context()
 def check(result, what):
     if result < 0:
@@ -112,12 +119,15 @@ print(json.dumps({"readmax": lib.nfs_get_readmax(nfs), "writemax": lib.nfs_get_w
 source = ctypes.create_string_buffer(os.urandom(1 << 20), 1 << 20)
 back = ctypes.create_string_buffer(1 << 20)
 src, dst = ctypes.addressof(source), ctypes.addressof(back)
-for spec in sys.argv[5:]:
+for spec in sys.argv[6:]:
     block, size, seconds = (int(x) for x in spec.split(":"))
     tag = "1m" if block == 1 << 20 else f"{block // 1024}k"
     fh = vp()
-    check(lib.nfs_create(nfs, b"/" + name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600,
-                         ctypes.byref(fh)), "create")
+    if how == b"open":  # a swap file: there already, at its size
+        check(lib.nfs_open(nfs, b"/" + name, os.O_RDWR, ctypes.byref(fh)), "open")
+    else:
+        check(lib.nfs_create(nfs, b"/" + name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600,
+                             ctypes.byref(fh)), "create")
     ops, offset, start = 0, 0, time.monotonic()
     while offset < size:
         done = check(lib.nfs_pwrite(nfs, fh, offset, block, src + offset % (1 << 20)), "pwrite")
@@ -153,7 +163,9 @@ def run_client(server: "Server", specs: list[str], timeout: float) -> tuple[dict
     """The client against one server: (its mount info, one dict per phase)."""
     url = (f"nfs://127.0.0.1{server.export}?version=3&nfsport={server.nfs_port}"
            f"&mountport={server.mount_port}")
-    cmd = [sys.executable, "-c", CLIENT, url, "127.0.0.1", server.export, BENCH_FILE, *specs]
+    how = "open" if server.swap_size else "create"
+    cmd = [sys.executable, "-c", CLIENT, url, "127.0.0.1", server.export, server.file_name,
+           how, *specs]
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout)
@@ -191,12 +203,45 @@ class Server:
     served_dir: Path | None = None  # where the bench file lands on the server's side
     process: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
+    swap_size: int = 0  # --export swap: the size of the file the client opens (0: scratch)
+    c_loop: bool = True  # netswapd's nfs.c_loop
+    file_name: str = BENCH_FILE
 
     @property
     def pid(self) -> int:
         return self.process.pid if self.process else 0
 
     def command(self) -> list[str]:
+        if self.name == "netswapd" and self.swap_size:
+            # The swap export only; the client is node localhost (the default nodes).
+            self.export = "/swap"
+            self.file_name = "localhost"
+            self.served_dir = self.workdir / "state" / "nfs-swap"
+            return netswapd_command(self.workdir, self.netswapd_log_level, self.workers, f"""\
+                [pool]
+                size = "256MiB"
+                lock = "best-effort"
+
+                [nbd]
+                listen = []
+                unix_socket = ""
+
+                [swap]
+                enabled = false
+
+                [nfs]
+                enabled = true
+                listen = ["127.0.0.1:{self.nfs_port}"]
+                mount_listen = ["127.0.0.1:{self.mount_port}"]
+                swap_export = "/swap"
+                swap_size = "{self.swap_size // MiB}MiB"
+                scratch_export = ""
+                max_io = "1MiB"
+                c_loop = {str(self.c_loop).lower()}
+
+                [metrics]
+                listen = []
+                """)
         if self.name == "netswapd":
             self.export = "/scratch"
             self.served_dir = self.workdir / "state" / "nfs-scratch"
@@ -230,6 +275,12 @@ class Server:
             self.served_dir = self.workdir / "export"
             self.served_dir.mkdir()
             self.export = str(self.served_dir)
+            if self.swap_size:  # a swap file's stand-in: fully allocated, opened as is
+                fd = os.open(self.served_dir / BENCH_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, self.swap_size)
+                finally:
+                    os.close(fd)
             config = self.workdir / "ganesha.conf"
             # Graceless: NFSv3 I/O does not wait for a grace period, but skipping it keeps
             # startup quick.  Max{Read,Write} = 1 MiB, as netswapd's max_io, so a 1 MiB
@@ -365,7 +416,8 @@ def run_server(args, name: str, repeat: int, tmp: Path, results: dict) -> None:
     """Start one server, run the client against it, record, stop it."""
     workdir = tmp / f"r{repeat}-{name}"
     workdir.mkdir()
-    server = Server(name, workdir, args.workers, args.netswapd_log_level)
+    server = Server(name, workdir, args.workers, args.netswapd_log_level,
+                    swap_size=args.swap_size, c_loop=args.c_loop)
     run = {"repeat": repeat, "server": name, "phases": {}, "errors": [], "log_findings": []}
     results["runs"].append(run)
     sampler = None
@@ -400,7 +452,7 @@ def run_server(args, name: str, repeat: int, tmp: Path, results: dict) -> None:
             label = next(ph.label for ph in PHASES if ph.key == p["phase"])
             print(f"  {label:<20} {m['mbps']:>8.1f} MB/s {m['ops']:>9.0f} ops/s "
                   f"({p['bytes'] / MiB:.0f} MiB in {p['seconds']:.2f} s)", flush=True)
-        served = server.served_dir / BENCH_FILE if server.served_dir else None
+        served = server.served_dir / server.file_name if server.served_dir else None
         if served is not None and not served.exists():
             run["errors"].append(f"{served} is not on the server's side")
         run["rss_end"] = vm_rss(server.pid)
@@ -410,7 +462,7 @@ def run_server(args, name: str, repeat: int, tmp: Path, results: dict) -> None:
             sampler.stop()
         code = server.stop()
         if server.served_dir is not None:  # one bench file on disk at a time
-            (server.served_dir / BENCH_FILE).unlink(missing_ok=True)
+            (server.served_dir / server.file_name).unlink(missing_ok=True)
         run["exit_code"] = code
         if code not in (None, 0, -signal.SIGTERM) and not run["errors"]:
             run["errors"].append(f"{name} exited with {code}")
@@ -587,6 +639,11 @@ def parse_args(argv=None):
                    help="where the temp dir (exported dirs, state, logs) goes (default "
                         "/var/tmp; ganesha's FSAL VFS needs a file system with file handles, open_by_handle_at)")
     p.add_argument("--workers", type=int, default=8, help="netswapd daemon.workers (default 8)")
+    p.add_argument("--export", choices=("scratch", "swap"), default="scratch",
+                   help="netswapd's scratch export (a file the client creates), or its swap "
+                        "export (node localhost's swap file; ganesha: a preallocated file)")
+    p.add_argument("--no-c-loop", dest="c_loop", action="store_false",
+                   help="netswapd with nfs.c_loop = false (--export swap: the Python path)")
     p.add_argument("--netswapd-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"))
     p.add_argument("--json", type=Path, help="write raw results here")
@@ -609,6 +666,8 @@ def parse_args(argv=None):
         p.error("--size and --size-4k must be positive multiples of 1MiB")
     if args.repeats < 1 or args.seconds_4k < 1 or args.workers < 1:
         p.error("--repeats, --seconds-4k and --workers must be >= 1")
+    # --export swap: one file for both phases, as large as the larger.
+    args.swap_size = max(args.size_1m, args.size_4k) if args.export == "swap" else 0
     # The 1 MiB phases are not time-capped (--seconds-4k is for the slow 4 KiB ones).
     args.specs = [f"{MiB}:{args.size_1m}:{10**6}", f"4096:{args.size_4k}:{args.seconds_4k}"]
     args.client_timeout = 600 + 2 * args.seconds_4k
@@ -629,6 +688,7 @@ def main(argv=None) -> int:
         "meta": {
             "argv": sys.argv, "repeats": args.repeats, "size_1m": args.size_1m,
             "size_4k": args.size_4k, "seconds_4k": args.seconds_4k, "workers": args.workers,
+            "export": args.export, "c_loop": args.c_loop,
             "versions": {},
             "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
                      "python": sys.version.split()[0]},

@@ -6,6 +6,7 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -214,6 +215,53 @@ int nbd_gate_sendmsg(struct nbd_send_gate *gate, int sock, struct msghdr *msg, u
     pthread_mutex_unlock(&gate->mutex);
     errno = saved;
     return result;
+}
+
+void iov_advance(struct msghdr *msg, uint64_t count)
+{
+    while (msg->msg_iovlen && (count || msg->msg_iov->iov_len == 0)) {
+        size_t step = count < msg->msg_iov->iov_len ? (size_t)count : msg->msg_iov->iov_len;
+        msg->msg_iov->iov_base = (uint8_t *)msg->msg_iov->iov_base + step;
+        msg->msg_iov->iov_len -= step;
+        count -= step;
+        if (msg->msg_iov->iov_len)
+            break;
+        msg->msg_iov++;
+        msg->msg_iovlen--;
+    }
+}
+
+int nbd_gate_finish(struct nbd_send_gate *gate, int sock, struct msghdr *msg, uint64_t total,
+                    uint64_t *sent, int wait_ms, int *backlog)
+{
+    while (*sent < total) {
+        struct pollfd p = {.fd = sock, .events = POLLOUT};
+        int ready = poll(&p, 1, wait_ms);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready < 0)
+            break;
+        if (ready == 0)
+            return 0; /* a client slow to read: Python's sender waits for it, with its timeout */
+        /* The mark keeps everyone else off the socket: no need to hold the gate here. */
+        ssize_t n = sendmsg(sock, msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                continue;
+            break;
+        }
+        *sent += (uint64_t)n;
+        iov_advance(msg, (uint64_t)n);
+    }
+    /* Done, or the socket failed: either way no rest of this reply is owed (a dead socket
+     * must not keep Python's replies waiting behind the mark: they fail and complete). */
+    int saved = errno, done = *sent == total;
+    pthread_mutex_lock(&gate->mutex);
+    gate->c_partial = 0;
+    *backlog = gate->backlog;
+    pthread_mutex_unlock(&gate->mutex);
+    errno = saved;
+    return done ? 1 : -1;
 }
 
 /* Send header + data without blocking.  1: all sent; 0: partly (c->sent says

@@ -42,6 +42,9 @@
  * stable and data length. */
 #define PEEK_MAX (4 + 32 + MAX_AUTH_BYTES + 8 + 4 + NFS_FAST_HANDLE_MAX + 20)
 #define FATTR3_SIZE 84
+/* How long the loop waits for a client to take more of a partly sent reply before it hands
+ * the rest to Python's sender (which has the send timeout for clients that stop reading). */
+#define FINISH_WAIT_MS 200
 
 enum { OP_READ = 0, OP_WRITE = 1 };
 
@@ -332,7 +335,18 @@ static int send_reply(struct nfs_fast_conn *c, uint8_t *data, uint32_t data_len)
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = data_len ? (pad ? 3 : 2) : 1};
     uint64_t total = (uint64_t)c->reply_len + data_len + pad;
     put32(c->reply, LAST_FRAGMENT | (uint32_t)(total - 4));
-    return nbd_gate_sendmsg(c->gate, c->sock, &msg, total, &c->sent);
+    int r = nbd_gate_sendmsg(c->gate, c->sock, &msg, total, &c->sent);
+    if (r != 0 || c->sent == 0)
+        return r;
+    /* Part of it is out (a large READ reply the socket buffer could not take at once):
+     * the rest follows from here while the client keeps reading, rather than by a hand-over
+     * to Python's sender for every large reply. */
+    int backlog = 0;
+    iov_advance(&msg, c->sent);
+    r = nbd_gate_finish(c->gate, c->sock, &msg, total, &c->sent, FINISH_WAIT_MS, &backlog);
+    if (r == 1 && backlog)
+        c->flush = 1;
+    return r;
 }
 
 int nfs_fast_serve(struct nfs_fast_conn *c)
@@ -354,7 +368,9 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
         int fd = call.handle->fd;
         struct stat st;
         uint32_t count = 0, head = 0;
-        uint32_t data_offset = (length + 7) & ~7u;
+        /* A READ's data starts on a page of its own, after the record: page-aligned reads
+         * and sends copy fastest. */
+        uint32_t data_offset = (length + POOL_BLOCK_SIZE - 1) & ~(uint32_t)(POOL_BLOCK_SIZE - 1);
         if (call.proc == PROC_READ) {
             /* As nfs3._read: the count capped at max_io, then at the end of the file, whose
              * attributes (taken before the read) go in the reply. */
@@ -442,5 +458,9 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             return NFS_FAST_SOCKET_ERROR;
         }
         account(c, call.proc == PROC_READ ? OP_READ : OP_WRITE, c->bytes, started);
+        if (c->flush) {
+            c->flush = 0;
+            return NFS_FAST_FLUSH; /* Python queued replies while this one went out */
+        }
     }
 }

@@ -37,6 +37,8 @@
 #define NFS_FAST_HANDOFF 3      /* a received record (block, record_len) is Python's to run */
 #define NFS_FAST_SOCKET_ERROR 4 /* recv or send failed with `error` */
 #define NFS_FAST_RECORD_CUT 5   /* the client closed in the middle of a record */
+#define NFS_FAST_FLUSH 6        /* a reply went out whole, but Python queued replies behind
+                                   it meanwhile: its sender must be told to send them */
 
 /* One handle Python verified for this connection's node (its own swap file). */
 struct nfs_fast_handle {
@@ -80,6 +82,7 @@ struct nfs_fast_conn {
     uint32_t reply_len;
     uint64_t sent;                /* bytes of reply + data (+ padding) already on the wire */
     int error;
+    int flush;                    /* internal: see NFS_FAST_FLUSH */
 
     struct nbd_fast_op_stats stats[2]; /* 0 READ, 1 WRITE; nfs_calls = sum of buckets */
 };

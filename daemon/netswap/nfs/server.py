@@ -53,6 +53,10 @@ MAX_INFLIGHT_CALLS = 64
 ALLOC_POLL = 0.5
 
 
+def _nothing() -> None:
+    pass
+
+
 class ConnectionLimits:
     """nfs.max_connections and nfs.max_connections_per_client, counted over every RpcServer
     that shares this object (NFS and MOUNT): a budget of the NFS side's own, apart from the
@@ -359,6 +363,11 @@ class RpcConnection:
             raise fast.error
         if reason == fastloop.RECORD_CUT:
             raise ConnectionError("client closed in the middle of a record")
+        if reason == fastloop.FLUSH:
+            # The loop finished a large reply while workers queued theirs behind it: the
+            # sender has them, and is told to send them now.
+            self._sender.resume([], _nothing)
+            return True
         # A call the loop received and hands over: Python's from here, as if received here.
         buffer, started = fast.buffer(), fast.started_ns
         if reason == fastloop.HANDOFF:
