@@ -19,6 +19,10 @@ this connection reads no further calls, so one that blocks (an fdatasync, a pool
 delays those sent meanwhile by that long; they then find each other queued and go to the
 workers, in parallel, as before. The NBD side's C loop serves on the reader thread by the
 same rule.
+
+A swap node's connection has a C loop of its own (fastloop.py, cext/nfsfast.c) that serves
+READs and WRITEs of the node's swap file on this thread without the GIL; it peeks at each
+record and leaves every one it does not serve unread, for the path above.
 """
 
 from __future__ import annotations
