@@ -647,6 +647,10 @@ def _unpack_sattr3(args) -> Sattr3:
         wanted.gid = args.uint()
     if args.bool():
         wanted.size = args.uhyper()
+    if U32_MAX in (wanted.uid, wanted.gid):
+        # (uid_t)-1 means "leave it" to chown(2): an OK reply would claim a change not made.
+        # Refused here, before a SETATTR truncates or a CREATE makes anything.
+        raise NfsError(NFS3ERR_INVAL, "uid or gid 4294967295")
     times = []
     for _ in range(2):  # atime, mtime
         how = args.uint()
@@ -670,9 +674,6 @@ def _apply_sattr3(path, wanted: Sattr3) -> None:
     never a symlink: the exports hold none, and we would not follow one)."""
     if wanted.size is not None:
         os.truncate(path, wanted.size)
-    if U32_MAX in (wanted.uid, wanted.gid):
-        # (uid_t)-1 means "leave it" to chown(2): an OK reply would claim a change not made.
-        raise NfsError(NFS3ERR_INVAL, "uid or gid 4294967295")
     if wanted.uid is not None or wanted.gid is not None:
         # Before the mode: chown clears set-user/group-ID bits the mode may ask for.
         os.chown(path, -1 if wanted.uid is None else wanted.uid,

@@ -1,0 +1,66 @@
+"""Defects found in a review of the NFS side, each against a live netswapd with the raw RPC
+client of test_nfs_hostile: what a call a client may send does to the server's files and log.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from netswap.rpc import constants as RC
+from test_nfs_hostile import (ALPHA, CREATE, GETATTR, LOOKUP, NFS3_OK, NFS_PROG, NFS_VERS,
+                              READDIR, SETATTR, Nfs, sattr3, start_nfs_daemon, stop_clean, xdr)
+
+NFS3ERR_ACCES, NFS3ERR_INVAL, NFS3ERR_NAMETOOLONG = 13, 22, 63
+UNCHECKED, GUARDED = 0, 1
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    daemon = start_nfs_daemon(tmp_path_factory.mktemp("nfs-review"))
+    client = None
+    try:
+        client = Nfs(daemon, ALPHA)
+        yield daemon, client, client.root("/scratch")
+    finally:
+        if client is not None:
+            client.close()
+        stop_clean(daemon)
+
+
+def scratch_dir(daemon):
+    return daemon.state_dir / "nfs-scratch"
+
+
+def create(client, directory: bytes, name: bytes, how: int = UNCHECKED,
+           attributes: bytes = None) -> tuple[int, bytes]:
+    u = client.proc(CREATE, xdr(("o", directory), ("o", name), ("u", how))
+                    + (sattr3() if attributes is None else attributes))
+    status = u.uint()
+    return status, (bytes(u.opaque(64)) if status == NFS3_OK and u.bool() else None)
+
+
+def sattr3_ids(uid=None, gid=None, size=None, mode=None) -> bytes:
+    items = [("b", mode is not None), *([("u", mode)] if mode is not None else []),
+             ("b", uid is not None), *([("u", uid)] if uid is not None else []),
+             ("b", gid is not None), *([("u", gid)] if gid is not None else []),
+             ("b", size is not None), *([("h", size)] if size is not None else []),
+             ("u", 0), ("u", 0)]
+    return xdr(*items)
+
+
+def test_refused_setattr_changes_nothing(served):
+    """A SETATTR refused for its uid (4294967295, chown's "leave it") must not have
+    truncated the file first: an error reply means the call was not applied."""
+    daemon, client, scratch = served
+    status, handle = create(client, scratch, b"keep.bin")
+    assert status == NFS3_OK
+    path = scratch_dir(daemon) / "keep.bin"
+    path.write_bytes(b"x" * 5000)
+    u = client.proc(SETATTR, xdr(("o", handle)) + sattr3_ids(uid=0xFFFF_FFFF, size=0)
+                    + xdr(("b", False)))
+    assert u.uint() == NFS3ERR_INVAL
+    assert path.stat().st_size == 5000
+
