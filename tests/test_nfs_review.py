@@ -64,3 +64,23 @@ def test_refused_setattr_changes_nothing(served):
     assert u.uint() == NFS3ERR_INVAL
     assert path.stat().st_size == 5000
 
+
+
+@pytest.mark.parametrize("mode", [0o4755, 0o2755, 0o6777])
+def test_no_setuid_or_setgid_file_on_the_server(served, mode):
+    """The daemon runs as root and every client may write the scratch export: a file it lets
+    a client mark set-user/group-ID would be a root-owned setuid program on the server."""
+    daemon, client, scratch = served
+    name = f"suid-{mode:o}".encode()
+    status, handle = create(client, scratch, name, GUARDED, sattr3(mode=mode))
+    path = scratch_dir(daemon) / name.decode()
+    if status == NFS3_OK:
+        assert not path.stat().st_mode & (stat.S_ISUID | stat.S_ISGID)
+    else:
+        assert status == NFS3ERR_ACCES
+    status, handle = create(client, scratch, name + b".later")
+    assert status == NFS3_OK
+    u = client.proc(SETATTR, xdr(("o", handle)) + sattr3(mode=mode) + xdr(("b", False)))
+    assert u.uint() == NFS3ERR_ACCES
+    assert not (scratch_dir(daemon) / (name + b".later").decode()).stat().st_mode & (
+        stat.S_ISUID | stat.S_ISGID)

@@ -641,6 +641,10 @@ def _unpack_sattr3(args) -> Sattr3:
     wanted = Sattr3()
     if args.bool():
         wanted.mode = args.uint() & 0o7777
+        if wanted.mode & (stat.S_ISUID | stat.S_ISGID):
+            # The daemon is root and makes the scratch files: honoured, this is a root-owned
+            # set-user-ID program on the server, from any client that reaches the export.
+            raise NfsError(NFS3ERR_ACCES, "set-user-ID and set-group-ID bits are not set here")
     if args.bool():
         wanted.uid = args.uint()
     if args.bool():
