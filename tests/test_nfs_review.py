@@ -84,3 +84,40 @@ def test_no_setuid_or_setgid_file_on_the_server(served, mode):
     assert u.uint() == NFS3ERR_ACCES
     assert not (scratch_dir(daemon) / (name + b".later").decode()).stat().st_mode & (
         stat.S_ISUID | stat.S_ISGID)
+
+
+def test_listed_names_that_are_not_utf8_can_be_looked_up(served):
+    """Names are bytes on the wire and on disk: READDIR lists a file by its name's bytes,
+    and LOOKUP of exactly those bytes must find that file (not NOENT, not another one)."""
+    daemon, client, scratch = served
+    raw = b"caf\xe9.bin"
+    with open(os.path.join(os.fsencode(scratch_dir(daemon)), raw), "wb") as f:
+        f.write(b"latin-1 named")
+    u = client.proc(READDIR, xdr(("o", scratch), ("h", 0), ("f", bytes(8)), ("u", 65536)))
+    assert u.uint() == NFS3_OK
+    if u.bool():
+        u.fixed_opaque(84)
+    u.fixed_opaque(8)
+    names = []
+    while u.bool():
+        u.uhyper()
+        names.append(u.string())
+        u.uhyper()
+    assert raw in names
+    u = client.proc(LOOKUP, xdr(("o", scratch), ("o", raw)))
+    assert u.uint() == NFS3_OK
+    handle = bytes(u.opaque(64))
+    u = client.proc(GETATTR, xdr(("o", handle)))
+    assert u.uint() == NFS3_OK
+    attributes = bytes(u.fixed_opaque(84))
+    assert int.from_bytes(attributes[20:28], "big") == len(b"latin-1 named")
+
+
+def test_distinct_byte_names_make_distinct_files(served):
+    """Two names that differ only in bytes that are not UTF-8 are two files: a GUARDED
+    CREATE of the second must not find the first."""
+    daemon, client, scratch = served
+    assert create(client, scratch, b"odd-\xff", GUARDED)[0] == NFS3_OK
+    assert create(client, scratch, b"odd-\xfe", GUARDED)[0] == NFS3_OK
+    on_disk = set(os.listdir(os.fsencode(scratch_dir(daemon))))
+    assert {b"odd-\xff", b"odd-\xfe"} <= on_disk

@@ -281,7 +281,7 @@ class Nfs3Program:
         try:
             if len(name) > NAME_MAX:
                 raise NfsError(NFS3ERR_NAMETOOLONG)
-            found = self.exports.lookup(directory, name.decode("utf-8", "replace"), peer)
+            found = self.exports.lookup(directory, os.fsdecode(name), peer)
         except NfsError as exc:
             packer = xdr.Packer()
             packer.uint(exc.status)
@@ -418,7 +418,9 @@ class Nfs3Program:
                 raise NfsError(NFS3ERR_ACCES, "swap files are made by the server")
             if not directory.is_dir:
                 raise NfsError(NFS3ERR_NOTDIR)
-            text = name.decode("utf-8", "replace")
+            # The name's own bytes (undecodable ones as surrogate escapes), as READDIR lists
+            # them: "replace" would make two names one file, and a listed one unfindable.
+            text = os.fsdecode(name)
             if len(name) > NAME_MAX:
                 raise NfsError(NFS3ERR_NAMETOOLONG)
             if not text or "/" in text or text in (".", "..") or "\0" in text:
