@@ -121,3 +121,16 @@ def test_distinct_byte_names_make_distinct_files(served):
     assert create(client, scratch, b"odd-\xfe", GUARDED)[0] == NFS3_OK
     on_disk = set(os.listdir(os.fsencode(scratch_dir(daemon))))
     assert {b"odd-\xff", b"odd-\xfe"} <= on_disk
+
+
+@pytest.mark.parametrize("proc", [LOOKUP, CREATE])
+def test_long_name_is_nametoolong_not_garbage(served, proc):
+    """filename3 is an unbounded string: a name over NAME_MAX is a well-formed call that
+    gets NFS3ERR_NAMETOOLONG (with its failure body), not GARBAGE_ARGS."""
+    daemon, client, scratch = served
+    args = xdr(("o", scratch), ("o", b"n" * 300))
+    if proc == CREATE:
+        args += xdr(("u", UNCHECKED)) + sattr3()
+    reply = client.nfs.call(NFS_PROG, NFS_VERS, proc, args)
+    assert reply.accepted and reply.stat == RC.SUCCESS, reply
+    assert int.from_bytes(bytes(reply.results[:4]), "big") == NFS3ERR_NAMETOOLONG

@@ -275,7 +275,9 @@ class Nfs3Program:
 
     def _lookup(self, args, peer, release):
         handle = args.opaque(64)
-        name = args.string(NAME_MAX + 1)
+        # filename3 is an unbounded string (the record cap bounds it): a longer name than
+        # we take is NFS3ERR_NAMETOOLONG below, not a malformed call.
+        name = args.string()
         args.done()
         directory = self.exports.resolve(handle, peer)
         try:
@@ -403,7 +405,7 @@ class Nfs3Program:
 
     def _create(self, args, peer, release):
         handle = args.opaque(64)
-        name = args.string(NAME_MAX + 1)
+        name = args.string()  # unbounded, as in LOOKUP
         how = args.uint()
         if how in (UNCHECKED, GUARDED):
             wanted, verifier = _unpack_sattr3(args), None
