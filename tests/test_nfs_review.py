@@ -65,7 +65,6 @@ def test_refused_setattr_changes_nothing(served):
     assert path.stat().st_size == 5000
 
 
-
 @pytest.mark.parametrize("mode", [0o4755, 0o2755, 0o6777])
 def test_no_setuid_or_setgid_file_on_the_server(served, mode):
     """The daemon runs as root and every client may write the scratch export: a file it lets
@@ -134,3 +133,28 @@ def test_long_name_is_nametoolong_not_garbage(served, proc):
     reply = client.nfs.call(NFS_PROG, NFS_VERS, proc, args)
     assert reply.accepted and reply.stat == RC.SUCCESS, reply
     assert int.from_bytes(bytes(reply.results[:4]), "big") == NFS3ERR_NAMETOOLONG
+
+
+def test_bad_calls_in_a_loop_do_not_flood_the_log(served):
+    """A client repeating a malformed call gets every answer and counts every one, but the
+    log at the default level (info) takes a bounded number of lines for it, as the NBD side
+    does for refused requests."""
+    daemon, client, scratch = served
+    before = daemon.log().count("arguments malformed")
+    for _ in range(200):
+        reply = client.nfs.call(NFS_PROG, NFS_VERS, GETATTR, b"\0\0")  # truncated handle
+        assert reply.accepted and reply.stat == RC.GARBAGE_ARGS
+    for _ in range(200):
+        # An unknown credential flavor: refused in the RPC header (AUTH_ERROR).
+        xid = client.nfs.next_xid()
+        record = xdr(("u", xid), ("u", 0), ("u", 2), ("u", NFS_PROG), ("u", NFS_VERS),
+                      ("u", 0), ("u", 390003), ("o", b""), ("u", 0), ("o", b""))
+        reply = client.nfs.raw_call(record, xid)
+        assert not reply.accepted
+    lines = daemon.log().splitlines()
+    info_malformed = [line for line in lines
+                      if " INFO " in line and "arguments malformed" in line]
+    info_refused = [line for line in lines if " INFO " in line and "call refused" in line]
+    assert daemon.log().count("arguments malformed") - before >= 1
+    assert len(info_malformed) < 20, len(info_malformed)
+    assert len(info_refused) < 20, len(info_refused)

@@ -24,6 +24,7 @@ from typing import Optional
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
+from ..rpc.refusals import RefusalLog
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
     NFS3ERR_ISDIR, NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC,
@@ -79,6 +80,7 @@ class Nfs3Program:
 
     def __init__(self, exports, pool, counters, max_io: int, swap_nodes=None) -> None:
         self.exports = exports
+        self._refusals = RefusalLog(log)  # bad calls in a loop must not flood the log
         self.swap_nodes = swap_nodes  # attaches a node's reserve on its swap-file I/O
         self.pool = pool
         self.counters = counters
@@ -109,8 +111,8 @@ class Nfs3Program:
             # but what it asks for is not the node's swap file. It is not executed; JUKEBOX
             # makes the client retry later, when normal memory is back.
             self.counters.inc("emergency_dropped", "nfs")
-            log.info("nfs %s: %s call received into the reserve for a non-swap object: "
-                     "answered JUKEBOX", peer, name)
+            self._refusals.log("jukebox", logging.INFO, "nfs %s: %s call received into the "
+                               "reserve for a non-swap object: answered JUKEBOX", peer, name)
             return [rpc.accepted(call.xid), *self._status_only(NFS3ERR_JUKEBOX,
                                                                _FAILURE_BODY[call.proc])]
         if call.proc in _NOT_SERVED:
@@ -128,7 +130,8 @@ class Nfs3Program:
             return [rpc.accepted(call.xid), *procedure(args, peer, release)]
         except xdr.XdrError as exc:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
-            log.info("nfs %s: %s arguments malformed: %s", peer, name, exc)
+            self._refusals.log("garbage_args", logging.INFO,
+                               "nfs %s: %s arguments malformed: %s", peer, name, exc)
             return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
         except NfsError as exc:
             # A failed procedure: its status, then its result type's failure body.

@@ -39,6 +39,7 @@ from ..netpolicy import tag_emergency
 from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
+from ..rpc.refusals import RefusalLog
 
 log = logging.getLogger("netswap.nfs")
 
@@ -108,6 +109,7 @@ class RpcServer:
         self._limits = limits
         self._keepalive = keepalive
         self._last_refusal_log: dict[str, float] = {}
+        self.refusals = RefusalLog(log)  # calls refused in their RPC header
         self._listeners: list[socket.socket] = []
         self._connections: set[RpcConnection] = set()
         self._threads: set[threading.Thread] = set()
@@ -486,7 +488,8 @@ class RpcConnection:
             return None, None
         except rpc.CallRejected as exc:
             counters.inc("rpc_protocol_errors", exc.reason)
-            log.info("%s %s: call refused: %s", name, self.peer, exc)
+            self.server.refusals.log(exc.reason, logging.INFO, "%s %s: call refused: %s", name,
+                                     self.peer, exc)
             return [exc.reply()], None
         program = self.server.programs.get(call.prog)
         if program is None:
