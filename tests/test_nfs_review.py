@@ -158,3 +158,27 @@ def test_bad_calls_in_a_loop_do_not_flood_the_log(served):
     assert daemon.log().count("arguments malformed") - before >= 1
     assert len(info_malformed) < 20, len(info_malformed)
     assert len(info_refused) < 20, len(info_refused)
+
+
+@pytest.mark.parametrize("seconds", [-86_400 * 365, 2**32 + 5])
+def test_times_outside_nfstime3_do_not_break_getattr(served, seconds):
+    """nfstime3 seconds are a uint32: a scratch file the server's side dated before 1970 or
+    after 2106 still gets its attributes (a clamped time), not SYSTEM_ERR, and neither does
+    a READDIRPLUS of the directory holding it (`ls -l` of the whole export)."""
+    daemon, client, scratch = served
+    name = f"dated{seconds}.bin"
+    path = scratch_dir(daemon) / name
+    path.write_bytes(b"old")
+    os.utime(path, ns=(seconds * 1_000_000_000, seconds * 1_000_000_000))
+    u = client.proc(LOOKUP, xdr(("o", scratch), ("o", name.encode())))
+    assert u.uint() == NFS3_OK
+    handle = bytes(u.opaque(64))
+    u = client.proc(GETATTR, xdr(("o", handle)))
+    assert u.uint() == NFS3_OK
+    attributes = bytes(u.fixed_opaque(84))
+    mtime = int.from_bytes(attributes[68:72], "big")
+    assert mtime == (0 if seconds < 0 else 0xFFFF_FFFF)
+    u = client.proc(17, xdr(("o", scratch), ("h", 0), ("f", bytes(8)), ("u", 8192),
+                            ("u", 65536)))
+    assert u.uint() == NFS3_OK
+    assert "Traceback" not in daemon.log()

@@ -63,6 +63,8 @@ _NOT_SERVED = {5: 1, 9: 2, 10: 2, 11: 2, 12: 2, 13: 2, 14: 4, 15: 3}
 # The same for the procedures served: what follows the status of a failed reply.
 _FAILURE_BODY = {1: 0, 2: 2, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2, 16: 1, 17: 1, 18: 1, 19: 1, 20: 1,
                  21: 2}
+# The first time in nanoseconds that nfstime3 (uint32 seconds) cannot hold.
+_NFSTIME3_END = 2**32 * 1_000_000_000
 # fattr3 (§2.5) in one pack: type, mode, nlink, uid, gid, size, used, rdev (2 words), fsid,
 # fileid, atime, mtime, ctime (seconds and nanoseconds each).
 _FATTR3 = struct.Struct(">5I2Q2I2Q6I")
@@ -165,6 +167,12 @@ class Nfs3Program:
         if node.is_swap_file:
             used = max(used, st.st_size)
         atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        if not (0 <= min(atime, mtime, ctime) and max(atime, mtime, ctime) < _NFSTIME3_END):
+            # nfstime3 seconds are a uint32 (1970 to 2106): a file dated outside (by the
+            # server's side) shows the nearest time there is, rather than failing every
+            # call that returns its attributes.
+            atime, mtime, ctime = (min(max(t, 0), _NFSTIME3_END - 1)
+                                   for t in (atime, mtime, ctime))
         return (NF3DIR if stat.S_ISDIR(st.st_mode) else NF3REG, st.st_mode & 0o7777,
                 st.st_nlink, st.st_uid, st.st_gid, st.st_size, used,
                 0, 0,  # rdev
