@@ -125,6 +125,9 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
         """
     # A test daemon never touches the host's rpcbind or port 111 unless the test asks.
     portmapper = "" if "portmapper" in nfs_options else 'portmapper = "off"'
+    # Raw RPC test clients bind any port; the real clients (libnfs, QEMU, as root) bind
+    # privileged ones, and their tests ask for the default, "privileged".
+    node_ports = "" if "node_ports" in nfs_options else 'node_ports = "any"'
     path.write_text(
         textwrap.dedent(
             f"""
@@ -159,6 +162,7 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
             # with the host's rpcbind unless told otherwise.
             [nfs]
             {portmapper}
+            {node_ports}
             {nfs_options}
 
             [metrics]

@@ -32,6 +32,7 @@ def nfs_daemon(tmp_path):
         listen = ["127.0.0.1:{nfs_port}"]
         mount_listen = ["127.0.0.1:{mount_port}"]
         swap_size = "{SWAP_SIZE // MiB}MiB"
+        node_ports = "privileged"  # the default: libnfs as root binds ports below 1024
         """)
     daemon.nfs_port, daemon.mount_port = nfs_port, mount_port
     yield daemon
@@ -186,6 +187,7 @@ def test_with_swap_wipe_a_node_that_detaches_for_good_finds_its_swap_file_zeroed
         listen = ["127.0.0.1:{nfs_port}"]
         mount_listen = ["127.0.0.1:{mount_port}"]
         swap_size = "{SWAP_SIZE // MiB}MiB"
+        node_ports = "privileged"  # the default: libnfs as root binds ports below 1024
         """)
     daemon.nfs_port, daemon.mount_port = nfs_port, mount_port
     try:
@@ -217,6 +219,7 @@ def test_with_swap_wipe_a_node_that_detaches_for_good_finds_its_swap_file_zeroed
         listen = ["127.0.0.1:{nfs_port}"]
         mount_listen = ["127.0.0.1:{mount_port}"]
         swap_size = "{SWAP_SIZE // MiB}MiB"
+        node_ports = "privileged"  # the default: libnfs as root binds ports below 1024
         """)
     try:
         assert swap_file.read_bytes() == bytes(SWAP_SIZE)
@@ -232,6 +235,7 @@ def _nfs_daemon(tmp_path, swap_options: str, nfs_extra: str):
         listen = ["127.0.0.1:{nfs_port}"]
         mount_listen = ["127.0.0.1:{mount_port}"]
         swap_size = "{SWAP_SIZE // MiB}MiB"
+        node_ports = "privileged"  # the default: libnfs as root binds ports below 1024
         {nfs_extra}
         """)
     daemon.nfs_port, daemon.mount_port = nfs_port, mount_port

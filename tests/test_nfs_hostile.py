@@ -53,9 +53,20 @@ class Closed(Exception):
 class RpcClient:
     """One TCP connection speaking ONC RPC with record marking; calls matched by xid."""
 
-    def __init__(self, port: int, source: str = ALPHA) -> None:
+    def __init__(self, port: int, source: str = ALPHA, privileged: bool = False) -> None:
         self.sock = socket.socket()
-        self.sock.bind((source, 0))
+        if privileged:  # a source port below 1024, as root may bind (nfs.node_ports)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for source_port in range(1023, 600, -1):
+                try:
+                    self.sock.bind((source, source_port))
+                    break
+                except OSError:
+                    continue
+            else:
+                raise OSError("no free source port below 1024")
+        else:
+            self.sock.bind((source, 0))
         self.sock.connect(("127.0.0.1", port))
         # A hang guard, not a timing check: fdatasync on a disk shared with other tests can
         # take many seconds.
@@ -122,9 +133,9 @@ def xdr(*items) -> bytes:
 class Nfs:
     """NFSv3 and MOUNT calls over two RpcClients, as one node (by source address)."""
 
-    def __init__(self, daemon, source: str = ALPHA) -> None:
-        self.nfs = RpcClient(daemon.nfs_port, source)
-        self.mount_client = RpcClient(daemon.mount_port, source)
+    def __init__(self, daemon, source: str = ALPHA, privileged: bool = False) -> None:
+        self.nfs = RpcClient(daemon.nfs_port, source, privileged)
+        self.mount_client = RpcClient(daemon.mount_port, source, privileged)
 
     def close(self) -> None:
         self.nfs.close()
@@ -240,9 +251,10 @@ def sattr3(mode: Optional[int] = None, size: Optional[int] = None) -> bytes:
 # --------------------------------------------------------------------------- the daemon
 
 
-def start_nfs_daemon(tmp_path):
+def start_nfs_daemon(tmp_path, extra: str = ""):
     nfs_port, mount_port = free_port(), free_port()
     daemon = start_daemon(tmp_path, nfs_options=f"""
+        {extra}
         enabled = true
         listen = ["127.0.0.1:{nfs_port}"]
         mount_listen = ["127.0.0.1:{mount_port}"]
@@ -697,6 +709,31 @@ def test_a_swap_file_write_is_committed_as_asked_and_file_sync_is_synced(tmp_pat
             assert client.commit(swap)[0] == NFS3_OK
         finally:
             client.close()
+    finally:
+        stop_clean(daemon)
+
+
+def test_a_nodes_address_from_an_unprivileged_port_is_no_node(tmp_path):
+    # node_ports = "privileged" (the default): any user on a node can bind a port above
+    # 1023; only root (the kernel client, libnfs as root) one below.
+    daemon = start_nfs_daemon(tmp_path, 'node_ports = "privileged"')
+    try:
+        trusted = Nfs(daemon, ALPHA, privileged=True)
+        untrusted = Nfs(daemon, ALPHA)
+        try:
+            swap = trusted.swap_handle("alpha")
+            assert trusted.read(swap, 0, 4096)[0] == NFS3_OK
+            assert untrusted.mnt("/swap")[0] == MNT3ERR_ACCES  # no node: no swap export
+            u = untrusted.proc(GETATTR, xdr(("o", swap)))  # alpha's own handle, but
+            assert u.uint() == NFS3ERR_ACCES                # not from alpha's root
+            assert untrusted.read(swap, 0, 4096)[0] == NFS3ERR_ACCES
+            assert untrusted.write(swap, 0, bytes(4096))[0] == NFS3ERR_ACCES
+            assert untrusted.root("/scratch")  # the other exports stay open to it
+            assert metric(daemon, "netswap_access_denied_total",
+                          export_reason="nfs:unprivileged_port") == 1  # its NFS connection
+        finally:
+            trusted.close()
+            untrusted.close()
     finally:
         stop_clean(daemon)
 

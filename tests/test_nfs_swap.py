@@ -34,6 +34,7 @@ def test_kernel_swaps_to_an_nfs_swap_file_found_through_the_portmapper(netns, tm
         mount_listen = ["127.0.0.1:20048"]
         swap_size = "{SWAP_SIZE // MiB}MiB"
         portmapper = "serve"
+        node_ports = "privileged"  # the default: QEMU's libnfs as root binds below 1024
         swap_idle_timeout = "never"
         """)
     daemon.metrics = lambda: scrape(netns, daemon.metrics_port)

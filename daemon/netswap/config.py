@@ -913,6 +913,13 @@ _NFS = (
     _Field("nodes", _NodeNetworks(), {"localhost": ["127.0.0.0/8", "::1"]},
            "Which client addresses are which swap node ([nfs.nodes] node = [networks]); a "
            "client in none of them gets no swap file."),
+    _Field("node_ports", _Choice("privileged", "any"), "privileged",
+           'Which source ports make a connection from a node\'s address that node: '
+           '"privileged" (below 1024: only root on the node can bind them, as the kernel '
+           "client and libnfs run as root do) keeps an unprivileged user on the node from "
+           "reading or writing its swap file, which holds every process's memory, or "
+           'unmounting it; "any" trusts every port (as knfsd\'s insecure). Such a '
+           "connection may still use the other exports."),
     _Field("swap_idle_timeout", _WordOr("never", _Duration()), "10m",
            "A node's reserve is attached on its MNT of the swap export or its first swap-file "
            "READ/WRITE/COMMIT, and detached on its UMNT or after this long without any "
@@ -1104,6 +1111,7 @@ class NfsConfig:
     max_io: int  # bytes
     swap_idle_timeout: float | None  # seconds; None = never
     c_loop: bool
+    node_ports: str  # "privileged" | "any"
     max_connections: int  # NFS and MOUNT together
     max_connections_per_client: int
     keepalive: float  # seconds
@@ -1111,8 +1119,11 @@ class NfsConfig:
     portmapper_listen: tuple[tuple[str, int], ...]
     rpcbind_socket: Path
 
-    def node_of(self, address: str) -> str | None:
-        """The swap node a client address is, or None."""
+    def node_of(self, address: str, port: int | None = None) -> str | None:
+        """The swap node a client address is, or None; with the connection's source `port`,
+        None also when node_ports = "privileged" and the port is not below 1024."""
+        if port is not None and port >= 1024 and self.node_ports == "privileged":
+            return None
         ip = ipaddress.ip_address(address)
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped

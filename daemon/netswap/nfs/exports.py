@@ -70,6 +70,17 @@ class Node:
         return self.swap_owner is not None
 
 
+class Peer(str):
+    """A caller as the programs see it: its address (the str, for logs and limits) and
+    the source port of its connection, which decides whether the address may be a node
+    (nfs.node_ports)."""
+
+    def __new__(cls, address: str, port: int) -> "Peer":
+        peer = super().__new__(cls, address)
+        peer.port = port
+        return peer
+
+
 class NfsExports:
     def __init__(self, config, state_dir: Path) -> None:
         nfs = config.nfs
@@ -94,7 +105,8 @@ class NfsExports:
             self.swap.close()
 
     def node_of(self, peer: str) -> Optional[str]:
-        return self.config.node_of(peer)
+        """The node `peer` is (a Peer: its address and source port; nfs.node_ports)."""
+        return self.config.node_of(peer, getattr(peer, "port", None))
 
     # Handles ------------------------------------------------------------------------
 

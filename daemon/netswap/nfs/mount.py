@@ -10,6 +10,7 @@ import logging
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
+from ..rpc.refusals import RefusalLog
 
 log = logging.getLogger("netswap.nfs")
 
@@ -25,6 +26,7 @@ class MountProgram:
 
     def __init__(self, exports, counters, swap_nodes=None) -> None:
         self.exports = exports
+        self._refusals = RefusalLog(log)  # bad calls in a loop must not flood the log
         self.counters = counters
         self.swap_nodes = swap_nodes  # MNT of the swap export attaches the node, UMNT releases it
 
@@ -43,7 +45,8 @@ class MountProgram:
             body = getattr(self, "_" + name)(args, peer)
         except xdr.XdrError as exc:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
-            log.info("mount %s: %s arguments malformed: %s", peer, name, exc)
+            self._refusals.log("garbage_args", logging.INFO,
+                               "mount %s: %s arguments malformed: %s", peer, name, exc)
             return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
         return [rpc.accepted(call.xid), body]
 
@@ -56,12 +59,14 @@ class MountProgram:
         args.done()
         packer = xdr.Packer()
         if path not in self.exports.roots:
-            log.info("mount %s: MNT %r: no such export", peer, path)
+            self._refusals.log("mnt_noent", logging.INFO, "mount %s: MNT %r: no such export",
+                               peer, path)
             packer.uint(MNT3ERR_NOENT)
             return packer.bytes()
         if path == self.exports.config.swap_export and self.exports.node_of(peer) is None:
-            log.warning("mount %s: MNT %r refused: the address is no node in nfs.nodes",
-                        peer, path)
+            self._refusals.log("mnt_acces", logging.WARNING,
+                               "mount %s: MNT %r refused: the address is no node in nfs.nodes",
+                               peer, path)
             self.counters.inc("access_denied", "nfs:not_a_node")
             packer.uint(MNT3ERR_ACCES)
             return packer.bytes()

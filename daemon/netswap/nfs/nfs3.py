@@ -24,6 +24,7 @@ from typing import Optional
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
+from ..rpc.refusals import RefusalLog
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
     NFS3ERR_ISDIR, NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC,
@@ -62,6 +63,8 @@ _NOT_SERVED = {5: 1, 9: 2, 10: 2, 11: 2, 12: 2, 13: 2, 14: 4, 15: 3}
 # The same for the procedures served: what follows the status of a failed reply.
 _FAILURE_BODY = {1: 0, 2: 2, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2, 16: 1, 17: 1, 18: 1, 19: 1, 20: 1,
                  21: 2}
+# The first time in nanoseconds that nfstime3 (uint32 seconds) cannot hold.
+_NFSTIME3_END = 2**32 * 1_000_000_000
 # fattr3 (§2.5) in one pack: type, mode, nlink, uid, gid, size, used, rdev (2 words), fsid,
 # fileid, atime, mtime, ctime (seconds and nanoseconds each).
 _FATTR3 = struct.Struct(">5I2Q2I2Q6I")
@@ -79,6 +82,7 @@ class Nfs3Program:
 
     def __init__(self, exports, pool, counters, max_io: int, swap_nodes=None) -> None:
         self.exports = exports
+        self._refusals = RefusalLog(log)  # bad calls in a loop must not flood the log
         self.swap_nodes = swap_nodes  # attaches a node's reserve on its swap-file I/O
         self.pool = pool
         self.counters = counters
@@ -109,8 +113,8 @@ class Nfs3Program:
             # but what it asks for is not the node's swap file. It is not executed; JUKEBOX
             # makes the client retry later, when normal memory is back.
             self.counters.inc("emergency_dropped", "nfs")
-            log.info("nfs %s: %s call received into the reserve for a non-swap object: "
-                     "answered JUKEBOX", peer, name)
+            self._refusals.log("jukebox", logging.INFO, "nfs %s: %s call received into the "
+                               "reserve for a non-swap object: answered JUKEBOX", peer, name)
             return [rpc.accepted(call.xid), *self._status_only(NFS3ERR_JUKEBOX,
                                                                _FAILURE_BODY[call.proc])]
         if call.proc in _NOT_SERVED:
@@ -128,7 +132,8 @@ class Nfs3Program:
             return [rpc.accepted(call.xid), *procedure(args, peer, release)]
         except xdr.XdrError as exc:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
-            log.info("nfs %s: %s arguments malformed: %s", peer, name, exc)
+            self._refusals.log("garbage_args", logging.INFO,
+                               "nfs %s: %s arguments malformed: %s", peer, name, exc)
             return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
         except NfsError as exc:
             # A failed procedure: its status, then its result type's failure body.
@@ -162,6 +167,12 @@ class Nfs3Program:
         if node.is_swap_file:
             used = max(used, st.st_size)
         atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        if not (0 <= min(atime, mtime, ctime) and max(atime, mtime, ctime) < _NFSTIME3_END):
+            # nfstime3 seconds are a uint32 (1970 to 2106): a file dated outside (by the
+            # server's side) shows the nearest time there is, rather than failing every
+            # call that returns its attributes.
+            atime, mtime, ctime = (min(max(t, 0), _NFSTIME3_END - 1)
+                                   for t in (atime, mtime, ctime))
         return (NF3DIR if stat.S_ISDIR(st.st_mode) else NF3REG, st.st_mode & 0o7777,
                 st.st_nlink, st.st_uid, st.st_gid, st.st_size, used,
                 0, 0,  # rdev
@@ -275,13 +286,15 @@ class Nfs3Program:
 
     def _lookup(self, args, peer, release):
         handle = args.opaque(64)
-        name = args.string(NAME_MAX + 1)
+        # filename3 is an unbounded string (the record cap bounds it): a longer name than
+        # we take is NFS3ERR_NAMETOOLONG below, not a malformed call.
+        name = args.string()
         args.done()
         directory = self.exports.resolve(handle, peer)
         try:
             if len(name) > NAME_MAX:
                 raise NfsError(NFS3ERR_NAMETOOLONG)
-            found = self.exports.lookup(directory, name.decode("utf-8", "replace"), peer)
+            found = self.exports.lookup(directory, os.fsdecode(name), peer)
         except NfsError as exc:
             packer = xdr.Packer()
             packer.uint(exc.status)
@@ -403,7 +416,7 @@ class Nfs3Program:
 
     def _create(self, args, peer, release):
         handle = args.opaque(64)
-        name = args.string(NAME_MAX + 1)
+        name = args.string()  # unbounded, as in LOOKUP
         how = args.uint()
         if how in (UNCHECKED, GUARDED):
             wanted, verifier = _unpack_sattr3(args), None
@@ -418,7 +431,9 @@ class Nfs3Program:
                 raise NfsError(NFS3ERR_ACCES, "swap files are made by the server")
             if not directory.is_dir:
                 raise NfsError(NFS3ERR_NOTDIR)
-            text = name.decode("utf-8", "replace")
+            # The name's own bytes (undecodable ones as surrogate escapes), as READDIR lists
+            # them: "replace" would make two names one file, and a listed one unfindable.
+            text = os.fsdecode(name)
             if len(name) > NAME_MAX:
                 raise NfsError(NFS3ERR_NAMETOOLONG)
             if not text or "/" in text or text in (".", "..") or "\0" in text:
@@ -641,12 +656,20 @@ def _unpack_sattr3(args) -> Sattr3:
     wanted = Sattr3()
     if args.bool():
         wanted.mode = args.uint() & 0o7777
+        if wanted.mode & (stat.S_ISUID | stat.S_ISGID):
+            # The daemon is root and makes the scratch files: honoured, this is a root-owned
+            # set-user-ID program on the server, from any client that reaches the export.
+            raise NfsError(NFS3ERR_ACCES, "set-user-ID and set-group-ID bits are not set here")
     if args.bool():
         wanted.uid = args.uint()
     if args.bool():
         wanted.gid = args.uint()
     if args.bool():
         wanted.size = args.uhyper()
+    if U32_MAX in (wanted.uid, wanted.gid):
+        # (uid_t)-1 means "leave it" to chown(2): an OK reply would claim a change not made.
+        # Refused here, before a SETATTR truncates or a CREATE makes anything.
+        raise NfsError(NFS3ERR_INVAL, "uid or gid 4294967295")
     times = []
     for _ in range(2):  # atime, mtime
         how = args.uint()
@@ -670,9 +693,6 @@ def _apply_sattr3(path, wanted: Sattr3) -> None:
     never a symlink: the exports hold none, and we would not follow one)."""
     if wanted.size is not None:
         os.truncate(path, wanted.size)
-    if U32_MAX in (wanted.uid, wanted.gid):
-        # (uid_t)-1 means "leave it" to chown(2): an OK reply would claim a change not made.
-        raise NfsError(NFS3ERR_INVAL, "uid or gid 4294967295")
     if wanted.uid is not None or wanted.gid is not None:
         # Before the mode: chown clears set-user/group-ID bits the mode may ask for.
         os.chown(path, -1 if wanted.uid is None else wanted.uid,

@@ -44,6 +44,8 @@ from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from . import fastloop
+from ..rpc.refusals import RefusalLog
+from .exports import Peer
 
 log = logging.getLogger("netswap.nfs")
 
@@ -118,7 +120,7 @@ class RpcServer:
         self._limits = limits
         self._keepalive = keepalive
         self.fast_loop = fast_loop
-        self._last_refusal_log: dict[str, float] = {}
+        self.refusals = RefusalLog(log)  # refused connections and calls: never a log flood
         self._listeners: list[socket.socket] = []
         self._connections: set[RpcConnection] = set()
         self._threads: set[threading.Thread] = set()
@@ -219,7 +221,7 @@ class RpcServer:
             self.counters.inc("accept_errors", exc.__class__.__name__)
             log.warning("%s: accept failed: %s", self.name, exc)
             return
-        peer = address[0]
+        peer = Peer(address[0], address[1])
         refusal = self._limits.admit(peer) if self._limits is not None else None
         if refusal is not None:
             # Closed before any record is read: no thread, no buffer for it.
@@ -238,18 +240,24 @@ class RpcServer:
 
     def _log_refusal(self, reason: str, client: str) -> None:
         # A flood of refusals must not become a flood of log lines: one per reason a second.
-        now = time.monotonic()
-        if now - self._last_refusal_log.get(reason, 0.0) >= 1.0:
-            self._last_refusal_log[reason] = now
-            log.warning("%s: refusing connections from %s: %s reached (%s refused so far)",
-                        self.name, client, reason,
-                        self.counters.get("connections_refused", reason))
+        self.refusals.log(reason, logging.WARNING,
+                          "%s: refusing connections from %s: %s reached (%s refused so far)",
+                          self.name, client, reason,
+                          self.counters.get("connections_refused", reason))
 
     def _start_connection(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._keepalive is not None:
             keep_alive(sock, self._keepalive)
         node = self.swap_nodes.node_of(peer) if self.swap_nodes is not None else None
+        if node is None and self.swap_nodes is not None and self.swap_nodes.node_of(str(peer)):
+            # A node's address from an unprivileged port (nfs.node_ports): any user on the
+            # node could bind that, so it gets no node's swap, only the other exports.
+            self.counters.inc("access_denied", "nfs:unprivileged_port")
+            self.refusals.log("unprivileged_port", logging.WARNING,
+                               "%s %s: source port %d is not below 1024: not trusted as node "
+                               "%r (nfs.node_ports)", self.name, peer, peer.port,
+                               self.swap_nodes.node_of(str(peer)))
         if node is not None:
             # A swap node's connection carries its swap file's I/O: tagged from accept (the
             # SK_MEMALLOC socket). Its reserve is the node's, attached while the node swaps
@@ -550,7 +558,8 @@ class RpcConnection:
             return None, None
         except rpc.CallRejected as exc:
             counters.inc("rpc_protocol_errors", exc.reason)
-            log.info("%s %s: call refused: %s", name, self.peer, exc)
+            self.server.refusals.log(exc.reason, logging.INFO, "%s %s: call refused: %s", name,
+                                     self.peer, exc)
             return [exc.reply()], None
         program = self.server.programs.get(call.prog)
         if program is None:

@@ -94,7 +94,7 @@ class SwapNodes:
         self._sweeper: Optional[threading.Thread] = None
 
     def node_of(self, peer: str):
-        return self._nfs.node_of(peer)
+        return self._nfs.node_of(peer, getattr(peer, "port", None))
 
     def names(self) -> set[str]:
         return {name for _, name in self._nfs.nodes}

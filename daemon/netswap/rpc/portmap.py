@@ -52,6 +52,7 @@ from typing import Optional
 from . import constants as RC
 from . import message as rpc
 from . import xdr
+from .refusals import RefusalLog
 
 log = logging.getLogger("netswap.nfs")
 
@@ -124,6 +125,7 @@ class PortmapProgram:
     def __init__(self, counters) -> None:
         self.entries: tuple[Registration, ...] = ()
         self.counters = counters
+        self._refusals = RefusalLog(log)  # bad calls in a loop must not flood the log
         self._published = threading.Event()
 
     def publish(self, entries) -> None:
@@ -142,8 +144,8 @@ class PortmapProgram:
             relay = _RELAYS[call.vers].get(call.proc)
             if relay is not None:
                 self.counters.inc("portmap_calls", relay)
-                log.info("portmap %s: %s refused: it would relay calls from our own address",
-                         peer, relay.upper())
+                self._refusals.log("relay", logging.INFO, "portmap %s: %s refused: it would "
+                                   "relay calls from our own address", peer, relay.upper())
             else:
                 self.counters.inc("rpc_protocol_errors", "proc_unavail")
             return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
@@ -157,14 +159,15 @@ class PortmapProgram:
             args.done()
         except xdr.XdrError as exc:
             self.counters.inc("rpc_protocol_errors", "garbage_args")
-            log.info("portmap %s: %s arguments malformed: %s", peer, name, exc)
+            self._refusals.log("garbage_args", logging.INFO,
+                               "portmap %s: %s arguments malformed: %s", peer, name, exc)
             return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
         return [rpc.accepted(call.xid), body]
 
     def _refuse_change(self, what: str, peer, described: str) -> bytes:
         self.counters.inc("access_denied", f"portmap:{what.lower()}")
-        log.warning("portmap %s: %s of %s refused: this portmapper lists netswapd's own "
-                    "programs only", peer, what, described)
+        self._refusals.log("change", logging.WARNING, "portmap %s: %s of %s refused: this "
+                           "portmapper lists netswapd's own programs only", peer, what, described)
         return _FALSE
 
     # PMAP v2 (§3.2) --------------------------------------------------------------------
