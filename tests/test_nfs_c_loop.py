@@ -25,7 +25,8 @@ from netswap.rpc import message as rpc
 from test_nfs import metric
 from test_nfs_hostile import (
     ALPHA, BETA, COMMIT, CREATE, FATTR3_BYTES, FILE_SYNC, GETATTR, MOUNT_PROG, MOUNT_VERS,
-    NFS3_OK, NFS_PROG, NFS_VERS, NULL, READ, UNSTABLE, WRITE, Nfs, sattr3, stop_clean, xdr,
+    NFS3_OK, NFS_PROG, NFS_VERS, NULL, READ, UNSTABLE, WRITE, Nfs, RpcClient, sattr3,
+    stop_clean, xdr,
 )
 from netswap.rpc.xdr import Unpacker
 
@@ -191,9 +192,20 @@ class Stream:
         return replies
 
     def pipelined(self, count: int = 40) -> dict:
-        """WRITEs and READs sent all at once; replies by xid (they may come in any order)."""
+        """WRITEs and READs sent all at once, on a connection of its own with a small receive
+        buffer (so that large replies go out in parts); replies by xid (they may come in any
+        order). The connection's first call is Python's (it registers the handle)."""
         rng = random.Random(11)
+        client = RpcClient.__new__(RpcClient)
+        client.sock = socket.socket()
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)  # before connect
+        client.sock.bind((ALPHA, 0))
+        client.sock.connect(("127.0.0.1", self.daemon.nfs_port))
+        client.sock.settimeout(120)
         records, procs = [], {}
+        self.xid += 1
+        procs[self.xid] = READ
+        records.append(call_record(self.xid, READ, read_args(self.swap, 0, 4096)))
         for index in range(count):
             self.xid += 1
             # Disjoint ranges: calls in flight together may run in any order.
@@ -206,7 +218,7 @@ class Stream:
             records.append(call_record(self.xid, proc, args))
         # Large READs with Python's calls between them: replies the socket takes only in
         # part, while the workers queue theirs (the loop finishes its own, then the sender).
-        for index in range(24):
+        for index in range(120):  # ~6 MiB of replies: more than the socket's send buffer
             self.xid += 1
             if index % 6 == 5:
                 proc, args = COMMIT, xdr(("o", self.swap), ("h", 0), ("u", 0))
@@ -215,12 +227,15 @@ class Stream:
             procs[self.xid] = proc
             records.append(call_record(self.xid, proc, args))
         records = [rpc.fragment_header(len(record)) + record for record in records]
-        self.alpha.nfs.sock.sendall(b"".join(records))
         replies = {}
-        for _ in range(len(records)):
-            reply = self.alpha.nfs.receive_record()
-            xid = struct.unpack_from(">I", reply)[0]
-            replies[xid] = masked(procs[xid], reply)
+        # The first alone (its handle is registered before the rest arrive), then the rest.
+        for chunk in (records[:1], records[1:]):
+            client.sock.sendall(b"".join(chunk))
+            for _ in range(len(chunk)):
+                reply = client.receive_record()
+                xid = struct.unpack_from(">I", reply)[0]
+                replies[xid] = masked(procs[xid], reply)
+        client.close()
         return replies
 
 
@@ -276,8 +291,8 @@ def test_the_same_calls_get_the_same_replies_and_counts_with_the_c_loop_on_and_o
     assert live_on == live_off
     # The loop ran (it handed the calls it does not serve to Python), and served the burst's
     # swap-file calls itself; without it nothing is handed over.
-    assert handoffs_on > 0 and burst_handoffs_on == 4  # the COMMITs
-    assert len(burst_on) == 64
+    assert handoffs_on > 0 and burst_handoffs_on == 21  # the first READ, the COMMITs
+    assert len(burst_on) == 161
     assert handoffs_off == 0
 
 

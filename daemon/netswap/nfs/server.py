@@ -363,14 +363,19 @@ class RpcConnection:
 
     def _serve_fast(self) -> bool:
         """Let the C loop serve calls until the next record is Python's (it is then unread
-        in the socket) or it hands one back; False when the client closed."""
+        in the socket); False when the client closed."""
+        while True:
+            reason = self._fast.serve()
+            if reason == fastloop.FALLBACK:
+                self.server.counters.inc("c_loop_handoffs", "nfs_python")
+                return True
+            if reason == fastloop.CLOSED:
+                return False
+            self._take_from_fast(reason)  # then the loop goes on
+
+    def _take_from_fast(self, reason: int) -> None:
+        """What the C loop hands back other than a record it left unread."""
         fast, counters = self._fast, self.server.counters
-        reason = fast.serve()
-        if reason == fastloop.FALLBACK:
-            counters.inc("c_loop_handoffs", "nfs_python")
-            return True
-        if reason == fastloop.CLOSED:
-            return False
         if reason == fastloop.SOCKET_ERROR:
             raise fast.error
         if reason == fastloop.RECORD_CUT:
@@ -379,13 +384,13 @@ class RpcConnection:
             # The loop finished a large reply while workers queued theirs behind it: the
             # sender has them, and is told to send them now.
             self._sender.resume([], _nothing)
-            return True
+            return
         # A call the loop received and hands over: Python's from here, as if received here.
         buffer, started = fast.buffer(), fast.started_ns
         if reason == fastloop.HANDOFF:
             counters.inc("c_loop_handoffs", "nfs_io_error")
             self._dispatch(buffer, fast.record_length, None, started)  # run again, in Python
-            return True
+            return
         assert reason == fastloop.PARTIAL, reason
         counters.inc("c_loop_handoffs", "nfs_queued_reply")
         with self._replied:
@@ -399,13 +404,12 @@ class RpcConnection:
             counters.inc("nfs_bytes", procedure, nbytes)
             self._finished([buffer], procedure, started)
 
-        # Replies were queued, or the socket took only part of this one: the sender
-        # finishes it (its rest first, if part is on the wire), then the buffer goes back.
+        # Replies were queued, or the client took nothing of this one for a while: the
+        # sender finishes it (its rest first, if part is on the wire), then frees the buffer.
         if fast.sent:
             self._sender.resume(fast.unsent_reply(buffer), done)
         else:
             self._sender.send(fast.unsent_reply(buffer), done)
-        return True
 
     def _bytes_waiting(self) -> bool:
         """Has the client sent more than we have read (another call behind this one)?"""
