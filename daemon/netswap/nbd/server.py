@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import selectors
 import socket
 import threading
 import time
@@ -22,8 +20,10 @@ from typing import Optional
 from netswap._pool import ffi
 
 from ..access import AccessControl, peer_identity
+from ..acceptor import Acceptor
 from ..counters import Counters
 from ..netpolicy import SocketPolicy
+from ..refusals import RefusalLog
 from ..reserve.tree import socket_buffer_size
 from ..unixsock import bind_unix
 from ..workers import WorkerPool
@@ -65,11 +65,10 @@ class NbdServer:
         self._unix_path: Optional[Path] = None
         self._connections: set[Connection] = set()
         self._per_client: Counter[str] = Counter()  # open connections by client address
-        self._last_refusal_log: dict[str, float] = {}
+        self._refusals = RefusalLog(log)  # a connection flood is not a log flood
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        self._acceptor: Optional[threading.Thread] = None
+        self._acceptor: Optional[Acceptor] = None
 
     def _follow_pressure(self, pressure) -> None:
         chained = pressure.on_change
@@ -117,7 +116,7 @@ class NbdServer:
             raise
         self.workers = WorkerPool(self.config.daemon.workers)
         self.send_poller = SendPoller(self.config.nbd.send_timeout, self._send_timed_out)
-        self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
+        self._acceptor = Acceptor("acceptor", self._listeners, self._accept, self.counters)
         self._acceptor.start()
 
     @property
@@ -137,9 +136,8 @@ class NbdServer:
     def stop(self, timeout: float) -> bool:
         """Stop accepting, let in-flight requests finish, and return True if all did in time."""
         self.stopping = True
-        os.write(self._wake_w, b"x")
         if self._acceptor is not None:
-            self._acceptor.join()
+            self._acceptor.stop()
         self._close_listeners()
         with self._lock:
             connections = list(self._connections)
@@ -155,8 +153,6 @@ class NbdServer:
             self.workers.stop()
         if self.send_poller is not None and clean:
             self.send_poller.stop()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
         return clean
 
     def healthy(self, timeout: float) -> bool:
@@ -199,30 +195,7 @@ class NbdServer:
 
     # Accepting ------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._wake_r, selectors.EVENT_READ)
-        for listener in self._listeners:
-            listener.setblocking(False)
-            selector.register(listener, selectors.EVENT_READ)
-        try:
-            while not self.stopping:
-                for key, _ in selector.select():
-                    if key.fileobj == self._wake_r:
-                        return
-                    self._accept(key.fileobj)
-        finally:
-            selector.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # e.g. EMFILE: log, keep serving the clients we have
-            self.counters.inc("accept_errors", exc.__class__.__name__)
-            log.warning("accept on %s failed: %s", listener.getsockname(), exc)
-            return
+    def _accept(self, listener: socket.socket, sock: socket.socket, address) -> None:
         client = address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) else "unix"
         refusal = self._admit(client)
         if refusal is not None:
@@ -265,12 +238,9 @@ class NbdServer:
         return None
 
     def _log_refusal(self, reason: str, client: str) -> None:
-        # A flood of refusals must not become a flood of log lines: one per reason a second.
-        now = time.monotonic()
-        if now - self._last_refusal_log.get(reason, 0.0) >= 1.0:
-            self._last_refusal_log[reason] = now
-            log.warning("refusing connections from %s: %s reached (%s refused so far)", client,
-                        reason, self.counters.get("connections_refused", reason))
+        self._refusals.log(reason, logging.WARNING,
+                           "refusing connections from %s: %s reached (%s refused so far)",
+                           client, reason, self.counters.get("connections_refused", reason))
 
     def _is_swap_node(self, host: str) -> bool:
         """Is the peer a swap node by address (swap.node_networks)? Its socket is then tagged

@@ -10,7 +10,7 @@ import logging
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
-from ..rpc.refusals import RefusalLog
+from ..refusals import RefusalLog
 
 log = logging.getLogger("netswap.nfs")
 

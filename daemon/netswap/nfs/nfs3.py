@@ -24,7 +24,7 @@ from typing import Optional
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
-from ..rpc.refusals import RefusalLog
+from ..refusals import RefusalLog
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
     NFS3ERR_ISDIR, NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC,

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import selectors
 import socket
 import termios
 import threading
@@ -38,13 +36,14 @@ import time
 from collections import Counter
 from typing import Optional
 
+from ..acceptor import Acceptor
 from ..nbd.sender import ReplySender, SendPoller
 from ..netpolicy import tag_emergency
 from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from . import fastloop
-from ..rpc.refusals import RefusalLog
+from ..refusals import RefusalLog
 from .exports import Peer
 
 log = logging.getLogger("netswap.nfs")
@@ -126,8 +125,7 @@ class RpcServer:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = False
-        self._acceptor: Optional[threading.Thread] = None
-        self._wake_r, self._wake_w = os.pipe()  # stop() ends the accept loop at once
+        self._acceptor: Optional[Acceptor] = None
 
     def start(self) -> None:
         try:
@@ -136,8 +134,8 @@ class RpcServer:
         except BaseException:
             self._close_listeners()
             raise
-        self._acceptor = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept",
-                                          daemon=True)
+        self._acceptor = Acceptor(f"{self.name}-accept", self._listeners, self._accept,
+                                  self.counters)
         self._acceptor.start()
         for listener in self._listeners:
             host, port = listener.getsockname()[:2]
@@ -151,9 +149,8 @@ class RpcServer:
         their threads: a connection thread ends only when its calls have replied, and until
         then it uses pool buffers and the exports' files. True if all ended in time."""
         self._stopping = True
-        os.write(self._wake_w, b"x")
         if self._acceptor is not None:
-            self._acceptor.join()  # no connection starts after this
+            self._acceptor.stop()  # no connection starts after this
         self._close_listeners()
         with self._lock:
             connections = list(self._connections)
@@ -163,8 +160,6 @@ class RpcServer:
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        os.close(self._wake_r)
-        os.close(self._wake_w)
         return not any(thread.is_alive() for thread in threads)
 
     @property
@@ -197,30 +192,7 @@ class RpcServer:
         for listener in self._listeners:
             listener.close()
 
-    def _accept_loop(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._wake_r, selectors.EVENT_READ)
-        for listener in self._listeners:
-            listener.setblocking(False)
-            selector.register(listener, selectors.EVENT_READ)
-        try:
-            while not self._stopping:
-                for key, _ in selector.select():
-                    if key.fileobj == self._wake_r:
-                        return
-                    self._accept(key.fileobj)
-        finally:
-            selector.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # e.g. EMFILE: log, keep serving the clients we have
-            self.counters.inc("accept_errors", exc.__class__.__name__)
-            log.warning("%s: accept failed: %s", self.name, exc)
-            return
+    def _accept(self, listener: socket.socket, sock: socket.socket, address) -> None:
         peer = Peer(address[0], address[1])
         refusal = self._limits.admit(peer) if self._limits is not None else None
         if refusal is not None:

@@ -52,7 +52,7 @@ from typing import Optional
 from . import constants as RC
 from . import message as rpc
 from . import xdr
-from .refusals import RefusalLog
+from ..refusals import RefusalLog
 
 log = logging.getLogger("netswap.nfs")
 

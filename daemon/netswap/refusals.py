@@ -1,5 +1,5 @@
-"""Log lines about what a client can repeat at line rate: malformed arguments, refused
-calls, JUKEBOX drops, refused MNTs. The first of each kind in a second is logged at its
+"""Log lines about what a client can repeat at line rate: refused connections, malformed
+arguments, refused calls, JUKEBOX drops, refused MNTs. The first of each kind in a second is logged at its
 level, so bad input shows at the default level; the rest of that second go to DEBUG, so a
 client sending it in a loop cannot flood the log. The counters still count every one.
 
