@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +33,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the node side is shared with tests/te
 sys.path.insert(0, str(HERE))
 
 from fio_matrix import Server, parse_size  # noqa: E402
-from swapnode import (WORKLOAD, loop_device, memory_cgroup, nbdfuse_file, swap_on,  # noqa: E402
-                      swap_used_kib)
+from swapnode import (loop_device, memory_cgroup, nbdfuse_file, swap_on,  # noqa: E402
+                      swap_used_kib, workload_in)
 
 SERVERS = ("netswapd", "nbdkit")
 NODE = "bench"
@@ -73,11 +72,7 @@ def storm(server: Server, data: int, workdir: Path) -> dict:
         stack.enter_context(swap_on(device))
         group = stack.enter_context(memory_cgroup(data // 4))
         started = time.monotonic()
-        workload = subprocess.Popen(
-            [sys.executable, "-c", WORKLOAD, str(data)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
-        try:
+        with workload_in(group, data) as workload:
             if workload.stdout.readline().strip() != "written":
                 raise RuntimeError("the workload did not finish writing")
             written = time.monotonic()
@@ -88,10 +83,6 @@ def storm(server: Server, data: int, workdir: Path) -> dict:
             checked = time.monotonic()
             if verdict != "bad pages: 0" or workload.wait(60) != 0:
                 raise RuntimeError(f"data came back wrong through {server.name}: {verdict}")
-        finally:
-            if workload.poll() is None:
-                workload.kill()
-                workload.wait()
     return {"out": written - started, "in": checked - written, "total": checked - started,
             "swapped": swapped}
 

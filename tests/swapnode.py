@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -126,6 +127,23 @@ def swap_on(device: str):
         yield
     finally:
         subprocess.run(["swapoff", device], capture_output=True, timeout=600)
+
+
+@contextlib.contextmanager
+def workload_in(group: Path, size: int):
+    """WORKLOAD over `size` bytes, started inside memory cgroup `group`: it prints "written"
+    once every page is written, checks them all after a line on its stdin, and prints
+    "bad pages: N". Killed on the way out if it is still running."""
+    workload = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD, str(size)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    try:
+        yield workload
+    finally:
+        if workload.poll() is None:
+            workload.kill()
+            workload.wait()
 
 
 @contextlib.contextmanager

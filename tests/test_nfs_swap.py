@@ -12,13 +12,10 @@ quarter of its data must swap out through that chain and read every page back.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 
 from conftest import start_daemon
-from swapnode import (WORKLOAD, loop_device, memory_cgroup, nbdfuse_file, qemu_nbd_nfs,
-                      swap_on, swap_used_kib)
+from swapnode import (loop_device, memory_cgroup, nbdfuse_file, qemu_nbd_nfs, swap_on,
+                      swap_used_kib, workload_in)
 from test_nfs_portmap import metric, netns, scrape, stop_clean  # noqa: F401 (fixture)
 
 MiB = 1 << 20
@@ -46,11 +43,7 @@ def test_kernel_swaps_to_an_nfs_swap_file_found_through_the_portmapper(netns, tm
             device = stack.enter_context(loop_device(swap_file))
             stack.enter_context(swap_on(device))
             group = stack.enter_context(memory_cgroup(LIMIT))
-            workload = subprocess.Popen(
-                [sys.executable, "-c", WORKLOAD, str(DATA)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
-            try:
+            with workload_in(group, DATA) as workload:
                 assert workload.stdout.readline().strip() == "written"
                 used_kib = swap_used_kib(device)
                 # The group holds at most LIMIT in RAM: most of DATA went out over NFS.
@@ -61,10 +54,6 @@ def test_kernel_swaps_to_an_nfs_swap_file_found_through_the_portmapper(netns, tm
                 workload.stdin.flush()
                 assert workload.stdout.readline().strip() == "bad pages: 0"
                 assert workload.wait(300) == 0
-            finally:
-                if workload.poll() is None:
-                    workload.kill()
-                    workload.wait()
             assert metric(daemon, "netswap_nfs_calls_total", procedure="read") > 0
             # The node's reserve was attached for its swap I/O: the seed's swapon.
             assert metric(daemon, "netswap_node_attaches_total") == 1

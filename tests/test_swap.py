@@ -9,11 +9,8 @@ wrote. Everything set up is undone in reverse order, also when the test fails.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 
-from swapnode import WORKLOAD, loop_device, memory_cgroup, nbdfuse_file, swap_on, swap_used_kib
+from swapnode import loop_device, memory_cgroup, nbdfuse_file, swap_on, swap_used_kib, workload_in
 
 MiB = 1 << 20
 DATA = 256 * MiB
@@ -31,12 +28,7 @@ def test_kernel_swaps_through_netswapd(tmp_path):
             stack.enter_context(swap_on(device))
             group = stack.enter_context(memory_cgroup(LIMIT))
 
-            workload = subprocess.Popen(
-                [sys.executable, "-c", WORKLOAD, str(DATA)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
-            )
-            try:
+            with workload_in(group, DATA) as workload:
                 assert workload.stdout.readline().strip() == "written"
                 used_kib = swap_used_kib(device)
                 stats = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
@@ -46,10 +38,6 @@ def test_kernel_swaps_through_netswapd(tmp_path):
                 workload.stdin.flush()
                 assert workload.stdout.readline().strip() == "bad pages: 0"
                 assert workload.wait(300) == 0
-            finally:
-                if workload.poll() is None:
-                    workload.kill()
-                    workload.wait()
         # The pages really went through netswapd to the node's swap file.
         image = daemon.state_dir / "swap" / "testnode.img"
         assert image.stat().st_blocks * 512 >= DATA - LIMIT - 32 * MiB
