@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 from fio_matrix import netswapd_command, parse_size  # noqa: E402
 from nfs_bench import Rpcbind, Server  # noqa: E402
-from swap_storm import storm  # noqa: E402
+from swap_storm import print_repeat, print_table, storm  # noqa: E402
 from swapnode import qemu_nbd_nfs  # noqa: E402
 
 SERVERS = ("netswapd", "ganesha")
@@ -148,26 +147,14 @@ def main(argv=None) -> int:
                     workdir.mkdir()
                     result = run_one(name, data, workdir, args.workers)
                     results[name].append(result)
-                    print(f"repeat {repeat + 1} {name:9s} swap-out {result['out']:6.2f} s  "
-                          f"swap-in {result['in']:6.2f} s  total {result['total']:6.2f} s  "
-                          f"({result['swapped'] / 2**20:.0f} MiB on the swap device)",
-                          flush=True)
+                    print_repeat(repeat, name, result)
     finally:
         rpcbind.stop()
 
     print(f"\nSwap storm over NFSv3 (qemu-nbd's libnfs client, nbdfuse + loop + swapon): "
           f"{data / 2**20:.0f} MiB of pages through a cgroup limited to "
           f"{data / 4 / 2**20:.0f} MiB; medians of {args.repeats} (seconds, lower is better)\n")
-    print("| server | swap-out | swap-in | total | total / ganesha |")
-    print("|---|---:|---:|---:|---:|")
-    base = (statistics.median(r["total"] for r in results["ganesha"])
-            if results.get("ganesha") else None)
-    for name in servers:
-        out = statistics.median(r["out"] for r in results[name])
-        back = statistics.median(r["in"] for r in results[name])
-        total = statistics.median(r["total"] for r in results[name])
-        ratio = f"{total / base:.2f}" if base else "n/a"
-        print(f"| {name} | {out:.2f} | {back:.2f} | {total:.2f} | {ratio} |")
+    print_table(results, servers, "ganesha")
     return 0
 
 

@@ -87,6 +87,25 @@ def storm(server: Server, data: int, workdir: Path) -> dict:
             "swapped": swapped}
 
 
+def print_repeat(repeat: int, name: str, result: dict) -> None:
+    print(f"repeat {repeat + 1} {name:9s} swap-out {result['out']:6.2f} s  "
+          f"swap-in {result['in']:6.2f} s  total {result['total']:6.2f} s  "
+          f"({result['swapped'] / 2**20:.0f} MiB on the swap device)", flush=True)
+
+
+def print_table(results: dict[str, list[dict]], servers: list[str], peer: str) -> None:
+    """Medians per server as a Markdown table, with each total's ratio to `peer`'s."""
+    print(f"| server | swap-out | swap-in | total | total / {peer} |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(r["total"] for r in results[peer]) if results.get(peer) else None
+    for name in servers:
+        out = statistics.median(r["out"] for r in results[name])
+        back = statistics.median(r["in"] for r in results[name])
+        total = statistics.median(r["total"] for r in results[name])
+        ratio = f"{total / base:.2f}" if base else "n/a"
+        print(f"| {name} | {out:.2f} | {back:.2f} | {total:.2f} | {ratio} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,21 +139,11 @@ def main(argv=None) -> int:
                 finally:
                     server.stop()
                 results[name].append(result)
-                print(f"repeat {repeat + 1} {name:9s} swap-out {result['out']:6.2f} s  "
-                      f"swap-in {result['in']:6.2f} s  total {result['total']:6.2f} s  "
-                      f"({result['swapped'] / 2**20:.0f} MiB on the swap device)", flush=True)
+                print_repeat(repeat, name, result)
 
     print(f"\nSwap storm: {data / 2**20:.0f} MiB of pages through a cgroup limited to "
           f"{data / 4 / 2**20:.0f} MiB; medians of {args.repeats} (seconds, lower is better)\n")
-    print("| server | swap-out | swap-in | total | total / nbdkit |")
-    print("|---|---:|---:|---:|---:|")
-    base = statistics.median(r["total"] for r in results["nbdkit"]) if "nbdkit" in results else None
-    for name in servers:
-        out = statistics.median(r["out"] for r in results[name])
-        back = statistics.median(r["in"] for r in results[name])
-        total = statistics.median(r["total"] for r in results[name])
-        ratio = f"{total / base:.2f}" if base else "n/a"
-        print(f"| {name} | {out:.2f} | {back:.2f} | {total:.2f} | {ratio} |")
+    print_table(results, servers, "nbdkit")
     return 0
 
 
