@@ -212,11 +212,18 @@ class Server:
         return self.process.pid if self.process else 0
 
     def command(self) -> list[str]:
-        if self.name == "netswapd" and self.swap_size:
-            # The swap export only; the client is node localhost (the default nodes).
-            self.export = "/swap"
-            self.file_name = "localhost"
-            self.served_dir = self.workdir / "state" / "nfs-swap"
+        if self.name == "netswapd":
+            if self.swap_size:
+                # The swap export only; the client is node localhost (the default nodes).
+                self.export, self.file_name = "/swap", "localhost"
+                self.served_dir = self.workdir / "state" / "nfs-swap"
+                swap_export, scratch_export = "/swap", ""
+            else:
+                # No swap (NBD or NFS), no static exports: the scratch export is all it serves.
+                self.export = "/scratch"
+                self.served_dir = self.workdir / "state" / "nfs-scratch"
+                swap_export, scratch_export = "", "/scratch"
+            swap_size = max(self.swap_size // MiB, 1)  # used only when swap_export is set
             return netswapd_command(self.workdir, self.netswapd_log_level, self.workers, f"""\
                 [pool]
                 size = "256MiB"
@@ -233,38 +240,11 @@ class Server:
                 enabled = true
                 listen = ["127.0.0.1:{self.nfs_port}"]
                 mount_listen = ["127.0.0.1:{self.mount_port}"]
-                swap_export = "/swap"
-                swap_size = "{self.swap_size // MiB}MiB"
-                scratch_export = ""
+                swap_export = "{swap_export}"
+                swap_size = "{swap_size}MiB"
+                scratch_export = "{scratch_export}"
                 max_io = "1MiB"
                 c_loop = {str(self.c_loop).lower()}
-
-                [metrics]
-                listen = []
-                """)
-        if self.name == "netswapd":
-            self.export = "/scratch"
-            self.served_dir = self.workdir / "state" / "nfs-scratch"
-            # No swap (NBD or NFS), no static exports: the scratch export is all it serves.
-            return netswapd_command(self.workdir, self.netswapd_log_level, self.workers, f"""\
-                [pool]
-                size = "256MiB"
-                lock = "best-effort"
-
-                [nbd]
-                listen = []
-                unix_socket = ""
-
-                [swap]
-                enabled = false
-
-                [nfs]
-                enabled = true
-                listen = ["127.0.0.1:{self.nfs_port}"]
-                mount_listen = ["127.0.0.1:{self.mount_port}"]
-                swap_export = ""
-                scratch_export = "{self.export}"
-                max_io = "1MiB"
 
                 [metrics]
                 listen = []
