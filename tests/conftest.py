@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 # Debian's libnbd binding lives in the system Python's dist-packages; the test process (and
@@ -28,6 +29,16 @@ def import_libnbd():
     import nbd
 
     return nbd
+
+
+def metric(daemon, name: str, **labels) -> float:
+    """The value of the sample `name` with exactly these labels in the daemon's /metrics,
+    0 if it is not there (a counter nothing has counted yet)."""
+    for family in text_string_to_metric_families(daemon.metrics()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0
 
 
 def free_port() -> int:

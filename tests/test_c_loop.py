@@ -18,22 +18,13 @@ import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_daemon
+from conftest import metric, start_daemon
 from netswap.nbd import constants as C
 from test_server_raw import recv_exact, request, simple_reply, transmission
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = 64 * MiB
-
-
-def metric(daemon, name, **labels) -> float:
-    for family in text_string_to_metric_families(daemon.metrics()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0
 
 
 @pytest.fixture(params=[True, False], ids=["c_loop", "python"])

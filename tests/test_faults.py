@@ -13,19 +13,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import import_libnbd, start_daemon
+from conftest import import_libnbd, metric, start_daemon
 
 nbd = import_libnbd()
 MiB = 1 << 20
 EIO, EPERM = errno.errorcode[errno.EIO], errno.errorcode[errno.EPERM]
-
-
-def metric(daemon, name, **labels) -> float:
-    for family in text_string_to_metric_families(daemon.metrics()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0
 
 
 def nbd_errno(call, *args, **kwargs) -> str | None:

@@ -16,9 +16,8 @@ import sys
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, start_daemon
+from conftest import free_port, metric, start_daemon
 
 MiB = 1 << 20
 SWAP_SIZE = 8 * MiB
@@ -76,14 +75,6 @@ def test_a_node_sees_and_reads_only_its_own_fully_allocated_swap_file(nfs_daemon
     assert "localhost" in listing
     with pytest.raises(subprocess.CalledProcessError):  # another node's name is not there
         run("nfs-cat", url(nfs_daemon, "/swap/other-node"))
-
-
-def metric(daemon, name, **labels) -> float:
-    for family in text_string_to_metric_families(daemon.metrics()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0
 
 
 @pytest.mark.parametrize("garbage, reason", [
@@ -327,7 +318,7 @@ def test_exposition_after_nfs_traffic_passes_promtool(nfs_daemon):
     run("nfs-ls", url(nfs_daemon, "/scratch"))
     assert metric(nfs_daemon, "netswap_rpc_call_duration_seconds_count", service="nfs",
                   procedure="read") >= 1
-    with socket.create_connection(("127.0.0.1", nfs_daemon.nfs_port)) as idle:
+    with socket.create_connection(("127.0.0.1", nfs_daemon.nfs_port)):  # open, idle
         deadline = time.monotonic() + 15
         while metric(nfs_daemon, "netswap_rpc_open_connections", service="nfs") != 1:
             assert time.monotonic() < deadline, "the open connection is not counted"

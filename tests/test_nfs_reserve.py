@@ -18,9 +18,8 @@ import sys
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, start_daemon
+from conftest import free_port, metric, start_daemon
 from netswap.nbd import constants as NBD
 from netswap.rpc import message as rpc
 from netswap.rpc import xdr
@@ -33,14 +32,6 @@ WRITE, CREATE, LOOKUP, READ = 7, 8, 3, 6
 FATTR3_BYTES = 84
 FILE_SYNC, NFS3ERR_JUKEBOX = 2, 10008
 ROOT = rpc.AuthSys(stamp=0, machine="test", uid=0, gid=0)
-
-
-def metric(daemon, name, **labels) -> float:
-    for family in text_string_to_metric_families(daemon.metrics()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0
 
 
 class RpcClient:
