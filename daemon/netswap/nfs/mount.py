@@ -40,14 +40,8 @@ class MountProgram:
             self.counters.inc("rpc_protocol_errors", "proc_unavail")
             return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
         self.counters.inc("mount_calls", name)
-        args = xdr.Unpacker(call.args)
-        try:
-            body = getattr(self, "_" + name)(args, peer)
-        except xdr.XdrError as exc:
-            self.counters.inc("rpc_protocol_errors", "garbage_args")
-            self._refusals.log("garbage_args", logging.INFO,
-                               "mount %s: %s arguments malformed: %s", peer, name, exc)
-            return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
+        # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
+        body = getattr(self, "_" + name)(xdr.Unpacker(call.args), peer)
         return [rpc.accepted(call.xid), body]
 
     def _null(self, args, peer) -> bytes:

@@ -42,6 +42,7 @@ from ..netpolicy import tag_emergency
 from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
+from ..rpc import xdr
 from . import fastloop
 from ..refusals import RefusalLog
 from .exports import Peer
@@ -552,6 +553,14 @@ class RpcConnection:
             self._fast.offer(call.args)  # its handle may be served by the C loop from now on
         try:
             return program.call(call, self.peer, release, emergency=release[0].emergency), procedure
+        except xdr.XdrError as exc:
+            # Arguments the procedure could not decode (truncated, too long, a bad length):
+            # GARBAGE_ARGS (RFC 5531), for every program in the one place.
+            counters.inc("rpc_protocol_errors", "garbage_args")
+            self.server.refusals.log("garbage_args", logging.INFO,
+                                     "%s %s: %s arguments malformed: %s", name, self.peer,
+                                     procedure, exc)
+            return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)], procedure
         except Exception:
             # A bug of ours: the call gets SYSTEM_ERR rather than no reply, which a hard
             # mount would wait on forever.

@@ -150,18 +150,13 @@ class PortmapProgram:
                 self.counters.inc("rpc_protocol_errors", "proc_unavail")
             return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
         self.counters.inc("portmap_calls", name)
+        # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
         args = xdr.Unpacker(call.args)
-        try:
-            if call.vers == VERSION:
-                body = getattr(self, "_pmap_" + name)(args, peer)
-            else:
-                body = getattr(self, "_rpcb_" + name)(args, peer)
-            args.done()
-        except xdr.XdrError as exc:
-            self.counters.inc("rpc_protocol_errors", "garbage_args")
-            self._refusals.log("garbage_args", logging.INFO,
-                               "portmap %s: %s arguments malformed: %s", peer, name, exc)
-            return [rpc.accepted(call.xid, RC.GARBAGE_ARGS)]
+        if call.vers == VERSION:
+            body = getattr(self, "_pmap_" + name)(args, peer)
+        else:
+            body = getattr(self, "_rpcb_" + name)(args, peer)
+        args.done()
         return [rpc.accepted(call.xid), body]
 
     def _refuse_change(self, what: str, peer, described: str) -> bytes:
