@@ -386,8 +386,11 @@ def test_files_of_shows_only_the_nodes_own_file(tmp_path):
         b = files.open("node-b")
         assert files.files_of("node-a") == [a]
         assert files.files_of("node-b") == [b]
-        assert files.files_of("node-c") == []  # a listing creates nothing
-    assert sorted(p.name for p in (tmp_path / "swap").iterdir()) == ["node-a", "node-b"]
+        # A node lists its file before it names it: the listing makes it, as LOOKUP would.
+        [c] = files.files_of("node-c")
+        assert c.node == "node-c" and c.size == files.open("node-c").size
+        assert files.files_of("node-c") == [files.open("node-c")]
+    assert sorted(p.name for p in (tmp_path / "swap").iterdir()) == ["node-a", "node-b", "node-c"]
     with make_files(tmp_path) as files:  # after a restart, from disk
         [a2] = files.files_of("node-a")
         assert (a2.node, a2.fileid) == ("node-a", a.fileid)

@@ -28,7 +28,7 @@ What the Linux client needs from it (research/nfs.md section 1) and what isolati
   a new generation, and a warning.
 * **Isolation is the caller's check, made possible here.**  ``by_fileid`` resolves a handle's
   fileid to a SwapFile whose ``node`` the server compares with the caller's node on every call;
-  ``files_of`` lists a node its own file and nothing else.
+  ``files_of`` lists a node its own file (made on first use) and nothing else.
 
 Node names follow the NBD swap node rule (exports.registry): lower-case RFC 1123 labels.
 """
@@ -124,13 +124,13 @@ class SwapFiles:
         return self._get(node, create=True)
 
     def files_of(self, node: str) -> list[SwapFile]:
-        """What READDIR shows ``node``: its own file if it exists, nothing else.
+        """What READDIR shows ``node``: its own file, nothing else.
 
-        A listing never creates a file (that would allocate the whole size on an ``ls``);
-        LOOKUP of the node's name does, through open().
+        The file is created as on LOOKUP: a node told to ``swapon /mnt/swap/<node>`` lists
+        the directory to find its file, and its name in nfs.nodes need not be its hostname,
+        so an empty listing would leave it guessing.
         """
-        found = self._get(node, create=False)
-        return [found] if found is not None else []
+        return [self._get(node, create=True)]
 
     def by_fileid(self, fileid: int) -> SwapFile | None:
         """The swap file with this fileid (a handle's), opened if a previous run made it.
