@@ -13,6 +13,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -79,9 +80,14 @@ class Daemon:
     log_path: Path
     process: subprocess.Popen = field(repr=False)
     metrics_port: int = 0
+    # How to GET a path of the metrics listener when the test cannot reach 127.0.0.1 of the
+    # daemon's network namespace itself (scrape(port, path) -> body).
+    scrape: Callable[[int, str], str] | None = field(default=None, repr=False)
 
     def metrics(self) -> str:
         """The daemon's Prometheus exposition, as a scrape would get it."""
+        if self.scrape is not None:
+            return self.scrape(self.metrics_port, "/metrics")
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()
 
@@ -186,10 +192,11 @@ def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extr
 
 
 def start_daemon(tmp: Path, cgroup: Path | None = None, prefix: tuple[str, ...] = (),
-                 **config) -> Daemon:
+                 scrape: Callable[[int, str], str] | None = None, **config) -> Daemon:
     """Start netswapd on a config written from `config` (see write_config); with `cgroup`,
     the daemon runs inside that (v1 memory) cgroup from its first instruction. `prefix`
-    is a command that execs the daemon's (e.g. ip netns exec NAME)."""
+    is a command that execs the daemon's (e.g. ip netns exec NAME), `scrape` how to reach
+    its metrics listener from there (Daemon.scrape)."""
     state_dir = tmp / "state"
     state_dir.mkdir(exist_ok=True)
     # A read-only export needs its file to exist before the daemon starts.
@@ -211,7 +218,8 @@ def start_daemon(tmp: Path, cgroup: Path | None = None, prefix: tuple[str, ...] 
         preexec_fn=join_cgroup if cgroup is not None else None,
     )
     log.close()
-    daemon = Daemon(port, unix_socket, state_dir, config_path, log_path, process, metrics_port)
+    daemon = Daemon(port, unix_socket, state_dir, config_path, log_path, process, metrics_port,
+                    scrape)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -1,0 +1,139 @@
+"""A node: Debian's kernel booted under qemu (TCG), its root the host's own `/` over 9p.
+
+`Node.start(script)` boots it with the script in its job directory; the node runs the
+script as root in a chroot of the host's root (so the host's nbd-client, mount.nfs, python
+and installed netswap are the node's), then powers off. `Node.wait()` gives the console
+output and the script's exit status. A node is always torn down (qemu killed, its job
+directory kept for the test's tmp_path) when its `with` block ends, failed or not.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .initramfs import EXIT_MARK
+from .kernel import NodeKernel
+from .network import Lan
+
+MiB = 1 << 20
+
+
+@dataclass
+class NodeResult:
+    name: str
+    status: int | None  # the script's exit status; None if it never finished
+    console: str
+
+    def __str__(self) -> str:
+        return f"--- node {self.name}: exit status {self.status} ---\n{self.console}"
+
+    __repr__ = __str__  # what an assertion message shows: the console as it was
+
+
+class NodeTimeout(AssertionError):
+    pass
+
+
+class Node:
+    def __init__(self, kernel: NodeKernel, initramfs: Path, lan: Lan, index: int, name: str,
+                 workdir: Path, memory: int = 192 * MiB) -> None:
+        self.kernel = kernel
+        self.initramfs = initramfs
+        self.lan = lan
+        self.index = index
+        self.name = name
+        self.address = lan.address(index)
+        self.memory = memory
+        self.job = workdir / f"node-{name}"
+        self.job.mkdir(parents=True)
+        self.console_path = self.job / "console.log"
+        self.process: subprocess.Popen | None = None
+
+    # -- running --------------------------------------------------------------------------------
+
+    def start(self, script: str) -> None:
+        """Boot the node; it runs `script` (sh) in its job directory and powers off."""
+        # The host's PATH order, with the test's own python first (the netswap it installed).
+        path = ":".join([str(Path(sys.executable).parent), "/usr/local/sbin", "/usr/local/bin",
+                         "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        (self.job / "script").write_text(f"export PATH={path} HOME=/root\nset -u\n{script}")
+        mac = f"52:54:00:77:00:{self.index + 10:02x}"
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1",
+            "-m", f"{self.memory // MiB}M", "-nodefaults", "-no-user-config",
+            "-display", "none", "-no-reboot",
+            "-kernel", str(self.kernel.image), "-initrd", str(self.initramfs),
+            "-append", " ".join([
+                "console=ttyS0", "panic=-1", "loglevel=4", "mitigations=off",
+                f"netswap.name={self.name}", f"netswap.ip={self.address}/24",
+            ]),
+            "-serial", f"file:{self.console_path}",
+            "-netdev", f"tap,id=lan,ifname={self.lan.taps[self.index]},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=lan,mac={mac}",
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                       "multidevs=remap",
+            "-virtfs", f"local,path={self.job},mount_tag=job,security_model=none,"
+                       "multidevs=remap",
+        ]
+        self.process = subprocess.Popen(self.lan.exec(*argv), stdin=subprocess.DEVNULL,
+                                        stdout=self.job / "qemu.log" and open(self.job / "qemu.log", "w"),
+                                        stderr=subprocess.STDOUT)
+
+    def console(self) -> str:
+        try:
+            return self.console_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first match of `pattern` on the console, waiting up to `timeout` seconds for it;
+        NodeTimeout (with the console) if it does not come or the node stops first."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern, re.MULTILINE)
+        while True:
+            found = regex.search(self.console())
+            if found:
+                return found
+            if self.process.poll() is not None:
+                raise NodeTimeout(f"node {self.name} stopped before {pattern!r}:\n"
+                                  f"{self.result()}")
+            if time.monotonic() > deadline:
+                raise NodeTimeout(f"no {pattern!r} from node {self.name} in {timeout:.0f} s:\n"
+                                  f"{self.result()}")
+            time.sleep(0.2)
+
+    def wait(self, timeout: float) -> NodeResult:
+        """Wait for the node to power off; NodeTimeout (with the console) after `timeout`."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise NodeTimeout(f"node {self.name} still running after {timeout:.0f} s:\n"
+                              f"{self.result()}") from None
+        return self.result()
+
+    def result(self) -> NodeResult:
+        status = None
+        try:
+            status = int((self.job / "exit-status").read_text())
+        except (FileNotFoundError, ValueError):
+            found = re.search(rf"^{EXIT_MARK}(\d+)", self.console(), re.MULTILINE)
+            if found:
+                status = int(found.group(1))
+        return NodeResult(self.name, status, self.console())
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
