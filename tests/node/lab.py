@@ -51,9 +51,10 @@ def readme_commands(which: str, server: str) -> str:
     return found.group(1).replace("BOOTSERVER", server)
 
 
-def workload(size_mib: int, rounds: int = 1) -> str:
-    """The shell command that runs the page workload on a node."""
-    return f"python3 {shlex.quote(str(PAGES))} {size_mib} --rounds {rounds}"
+def workload(size_mib: int, rounds: int = 1, probes: tuple[str, ...] = ()) -> str:
+    """The shell command that runs the page workload on a node (pages.py)."""
+    return " ".join([f"python3 {shlex.quote(str(PAGES))} {size_mib} --rounds {rounds}",
+                     *(f"--probe {label}" for label in probes)])
 
 
 class Lab:

@@ -22,6 +22,12 @@ from .kernel import NodeKernel
 from .network import Lan
 
 MiB = 1 << 20
+JOB = "/run/job"  # the job share on the node
+
+# `hold NAME` in a node's script: say so on the console and wait for Node.release(NAME), so a
+# test can act on the server (restart it, read its status) at a known point of the node's run.
+HOLD = f"""hold() {{ echo "hold $1"; while [ ! -e "{JOB}/release-$1" ]; do sleep 0.2; done; }}
+"""
 
 
 @dataclass
@@ -62,7 +68,7 @@ class Node:
         # The host's PATH order, with the test's own python first (the netswap it installed).
         path = ":".join([str(Path(sys.executable).parent), "/usr/local/sbin", "/usr/local/bin",
                          "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-        (self.job / "script").write_text(f"export PATH={path} HOME=/root\nset -u\n{script}")
+        (self.job / "script").write_text(f"export PATH={path} HOME=/root\n{HOLD}set -u\n{script}")
         mac = f"52:54:00:77:00:{self.index + 10:02x}"
         argv = [
             "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1",
@@ -107,6 +113,14 @@ class Node:
                 raise NodeTimeout(f"no {pattern!r} from node {self.name} in {timeout:.0f} s:\n"
                                   f"{self.result()}")
             time.sleep(0.2)
+
+    def held(self, name: str, timeout: float) -> None:
+        """Wait until the node's script reaches `hold NAME`."""
+        self.wait_for(rf"^hold {re.escape(name)}$", timeout)
+
+    def release(self, name: str) -> None:
+        """Let the node's script go on past `hold NAME`."""
+        (self.job / f"release-{name}").touch()
 
     def wait(self, timeout: float) -> NodeResult:
         """Wait for the node to power off; NodeTimeout (with the console) after `timeout`."""
