@@ -53,7 +53,7 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/run/job
 mount -t devpts devpts /newroot/dev/pts
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 job /newroot/run/job
-echo "init: node $NAME at $ADDRESS is up"
+echo "init: node $NAME at $ADDRESS is up, $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) MiB of memory"
 chroot /newroot /bin/sh -c 'cd /run/job && exec /bin/sh ./script' </dev/console >/dev/console 2>&1
 status=$?
 echo "$status" > /newroot/run/job/exit-status

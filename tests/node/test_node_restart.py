@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 import time
 
-from node.lab import readme_commands, workload
+from node.lab import FOUR_TIMES_MEMORY_MIB, readme_commands, workload
 from node.vm import NodeTimeout
 
-DATA_MIB = 560
+DATA_MIB = FOUR_TIMES_MEMORY_MIB
 HANG_GUARD = 900  # seconds: not a timing check
 NBD_AFTERMATH = 15  # how long the NBD node gets to finish once the NFS node is done
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.lab import readme_commands, workload
+from node.lab import FOUR_TIMES_MEMORY_MIB, readme_commands, workload
 from swapnode import memory_cgroup
 
 MiB = 1 << 20
-DATA_MIB = 560
+DATA_MIB = FOUR_TIMES_MEMORY_MIB
 HANG_GUARD = 900  # seconds: not a timing check
 FLOOD = Path(__file__).with_name("flood.py")
 # A server sized for this one node (the pool holds the reserve of max_nodes nodes, and the
