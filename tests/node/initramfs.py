@@ -1,8 +1,9 @@
 """The node's initramfs: busybox, the kernel modules, and an init that turns the host's own
 root (shared read-only over 9p) into the node's root and runs the node's script.
 
-The node's parameters come on the kernel command line (`netswap.name=`, `netswap.ip=`), so
-one initramfs serves every node of a kernel. The script and its results travel through a
+The node's parameters come on the kernel command line (`netswap.name=`, `netswap.ip=`,
+`netswap.repo=`: the checkout under test, shared at its own path, which may be under a
+directory the node covers with tmpfs), so one initramfs serves every node of a kernel. The script and its results travel through a
 second, writable 9p share (`job`): the harness writes `script` there, init runs it in a chroot
 of the host's root with stdout and stderr on the console (no pipe to a process that could be
 swapped out), and writes its exit status to `exit-status` before it powers the node off.
@@ -36,6 +37,7 @@ for word in $(cat /proc/cmdline); do
     case "$word" in
         netswap.name=*) NAME="${word#*=}" ;;
         netswap.ip=*) ADDRESS="${word#*=}" ;;
+        netswap.repo=*) REPO="${word#*=}" ;;
     esac
 done
 hostname "$NAME"
@@ -53,6 +55,9 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/run/job
 mount -t devpts devpts /newroot/dev/pts
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 job /newroot/run/job
+# The checkout under test at its own path, also where a tmpfs above hides it (a clone in /tmp).
+mkdir -p "/newroot$REPO"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 repo "/newroot$REPO"
 echo "init: node $NAME at $ADDRESS is up, $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) MiB of memory"
 chroot /newroot /bin/sh -c 'cd /run/job && exec /bin/sh ./script' </dev/console >/dev/console 2>&1
 status=$?

@@ -10,7 +10,6 @@ directory kept for the test's tmp_path) when its `with` block ends, failed or no
 from __future__ import annotations
 
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -22,6 +21,9 @@ from .kernel import NodeKernel
 from .network import Lan
 
 MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]  # the checkout under test: the node sees it too
+if any(c.isspace() or c == "," for c in str(REPO)):
+    raise RuntimeError(f"{REPO}: a node cannot mount a checkout whose path has spaces or commas")
 JOB = "/run/job"  # the job share on the node
 
 # `hold NAME` in a node's script: say so on the console and wait for Node.release(NAME), so a
@@ -78,6 +80,7 @@ class Node:
             "-append", " ".join([
                 "console=ttyS0", "panic=-1", "loglevel=4", "mitigations=off",
                 f"netswap.name={self.name}", f"netswap.ip={self.address}/24",
+                f"netswap.repo={REPO}",
             ]),
             "-serial", f"file:{self.console_path}",
             "-netdev", f"tap,id=lan,ifname={self.lan.taps[self.index]},script=no,downscript=no",
@@ -86,10 +89,12 @@ class Node:
                        "multidevs=remap",
             "-virtfs", f"local,path={self.job},mount_tag=job,security_model=none,"
                        "multidevs=remap",
+            "-virtfs", f"local,path={REPO},mount_tag=repo,security_model=none,readonly=on,"
+                       "multidevs=remap",
         ]
-        self.process = subprocess.Popen(self.lan.exec(*argv), stdin=subprocess.DEVNULL,
-                                        stdout=self.job / "qemu.log" and open(self.job / "qemu.log", "w"),
-                                        stderr=subprocess.STDOUT)
+        with open(self.job / "qemu.log", "w") as qemu_log:  # qemu's own complaints
+            self.process = subprocess.Popen(self.lan.exec(*argv), stdin=subprocess.DEVNULL,
+                                            stdout=qemu_log, stderr=subprocess.STDOUT)
 
     def console(self) -> str:
         try:
