@@ -21,16 +21,13 @@ from conftest import REPO, Daemon, start_daemon
 from node.initramfs import build_initramfs
 from node.kernel import CACHE, NodeKernel, node_kernel
 from node.network import Lan
-from node.vm import MiB, Node
+from node.vm import NODE_MEMORY, Node
 
 NBD_PORT = 10809
 NFS_PORT = 2049
 MOUNT_PORT = 20048
 PAGES = REPO / "tests" / "node" / "pages.py"  # the node's workload, run by the host's python
-# A node of 144 MiB has about 100 MiB once its kernel has taken its share: small enough that
-# a TCG node swaps four times its memory in well under a minute, big enough for python.
-NODE_MEMORY = 144 * MiB
-FOUR_TIMES_MEMORY_MIB = 400
+FOUR_TIMES_MEMORY_MIB = 400  # of a node of NODE_MEMORY (91 MiB for its processes)
 
 
 @dataclass(frozen=True)

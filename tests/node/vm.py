@@ -21,6 +21,9 @@ from .kernel import NodeKernel
 from .network import Lan
 
 MiB = 1 << 20
+# A node of 144 MiB has about 91 MiB once its kernel has taken its share: small enough that a
+# TCG node swaps four times its memory in well under a minute, big enough for python.
+NODE_MEMORY = 144 * MiB
 REPO = Path(__file__).resolve().parents[2]  # the checkout under test: the node sees it too
 if any(c.isspace() or c == "," for c in str(REPO)):
     raise RuntimeError(f"{REPO}: a node cannot mount a checkout whose path has spaces or commas")
@@ -50,7 +53,7 @@ class NodeTimeout(AssertionError):
 
 class Node:
     def __init__(self, kernel: NodeKernel, initramfs: Path, lan: Lan, index: int, name: str,
-                 workdir: Path, memory: int = 192 * MiB) -> None:
+                 workdir: Path, memory: int = NODE_MEMORY) -> None:
         self.kernel = kernel
         self.initramfs = initramfs
         self.lan = lan
