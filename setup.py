@@ -36,5 +36,6 @@ setup(
     ],
     # atheris: the coverage-guided fuzz target of the NBD parsers (tests/fuzz), run briefly in CI.
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "atheris>=2.3"]},
-    entry_points={"console_scripts": ["netswapd=netswap.cli:main", "netswapctl=netswap.ctl:main"]},
+    entry_points={"console_scripts": ["netswapd=netswap.cli:main", "netswapctl=netswap.ctl:main",
+                                      "netswap-node=netswap.node.cli:main"]},
 )

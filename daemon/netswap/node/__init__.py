@@ -1,0 +1,1 @@
+"""netswap-node: the node side of netswap."""
