@@ -15,11 +15,11 @@ def node_image():
 
 @pytest.fixture
 def lab(node_image, tmp_path):
-    """lab(names) -> a Lab with one node slot (address) per name."""
+    """lab(names, servers=1) -> a Lab with one node slot (address) per name."""
     made: list[Lab] = []
 
-    def make(names: list[str]) -> Lab:
-        made.append(Lab(tmp_path, node_image, names))
+    def make(names: list[str], servers: int = 1) -> Lab:
+        made.append(Lab(tmp_path, node_image, names, servers))
         return made[-1]
 
     yield make

@@ -59,19 +59,26 @@ def workload(size_mib: int, rounds: int = 1, probes: tuple[str, ...] = ()) -> st
 
 
 class Lab:
-    def __init__(self, tmp: Path, image: NodeImage, names: list[str]) -> None:
+    def __init__(self, tmp: Path, image: NodeImage, names: list[str], servers: int = 1) -> None:
         self.tmp = tmp
         self.image = image
         self.names = names
-        self.lan = Lan(len(names))
+        self.lan = Lan(len(names), servers)
         self.nodes: dict[str, Node] = {}
-        self.daemon: Daemon | None = None
-        self._config: dict = {}
+        self.daemons: dict[int, Daemon] = {}  # by server index: each its address and state
+        self._configs: dict[int, dict] = {}
         self._restarts = 0
 
     @property
     def server(self) -> str:
         return self.lan.server
+
+    @property
+    def daemon(self) -> Daemon | None:
+        return self.daemons.get(0)
+
+    def server_address(self, server: int) -> str:
+        return self.lan.servers[server]
 
     def address(self, name: str) -> str:
         return self.lan.address(self.names.index(name))
@@ -79,19 +86,21 @@ class Lab:
     # -- netswapd ---------------------------------------------------------------------------
 
     def start_daemon(self, swap_size: str = "768MiB", nfs_swap_size: str = "768MiB",
-                     swap_options: str = "", nfs_options: str = "", **config) -> Daemon:
-        """netswapd in the LAN's namespace: NBD, NFS and MOUNT on the server's address at the
-        README's ports, every node's address a swap node (swap.node_networks) and an NFS node
-        by its name (nfs.nodes), from privileged source ports only (the default)."""
+                     swap_options: str = "", nfs_options: str = "", server: int = 0,
+                     **config) -> Daemon:
+        """netswapd in the LAN's namespace: NBD, NFS and MOUNT on server `server`'s address at
+        the README's ports, every node's address a swap node (swap.node_networks) and an NFS
+        node by its name (nfs.nodes), from privileged source ports only (the default)."""
         nodes = ", ".join(f'"{name}" = ["{self.address(name)}"]' for name in self.names)
-        self._config = dict(
-            listen=f'["{self.server}:{NBD_PORT}"]',
+        address = self.server_address(server)
+        self._configs[server] = dict(
+            listen=f'["{address}:{NBD_PORT}"]',
             swap_size=swap_size,
             swap_options=f'node_networks = ["{self.lan.prefix}.0/24"]\n{swap_options}',
             nfs_options=f"""
                 enabled = true
-                listen = ["{self.server}:{NFS_PORT}"]
-                mount_listen = ["{self.server}:{MOUNT_PORT}"]
+                listen = ["{address}:{NFS_PORT}"]
+                mount_listen = ["{address}:{MOUNT_PORT}"]
                 swap_size = "{nfs_swap_size}"
                 node_ports = "privileged"
                 nodes = {{ {nodes} }}
@@ -99,29 +108,38 @@ class Lab:
             """,
             **config,
         )
-        self.daemon = self._start()
-        return self.daemon
+        return self.start_again(server)
 
-    def _start(self) -> Daemon:
-        return start_daemon(self.tmp, prefix=self.lan.exec(),
-                            scrape=lambda port, path: self.lan.http_get("127.0.0.1", port, path),
-                            **self._config)
+    def start_again(self, server: int = 0) -> Daemon:
+        """Start server `server`'s netswapd (again) on its config and state."""
+        directory = self.tmp if server == 0 else self.tmp / f"server-{server}"
+        directory.mkdir(exist_ok=True)
+        self.daemons[server] = start_daemon(
+            directory, prefix=self.lan.exec(),
+            scrape=lambda port, path: self.lan.http_get("127.0.0.1", port, path),
+            **self._configs[server])
+        return self.daemons[server]
 
-    def restart_daemon(self, sig: int = signal.SIGTERM, pause: float = 3.0) -> Daemon:
-        """Stop netswapd with `sig`, wait `pause` seconds, start it again on the same config
-        and state; the old log is kept beside the new one."""
-        old = self.daemon
+    def stop_daemon(self, sig: int = signal.SIGTERM, server: int = 0) -> None:
+        """Stop server `server`'s netswapd with `sig`; its log is kept under a new name."""
+        old = self.daemons[server]
         old.stop(sig)
         self._restarts += 1
-        old.log_path.rename(old.log_path.with_name(f"netswapd.{self._restarts}.log"))
-        self._check_log(old.log_path.with_name(f"netswapd.{self._restarts}.log").read_text())
-        time.sleep(pause)
-        self.daemon = self._start()
-        return self.daemon
+        kept = old.log_path.with_name(f"netswapd.{self._restarts}.log")
+        old.log_path.rename(kept)
+        self._check_log(kept.read_text())
 
-    def ctl(self, *argv: str) -> str:
-        """netswapctl against the running daemon's control socket."""
-        control = self.daemon.config_path.parent / "control.sock"
+    def restart_daemon(self, sig: int = signal.SIGTERM, pause: float = 3.0,
+                       server: int = 0) -> Daemon:
+        """Stop netswapd with `sig`, wait `pause` seconds, start it again on the same config
+        and state; the old log is kept beside the new one."""
+        self.stop_daemon(sig, server)
+        time.sleep(pause)
+        return self.start_again(server)
+
+    def ctl(self, *argv: str, server: int = 0) -> str:
+        """netswapctl against a running daemon's control socket."""
+        control = self.daemons[server].config_path.parent / "control.sock"
         done = subprocess.run([sys.executable, "-m", "netswap.ctl", "--socket", str(control),
                                *argv], capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
@@ -144,11 +162,12 @@ class Lab:
         try:
             for node in self.nodes.values():
                 node.kill()
-            if self.daemon is not None and self.daemon.process.poll() is None:
-                code = self.daemon.stop()
-                log = self.daemon.log()
-                self._check_log(log)
-                assert code == 0, log[-5000:]
+            for daemon in self.daemons.values():
+                if daemon.process.poll() is None:
+                    code = daemon.stop()
+                    log = daemon.log()
+                    self._check_log(log)
+                    assert code == 0, log[-5000:]
         finally:
             self.lan.close()
 

@@ -21,19 +21,22 @@ _names = itertools.count()
 
 
 class Lan:
-    """10.77.0.0/24 inside a namespace: the server is .1, node i is .(10 + i)."""
+    """10.77.0.0/24 inside a namespace: server i is .(1 + i) (`server` is the first), node i
+    is .(10 + i)."""
 
     prefix = "10.77.0"
     server = "10.77.0.1"
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, servers: int = 1) -> None:
         self.name = f"nsw-node-{os.getpid()}-{next(_names)}"
+        self.servers = [f"{self.prefix}.{1 + index}" for index in range(servers)]
         self.taps = [f"tap{index}" for index in range(nodes)]
         _ip("netns", "add", self.name)
         try:
             _ip("-n", self.name, "link", "set", "lo", "up")
             _ip("-n", self.name, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.name, "addr", "add", f"{self.server}/24", "dev", "br0")
+            for server in self.servers:
+                _ip("-n", self.name, "addr", "add", f"{server}/24", "dev", "br0")
             _ip("-n", self.name, "link", "set", "br0", "up")
             for tap in self.taps:
                 _ip("-n", self.name, "tuntap", "add", "dev", tap, "mode", "tap")

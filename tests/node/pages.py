@@ -69,11 +69,15 @@ def main() -> int:
     area = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     started = time.monotonic()
     step = max(1, pages // 10)
+    stall = 0.0  # the longest one page took: what a server's absence cost the workload
     for index in range(pages):
+        before = time.monotonic()
         area[index * PAGE:(index + 1) * PAGE] = stamp(key, index)
+        stall = max(stall, time.monotonic() - before)
         if index % step == step - 1:
             print(f"progress {100 * (index + 1) // pages}", flush=True)
     print(f"written {args.size_mib} MiB in {time.monotonic() - started:.1f} s", flush=True)
+    print(f"longest page write: {stall:.2f} s", flush=True)
     # The oldest half of the pages is the most likely to be out; each probe takes its own.
     candidates = random.Random(pages).sample(range(pages // 2), len(args.probe) * PROBE_PAGES)
     for number, label in enumerate(args.probe):
@@ -83,9 +87,15 @@ def main() -> int:
     total_bad = 0
     for round_ in range(args.rounds):
         started = time.monotonic()
-        bad = sum(area[i * PAGE:(i + 1) * PAGE] != stamp(key, i) for i in range(pages))
+        bad = 0
+        stall = 0.0
+        for index in range(pages):
+            before = time.monotonic()
+            bad += area[index * PAGE:(index + 1) * PAGE] != stamp(key, index)
+            stall = max(stall, time.monotonic() - before)
         total_bad += bad
         print(f"checked in {time.monotonic() - started:.1f} s", flush=True)
+        print(f"longest page read: {stall:.2f} s", flush=True)
         print(f"bad pages: {bad}", flush=True)
     return 1 if total_bad else 0
 

@@ -31,7 +31,10 @@ JOB = "/run/job"  # the job share on the node
 
 # `hold NAME` in a node's script: say so on the console and wait for Node.release(NAME), so a
 # test can act on the server (restart it, read its status) at a known point of the node's run.
-HOLD = f"""hold() {{ echo "hold $1"; while [ ! -e "{JOB}/release-$1" ]; do sleep 0.2; done; }}
+# `await_release NAME` waits for the same release without saying so: for a script that goes on
+# together with a workload's own `hold NAME`.
+HOLD = f"""await_release() {{ while [ ! -e "{JOB}/release-$1" ]; do sleep 0.2; done; }}
+hold() {{ echo "hold $1"; await_release "$1"; }}
 """
 
 

@@ -50,7 +50,9 @@ EXIT_DEVICE_FAILED = 4
 EXIT_AREA_GONE = 5
 
 HANDSHAKE_TIMEOUT = 10.0
-BACKOFF = (0.5, 1.0, 2.0, 4.0, 5.0)  # seconds between reconnect tries, the last repeated
+# Seconds between reconnect tries, the last repeated: a restarting netswapd is back within
+# seconds, and every second of waiting is a second the node's swap I/O is held.
+BACKOFF = (0.5, 1.0, 1.0, 1.0, 2.0, 2.0, 5.0)
 # The kernel marks a socket dead when its receive fails; the agent's copy may see the hang-up
 # first. A RECONFIGURE answered ENOSPC that soon after a hang-up is retried, not believed.
 HANGUP_GRACE = 15.0
@@ -102,7 +104,8 @@ class NbdAgent:
         except AgentExit as done:
             (log.info if done.code == EXIT_DETACHED else log.critical)("%s", done)
             self._save(state="detached" if done.code == EXIT_DETACHED else "failed",
-                       last_error=None if done.code == EXIT_DETACHED else str(done))
+                       last_error=None if done.code == EXIT_DETACHED else str(done),
+                       exit_code=done.code)
             return done.code
 
     def _on_stop_signal(self, signum, frame) -> None:
@@ -133,12 +136,12 @@ class NbdAgent:
         if self.config.connections > 1 and not export.transmission_flags & C.TFLAG_CAN_MULTI_CONN:
             raise AgentExit(EXIT_NO_SERVER, f"{host}:{port} does not allow several connections "
                                             "to one export (no CAN_MULTI_CONN)")
-        identifier = f"netswap:{host}:{port}/{export_name(self.config.name)}"
+        identifier = (f"netswap:{host}:{port}/{export_name(self.config.name)}"
+                      if self.netlink.has_backend_identifier else None)
         index = self.netlink.connect(
             [sock.fileno() for sock, _ in sockets], size=export.size, block_size=PAGE,
             server_flags=export.transmission_flags, timeout=int(self.config.io_timeout),
-            dead_conn_timeout=int(self.config.dead_conn_timeout),
-            backend_identifier=identifier if self.netlink.has_backend_identifier else None)
+            dead_conn_timeout=int(self.config.dead_conn_timeout), backend_identifier=identifier)
         device = f"/dev/nbd{index}"
         for sock, _ in sockets:
             self._keep_copy(sock)
@@ -148,11 +151,12 @@ class NbdAgent:
         if area is None:
             raise AgentExit(EXIT_AREA_GONE, f"{device}: no swap header after mkswap")
         _run("swapon", "-p", str(self.config.priority), device)
-        self.state = dict(pid=os.getpid(), protocol="nbd", name=self.config.name,
+        self.state = dict(self.state, pid=os.getpid(), protocol="nbd", name=self.config.name,
                           server=f"{host}:{port}", host=host, port=port, index=index,
                           device=device, export=export_name(self.config.name),
                           uuid=str(area), size=export.size, connections=len(sockets),
                           alive=len(sockets), reconnects=0, last_error=None, state="attached",
+                          backend_identifier=identifier,
                           dead_conn_timeout=self.config.dead_conn_timeout)
         self._save()
         log.info("attached %s of %s as %s: %d bytes, %d connection(s), swap area %s, "
@@ -171,8 +175,9 @@ class NbdAgent:
             return False
         if node_state.agent_alive(previous):
             raise AgentExit(1, f"another agent (pid {previous['pid']}) tends {previous['device']}")
-        self.state = dict(previous, pid=os.getpid())
-        self.state["alive"] = 0  # unknown: the probe below finds how many slots are dead
+        self.state = dict(previous, pid=os.getpid(),
+                          min_free_kbytes_baseline=self.state.get("min_free_kbytes_baseline"))
+        self.state["alive"] = 1  # at least: the device is connected; the probe fills the rest
         log.info("adopted %s (%s of %s, swap area %s)", previous["device"], previous["export"],
                  previous["server"], previous["uuid"])
         self._save()
@@ -230,51 +235,44 @@ class NbdAgent:
         poller.register(listener.fileno(), select.POLLIN)
         watched: set[int] = set()
         last_hangup = 0.0
-        dead_since: float | None = None
         while True:
             for fd in set(self._copies) - watched:
                 poller.register(fd, select.POLLRDHUP)
                 watched.add(fd)
             if self._stopping:
                 self._detach()
-            dead = 0
+            # A dying socket is seen twice, as LINK_DEAD and as a hang-up of our copy (when we
+            # have one: not for sockets an earlier agent brought): act on the larger count.
+            linked_dead = hung_up = 0
             for fd, events in poller.poll(1000):
                 if fd == self._wakeup_r.fileno():
                     _drain(self._wakeup_r)
                 elif fd == listener.fileno():
-                    dead += listener.read().count(self.state["index"])
+                    linked_dead += listener.read().count(self.state["index"])
                 elif events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                     poller.unregister(fd)
                     watched.discard(fd)
                     self._copies.pop(fd).close()
+                    hung_up += 1
                     last_hangup = time.monotonic()
+            dead = max(linked_dead, hung_up)
             if dead:
                 log.warning("%s: %d connection(s) to %s died", self.state["device"], dead,
                             self.state["server"])
-            lost = self.state["connections"] - len(self._copies)
-            if dead or (lost and time.monotonic() - last_hangup < 1.5):
-                alive = len(self._copies)
-                self.state["alive"] = alive
-                if alive == 0 and dead_since is None:
-                    dead_since = time.monotonic()
-                self._reconnect(max(dead, lost), reason="connection lost",
-                                dead_since=dead_since, hung_up_at=last_hangup)
-                if self._copies:
-                    dead_since = None
+                self.state["alive"] = max(0, self.state["alive"] - dead)
+                self._reconnect(dead, reason="connection lost", hung_up_at=last_hangup)
 
-    def _reconnect(self, wanted: int, reason: str, dead_since: float | None = None,
-                   hung_up_at: float = 0.0) -> None:
+    def _reconnect(self, wanted: int, reason: str, hung_up_at: float = 0.0) -> None:
         """Bring new sockets until `wanted` dead slots are filled or the kernel has none."""
         host, port = self.state["host"], self.state["port"]
         self._save(state="reconnecting")
-        started = time.monotonic()
-        dead_since = dead_since if dead_since is not None else started
+        dead_since = time.monotonic()
         tries = 0
         while wanted > 0:
             if self._stopping:
                 self._detach()
             waited = time.monotonic() - dead_since
-            if not self._copies and waited > self.config.dead_conn_timeout:
+            if self.state["alive"] == 0 and waited > self.config.dead_conn_timeout:
                 raise AgentExit(EXIT_DEVICE_FAILED,
                                 f"{self.state['device']}: {self.state['server']} away for "
                                 f"{waited:.0f} s, longer than the dead-connection timeout "
@@ -285,6 +283,10 @@ class NbdAgent:
                 sock, export = self._open_socket(host, port)
             except (OSError, OptionRefused, ProtocolError) as exc:
                 delay = BACKOFF[min(tries - 1, len(BACKOFF) - 1)]
+                if self.state["alive"] == 0:
+                    # Wake at the kernel's own deadline, to say at once what it just did.
+                    left = dead_since + self.config.dead_conn_timeout - time.monotonic()
+                    delay = max(0.05, min(delay, left + 0.05))
                 log.warning("reconnect try %d to %s:%d (%s): %s; next in %.1f s", tries, host,
                             port, reason, exc, delay)
                 self.state["last_error"] = f"reconnect: {exc}"
@@ -295,15 +297,16 @@ class NbdAgent:
                 # The device's TIMEOUT tells netlink.reconfigure whether the kernel took the
                 # socket (it answers 0 also when no dead slot was left: see there).
                 self.netlink.reconfigure(self.state["index"], [sock.fileno()],
-                                         timeout=int(self.config.io_timeout))
+                                         timeout=int(self.config.io_timeout),
+                                         backend_identifier=self.state.get("backend_identifier"))
             except AreaGone as gone:
                 sock.close()
                 self._fail_device(str(gone))
             except (OSError, ProtocolError) as exc:
                 sock.close()
                 if getattr(exc, "errno", None) == errno.ENOSPC:
-                    if time.monotonic() - hung_up_at < HANGUP_GRACE and not self._copies_full():
-                        self._sleep(0.2)  # the kernel has not marked it dead yet
+                    if time.monotonic() - hung_up_at < HANGUP_GRACE and tries < 50:
+                        self._sleep(0.2)  # our copy saw the hang-up before the kernel did
                         continue
                     break  # no dead slot left: every connection is alive
                 log.warning("reconnect try %d to %s:%d: %s", tries, host, port, exc)
@@ -311,15 +314,13 @@ class NbdAgent:
                 continue
             self._keep_copy(sock)
             wanted -= 1
+            self.state["alive"] = min(self.state["connections"], self.state["alive"] + 1)
             self.state["reconnects"] += 1
             log.info("%s: new connection to %s brought in (%s, try %d, %.1f s after the "
                      "loss)", self.state["device"], self.state["server"], reason, tries,
                      time.monotonic() - dead_since)
-        self.state["alive"] = len(self._copies) if reason != "adopted" else self.state["connections"]
-        self._save(state="attached", last_error=None)
-
-    def _copies_full(self) -> bool:
-        return len(self._copies) >= self.state["connections"]
+        # Every dead slot filled, or the kernel had none left: all connections are alive.
+        self._save(state="attached", alive=self.state["connections"], last_error=None)
 
     def _sleep(self, seconds: float) -> None:
         select.select([self._wakeup_r], [], [], seconds)

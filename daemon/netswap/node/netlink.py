@@ -199,7 +199,8 @@ class NbdNetlink(_Closing):
         return index
 
     def reconfigure(self, index: int, sockets: list[int] = (),
-                    dead_conn_timeout: int | None = None, timeout: int | None = None) -> None:
+                    dead_conn_timeout: int | None = None, timeout: int | None = None,
+                    backend_identifier: str | None = None) -> None:
         """Put each socket in place of a dead connection of device `index`; set timeouts.
 
         Raises NbdNetlinkError ENOSPC when a socket found no dead connection to replace. The
@@ -210,6 +211,10 @@ class NbdNetlink(_Closing):
         `timeout` is passed, else assumed nonzero.
         """
         attrs = [["NBD_ATTR_INDEX", index]]
+        if backend_identifier is not None:
+            # A device connected with one must be reconfigured with the same ("must specify
+            # backend" otherwise): the kernel's check that a new socket serves the same image.
+            attrs.append(["NBD_ATTR_BACKEND_IDENTIFIER", backend_identifier])
         if timeout is not None:
             attrs.append(["NBD_ATTR_TIMEOUT", timeout])
             self._timeouts[index] = timeout
