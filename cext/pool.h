@@ -7,6 +7,12 @@
  * reclaim) once the pool is up.  Allocations are identified by their byte
  * offset in the arena; the Python side maps an offset to a memoryview slice.
  *
+ * The arena is faulted in by prefault threads, in 2 MiB chunks (a transparent
+ * huge page each where the system allows), and a chunk joins the allocator
+ * only once it is faulted in and locked: no block is ever handed out that a
+ * first access would fault.  pool_create waits for them, or with `background`
+ * returns at once, the pool then growing from 0 to its size as they go.
+ *
  * All functions are thread-safe.  They are called with the GIL released, so
  * the pool's own mutex is what serialises Python threads here.
  *
@@ -43,6 +49,9 @@
  * (64 bytes a group, 1 MiB in all). */
 #define POOL_MAX_GROUPS 16384
 
+/* Most prefault threads a pool starts. */
+#define POOL_MAX_PREFAULT_THREADS 64
+
 enum pool_lock_mode {
     POOL_LOCK_OFF = 0,         /* never mlock (tests, unprivileged runs) */
     POOL_LOCK_BEST_EFFORT = 1, /* try; an unlocked pool is still usable */
@@ -78,17 +87,47 @@ struct pool_group_stats {
     uint64_t connected;        /* 1 while its reservation is part of the watermark */
 };
 
+/* Where the prefault is (see pool_prefault_stats). */
+struct pool_prefault_stats {
+    uint64_t faulted_bytes; /* of the arena faulted in (and locked) and given to the allocator */
+    uint64_t running;       /* prefault threads still going; 0 once it ended */
+    int64_t elapsed_ns;     /* since the prefault started, until it ended */
+};
+
 struct pool;
 
 /*
- * Map an arena of `size` bytes (rounded up to POOL_BLOCK_SIZE), prefault it
- * and lock it per `lock_mode`, together with the allocator's own metadata
- * (about 0.3% of `size`, plus the group table).  On success returns the pool; *lock_errno is 0
- * if the arena is locked or locking was off, else the mlock errno (best-effort
- * mode).  On failure returns NULL with errno set; if the failure was the
- * mlock required by POOL_LOCK_REQUIRED, *lock_errno holds that errno too.
+ * Map an arena of `size` bytes (rounded up to POOL_BLOCK_SIZE) and lock it
+ * per `lock_mode`, together with the allocator's own metadata (about 0.3% of
+ * `size`, plus the group table, faulted in at once).  The lock is checked
+ * against RLIMIT_MEMLOCK for the whole arena here; its pages are locked as
+ * they are faulted in.  Then `prefault_threads` threads (at least 1, at most
+ * POOL_MAX_PREFAULT_THREADS) fault the arena in, a write to every page (so,
+ * as any first write, memory short enough fails with the OOM killer, not an
+ * error); without `background` pool_create waits for them.  With
+ * `background` it returns at once: until the arena is faulted in, the
+ * pool behaves as if it were as large as what is faulted in so far (an
+ * allocation waits or fails, a connect says EAGAIN); see pool_prefault_wait.
+ * On success returns the pool; *lock_errno is 0 if the arena is locked or
+ * locking was off, else the mlock errno (best-effort mode).  On failure
+ * returns NULL with errno set; if the failure was the mlock required by
+ * POOL_LOCK_REQUIRED, *lock_errno holds that errno too.
  */
-struct pool *pool_create(size_t size, int lock_mode, int *lock_errno);
+struct pool *pool_create(size_t size, int lock_mode, unsigned prefault_threads, int background,
+                         int *lock_errno);
+
+/*
+ * Wait until at least `bytes` of the arena (capped at its size) are faulted
+ * in.  Returns 0, or -1 with errno ETIMEDOUT (timeout_ns as for pool_alloc)
+ * or ESHUTDOWN (closed).
+ */
+int pool_prefault_wait(struct pool *pool, uint64_t bytes, int64_t timeout_ns);
+
+/* Wait for the prefault to end and join its threads.  Returns 0 if the whole
+ * arena is faulted in, else -1 with errno ESHUTDOWN (closed first). */
+int pool_prefault_join(struct pool *pool);
+
+void pool_prefault_stats(struct pool *pool, struct pool_prefault_stats *out);
 
 /*
  * Unmap the arena.  Refused with EBUSY while any block is allocated.  Threads
@@ -143,9 +182,18 @@ int pool_set_min_normal(struct pool *pool, uint64_t bytes);
 int pool_group_create(struct pool *pool, uint64_t reservation);
 
 /* Add the group's reservation to the watermark.  Returns 0 (also if already
- * connected), or -1 with errno EINVAL (no such group), ESHUTDOWN, or ENOSPC
- * if watermark + reservation > size - min_normal: the pool cannot cover it. */
+ * connected), or -1 with errno EINVAL (no such group), ESHUTDOWN, ENOSPC
+ * if watermark + reservation > size - min_normal: the pool cannot cover it,
+ * EAGAIN while the prefault has not got far enough to back it: neither the
+ * free bytes faulted in cover watermark + reservation, nor min_normal +
+ * watermark + reservation are faulted in (pool_group_wait_backed waits for
+ * that). */
 int pool_group_connect(struct pool *pool, int id);
+
+/* Wait until pool_group_connect would not say EAGAIN for this group (it may
+ * still say ENOSPC).  Returns 0, or -1 with errno EINVAL (no such group),
+ * ESHUTDOWN or ETIMEDOUT (timeout_ns as for pool_alloc). */
+int pool_group_wait_backed(struct pool *pool, int id, int64_t timeout_ns);
 
 /* Take the reservation out of the watermark; its blocks in use stay charged
  * until freed, but it gets no new reserve blocks.  Returns 0 (also if not
@@ -166,6 +214,7 @@ void pool_get_stats(struct pool *pool, struct pool_stats *out);
 void *pool_base(const struct pool *pool);
 size_t pool_size(const struct pool *pool);
 size_t pool_max_alloc(const struct pool *pool);
+/* Bytes of the arena locked in RAM: faulted in, if the arena is locked. */
 size_t pool_locked_bytes(struct pool *pool);
 
 #endif /* NETSWAP_POOL_H */

@@ -1,9 +1,12 @@
 """Assembles the daemon: config -> protection -> reserve tree -> pool -> exports -> server.
 
 Order matters: the process is protected (mlockall, OOM score, IO_FLUSHER) and the pool is
-sized from the reserve tree and locked before anything listens, so a node can never attach
-to a daemon whose reserve is not in place; the listeners come last, so a failure to bind
-leaves nothing half-started. Everything started is registered on one ExitStack, so every
+sized from the reserve tree, mapped and locked before anything listens; the listeners come
+last, so a failure to bind leaves nothing half-started. Faulting the pool in takes seconds
+per GiB, so it runs in the background and the daemon listens at once: the pool hands out only
+memory already faulted in and locked, and a node's attach waits until its reserve is backed
+by memory faulted in (PoolGroup.connect), so a node can never attach to a daemon whose
+reserve is not in place. Everything started is registered on one ExitStack, so every
 way out (a start-up failure or a signal) undoes exactly what was done, in reverse.
 """
 
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 
 from . import __version__
@@ -33,7 +37,7 @@ from .operations import Operations
 from .pressure import PressureMonitor
 from .protect import ProtectError, protect_process
 from .reload import plan_reload
-from .reserve.pool import LockError, Pool
+from .reserve.pool import LockError, Pool, PoolError
 from .reserve.tree import build_tree, pool_size, render
 from .systemd import Notifier
 
@@ -100,14 +104,19 @@ class Daemon:
         self.tree = build_tree(config)
         try:
             self.pool = Pool(pool_size(config, self.tree), lock=config.pool.lock,
-                             min_normal=config.pool.normal_budget)
+                             min_normal=config.pool.normal_budget, background=True)
         except ConfigError as exc:
             raise StartError(str(exc)) from exc
         except LockError as exc:
             raise StartError(f"pool.lock = {config.pool.lock!r}: {exc}") from exc
-        log.info("pool: %d bytes, %s; reserve tree:\n%s", self.pool.size,
-                 "locked" if self.pool.locked else "NOT locked",
+        except PoolError as exc:
+            raise StartError(str(exc)) from exc
+        log.info("pool: %d bytes, %s; prefaulting it in the background; reserve tree:\n%s",
+                 self.pool.size, "locked" if self.pool.lock_applied else "NOT locked",
                  render(self.tree, with_usage=False))
+        prefault = threading.Thread(target=self._watch_prefault, name="pool-prefault",
+                                    daemon=True)
+        prefault.start()
 
         os.makedirs(config.daemon.state_dir, mode=0o700, exist_ok=True)
         try:
@@ -127,6 +136,7 @@ class Daemon:
                 raise StartError(f"network.shape on {config.network.interface!r}: {exc}") from exc
             undo.callback(shaper.remove)
 
+        # Connects the unrouted group: waits until the pool has faulted in enough to back it.
         self.lifecycle = Lifecycle(self.pool, self.tree, config, self.counters)
         undo.callback(self.lifecycle.close)
         self._wipe_at_start()
@@ -183,6 +193,14 @@ class Daemon:
         interval = self.notifier.watchdog_interval or 0
         self.notifier.start_watchdog(lambda: self.server.healthy(interval / 2))
         undo.callback(self.notifier.stop_watchdog)
+
+    def _watch_prefault(self) -> None:
+        """Log the end of the pool's prefault (the pool is never closed while the daemon
+        runs)."""
+        self.pool.wait_prefaulted()
+        stats = self.pool.prefault_stats()
+        log.info("pool: %d bytes faulted in%s in %.2f s", self.pool.size,
+                 " and locked" if self.pool.locked else "", stats["elapsed_ns"] / 1e9)
 
     def _start_nfs(self, config) -> "NfsService":
         try:

@@ -192,6 +192,9 @@ class NetswapCollector:
         gauges = [
             ("netswap_pool_size_bytes", "Bytes in the request-memory pool.", pool.size),
             ("netswap_pool_locked_bytes", "Bytes of the pool locked in RAM.", pool.locked_bytes),
+            ("netswap_pool_faulted_bytes",
+             "Pool bytes faulted in, which allocations may use (the size once the start-up "
+             "prefault is done).", pool.faulted_bytes),
             ("netswap_pool_free_bytes", "Pool bytes not allocated.", stats["free_bytes"]),
             ("netswap_pool_watermark_bytes",
              "Free bytes normal allocations may not go below (attached nodes' reserves).",

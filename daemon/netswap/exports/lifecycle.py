@@ -3,7 +3,9 @@
 Attaching a connection to a swap export is the seed's swapon: the node's reservation groups
 (request buffers and receive windows) are created in the pool and connected, which raises
 the pool's watermark by their reservation, or the attach is refused if the pool cannot
-cover it. Every connection of a node shares the node's groups. When the node's last
+cover it. While the pool is still being faulted in (the first seconds after a start), the
+attach waits until the pool has faulted in enough to back the reservation. Every connection
+of a node shares the node's groups. When the node's last
 connection closes, its reservation stays connected for `swap.detach_grace` (a node
 reconnecting after a network blip must find its reserve still there); then it is
 disconnected and the watermark lowered: the seed's swapoff.

@@ -5,6 +5,12 @@ carved by the C buddy allocator in cext/pool.c.  Serving a request then never
 touches the heap, so it cannot fault or push the host into reclaim while the
 host may itself be short of memory.
 
+The prefault (faulting in gigabytes takes seconds) can run in the background
+(``background=True``, what the daemon does): the pool then hands out only
+memory already faulted in and locked, as if it were as large as what is
+faulted in so far, and a group's connect waits until its reservation is
+backed (see PoolGroup.connect).
+
 A Buffer is a writable memoryview slice of the arena; hand it to
 ``socket.recv_into``, ``os.preadv``/``os.pwritev`` and ``socket.sendmsg``
 directly, and release it once the reply is sent.
@@ -24,6 +30,7 @@ import logging
 import operator
 import os
 import threading
+import time
 
 from netswap._pool import ffi, lib
 
@@ -35,6 +42,13 @@ _LOCK_MODES = {
     "required": lib.POOL_LOCK_REQUIRED,
 }
 _STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct pool_stats").fields)
+_PREFAULT_FIELDS = tuple(name for name, _ in ffi.typeof("struct pool_prefault_stats").fields)
+# Prefault threads by default: faulting in is mostly the kernel zeroing pages, which scales
+# with cores until memory bandwidth runs out (with huge pages one thread nearly gets there),
+# and one core is left to the daemon starting meanwhile. Measured on 2 vCPUs, 4 GiB:
+# huge pages 0.57 s with 1 thread, 0.51 s with 2; 4 KiB pages 2.4 s and 1.8 s
+# (bench/RESULTS.md).
+DEFAULT_PREFAULT_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
 _GROUP_STAT_FIELDS = tuple(name for name, _ in ffi.typeof("struct pool_group_stats").fields)
 _MAX_TIMEOUT_NS = 2**63 - 1
 # Module constants: a global is cheaper than the attribute lookups they stand
@@ -116,12 +130,17 @@ class Pool:
     or log a warning and run unlocked) or "off".  ``min_normal`` is the
     normal budget that connecting groups may never take: a connect that would
     raise the watermark above ``size - min_normal`` raises ReserveError.
+
+    ``prefault_threads`` threads fault the arena in.  The constructor waits
+    for them, unless ``background``: then it returns at once and the pool
+    grows, from nothing, as they go; ``wait_prefaulted`` waits for the end.
     """
 
     block_size: int = lib.POOL_BLOCK_SIZE
     max_groups: int = lib.POOL_MAX_GROUPS
 
-    def __init__(self, size: int, lock: str = "required", *, min_normal: int = 0):
+    def __init__(self, size: int, lock: str = "required", *, min_normal: int = 0,
+                 background: bool = False, prefault_threads: int | None = None):
         size = operator.index(size)
         min_normal = operator.index(min_normal)
         if size <= 0:
@@ -133,8 +152,14 @@ class Pool:
         except KeyError:
             raise ValueError(f"lock must be one of {', '.join(_LOCK_MODES)}, not {lock!r}") from None
 
+        if prefault_threads is None:
+            prefault_threads = DEFAULT_PREFAULT_THREADS
+        if not 1 <= prefault_threads <= lib.POOL_MAX_PREFAULT_THREADS:
+            raise ValueError(f"prefault_threads must be in 1..{lib.POOL_MAX_PREFAULT_THREADS}, "
+                             f"not {prefault_threads}")
+
         lock_errno = ffi.new("int *")
-        handle = lib.pool_create(size, lock_mode, lock_errno)
+        handle = lib.pool_create(size, lock_mode, prefault_threads, bool(background), lock_errno)
         if handle == ffi.NULL:
             create_errno = ffi.errno
             if lock_errno[0]:
@@ -144,6 +169,8 @@ class Pool:
         self._handle = ffi.gc(handle, lib.pool_destroy)
         self.size: int = lib.pool_size(handle)
         self.max_alloc: int = lib.pool_max_alloc(handle)
+        # The arena is locked (on fault: page by page as the prefault faults it in).
+        self.lock_applied: bool = lock_mode != lib.POOL_LOCK_OFF and not lock_errno[0]
         if lock_errno[0]:
             log.warning("running with an unlocked pool: %s", _lock_failure(self.size, lock_errno[0]))
         # One view for the arena's lifetime; a Buffer's view is a slice of it,
@@ -159,11 +186,41 @@ class Pool:
 
     @property
     def locked_bytes(self) -> int:
+        """Bytes of the arena locked in RAM (faulted in so far, if the arena is locked)."""
         return lib.pool_locked_bytes(self._handle)
 
     @property
     def locked(self) -> bool:
+        """Is all of the arena faulted in and locked?"""
         return self.locked_bytes == self.size
+
+    def prefault_stats(self) -> dict[str, int]:
+        """Where the prefault is: ``faulted_bytes`` (given to the allocator so far),
+        ``running`` (threads still at it, 0 once it ended) and ``elapsed_ns`` (since it
+        started, until it ended)."""
+        snapshot = ffi.new("struct pool_prefault_stats *")
+        lib.pool_prefault_stats(self._handle, snapshot)
+        return {name: getattr(snapshot, name) for name in _PREFAULT_FIELDS}
+
+    @property
+    def faulted_bytes(self) -> int:
+        return self.prefault_stats()["faulted_bytes"]
+
+    def wait_faulted(self, nbytes: int, timeout: float | None = None) -> bool:
+        """Wait until ``nbytes`` of the arena (at most its size) are faulted in.  True once
+        they are; False on timeout.  Raises PoolError if the pool is closed first."""
+        if lib.pool_prefault_wait(self._handle, min(max(nbytes, 0), self.size),
+                                  _timeout_ns(timeout)) == 0:
+            return True
+        if ffi.errno == errno.ETIMEDOUT:
+            return False
+        raise PoolError("pool is closed")
+
+    def wait_prefaulted(self) -> None:
+        """Wait for the prefault to end (and join its threads).  Raises PoolError if the pool
+        was closed before the whole arena was faulted in."""
+        if lib.pool_prefault_join(self._handle) != 0:
+            raise PoolError("pool is closed")
 
     @property
     def watermark(self) -> int:
@@ -208,14 +265,7 @@ class Pool:
         """
         if not 0 < size <= self.max_alloc:
             raise ValueError(f"allocation size must be in 1..{self.max_alloc}, not {size}")
-        if timeout == 0:
-            timeout_ns = 0
-        elif timeout is None:
-            timeout_ns = -1
-        elif timeout > 0:
-            timeout_ns = min(max(int(timeout * 1e9), 1), _MAX_TIMEOUT_NS)
-        else:
-            raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
+        timeout_ns = _timeout_ns(timeout)
         if emergency and group is not None:
             if group._pool is not self:
                 raise ValueError(f"{group!r} belongs to another pool")
@@ -298,20 +348,41 @@ class PoolGroup:
         self._pool = pool
         self._destroyed = False
 
-    def connect(self) -> None:
+    def connect(self, timeout: float | None = None) -> None:
         """Raise the pool's watermark by the reservation; no-op if connected.
 
         Raises ReserveError if the pool cannot cover it (watermark +
-        reservation > size - min_normal).
+        reservation > size - min_normal).  While the pool is still being faulted
+        in, first waits until the reservation is backed (the free memory faulted
+        in covers the new watermark, or min_normal + the new watermark are
+        faulted in), up to ``timeout`` seconds (None: as long as the prefault
+        takes); raises ReserveError if it is not backed by then.
         """
         pool = self._pool
-        with pool._membership:
-            if lib.pool_group_connect(pool._handle, self.id) == 0:
-                return
-            err = ffi.errno
-            if err != errno.ENOSPC:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with pool._membership:
+                if lib.pool_group_connect(pool._handle, self.id) == 0:
+                    return
+                err = ffi.errno
+                if err == errno.ENOSPC:
+                    watermark = pool.watermark
+                    break
+            if err != errno.EAGAIN:
                 self._raise(err, "connect")
-            watermark = pool.watermark
+            # Outside the lock: other groups may connect and disconnect meanwhile.
+            log.debug("group %d waits for the pool to back its %d-byte reservation (prefault "
+                      "at %d of %d bytes)", self.id, self.reservation, pool.faulted_bytes,
+                      pool.size)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if lib.pool_group_wait_backed(pool._handle, self.id, _timeout_ns(left)) != 0:
+                err = ffi.errno
+                if err == errno.ETIMEDOUT:
+                    raise ReserveError(
+                        f"the {self.reservation}-byte reservation of group {self.id} is not "
+                        f"backed after {timeout} s: the pool has faulted in "
+                        f"{pool.faulted_bytes} of {pool.size} bytes")
+                self._raise(err, "connect")
         raise ReserveError(
             f"cannot reserve {self.reservation} bytes for group {self.id}: watermark "
             f"{watermark} + {self.reservation} = {watermark + self.reservation} > pool size "
@@ -363,6 +434,17 @@ class PoolGroup:
     def __repr__(self) -> str:
         state = "destroyed" if self._destroyed else "live"
         return f"<PoolGroup id={self.id} reservation={self.reservation} {state}>"
+
+
+def _timeout_ns(timeout: float | None) -> int:
+    """A timeout in seconds (0: none, None: forever) as the C pool takes it."""
+    if timeout == 0:
+        return 0
+    if timeout is None:
+        return -1
+    if timeout > 0:
+        return min(max(int(timeout * 1e9), 1), _MAX_TIMEOUT_NS)
+    raise ValueError(f"timeout must be >= 0 or None, not {timeout}")
 
 
 def _round_up(size: int, multiple: int) -> int:
