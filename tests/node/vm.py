@@ -24,6 +24,11 @@ MiB = 1 << 20
 # A node of 144 MiB has about 91 MiB once its kernel has taken its share: small enough that a
 # TCG node swaps four times its memory in well under a minute, big enough for python.
 NODE_MEMORY = 144 * MiB
+# A node whose console says nothing for this long while a test waits for it is taken as hung:
+# its workload prints a line every 10 % and its longest quiet stretch measured here (a swapoff
+# reading 400 MiB back over NFS) is under a minute. Not a timing check: a node stopped dead
+# (a memory deadlock) fails in minutes instead of at the test's whole hang guard.
+SILENCE_LIMIT = 300  # seconds
 REPO = Path(__file__).resolve().parents[2]  # the checkout under test: the node sees it too
 if any(c.isspace() or c == "," for c in str(REPO)):
     raise RuntimeError(f"{REPO}: a node cannot mount a checkout whose path has spaces or commas")
@@ -111,16 +116,24 @@ class Node:
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
         """The first match of `pattern` on the console, waiting up to `timeout` seconds for it;
         NodeTimeout (with the console) if it does not come or the node stops first."""
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline, spoke, said = now + timeout, now, 0
         regex = re.compile(pattern, re.MULTILINE)
         while True:
-            found = regex.search(self.console())
+            console = self.console()
+            found = regex.search(console)
             if found:
                 return found
             if self.process.poll() is not None:
                 raise NodeTimeout(f"node {self.name} stopped before {pattern!r}:\n"
                                   f"{self.result()}")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if len(console) != said:
+                spoke, said = now, len(console)
+            elif now - spoke > SILENCE_LIMIT:
+                raise NodeTimeout(f"node {self.name} silent for {SILENCE_LIMIT} s while waiting "
+                                  f"for {pattern!r} (hung?):\n{self.result()}")
+            if now > deadline:
                 raise NodeTimeout(f"no {pattern!r} from node {self.name} in {timeout:.0f} s:\n"
                                   f"{self.result()}")
             time.sleep(0.2)
