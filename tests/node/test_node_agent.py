@@ -109,7 +109,8 @@ exit $status
     lab.restart_daemon(signal.SIGKILL, pause=3.0)
     nodes["agent"].held("agent-kill", HANG_GUARD)
     nodes["agent"].release("agent-kill")
-    nodes["agent"].wait_for(r"adopted /dev/nbd\d+", HANG_GUARD)
+    # Adopted, and the probe that looked for dead slots is closed: the node has its two.
+    nodes["agent"].wait_for(r"/dev/nbd\d+: adopted, 2 of 2 connection", HANG_GUARD)
     nodes["agent"].held("cut", HANG_GUARD)
     port = kill_one_connection(lab, lab.address("agent"))
     nodes["agent"].wait_for(r"new connection to .* brought in \(connection lost", HANG_GUARD)

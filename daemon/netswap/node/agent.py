@@ -183,6 +183,8 @@ class NbdAgent:
         self._save()
         # Connections may have died while no agent watched: fill every dead slot there is.
         self._reconnect(self.state["connections"], reason="adopted")
+        log.info("%s: adopted, %d of %d connection(s) alive", self.state["device"],
+                 self.state["alive"], self.state["connections"])
         return True
 
     # -- sockets ----------------------------------------------------------------------------------
