@@ -196,7 +196,25 @@ def start_daemon(tmp: Path, cgroup: Path | None = None, prefix: tuple[str, ...] 
     """Start netswapd on a config written from `config` (see write_config); with `cgroup`,
     the daemon runs inside that (v1 memory) cgroup from its first instruction. `prefix`
     is a command that execs the daemon's (e.g. ip netns exec NAME), `scrape` how to reach
-    its metrics listener from there (Daemon.scrape)."""
+    its metrics listener from there (Daemon.scrape).
+
+    free_port() cannot hold the port it found: another process on the machine may bind it
+    before netswapd does. Such a start is tried again on new ports, twice at most."""
+    for attempt in range(3):
+        try:
+            return _start_daemon_once(tmp, cgroup, prefix, scrape, **config)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """netswapd could not bind a port free_port() had found free."""
+
+
+def _start_daemon_once(tmp: Path, cgroup: Path | None, prefix: tuple[str, ...],
+                       scrape: Callable[[int, str], str] | None, **config) -> Daemon:
     state_dir = tmp / "state"
     state_dir.mkdir(exist_ok=True)
     # A read-only export needs its file to exist before the daemon starts.
@@ -223,7 +241,8 @@ def start_daemon(tmp: Path, cgroup: Path | None = None, prefix: tuple[str, ...] 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"netswapd exited with {process.returncode}:\n{daemon.log()}")
+            error = PortTaken if "Address already in use" in daemon.log() else RuntimeError
+            raise error(f"netswapd exited with {process.returncode}:\n{daemon.log()}")
         if "listening on" in daemon.log():
             return daemon
         time.sleep(0.05)
