@@ -372,6 +372,27 @@ static void wake_waiters(struct pool *pool)
         pthread_cond_broadcast(&pool->freed);
 }
 
+/* Wait (mutex held) until wake_waiters, or `deadline` if timeout_ns > 0
+ * (none otherwise).  Returns true if the deadline passed.  A group's waiters
+ * keep pool_group_destroy from freeing its slot meanwhile. */
+static bool await_wake(struct pool *pool, struct pool_group *g, int64_t timeout_ns,
+                       const struct timespec *deadline)
+{
+    bool timed_out = false;
+
+    pool->waiters++;
+    if (g != NULL)
+        g->waiters++;
+    if (timeout_ns > 0)
+        timed_out = pthread_cond_timedwait(&pool->freed, &pool->mutex, deadline) == ETIMEDOUT;
+    else
+        pthread_cond_wait(&pool->freed, &pool->mutex);
+    pool->waiters--;
+    if (g != NULL)
+        g->waiters--;
+    return timed_out;
+}
+
 /* One prefault thread: takes the next chunk, faults it in without the mutex,
  * gives it to the allocator, until the arena is done or the pool closes.  Never touches the arena after the pool is closed, so
  * pool_close may unmap it once the threads are joined. */
@@ -448,11 +469,8 @@ static int join_prefault(struct pool *pool)
     int err;
 
     pthread_mutex_lock(&pool->mutex);
-    while (pool->prefault_join == JOINING) {
-        pool->waiters++;
-        pthread_cond_wait(&pool->freed, &pool->mutex);
-        pool->waiters--;
-    }
+    while (pool->prefault_join == JOINING)
+        await_wake(pool, NULL, -1, NULL);
     if (pool->prefault_join == NOT_JOINED) {
         pool->prefault_join = JOINING;
         pthread_mutex_unlock(&pool->mutex);
@@ -750,16 +768,7 @@ int64_t pool_alloc(struct pool *pool, size_t size, unsigned flags, int group,
             if (timeout_ns > 0)
                 deadline = deadline_after(timeout_ns);
         }
-        pool->waiters++;
-        if (g != NULL)
-            g->waiters++;
-        if (timeout_ns > 0)
-            timed_out = pthread_cond_timedwait(&pool->freed, &pool->mutex, &deadline) == ETIMEDOUT;
-        else
-            pthread_cond_wait(&pool->freed, &pool->mutex);
-        pool->waiters--;
-        if (g != NULL)
-            g->waiters--;
+        timed_out = await_wake(pool, g, timeout_ns, &deadline);
     }
     pthread_mutex_unlock(&pool->mutex);
     errno = err;
@@ -952,16 +961,8 @@ int pool_group_wait_backed(struct pool *pool, int id, int64_t timeout_ns)
             err = ETIMEDOUT;
             break;
         }
-        /* Woken by chunks faulted in, frees and disconnects alike.  The
-         * group's waiters keep pool_group_destroy from freeing its slot. */
-        pool->waiters++;
-        g->waiters++;
-        if (timeout_ns > 0)
-            timed_out = pthread_cond_timedwait(&pool->freed, &pool->mutex, &deadline) == ETIMEDOUT;
-        else
-            pthread_cond_wait(&pool->freed, &pool->mutex);
-        pool->waiters--;
-        g->waiters--;
+        /* Woken by chunks faulted in, frees and disconnects alike. */
+        timed_out = await_wake(pool, g, timeout_ns, &deadline);
     }
     pthread_mutex_unlock(&pool->mutex);
     return status(err);
@@ -1076,12 +1077,7 @@ int pool_prefault_wait(struct pool *pool, uint64_t bytes, int64_t timeout_ns)
             err = ETIMEDOUT;
             break;
         }
-        pool->waiters++;
-        if (timeout_ns > 0)
-            timed_out = pthread_cond_timedwait(&pool->freed, &pool->mutex, &deadline) == ETIMEDOUT;
-        else
-            pthread_cond_wait(&pool->freed, &pool->mutex);
-        pool->waiters--;
+        timed_out = await_wake(pool, NULL, timeout_ns, &deadline);
     }
     pthread_mutex_unlock(&pool->mutex);
     return status(err);
