@@ -1,18 +1,15 @@
 /* netswap's NBD request loop for plain READ and WRITE; see nbdfast.h. */
 #define _GNU_SOURCE
 #include "nbdfast.h"
+#include "fastloop.h"
 #include "pool.h"
 #include "sendgate.h"
 
 #include <endian.h>
 #include <errno.h>
-#include <poll.h>
-#include <pthread.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
 /* Wire constants (the NBD spec, doc/proto.md); the Python side has the same in nbd/constants.py. */
@@ -27,32 +24,6 @@
 #define HEADER_SIZE 28
 
 enum { OP_READ = 0, OP_WRITE = 1 };
-
-/* A statistic is written by this thread alone and read by others (the metrics
- * scrape): a relaxed atomic store keeps each read whole, at the cost of a plain
- * store on x86 and arm64. */
-#define BUMP(field, amount) \
-    __atomic_store_n(&(field), (field) + (amount), __ATOMIC_RELAXED)
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter_ns() on Linux */
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void account(struct nbd_fast_conn *c, int op, uint32_t length, int64_t started)
-{
-    struct nbd_fast_op_stats *s = &c->stats[op];
-    uint64_t elapsed = (uint64_t)(now_ns() - started);
-    int i = 0;
-    /* The first bound >= elapsed, Prometheus' "le", as counters.py's bisect_left. */
-    while (i < NBD_FAST_BOUNDS && c->bounds_ns[i] < elapsed)
-        i++;
-    BUMP(s->buckets[i], 1);
-    BUMP(s->latency_ns, elapsed);
-    BUMP(s->bytes, length);
-}
 
 static void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
 static void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
@@ -153,117 +124,6 @@ static int recv_payload(struct nbd_fast_conn *c, uint8_t *dest, uint32_t have, u
     return 1;
 }
 
-struct nbd_send_gate {
-    pthread_mutex_t mutex;
-    int backlog;   /* Python has replies queued: they go first */
-    int c_partial; /* the loop sent part of a reply; Python has not taken it over yet */
-};
-
-struct nbd_send_gate *nbd_gate_new(void)
-{
-    struct nbd_send_gate *gate = calloc(1, sizeof *gate);
-    if (gate != NULL)
-        pthread_mutex_init(&gate->mutex, NULL);
-    return gate;
-}
-
-void nbd_gate_free(struct nbd_send_gate *gate)
-{
-    if (gate != NULL) {
-        pthread_mutex_destroy(&gate->mutex);
-        free(gate);
-    }
-}
-
-int nbd_gate_acquire(struct nbd_send_gate *gate)
-{
-    pthread_mutex_lock(&gate->mutex);
-    return gate->c_partial;
-}
-
-void nbd_gate_release(struct nbd_send_gate *gate, int backlog, int took_partial)
-{
-    gate->backlog = backlog;
-    if (took_partial)
-        gate->c_partial = 0;
-    pthread_mutex_unlock(&gate->mutex);
-}
-
-int nbd_gate_sendmsg(struct nbd_send_gate *gate, int sock, struct msghdr *msg, uint64_t total,
-                     uint64_t *sent)
-{
-    int result;
-    *sent = 0;
-    pthread_mutex_lock(&gate->mutex);
-    if (gate->backlog || gate->c_partial) {
-        result = 0; /* queued replies go first: Python queues this one behind them */
-    } else {
-        ssize_t n;
-        do {
-            n = sendmsg(sock, msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } while (n < 0 && errno == EINTR);
-        if (n < 0) {
-            result = errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-        } else {
-            *sent = (uint64_t)n;
-            result = *sent == total ? 1 : 0;
-            if (!result && n > 0)
-                gate->c_partial = 1; /* its rest must be next on the wire */
-        }
-    }
-    int saved = errno;
-    pthread_mutex_unlock(&gate->mutex);
-    errno = saved;
-    return result;
-}
-
-void iov_advance(struct msghdr *msg, uint64_t count)
-{
-    while (msg->msg_iovlen && (count || msg->msg_iov->iov_len == 0)) {
-        size_t step = count < msg->msg_iov->iov_len ? (size_t)count : msg->msg_iov->iov_len;
-        msg->msg_iov->iov_base = (uint8_t *)msg->msg_iov->iov_base + step;
-        msg->msg_iov->iov_len -= step;
-        count -= step;
-        if (msg->msg_iov->iov_len)
-            break;
-        msg->msg_iov++;
-        msg->msg_iovlen--;
-    }
-}
-
-int nbd_gate_finish(struct nbd_send_gate *gate, int sock, struct msghdr *msg, uint64_t total,
-                    uint64_t *sent, int wait_ms, int *backlog)
-{
-    while (*sent < total) {
-        struct pollfd p = {.fd = sock, .events = POLLOUT};
-        int ready = poll(&p, 1, wait_ms);
-        if (ready < 0 && errno == EINTR)
-            continue;
-        if (ready < 0)
-            break;
-        if (ready == 0)
-            return 0; /* a client slow to read: Python's sender waits for it, with its timeout */
-        /* The mark keeps everyone else off the socket: no need to hold the gate here. */
-        ssize_t n = sendmsg(sock, msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                continue;
-            break;
-        }
-        *sent += (uint64_t)n;
-        iov_advance(msg, (uint64_t)n);
-    }
-    /* Done, or the socket failed: either way no rest of this reply is owed (a dead socket
-     * must not keep Python's replies waiting behind the mark: they fail and complete). */
-    int saved = errno, done = *sent == total;
-    pthread_mutex_lock(&gate->mutex);
-    gate->c_partial = 0;
-    *backlog = gate->backlog;
-    pthread_mutex_unlock(&gate->mutex);
-    errno = saved;
-    return done ? 1 : -1;
-}
-
 /* Send header + data without blocking.  1: all sent; 0: partly (c->sent says
  * how much); -1: the socket failed (errno). */
 static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
@@ -273,17 +133,13 @@ static int send_reply(struct nbd_fast_conn *c, uint8_t *data, uint32_t data_len)
         {.iov_base = data, .iov_len = data_len},
     };
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = data_len ? 2 : 1};
-    return nbd_gate_sendmsg(c->gate, c->sock, &msg, (uint64_t)c->reply_len + data_len, &c->sent);
+    return send_gate_sendmsg(c->gate, c->sock, &msg, (uint64_t)c->reply_len + data_len, &c->sent);
 }
 
 /* Read a READ's data.  1: done; 0: leave it to a worker (which also reports errors). */
 static int read_block(struct nbd_fast_conn *c, uint8_t *data, uint32_t length)
 {
-    struct iovec iov = {.iov_base = data, .iov_len = length};
-    ssize_t got;
-    do {
-        got = preadv2(c->fd, &iov, 1, (off_t)c->offset, RWF_NOWAIT);
-    } while (got < 0 && errno == EINTR);
+    ssize_t got = read_cached(c->fd, data, length, c->offset);
     if (got == (ssize_t)length)
         return 1;
     if (got < 0 && errno != EAGAIN) {
@@ -296,16 +152,7 @@ static int read_block(struct nbd_fast_conn *c, uint8_t *data, uint32_t length)
      * for this reply alone (QD1, a page fault): reading here is the quickest answer. */
     if (c->end - c->start > HEADER_SIZE)
         return 0;
-    uint32_t done = got > 0 ? (uint32_t)got : 0;
-    while (done < length) {
-        ssize_t n = pread(c->fd, data + done, length - done, (off_t)(c->offset + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return 0; /* an error, or EOF inside the export (a truncated file): Python's */
-        done += (uint32_t)n;
-    }
-    return 1;
+    return read_rest(c->fd, data, got > 0 ? (uint32_t)got : 0, length, c->offset);
 }
 
 static int64_t alloc_block(struct nbd_fast_conn *c, uint32_t length)
@@ -386,7 +233,8 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
             c->error = errno;
             return NBD_FAST_SOCKET_ERROR;
         }
-        account(c, command == CMD_READ ? OP_READ : OP_WRITE, length, started);
+        account(&c->stats[command == CMD_READ ? OP_READ : OP_WRITE], c->bounds_ns, length,
+                started);
         if (command == CMD_WRITE && now_ns() >= c->check_due_ns)
             return NBD_FAST_CHECK;
     }

@@ -26,8 +26,9 @@
 
 #include <stdint.h>
 
-/* Latency buckets: as many bounds as counters.LATENCY_BUCKETS, plus one count above. */
-#define NBD_FAST_BOUNDS 18
+#include "fastloop.h"
+#include "sendgate.h"
+
 #define NBD_FAST_REPLY_MAX 32 /* the longest reply header: a structured OFFSET_DATA prefix */
 
 /* Why nbd_fast_serve returned. */
@@ -39,33 +40,6 @@
 #define NBD_FAST_CHECK 4        /* a write happened at or past check_due_ns: check the backend */
 #define NBD_FAST_SOCKET_ERROR 5 /* recv or send failed with `error` (the client is gone) */
 #define NBD_FAST_PAYLOAD_CUT 6  /* the client closed in the middle of a WRITE payload */
-
-/*
- * Who may write to a connection's socket.  Replies leave from the C loop (on
- * the reader thread) and from Python (workers, the send poller) at the same
- * time; each reply must go out whole, and once part of one is on the wire its
- * rest must come next.  Python's ReplySender takes the gate as its lock, and
- * tells it on release whether replies are queued (backlog); the C loop sends
- * only when nothing is queued, under the gate, and when the socket takes
- * only part of its reply it marks the gate (c_partial) so that no one sends
- * before Python has put the rest at the head of its queue.
- */
-struct nbd_send_gate;
-
-struct nbd_send_gate *nbd_gate_new(void);
-void nbd_gate_free(struct nbd_send_gate *gate);
-/* Lock; returns 1 if the C loop's partly sent reply waits to be taken over. */
-int nbd_gate_acquire(struct nbd_send_gate *gate);
-/* Unlock, saying whether Python has replies queued and whether it took over the C loop's
- * partly sent reply. */
-void nbd_gate_release(struct nbd_send_gate *gate, int backlog, int took_partial);
-
-/* One operation's statistics (index 0 READ, 1 WRITE); successes only, errors go to Python. */
-struct nbd_fast_op_stats {
-    uint64_t buckets[NBD_FAST_BOUNDS + 1]; /* not cumulative; the last is above every bound */
-    uint64_t latency_ns;
-    uint64_t bytes;
-};
 
 struct nbd_fast_conn {
     /* Set once, when transmission starts. */
@@ -81,10 +55,10 @@ struct nbd_fast_conn {
     int structured;         /* structured replies were negotiated */
     uint8_t *window;        /* the receive window (a pool buffer) */
     uint32_t window_size;
-    struct nbd_send_gate *gate;
+    struct send_gate *gate;       /* see sendgate.h */
     int *backend_ok;        /* 0 once the backend has failed for good: writes go to Python */
     int *run_ok;            /* 0 while this connection's requests must pass Python (pressure) */
-    uint64_t bounds_ns[NBD_FAST_BOUNDS];
+    uint64_t bounds_ns[FAST_LOOP_BOUNDS];
 
     /* In and out: the window's buffered bytes are window[start:end]. */
     uint32_t start;
@@ -107,7 +81,7 @@ struct nbd_fast_conn {
     uint64_t sent;          /* ... and how many bytes of header + data went out */
     int error;              /* errno of WRITE_ERROR / SOCKET_ERROR */
 
-    struct nbd_fast_op_stats stats[2];
+    struct fast_op_stats stats[2]; /* 0 READ, 1 WRITE */
 };
 
 /* Serve requests until one of the NBD_FAST_* reasons; see the top of this file. */

@@ -1,7 +1,7 @@
 /* netswap's NFSv3 READ/WRITE loop for a swap node's own swap file; see nfsfast.h. */
 #define _GNU_SOURCE
-#include "nbdfast.h"
 #include "nfsfast.h"
+#include "fastloop.h"
 #include "pool.h"
 #include "sendgate.h"
 
@@ -48,33 +48,11 @@
 
 enum { OP_READ = 0, OP_WRITE = 1 };
 
-#define BUMP(field, amount) \
-    __atomic_store_n(&(field), (field) + (amount), __ATOMIC_RELAXED)
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic() and perf_counter_ns() on Linux */
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
 static void put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
 static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
 static uint32_t padded(uint32_t n) { return (n + 3) & ~3u; }
-
-static void account(struct nfs_fast_conn *c, int op, uint64_t bytes, int64_t started)
-{
-    struct nbd_fast_op_stats *s = &c->stats[op];
-    uint64_t elapsed = (uint64_t)(now_ns() - started);
-    int i = 0;
-    while (i < NBD_FAST_BOUNDS && c->bounds_ns[i] < elapsed) /* counters.py's bisect_left */
-        i++;
-    BUMP(s->buckets[i], 1);
-    BUMP(s->latency_ns, elapsed);
-    BUMP(s->bytes, bytes);
-}
 
 /* What a record asks, once checked. */
 struct call {
@@ -266,17 +244,7 @@ static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t lengt
         if (n <= 0)
             return n == 0 ? 0 : -1;
         done += (uint64_t)n;
-        /* Move the iovecs past what arrived. */
-        while (n > 0 && msg.msg_iovlen) {
-            size_t step = (size_t)n < msg.msg_iov->iov_len ? (size_t)n : msg.msg_iov->iov_len;
-            msg.msg_iov->iov_base = (uint8_t *)msg.msg_iov->iov_base + step;
-            msg.msg_iov->iov_len -= step;
-            n -= (ssize_t)step;
-            if (msg.msg_iov->iov_len == 0) {
-                msg.msg_iov++;
-                msg.msg_iovlen--;
-            }
-        }
+        iov_advance(&msg, (uint64_t)n);
     }
     return 1;
 }
@@ -286,27 +254,14 @@ static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t lengt
 static int read_data(struct nfs_fast_conn *c, int fd, uint8_t *data, uint32_t count,
                      uint64_t offset, uint32_t record_len)
 {
-    struct iovec iov = {.iov_base = data, .iov_len = count};
-    ssize_t got;
-    do {
-        got = preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
-    } while (got < 0 && errno == EINTR);
+    ssize_t got = read_cached(fd, data, count, offset);
     if (got == (ssize_t)count)
         return 1;
     if (got < 0 && errno != EAGAIN && errno != EOPNOTSUPP && errno != EINVAL)
         return 0;
     if (more_than(c, 4 + record_len))
         return 0; /* a worker waits for the disk; the loop goes on with the rest */
-    uint32_t done = got > 0 ? (uint32_t)got : 0;
-    while (done < count) {
-        ssize_t n = pread(fd, data + done, count - done, (off_t)(offset + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return 0;
-        done += (uint32_t)n;
-    }
-    return 1;
+    return read_rest(fd, data, got > 0 ? (uint32_t)got : 0, count, offset);
 }
 
 /* The RPC reply header up to the procedure's status, behind the fragment header. */
@@ -335,7 +290,7 @@ static int send_reply(struct nfs_fast_conn *c, uint8_t *data, uint32_t data_len)
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = data_len ? (pad ? 3 : 2) : 1};
     uint64_t total = (uint64_t)c->reply_len + data_len + pad;
     put32(c->reply, LAST_FRAGMENT | (uint32_t)(total - 4));
-    int r = nbd_gate_sendmsg(c->gate, c->sock, &msg, total, &c->sent);
+    int r = send_gate_sendmsg(c->gate, c->sock, &msg, total, &c->sent);
     if (r != 0 || c->sent == 0)
         return r;
     /* Part of it is out (a large READ reply the socket buffer could not take at once):
@@ -343,7 +298,7 @@ static int send_reply(struct nfs_fast_conn *c, uint8_t *data, uint32_t data_len)
      * to Python's sender for every large reply. */
     int backlog = 0;
     iov_advance(&msg, c->sent);
-    r = nbd_gate_finish(c->gate, c->sock, &msg, total, &c->sent, FINISH_WAIT_MS, &backlog);
+    r = send_gate_finish(c->gate, c->sock, &msg, total, &c->sent, FINISH_WAIT_MS, &backlog);
     if (r == 1 && backlog)
         c->flush = 1;
     return r;
@@ -457,7 +412,8 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             c->error = errno;
             return NFS_FAST_SOCKET_ERROR;
         }
-        account(c, call.proc == PROC_READ ? OP_READ : OP_WRITE, c->bytes, started);
+        account(&c->stats[call.proc == PROC_READ ? OP_READ : OP_WRITE], c->bounds_ns, c->bytes,
+                started);
         if (c->flush) {
             c->flush = 0;
             return NFS_FAST_FLUSH; /* Python queued replies while this one went out */

@@ -26,6 +26,9 @@
 
 #include <stdint.h>
 
+#include "fastloop.h"
+#include "sendgate.h"
+
 #define NFS_FAST_HANDLES 8    /* handles one connection keeps: a node has one swap file */
 #define NFS_FAST_HANDLE_MAX 64
 #define NFS_FAST_REPLY_MAX 160 /* fragment header + accepted reply + READ/WRITE result head */
@@ -65,8 +68,8 @@ struct nfs_fast_conn {
     uint8_t verifier[8];          /* the WRITE verifier */
     const int64_t *swap_epoch;    /* changes on every scrub: older entries are void */
     struct nfs_fast_node *node;
-    struct nbd_send_gate *gate;
-    uint64_t bounds_ns[NBD_FAST_BOUNDS];
+    struct send_gate *gate;       /* see sendgate.h */
+    uint64_t bounds_ns[FAST_LOOP_BOUNDS];
     struct nfs_fast_handle handles[NFS_FAST_HANDLES];
 
     /* Out, for PARTIAL and HANDOFF: the call and its pool block. */
@@ -84,7 +87,7 @@ struct nfs_fast_conn {
     int error;
     int flush;                    /* internal: see NFS_FAST_FLUSH */
 
-    struct nbd_fast_op_stats stats[2]; /* 0 READ, 1 WRITE; nfs_calls = sum of buckets */
+    struct fast_op_stats stats[2]; /* 0 READ, 1 WRITE; nfs_calls = sum of buckets */
 };
 
 int nfs_fast_serve(struct nfs_fast_conn *c);
