@@ -6,18 +6,9 @@ creating each node's ``swap/<node>`` export on first use.
 """
 
 from .backends import Backend, FileBackend, MemoryBackend, SizeMismatchError
-from .registry import (
-    SWAP_PREFIX,
-    Export,
-    ExportError,
-    ExportRegistry,
-    ExportSpec,
-    SwapTemplate,
-    swap_node_from_name,
-)
+from .registry import Export, ExportError, ExportRegistry, ExportSpec, SwapTemplate
 
 __all__ = [
-    "SWAP_PREFIX",
     "Backend",
     "Export",
     "ExportError",
@@ -27,5 +18,4 @@ __all__ = [
     "MemoryBackend",
     "SizeMismatchError",
     "SwapTemplate",
-    "swap_node_from_name",
 ]

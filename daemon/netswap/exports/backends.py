@@ -38,6 +38,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from netswap._pool import ffi
 
@@ -265,12 +266,30 @@ class FileBackend(Backend):
                 self.path.unlink(missing_ok=True)
             raise
 
+        self._start(fd, actual, st, follow_symlinks)
+
+    @classmethod
+    def adopt(cls, fd: int, path: os.PathLike | str, *,
+              on_failure: Callable[[], None] | None = None) -> "FileBackend":
+        """A read-write backend over `fd`: a regular file its caller opened (O_RDWR, without
+        following symlinks) and checked, which the backend owns from now on (swap/store.py:
+        an NFS swap file). `on_failure` runs once, when the backend fails for good."""
+        backend = cls.__new__(cls)
+        backend.path = Path(path)
+        backend.read_only = False
+        st = os.fstat(fd)
+        backend._start(fd, st.st_size, st, follow_symlinks=False, on_failure=on_failure)
+        return backend
+
+    def _start(self, fd: int, size: int, st: os.stat_result, follow_symlinks: bool,
+               on_failure: Callable[[], None] | None = None) -> None:
         self._fd = fd
-        self.size = actual
+        self.size = size
         self._identity = (st.st_dev, st.st_ino)
         # The identity check looks the path up as it was opened: a static export may well be
         # a symlink (/dev/disk/by-id/...), and then the symlink's own inode is not ours.
         self._follow_symlinks = follow_symlinks
+        self._on_failure = on_failure
         self._next_identity_check = 0.0
         self._failure_lock = threading.Lock()
         # 1 until the backend fails: the C request loop (nbd/fastloop.py) reads it before
@@ -396,6 +415,8 @@ class FileBackend(Backend):
             "of this export fails with EIO (reads still work); repair the storage and restart",
             self.path, why,
         )
+        if self._on_failure is not None:
+            self._on_failure()
 
     # -- space management ---------------------------------------------------------------------
 

@@ -35,12 +35,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..swap import store
+from ..swap.nodes import SWAP_PREFIX, swap_node_from_name, valid_node
 from .backends import Backend, FileBackend, MemoryBackend
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,7 @@ __all__ = [
     "swap_node_from_name",
 ]
 
-SWAP_PREFIX = "swap/"
 BACKEND_KINDS = ("file", "memory")
-
-# fullmatch, not match with "$": "$" also matches before a trailing newline.
-_NODE_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
 
 class ExportError(OSError):
     """An export exists in principle but cannot be opened or created (I/O error, disk full, a
@@ -121,14 +117,6 @@ class Export:
     backend: Backend
     is_swap: bool  # a per-node swap export; its connections get tagged emergency
     node: str | None  # the node name, for per-node swap exports
-
-
-def swap_node_from_name(name: str) -> str | None:
-    """The node of a valid ``swap/<node>`` export name, else None."""
-    if not isinstance(name, str) or not name.startswith(SWAP_PREFIX):
-        return None
-    node = name[len(SWAP_PREFIX) :]
-    return node if _NODE_RE.fullmatch(node) else None
 
 
 class ExportRegistry:
@@ -381,13 +369,8 @@ class ExportRegistry:
     def _create_swap_export(self, node: str) -> Export:
         size = self._swap.size
         try:
-            if self._swap.backend == "file":
-                backend: Backend = FileBackend(
-                    self._image_path(node), size, read_only=False, create=True,
-                    follow_symlinks=False,
-                )
-            else:
-                backend = MemoryBackend(size)
+            path = self._image_path(node) if self._swap.backend == "file" else None
+            backend = store.swap_image(path, size, self._swap.backend)
         except OSError as e:
             raise ExportError.wrap(f"swap export for node {node!r}", e) from e
         log.info("swap export for node %s ready: %r", node, backend)
@@ -409,5 +392,5 @@ class ExportRegistry:
         return [
             stem
             for stem, ext in (os.path.splitext(n) for n in names)
-            if ext == ".img" and _NODE_RE.fullmatch(stem)
+            if ext == ".img" and valid_node(stem)
         ]

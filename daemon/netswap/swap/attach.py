@@ -1,16 +1,18 @@
-"""An export's lifecycle (the seed's part 5): attach, I/O, detach.
+"""Attaching a node's swap (the seed's part 5): attach, I/O, detach, for both protocols.
 
-Attaching a connection to a swap export is the seed's swapon: the node's reservation groups
+Attaching a node's swap, over NBD (a connection to its swap export) or NFS (its MNT or
+swap-file I/O, nfs/swapnodes.py), is the seed's swapon: the node's reservation groups
 (request buffers and receive windows) are created in the pool and connected, which raises
 the pool's watermark by their reservation, or the attach is refused if the pool cannot
 cover it. While the pool is still being faulted in (the first seconds after a start), the
-attach waits until the pool has faulted in enough to back the reservation. Every connection
-of a node shares the node's groups. When the node's last
+attach waits until the pool has faulted in enough to back the reservation. Everything a node
+attaches through (its NBD connections, its NFS swap file) shares the node's groups: the
+node is attached by name, not by export. When the node's last
 connection closes, its reservation stays connected for `swap.detach_grace` (a node
 reconnecting after a network blip must find its reserve still there); then it is
 disconnected and the watermark lowered: the seed's swapoff.
 
-Non-swap exports attach without a reservation: they never touch the reserve.
+Non-swap (static) NBD exports attach without a reservation: they never touch the reserve.
 
 Wipe (`wipe = true`): a node's swap is discarded when the node detaches for good (its grace
 period ends, an operator releases it, the daemon stops), and a static export's contents when
@@ -24,7 +26,7 @@ import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from ..counters import Counters
 from ..errors import AttachRefused
@@ -34,13 +36,20 @@ from ..reserve.tree import Group, node_template
 log = logging.getLogger("netswap.lifecycle")
 
 
+# Discards all of a node's swap behind one name (its NBD export's backend, its NFS swap
+# file), durably; raises OSError.
+Discard = Callable[[], None]
+
+
 @dataclass
 class Attachment:
-    """What one connection holds while it is attached to an export."""
+    """What one user of a node's swap (an NBD connection, the NFS side's hold on a node)
+    or one connection to a static export holds while attached."""
 
-    export: object
+    node: Optional[str] = None  # the node, for a swap attachment
     requests: Optional[object] = None  # PoolGroup charged for request buffers, swap only
     windows: Optional[object] = None  # PoolGroup charged for receive windows, swap only
+    static_export: Optional[object] = None  # a wipe = true static export, counted
     _lifecycle: Optional["Lifecycle"] = None
 
     @property
@@ -52,18 +61,18 @@ class Attachment:
         swap still holds its pages, so swap.wipe must not discard them when it detaches."""
         if self._lifecycle is not None:
             if self.is_swap:
-                self._lifecycle._release(self.export.node, for_good)
+                self._lifecycle._release(self.node, for_good)
             else:
-                self._lifecycle._release_static(self.export)
+                self._lifecycle._release_static(self.static_export)
         self._lifecycle = None
 
 
 class _Node:
-    def __init__(self, tree_entry: Group, export) -> None:
+    def __init__(self, tree_entry: Group, name: str, discard: Discard) -> None:
         self.tree_entry = tree_entry
-        # Every export the node attached through (its NBD swap export, its NFS swap file):
-        # swap.wipe discards all of them when it detaches for good.
-        self.exports = {export.name: export}
+        # Every name the node attached through (its NBD swap export, its NFS swap file),
+        # with how to discard it: swap.wipe discards all of them when it detaches for good.
+        self.discards = {name: discard}
         self.connections = 0
         self.expiry: Optional[threading.Timer] = None
         self.wipe_at_expiry = True  # as the last release said (for good, or only idle)
@@ -99,28 +108,36 @@ class Lifecycle:
         self._config = config
 
     def attach(self, export) -> Attachment:
-        """Attach a connection to `export`; raises AttachRefused if its reserve cannot be backed."""
+        """Attach an NBD connection to `export`; raises AttachRefused if its reserve cannot
+        be backed."""
         if not getattr(export, "is_swap", False):
             if not self._static_wipes(export):
-                return Attachment(export)
+                return Attachment()
             # Counted (only) to know when the last client of a wipe = true export leaves.
             with self._static_lock:
                 self._static_users[export] += 1
-            return Attachment(export, _lifecycle=self)
+            return Attachment(static_export=export, _lifecycle=self)
+        return self.attach_node(export.node, export.name, _backend_discard(export))
+
+    def attach_node(self, node_name: str, name: str, discard: Discard) -> Attachment:
+        """Attach one user of node `node_name`'s swap, reached as `name` (what swap.wipe
+        discards through `discard` when the node detaches for good); raises AttachRefused
+        if the node's reserve cannot be backed. Both protocols attach a node here, so a
+        node swapping over NBD and NFS has one reserve."""
         with self._lock:
             if self._closed:
                 raise AttachRefused("netswapd is shutting down", "shutdown")
-            node = self._nodes.get(export.node)
+            node = self._nodes.get(node_name)
             if node is None:
-                node = self._connect(export)
-                self._nodes[export.node] = node
+                node = self._connect(node_name, name, discard)
+                self._nodes[node_name] = node
             elif node.expiry is not None:
                 node.expiry.cancel()  # reattached within the grace period: keep the reserve
                 node.expiry = None
-            node.exports.setdefault(export.name, export)
+            node.discards.setdefault(name, discard)
             node.connections += 1
         requests, windows = node.groups
-        return Attachment(export, requests, windows, self)
+        return Attachment(node_name, requests, windows, _lifecycle=self)
 
     def attached_nodes(self) -> dict[str, int]:
         """Node name -> connections, for nodes whose reserve is connected (grace included)."""
@@ -133,12 +150,13 @@ class Lifecycle:
         return self._config.swap.wipe
 
     def wipe(self, export, why: str) -> None:
-        """Discard all of `export`'s contents and make that durable; raises OSError."""
-        # One request for the whole export: a hole punched in a file (fdatasync'd), pages
-        # dropped from a memory map; reads return zeros either way.
-        export.backend.write_zeroes(0, export.size, may_trim=True, fua=True)
-        self._counters.inc("wipes", export.name)
-        log.info("export %r wiped (%s)", export.name, why)
+        """Discard all of NBD `export`'s contents and make that durable; raises OSError."""
+        self._discard(export.name, _backend_discard(export), why)
+
+    def _discard(self, name: str, discard: Discard, why: str) -> None:
+        discard()
+        self._counters.inc("wipes", name)
+        log.info("export %r wiped (%s)", name, why)
 
     def release_now(self, name: str) -> bool:
         """Release a node's reserve without waiting for the grace period (an operator's
@@ -160,8 +178,8 @@ class Lifecycle:
 
     # Internals ----------------------------------------------------------------
 
-    def _connect(self, export) -> _Node:
-        entry = node_template(self._config, f"swap/{export.node}")
+    def _connect(self, node_name: str, name: str, discard: Discard) -> _Node:
+        entry = node_template(self._config, f"swap/{node_name}")
         connected = []
         try:
             for child in entry.children:
@@ -176,15 +194,15 @@ class Lifecycle:
                 if child.pool_group is not None:
                     child.pool_group.destroy()
             self._counters.inc("attach_refused", "reserve")
-            log.warning("refusing swap attach of node %r: %s", export.node, exc)
+            log.warning("refusing swap attach of node %r: %s", node_name, exc)
             raise AttachRefused(
-                f"swap/{export.node}: the pool cannot back this node's reserve: {exc}", "reserve"
+                f"swap/{node_name}: the pool cannot back this node's reserve: {exc}", "reserve"
             ) from exc
         self._nbd.children.append(entry)
         self._counters.inc("swap_attaches")
         log.info("node %r attached: reserve of %d bytes connected, watermark now %d",
-                 export.node, entry.total, self._pool.watermark)
-        return _Node(entry, export)
+                 node_name, entry.total, self._pool.watermark)
+        return _Node(entry, name, discard)
 
     def _release(self, name: str, for_good: bool = True) -> None:
         with self._lock:
@@ -207,18 +225,19 @@ class Lifecycle:
             if self._static_users[export] > 0:
                 return
             del self._static_users[export]
-            self._wipe_logged(export, "its last client disconnected")
+            self._wipe_logged(export.name, _backend_discard(export),
+                              "its last client disconnected")
 
     def _static_wipes(self, export) -> bool:
         return any(spec.name == export.name and spec.wipe for spec in self._config.exports)
 
-    def _wipe_logged(self, export, why: str) -> None:
+    def _wipe_logged(self, name: str, discard: Discard, why: str) -> None:
         try:
-            self.wipe(export, why)
+            self._discard(name, discard, why)
         except OSError as exc:
             # The data is still there: say so loudly, the operator promised it would not be.
-            self._counters.inc("wipe_failures", export.name)
-            log.error("export %r: wipe failed, its old contents remain: %s", export.name, exc)
+            self._counters.inc("wipe_failures", name)
+            log.error("export %r: wipe failed, its old contents remain: %s", name, exc)
 
     def _expire(self, name: str, force: bool = False) -> None:
         with self._lock:
@@ -229,8 +248,8 @@ class Lifecycle:
                 node.expiry.cancel()
             # An operator's detach and the daemon's stop (force) are for good.
             if self.wipes_swap and (force or node.wipe_at_expiry):
-                for export in node.exports.values():
-                    self._wipe_logged(export, "the node detached")
+                for swap_name, discard in node.discards.items():
+                    self._wipe_logged(swap_name, discard, "the node detached")
             del self._nodes[name]
             self._nbd.children.remove(node.tree_entry)
         for group in node.groups:
@@ -238,3 +257,9 @@ class Lifecycle:
             group.destroy()
         self._counters.inc("swap_detaches")
         log.info("node %r detached: reserve released, watermark now %d", name, self._pool.watermark)
+
+
+def _backend_discard(export) -> Discard:
+    """Discard an NBD export's contents: one request for the whole export, a hole punched
+    in a file (fdatasync'd), pages dropped from a memory map; reads return zeros either way."""
+    return lambda: export.backend.write_zeroes(0, export.size, may_trim=True, fua=True)
