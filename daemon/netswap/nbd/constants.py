@@ -4,6 +4,8 @@ Only numbers live here; what they mean to netswapd is decided in handshake.py an
 transmission.py. All wire integers are big-endian.
 """
 
+from ..oplabels import NBD_COMMAND_NAMES
+
 # Handshake -----------------------------------------------------------------
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -100,17 +102,9 @@ CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
 CMD_RESIZE = 8
 
-COMMAND_NAMES = {
-    CMD_READ: "read",
-    CMD_WRITE: "write",
-    CMD_DISC: "disc",
-    CMD_FLUSH: "flush",
-    CMD_TRIM: "trim",
-    CMD_CACHE: "cache",
-    CMD_WRITE_ZEROES: "write_zeroes",
-    CMD_BLOCK_STATUS: "block_status",
-    CMD_RESIZE: "resize",
-}
+# Their labels in logs and metrics: one table, which the counters share (a leaf module).
+COMMAND_NAMES = NBD_COMMAND_NAMES
+assert COMMAND_NAMES[CMD_READ] == "read" and COMMAND_NAMES[CMD_RESIZE] == "resize"
 
 # Command flags.
 CMD_FLAG_FUA = 0x01

@@ -16,8 +16,8 @@ any flag (FUA, DF), every request the spec refuses, an empty pool (Python waits 
 ENOMEM, and takes reserve memory only where the drop rule allows), reads that would wait
 for the disk while more requests are queued, TLS connections, memory exports, a failed backend, non-swap requests under
 memory pressure. Requests handed to Python run on the workers while the loop goes on with
-the next ones; replies from both share the socket through the sender's gate (sender.py), so
-each goes out whole.
+the next ones; replies from both share the socket through the sender's gate
+(transport/sender.py, cext/sendgate.c), so each goes out whole.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from netswap._pool import ffi, lib
 
 from ..counters import LATENCY_BUCKETS
 from . import constants as C
-from .sender import skip_sent
+from ..transport.sender import skip_sent
 from .transmission import ExportLimits, Request, RequestParser
 
 _BOUNDS_NS = [round(bound * 1e9) for bound in LATENCY_BUCKETS]
-assert len(_BOUNDS_NS) == lib.NBD_FAST_BOUNDS, "cext/nbdfast.h and counters.py disagree"
+assert len(_BOUNDS_NS) == lib.FAST_LOOP_BOUNDS, "cext/fastloop.h and counters.py disagree"
 _OPS = ((0, C.CMD_READ), (1, C.CMD_WRITE))  # the loop's stats index, and its command
 
 # What serve() returns (see cext/nbdfast.h).

@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
+from ..transport.window import DEFAULT_WINDOW
 from . import constants as C
 from .errors import ProtocolError
 
@@ -35,8 +36,6 @@ _SIMPLE_REPLY = struct.Struct(">IIQ")
 _CHUNK_HEADER = struct.Struct(">IHHQI")
 _OFFSET_DATA_PREFIX = struct.Struct(">IHHQIQ")
 _ERROR_CHUNK = struct.Struct(">IHHQIIH")
-
-DEFAULT_WINDOW = 64 * 1024
 
 
 class Request:

@@ -1,0 +1,111 @@
+"""Executing one connection's requests on its export, replying, and accounting for them.
+
+Runs on the shared worker threads (and, for requests refused or handed back by the C loop,
+on the connection's reader). `run_on_backend` maps a request onto the export's backend; an
+`Execution` turns what it did into the reply, hands that to the connection's `ReplySender`,
+and once the reply is sent (or the client is gone) releases what the request held (its
+buffer, its pressure throttle, its in-flight slot) and records it in the request statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Optional
+
+from . import constants as C
+from .errors import nbd_error_from_os
+from .transmission import Request, reply_header
+
+if TYPE_CHECKING:
+    from ..counters import Counters
+    from ..transport.sender import ReplySender
+
+log = logging.getLogger("netswap.nbd")
+
+
+def run_on_backend(backend, request: Request, view: Optional[memoryview]) -> None:
+    """Do what `request` asks on `backend`; `view` is the request's buffer (READ fills it,
+    WRITE's payload is in it). Raises what the backend raises."""
+    command = request.command
+    fua = bool(request.flags & C.CMD_FLAG_FUA)
+    if command == C.CMD_READ:
+        backend.read_into(request.offset, view)
+    elif command == C.CMD_WRITE:
+        backend.write_from(request.offset, view, fua)
+    elif command == C.CMD_FLUSH:
+        backend.flush()
+    elif command == C.CMD_TRIM:
+        backend.trim(request.offset, request.length, fua)
+    elif command == C.CMD_WRITE_ZEROES:
+        may_trim = not request.flags & C.CMD_FLAG_NO_HOLE
+        backend.write_zeroes(request.offset, request.length, may_trim, fua)
+    elif command == C.CMD_CACHE:
+        backend.cache(request.offset, request.length)
+
+
+class Execution:
+    def __init__(self, counters: Counters, peer: str, export, sender: ReplySender,
+                 structured: bool, inflight: threading.BoundedSemaphore) -> None:
+        self._counters = counters
+        self._peer = peer
+        self._export = export
+        self._sender = sender
+        self._structured = structured  # structured replies negotiated
+        self._inflight = inflight  # one slot per request between "read" and "replied"
+
+    def execute(self, request: Request, buffer, throttle, started: int) -> None:
+        """Run `request` (a worker job) and queue its reply."""
+        error = 0
+        try:
+            run_on_backend(self._export.backend, request,
+                           buffer.view if buffer is not None else None)
+        except OSError as exc:
+            error = self.io_error(request, exc)
+        except Exception:
+            error = C.EIO
+            self._counters.inc("io_errors", f"{request.name}:{error}")
+            log.exception("%s: %r on %r failed", self._peer, request, self._export.name)
+        data = buffer.view if request.command == C.CMD_READ and not error else None
+        self.reply(request, error, data, started, buffer, throttle)
+
+    def io_error(self, request: Request, exc: OSError) -> int:
+        """Count and log a failed backend call; the NBD error its reply carries."""
+        error = nbd_error_from_os(exc)
+        self._counters.inc("io_errors", f"{request.name}:{error}")
+        log.warning("%s: %r on %r failed: %s", self._peer, request, self._export.name, exc)
+        return error
+
+    def reply(self, request: Request, error: int, data: Optional[memoryview], started: int,
+              buffer=None, throttle=None) -> None:
+        """Queue the reply; once it is sent (or the client is gone) the request's buffer,
+        throttle and in-flight slot are released."""
+        done = self.completion(request, error, started, buffer, throttle)
+        try:
+            header = reply_header(request, error, self._structured)
+            parts = (header,) if data is None else (header, data)
+        except BaseException:
+            done()
+            raise
+        self._sender.send(parts, done)
+
+    def completion(self, request: Request, error: int, started: int, buffer=None,
+                   throttle=None) -> functools.partial:
+        """What to call once the reply of `request` is sent: see `replied`."""
+        return functools.partial(self.replied, request, error, started, buffer, throttle)
+
+    def replied(self, request: Request, error: int, started: int, buffer, throttle) -> None:
+        try:
+            if buffer is not None:
+                buffer.release()
+            if throttle is not None:
+                throttle.release()
+            # Accounted before the slot is released, so a connection that has ended has
+            # all its requests in the statistics.
+            self._counters.requests.observe(self._export.name, request.command,
+                                            request.length, error,
+                                            time.perf_counter_ns() - started)
+        finally:
+            self._inflight.release()
