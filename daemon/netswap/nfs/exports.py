@@ -59,11 +59,13 @@ class Node:
     export_id: int
     path: Path
     is_dir: bool
-    fd: Optional[int] = None  # open descriptor of a swap file (owned by SwapFiles)
+    fd: Optional[int] = None  # open descriptor of a swap file (owned by its backend)
     swap_owner: Optional[str] = None  # the node a swap file belongs to
     # The lstat that resolve() made of a scratch file to check it: its attributes before
     # the call, so a READ needs no second stat.
     st: Optional[os.stat_result] = None
+    # A swap file's storage (swap/store.py): its READ, WRITE and COMMIT go through it.
+    backend: Optional[object] = None
 
     @property
     def is_swap_file(self) -> bool:
@@ -85,6 +87,7 @@ class NfsExports:
     def __init__(self, config, state_dir: Path) -> None:
         nfs = config.nfs
         self.config = nfs
+        self._swap_config = config.swap
         self.key = HandleKey.load_or_create(state_dir)
         self.roots: dict[str, tuple[int, Path]] = {}  # export path -> (export id, directory)
         self.swap: Optional[SwapFiles] = None
@@ -105,8 +108,11 @@ class NfsExports:
             self.swap.close()
 
     def node_of(self, peer: str) -> Optional[str]:
-        """The node `peer` is (a Peer: its address and source port; nfs.node_ports)."""
-        return self.config.node_of(peer, getattr(peer, "port", None))
+        """The node `peer` is (a Peer: its address, swap.nodes, and source port,
+        nfs.node_ports)."""
+        if not self.config.node_port_allowed(getattr(peer, "port", None)):
+            return None
+        return self._swap_config.node_of(peer)
 
     # Handles ------------------------------------------------------------------------
 
@@ -176,7 +182,7 @@ class NfsExports:
         if swap_file.node != self.node_of(peer):
             # Another node's file: refused whatever the handle says (isolation).
             raise NfsError(NFS3ERR_ACCES, f"swap file of node {swap_file.node!r}")
-        return Node(SWAP_EXPORT, swap_file.path, False, swap_file.fd, swap_file.node)
+        return _swap_node(swap_file)
 
     def _directory(self, export_id: int) -> Path:
         for exported_id, directory in self.roots.values():
@@ -196,8 +202,7 @@ class NfsExports:
             node = self.node_of(peer)
             if node is None or name != node:
                 raise NfsError(NFS3ERR_NOENT)
-            swap_file = self.swap.open(node)
-            return Node(SWAP_EXPORT, swap_file.path, False, swap_file.fd, node)
+            return _swap_node(self.swap.open(node))
         if "/" in name or name == ".." or "\0" in name:
             raise NfsError(NFS3ERR_NOENT)
         path = directory.path / name
@@ -214,11 +219,15 @@ class NfsExports:
             node = self.node_of(peer)
             if node is None:
                 return []
-            return [(f.node, Node(SWAP_EXPORT, f.path, False, f.fd, f.node))
-                    for f in self.swap.files_of(node)]
+            return [(f.node, _swap_node(f)) for f in self.swap.files_of(node)]
         return sorted((entry.name, Node(SCRATCH_EXPORT, Path(entry.path), False))
                       for entry in os.scandir(directory.path)
                       if entry.is_file(follow_symlinks=False))
+
+
+def _swap_node(swap_file) -> Node:
+    return Node(SWAP_EXPORT, swap_file.path, False, swap_file.fd, swap_file.node,
+                backend=swap_file.backend)
 
 
 def _remember(table: dict, key, value) -> None:

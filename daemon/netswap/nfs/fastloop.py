@@ -36,15 +36,16 @@ from collections import deque
 from netswap._pool import ffi, lib
 
 from ..counters import LATENCY_BUCKETS
-from ..nbd.sender import skip_sent
+from ..rpc import constants as RC
 from ..rpc import xdr
+from ..transport.sender import skip_sent
 from .exports import NfsError
 
 log = logging.getLogger("netswap.nfs")
 
 _BOUNDS_NS = [round(bound * 1e9) for bound in LATENCY_BUCKETS]
-assert len(_BOUNDS_NS) == lib.NBD_FAST_BOUNDS, "cext/nbdfast.h and counters.py disagree"
-PROGRAM, READ, WRITE = 100003, 6, 7  # NFSv3 and its READ and WRITE (nfs3.py)
+assert len(_BOUNDS_NS) == lib.FAST_LOOP_BOUNDS, "cext/fastloop.h and counters.py disagree"
+PROGRAM, READ, WRITE = RC.PROG_NFS, 6, 7  # NFSv3 and its READ and WRITE (nfs3.py)
 _OPS = ((0, "read"), (1, "write"))  # the loop's stats index, and the procedure's name
 
 # What serve() returns (see cext/nfsfast.h).
@@ -168,7 +169,7 @@ class NfsFastLoop:
             except (NfsError, OSError):
                 node = None  # stale (a scrub: for good), or another node's
             if (node is None or not node.is_swap_file or node.swap_owner != self._node
-                    or node.fd is None):
+                    or node.fd is None or node.backend.failure is not None):
                 if len(self._refused) >= 64:
                     self._refused.clear()
                 self._refused.add(handle)

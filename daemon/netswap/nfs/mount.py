@@ -14,7 +14,7 @@ from ..refusals import RefusalLog
 
 log = logging.getLogger("netswap.nfs")
 
-PROGRAM, VERSION = 100005, 3
+PROGRAM, VERSION = RC.PROG_MOUNT, RC.MOUNT_VERSION
 MNT3_OK, MNT3ERR_NOENT, MNT3ERR_ACCES = 0, 2, 13
 AUTH_SYS = 1
 MNTPATHLEN = 1024
@@ -59,7 +59,7 @@ class MountProgram:
             return packer.bytes()
         if path == self.exports.config.swap_export and self.exports.node_of(peer) is None:
             self._refusals.log("mnt_acces", logging.WARNING,
-                               "mount %s: MNT %r refused: the address is no node in nfs.nodes",
+                               "mount %s: MNT %r refused: the address is no node in swap.nodes",
                                peer, path)
             self.counters.inc("access_denied", "nfs:not_a_node")
             packer.uint(MNT3ERR_ACCES)
@@ -105,6 +105,6 @@ class MountProgram:
         for path in sorted(self.exports.roots):
             packer.bool(True)
             packer.string(path.encode())
-            packer.bool(False)  # no groups list: access is by address (nfs.nodes)
+            packer.bool(False)  # no groups list: access is by address (swap.nodes)
         packer.bool(False)
         return packer.bytes()

@@ -1,11 +1,11 @@
-"""NFSv3 (RFC 1813), program 100003 version 3: the procedures a Linux client needs to
-swapon a file on the mount, and libnfs's nfs-ls / nfs-cat / nfs-cp need for the rest.
+"""NFSv3 (RFC 1813), the procedures: what a Linux client needs to swapon a file on the
+mount, and libnfs's nfs-ls / nfs-cat / nfs-cp need for the rest.
 
-Each procedure unpacks its arguments (xdr.py: every length checked before use; truncated or
-malformed arguments are GARBAGE_ARGS), asks exports.py what the handle names for this
-caller, does the I/O on pool buffers, and packs the result. Procedures this server does not
-do (REMOVE, RENAME, MKDIR, ...) get NFS3ERR_NOTSUPP with the failure body their result type
-defines, so a client decodes a well-formed answer.
+A call's arguments are decoded by codec.py (no I/O there); each procedure asks exports.py
+what the handle names for this caller, does the file I/O on pool buffers, and hands back
+results codec.py encodes. Procedures this server does not do (REMOVE, RENAME, MKDIR, ...)
+get NFS3ERR_NOTSUPP with the failure body their result type defines, so a client decodes a
+well-formed answer.
 """
 
 from __future__ import annotations
@@ -15,66 +15,32 @@ import hashlib
 import logging
 import os
 import stat
-import struct
 import threading
 import time
-from dataclasses import dataclass
-from typing import Optional
 
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
 from ..refusals import RefusalLog
+from . import codec
+from .codec import (
+    ACCESS_ALL, ACCESS_DELETE, ACCESS_EXECUTE, EXCLUSIVE, GUARDED, MAX_FILE_SIZE, NAME_MAX,
+    NFS3ERR_BAD_COOKIE, NFS3ERR_NOT_SYNC, NFS3ERR_TOOSMALL, PROCEDURE_NAMES, SERVER_TIME,
+    UNSTABLE, Sattr3,
+)
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
     NFS3ERR_ISDIR, NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC,
-    NFS3ERR_NOTDIR, NFS3ERR_NOTSUPP, NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
+    NFS3ERR_NOTDIR, NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
 )
 
 log = logging.getLogger("netswap.nfs")
 
-PROGRAM, VERSION = 100003, 3
-NF3REG, NF3DIR = 1, 2
-UNSTABLE, DATA_SYNC, FILE_SYNC = 0, 1, 2
-UNCHECKED, GUARDED, EXCLUSIVE = 0, 1, 2
-ACCESS_ALL = 0x3F  # READ LOOKUP MODIFY EXTEND DELETE EXECUTE
-ACCESS_DELETE, ACCESS_EXECUTE = 0x10, 0x20
-NAME_MAX = 255
-# set_atime / set_mtime (time_how, §2.5): leave it, the server's clock, the time given.
-DONT_CHANGE, SET_TO_SERVER_TIME, SET_TO_CLIENT_TIME = 0, 1, 2
-# Statuses only these procedures give (§2.6).
-NFS3ERR_NOT_SYNC, NFS3ERR_BAD_COOKIE, NFS3ERR_TOOSMALL = 10002, 10003, 10005
+PROGRAM, VERSION = RC.PROG_NFS, RC.NFS_VERSION
 # EXCLUSIVE CREATE keeps the client's verifier in the new file's atime and mtime seconds
 # (§3.3.8), 31 bits each so that every file system stores them unchanged (a 32-bit signed
 # time_t file system would turn 2**31 and up negative, or clamp them).
 _VERIFIER_SECONDS = 0x7FFF_FFFF
-# FSINFO's maxfilesize: the largest off_t. Offsets and sizes are uhyper on the wire; past this
-# os.pwritev and os.truncate raise OverflowError, not an OSError, so they are refused first.
-MAX_FILE_SIZE = 2**63 - 1
-PROCEDURE_NAMES = {0: "null", 1: "getattr", 2: "setattr", 3: "lookup", 4: "access",
-                   5: "readlink", 6: "read", 7: "write", 8: "create", 9: "mkdir",
-                   10: "symlink", 11: "mknod", 12: "remove", 13: "rmdir", 14: "rename",
-                   15: "link", 16: "readdir", 17: "readdirplus", 18: "fsstat", 19: "fsinfo",
-                   20: "pathconf", 21: "commit"}
-# Procedures not served, and how many FALSE optionals their failure body holds (RFC 1813:
-# READLINK post_op_attr; MKDIR/SYMLINK/MKNOD/REMOVE/RMDIR wcc_data; RENAME two wcc_data;
-# LINK post_op_attr + wcc_data).
-_NOT_SERVED = {5: 1, 9: 2, 10: 2, 11: 2, 12: 2, 13: 2, 14: 4, 15: 3}
-# The same for the procedures served: what follows the status of a failed reply.
-_FAILURE_BODY = {1: 0, 2: 2, 3: 1, 4: 1, 6: 1, 7: 2, 8: 2, 16: 1, 17: 1, 18: 1, 19: 1, 20: 1,
-                 21: 2}
-# The first time in nanoseconds that nfstime3 (uint32 seconds) cannot hold.
-_NFSTIME3_END = 2**32 * 1_000_000_000
-# fattr3 (§2.5) in one pack: type, mode, nlink, uid, gid, size, used, rdev (2 words), fsid,
-# fileid, atime, mtime, ctime (seconds and nanoseconds each).
-_FATTR3 = struct.Struct(">5I2Q2I2Q6I")
-# A READ or WRITE result is packed whole, around the fattr3 (the hot path: one pack each).
-# READ: NFS3_OK, post_op_attr TRUE | count, eof, data length.
-_READ_HEAD, _READ_TAIL = struct.Struct(">2I"), struct.Struct(">3I")
-# WRITE: NFS3_OK, pre_op_attr FALSE, post_op_attr TRUE | count, committed, verifier.
-_WRITE_HEAD, _WRITE_TAIL = struct.Struct(">3I"), struct.Struct(">2I8s")
-# Their arguments after the handle: offset, count (READ); offset, count, stable (WRITE).
-_READ_ARGS, _WRITE_ARGS = struct.Struct(">QI"), struct.Struct(">QII")
 
 
 class Nfs3Program:
@@ -98,7 +64,7 @@ class Nfs3Program:
         self._exclusive_create = threading.Lock()
         self._procedures = {0: self._null, 1: self._getattr, 2: self._setattr, 3: self._lookup,
                             4: self._access, 6: self._read, 7: self._write, 8: self._create,
-                            16: self._readdir, 17: self._readdirplus, 18: self._fsstat,
+                            16: self._readdir, 17: self._readdir, 18: self._fsstat,
                             19: self._fsinfo, 20: self._pathconf, 21: self._commit}
 
     @staticmethod
@@ -108,40 +74,39 @@ class Nfs3Program:
     def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc, "unknown")
         self.counters.inc("nfs_calls", name)
-        if emergency and call.proc in _FAILURE_BODY and not self._for_swap(call, peer):
+        if emergency and call.proc in codec.FAILURE_BODY and not self._for_swap(call, peer):
             # The drop rule (the seed's part 2): this record was received into the reserve,
             # but what it asks for is not the node's swap file. It is not executed; JUKEBOX
             # makes the client retry later, when normal memory is back.
             self.counters.inc("emergency_dropped", "nfs")
             self._refusals.log("jukebox", logging.INFO, "nfs %s: %s call received into the "
                                "reserve for a non-swap object: answered JUKEBOX", peer, name)
-            return [rpc.accepted(call.xid), *self._status_only(NFS3ERR_JUKEBOX,
-                                                               _FAILURE_BODY[call.proc])]
-        if call.proc in _NOT_SERVED:
-            packer = xdr.Packer()
-            packer.uint(NFS3ERR_NOTSUPP)
-            for _ in range(_NOT_SERVED[call.proc]):
-                packer.bool(False)
-            return [rpc.accepted(call.xid), packer.bytes()]
-        procedure = self._procedures.get(call.proc)
-        if procedure is None:
+            return [rpc.accepted(call.xid), codec.failure(call.proc, NFS3ERR_JUKEBOX)]
+        if call.proc in codec.NOT_SERVED:
+            return [rpc.accepted(call.xid), codec.not_served(call.proc)]
+        if call.proc not in self._procedures:
             self.counters.inc("rpc_protocol_errors", "proc_unavail")
             return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
-        # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
-        args = xdr.Unpacker(call.args)
         try:
-            return [rpc.accepted(call.xid), *procedure(args, peer, release)]
+            # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
+            args = codec.decode_arguments(call.proc, call.args, self.max_io)
+            return [rpc.accepted(call.xid), *self.execute(call.proc, args, peer, release)]
         except NfsError as exc:
             # A failed procedure: its status, then its result type's failure body.
             self.counters.inc("nfs_errors", str(exc.status))
-            return [rpc.accepted(call.xid),
-                    *self._status_only(exc.status, _FAILURE_BODY[call.proc])]
+            return [rpc.accepted(call.xid), codec.failure(call.proc, exc.status)]
+
+    def execute(self, proc: int, args, peer: str, release: list) -> list:
+        """Run served procedure `proc` on its decoded arguments (codec.py) for `peer`: the
+        parts of its encoded result, or NfsError. Buffers and loans the parts still use are
+        put on `release`, for the caller to release once the reply is sent."""
+        return self._procedures[proc](args, peer, release)
 
     def _for_swap(self, call, peer: str) -> bool:
         """Does the call's object belong to the swap export (the node's swap file, or the
         export's directory swapon looks it up in)? Unreadable handles are not swap."""
         try:
-            handle = xdr.Unpacker(call.args).opaque(64)
+            handle = codec.decode_handle(call.args)
             return self.exports.resolve(handle, peer).export_id == SWAP_EXPORT
         except (xdr.XdrError, NfsError):
             return False
@@ -153,36 +118,7 @@ class Nfs3Program:
         node's file now (a swap file through its open descriptor)."""
         if st is None:
             st = os.fstat(node.fd) if node.fd is not None else os.stat(node.path)
-        packer.pack(_FATTR3, *self._fattr3(node, st))
-
-    @staticmethod
-    def _fattr3(node: Node, st) -> tuple:
-        """fattr3's fields. A swap file reports used >= size: swapon refuses files with
-        holes."""
-        used = st.st_blocks * 512
-        if node.is_swap_file:
-            used = max(used, st.st_size)
-        atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        if not (0 <= min(atime, mtime, ctime) and max(atime, mtime, ctime) < _NFSTIME3_END):
-            # nfstime3 seconds are a uint32 (1970 to 2106): a file dated outside (by the
-            # server's side) shows the nearest time there is, rather than failing every
-            # call that returns its attributes.
-            atime, mtime, ctime = (min(max(t, 0), _NFSTIME3_END - 1)
-                                   for t in (atime, mtime, ctime))
-        return (NF3DIR if stat.S_ISDIR(st.st_mode) else NF3REG, st.st_mode & 0o7777,
-                st.st_nlink, st.st_uid, st.st_gid, st.st_size, used,
-                0, 0,  # rdev
-                node.export_id,  # fsid: one per export, constant
-                st.st_ino,
-                atime // 1_000_000_000, atime % 1_000_000_000,
-                mtime // 1_000_000_000, mtime % 1_000_000_000,
-                ctime // 1_000_000_000, ctime % 1_000_000_000)
-
-    def _object(self, args, peer: str) -> Node:
-        """The object of a call whose only argument is its handle."""
-        handle = args.opaque(64)
-        args.done()
-        return self.exports.resolve(handle, peer)
+        codec.pack_fattr3(packer, _fattr3(node, st))
 
     def _swap_activity(self, node: Node) -> None:
         """A swap-file call: the node's reserve is attached (again), its idle clock reset."""
@@ -220,33 +156,22 @@ class Nfs3Program:
         packer.bool(False)  # no pre-operation attributes: allowed, and never stale
         self._post_op(packer, node)
 
-    def _status_only(self, status: int, falses: int = 1) -> list:
-        packer = xdr.Packer()
-        packer.uint(status)
-        for _ in range(falses):
-            packer.bool(False)
-        return [packer.bytes()]
-
     # Procedures ---------------------------------------------------------------------
 
     def _null(self, args, peer, release):
-        args.done()
         return []
 
     def _getattr(self, args, peer, release):
-        node = self._object(args, peer)
+        node = self.exports.resolve(args.handle, peer)
         packer = xdr.Packer()
         packer.uint(NFS3_OK)
         self._attributes(packer, node, node.st)
         return [packer.bytes()]
 
     def _setattr(self, args, peer, release):
-        handle = args.opaque(64)
-        wanted = _unpack_sattr3(args)
-        guard = (args.uint(), args.uint()) if args.bool() else None  # sattrguard3: ctime
-        args.done()
+        wanted, guard = args.wanted, args.guard
         try:
-            node = self.exports.resolve(handle, peer)
+            node = self.exports.resolve(args.handle, peer)
             if node.is_swap_file:
                 # Setting the size it has and nothing else (nfs-cp's O_TRUNC of nothing)
                 # changes nothing and is answered OK; anything more must not be answered OK
@@ -281,12 +206,10 @@ class Nfs3Program:
         return [packer.bytes()]
 
     def _lookup(self, args, peer, release):
-        handle = args.opaque(64)
         # filename3 is an unbounded string (the record cap bounds it): a longer name than
         # we take is NFS3ERR_NAMETOOLONG below, not a malformed call.
-        name = args.string()
-        args.done()
-        directory = self.exports.resolve(handle, peer)
+        name = args.name
+        directory = self.exports.resolve(args.handle, peer)
         try:
             if len(name) > NAME_MAX:
                 raise NfsError(NFS3ERR_NAMETOOLONG)
@@ -306,22 +229,17 @@ class Nfs3Program:
         return [packer.bytes()]
 
     def _access(self, args, peer, release):
-        handle = args.opaque(64)
-        wanted = args.uint()
-        args.done()
-        node = self.exports.resolve(handle, peer)
+        node = self.exports.resolve(args.handle, peer)
         granted = ACCESS_ALL
         if node.is_swap_file:
             granted &= ~(ACCESS_DELETE | ACCESS_EXECUTE)
         packer = self._ok(node, node.st)
-        packer.uint(wanted & granted)  # exactly the asked-for bits that are granted
+        packer.uint(args.access & granted)  # exactly the asked-for bits that are granted
         return [packer.bytes()]
 
     def _read(self, args, peer, release):
-        handle = args.opaque(64)
-        offset, count = args.unpack(_READ_ARGS)
-        args.done()
-        node = self.exports.resolve(handle, peer)
+        offset, count = args.offset, args.count
+        node = self.exports.resolve(args.handle, peer)
         if node.is_dir:
             raise NfsError(NFS3ERR_ISDIR)
         loan = self._swap_read_loan(node, release)
@@ -344,33 +262,28 @@ class Nfs3Program:
                               self.pool.alloc(count, timeout=None, emergency=True,
                                               group=loan.group))
                     release.insert(0, buffer)  # before the loan that keeps its group attached
-                    got = os.preadv(fd, [buffer.view], offset)
+                    if node.backend is not None:
+                        node.backend.read_into(offset, buffer.view[:count])
+                        got = count
+                    else:
+                        got = os.preadv(fd, [buffer.view], offset)
             finally:
                 if node.fd is None:
                     os.close(fd)
         except OSError as exc:
             raise _from_os(exc) from exc
-        try:
-            head = _READ_HEAD.pack(NFS3_OK, 1) + _FATTR3.pack(*self._fattr3(node, st))
-        except struct.error as exc:  # a value out of its XDR type's range: a bug of ours
-            raise ValueError(f"READ attributes do not fit fattr3: {exc}") from None
-        parts = [head + _READ_TAIL.pack(got, offset + got >= size, got)]
+        parts = [codec.read_result(_fattr3(node, st), got, offset + got >= size)]
         self.counters.inc("nfs_bytes", "read", got)
         if got:
             parts.append(buffer.view[:got])  # the bytes go out from the pool buffer
             if got % 4:
-                parts.append(bytes(4 - got % 4))
+                parts.append(xdr.padding(got))
         return parts
 
     def _write(self, args, peer, release):
-        handle = args.opaque(64)
-        offset, count, stable = args.unpack(_WRITE_ARGS)
-        data = args.opaque(self.max_io)
-        args.done()
-        if stable not in (UNSTABLE, DATA_SYNC, FILE_SYNC) or count != len(data):
-            raise xdr.XdrError(f"stable_how {stable}, count {count} for {len(data)} bytes")
+        offset, count, stable = args.offset, args.count, args.stable
         try:
-            node = self.exports.resolve(handle, peer)
+            node = self.exports.resolve(args.handle, peer)
             if node.is_dir:
                 raise NfsError(NFS3ERR_ISDIR)
             if node.is_swap_file:
@@ -386,18 +299,18 @@ class Nfs3Program:
             # until a COMMIT whose verifier matches (it changes when we restart), as RFC
             # 1813 §3.3.7 has it. Syncing every UNSTABLE write anyway only cost it time.
             committed = stable
-            st = self._pwrite(node, data, offset, sync=committed != UNSTABLE)
+            st = self._pwrite(node, args.data, offset, sync=committed != UNSTABLE)
         except OSError as exc:
             raise _from_os(exc) from exc
         self.counters.inc("nfs_bytes", "write", count)
-        try:
-            return [_WRITE_HEAD.pack(NFS3_OK, 0, 1) + _FATTR3.pack(*self._fattr3(node, st))
-                    + _WRITE_TAIL.pack(count, committed, self.verifier)]
-        except struct.error as exc:
-            raise ValueError(f"WRITE attributes do not fit fattr3: {exc}") from None
+        return [codec.write_result(_fattr3(node, st), count, committed, self.verifier)]
 
     def _pwrite(self, node: Node, data, offset: int, sync: bool) -> os.stat_result:
-        """Write `data` at `offset`; return the file's attributes after the write."""
+        """Write `data` at `offset`; return the file's attributes after the write. A swap
+        file is written through its backend: its failure latch and identity check."""
+        if node.backend is not None:
+            node.backend.write_from(offset, data, fua=sync)
+            return os.fstat(node.fd)
         fd = node.fd if node.fd is not None else os.open(node.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             done = 0
@@ -411,18 +324,9 @@ class Nfs3Program:
                 os.close(fd)
 
     def _create(self, args, peer, release):
-        handle = args.opaque(64)
-        name = args.string()  # unbounded, as in LOOKUP
-        how = args.uint()
-        if how in (UNCHECKED, GUARDED):
-            wanted, verifier = _unpack_sattr3(args), None
-        elif how == EXCLUSIVE:
-            wanted, verifier = Sattr3(), bytes(args.fixed_opaque(8))
-        else:
-            raise xdr.XdrError(f"createmode {how}")
-        args.done()
+        name, how, wanted = args.name, args.how, args.wanted
         try:
-            directory = self.exports.resolve(handle, peer)
+            directory = self.exports.resolve(args.handle, peer)
             if directory.export_id == SWAP_EXPORT:
                 raise NfsError(NFS3ERR_ACCES, "swap files are made by the server")
             if not directory.is_dir:
@@ -439,7 +343,7 @@ class Nfs3Program:
             path = directory.path / text
             if how == EXCLUSIVE:
                 with self._exclusive_create:
-                    self._create_exclusive(path, verifier)
+                    self._create_exclusive(path, args.verifier)
             elif self._create_file(path, 0o644 if wanted.mode is None else wanted.mode,
                                    exclusive=how == GUARDED):
                 _apply_sattr3(path, wanted)  # the attributes a new file starts with
@@ -488,7 +392,7 @@ class Nfs3Program:
                                               st.st_mtime_ns // 1_000_000_000) == stamp):
             raise NfsError(NFS3ERR_EXIST, "exists, made by another create")
 
-    def _readdir(self, args, peer, release, plus: bool = False):
+    def _readdir(self, args, peer, release):
         """READDIR (§3.3.16) and READDIRPLUS (§3.3.17), a page at a time.
 
         A cookie is a keyed hash of the entry's name, and a directory is listed in cookie
@@ -497,15 +401,9 @@ class Nfs3Program:
         listed exactly once), and across our restarts (the key is the handle key's). The
         cookie verifier names that scheme for the export; another gets NFS3ERR_BAD_COOKIE.
         """
-        handle = args.opaque(64)
-        cookie = args.uhyper()
-        verifier = bytes(args.fixed_opaque(8))
-        # READDIR: count bounds the whole result. READDIRPLUS: maxcount bounds it, and
-        # dircount the entries' fileid, name and cookie alone.
-        dircount = args.uint()
-        maxcount = args.uint() if plus else dircount
-        args.done()
-        directory = self.exports.resolve(handle, peer)
+        cookie, verifier, plus = args.cookie, args.verifier, args.plus
+        dircount, maxcount = args.dircount, args.maxcount
+        directory = self.exports.resolve(args.handle, peer)
         if not directory.is_dir:
             raise NfsError(NFS3ERR_NOTDIR)
         cookieverf = self._cookie_verifier(directory)
@@ -570,11 +468,8 @@ class Nfs3Program:
         return hashlib.blake2b(f"{directory.export_id}".encode(), digest_size=8,
                                key=self._cookie_key, person=b"cookieverf").digest()
 
-    def _readdirplus(self, args, peer, release):
-        return self._readdir(args, peer, release, plus=True)
-
     def _fsstat(self, args, peer, release):
-        node = self._object(args, peer)
+        node = self.exports.resolve(args.handle, peer)
         fs = os.statvfs(node.path)
         packer = self._ok(node)
         for value in (fs.f_blocks * fs.f_frsize, fs.f_bfree * fs.f_frsize,
@@ -584,7 +479,7 @@ class Nfs3Program:
         return [packer.bytes()]
 
     def _fsinfo(self, args, peer, release):
-        node = self._object(args, peer)
+        node = self.exports.resolve(args.handle, peer)
         packer = self._ok(node)
         for value in (self.max_io, self.max_io, 4096,  # rtmax, rtpref, rtmult
                       self.max_io, self.max_io, 4096,  # wtmax, wtpref, wtmult
@@ -597,7 +492,7 @@ class Nfs3Program:
         return [packer.bytes()]
 
     def _pathconf(self, args, peer, release):
-        node = self._object(args, peer)
+        node = self.exports.resolve(args.handle, peer)
         packer = self._ok(node)
         packer.uint(1)  # linkmax
         packer.uint(NAME_MAX)
@@ -606,21 +501,20 @@ class Nfs3Program:
         return [packer.bytes()]
 
     def _commit(self, args, peer, release):
-        handle = args.opaque(64)
-        args.uhyper()
-        args.uint()  # offset, count: the whole file is made durable
-        args.done()
         try:
-            node = self.exports.resolve(handle, peer)
+            # The offset and count are not looked at: the whole file is made durable.
+            node = self.exports.resolve(args.handle, peer)
             if node.is_dir:
                 raise NfsError(NFS3ERR_ISDIR)
             if node.is_swap_file:
                 self._swap_activity(node)
-            fd = node.fd if node.fd is not None else os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fdatasync(fd)
-            finally:
-                if node.fd is None:
+            if node.backend is not None:
+                node.backend.flush()
+            else:
+                fd = os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
                     os.close(fd)
         except OSError as exc:
             raise _from_os(exc) from exc
@@ -631,57 +525,8 @@ class Nfs3Program:
         return [packer.bytes()]
 
 
-@dataclass
-class Sattr3:
-    """A sattr3 (§2.5): what to set, None for what to leave. Times are in nanoseconds, or
-    SERVER_TIME for the server's clock at the moment they are applied."""
-
-    mode: Optional[int] = None
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    size: Optional[int] = None
-    atime: Optional[object] = None
-    mtime: Optional[object] = None
-
-
-SERVER_TIME = "server time"
-U32_MAX = 0xFFFF_FFFF
-
-
-def _unpack_sattr3(args) -> Sattr3:
-    wanted = Sattr3()
-    if args.bool():
-        wanted.mode = args.uint() & 0o7777
-        if wanted.mode & (stat.S_ISUID | stat.S_ISGID):
-            # The daemon is root and makes the scratch files: honoured, this is a root-owned
-            # set-user-ID program on the server, from any client that reaches the export.
-            raise NfsError(NFS3ERR_ACCES, "set-user-ID and set-group-ID bits are not set here")
-    if args.bool():
-        wanted.uid = args.uint()
-    if args.bool():
-        wanted.gid = args.uint()
-    if args.bool():
-        wanted.size = args.uhyper()
-    if U32_MAX in (wanted.uid, wanted.gid):
-        # (uid_t)-1 means "leave it" to chown(2): an OK reply would claim a change not made.
-        # Refused here, before a SETATTR truncates or a CREATE makes anything.
-        raise NfsError(NFS3ERR_INVAL, "uid or gid 4294967295")
-    times = []
-    for _ in range(2):  # atime, mtime
-        how = args.uint()
-        if how == SET_TO_CLIENT_TIME:
-            seconds, nanoseconds = args.uint(), args.uint()
-            if nanoseconds >= 1_000_000_000:
-                raise xdr.XdrError(f"nseconds {nanoseconds}")
-            times.append(seconds * 1_000_000_000 + nanoseconds)
-        elif how == SET_TO_SERVER_TIME:
-            times.append(SERVER_TIME)
-        elif how == DONT_CHANGE:
-            times.append(None)
-        else:
-            raise xdr.XdrError(f"time_how {how}")
-    wanted.atime, wanted.mtime = times
-    return wanted
+def _fattr3(node: Node, st) -> tuple:
+    return codec.fattr3(st, node.export_id, node.is_swap_file)
 
 
 def _apply_sattr3(path, wanted: Sattr3) -> None:

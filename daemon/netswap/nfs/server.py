@@ -1,12 +1,12 @@
-"""The NFS side's transport: TCP listeners for RPC programs (NFSv3, MOUNT v3, the
-portmapper), one thread per connection.
+"""The NFS front end: TCP listeners for RPC programs (NFSv3, MOUNT v3, the portmapper), one
+thread per connection, on the transport's FrontEnd (accept, admission, stop/join).
 
 A connection reads RPC records (RFC 5531 §11 record marking): each fragment header is
 checked against the record cap (nfs.max_io plus room for the call's headers) before
 anything is allocated, so a forged 2 GiB header costs four bytes; the record is received
 into a pool buffer (the pool is the only source of payload memory, as on the NBD side).
 The call is parsed (rpc/message.py), handed to its program (mount.py, nfs3.py), and the
-reply goes back through a ReplySender (nbd/sender.py: non-blocking, a client that stops
+reply goes back through a ReplySender (transport/sender.py: non-blocking, a client that stops
 reading throttles only itself). Calls of one connection run on the daemon's workers, so
 several are in flight and replies go out in completion order, matched by xid.
 
@@ -33,18 +33,18 @@ import socket
 import termios
 import threading
 import time
-from collections import Counter
 from typing import Optional
 
-from ..acceptor import Acceptor
-from ..nbd.sender import ReplySender, SendPoller
 from ..netpolicy import tag_emergency
-from ..nbd.server import keep_alive, tcp_listener
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
+from ..transport.admission import ConnectionLimits
+from ..transport.backpressure import wait_for_buffer
+from ..transport.frontend import FrontEnd
+from ..transport.listeners import keep_alive, tcp_listener
+from ..transport.sender import ReplySender, SendPoller
 from . import fastloop
-from ..refusals import RefusalLog
 from .exports import Peer
 
 log = logging.getLogger("netswap.nfs")
@@ -55,44 +55,10 @@ RECORD_SLACK = 4096
 # Calls of one connection between "received" and "replied"; past it the reader stops reading
 # (TCP backpressure). The Linux client keeps up to its slot table (65 by default) in flight.
 MAX_INFLIGHT_CALLS = 64
-# How long a blocked record allocation waits before it checks for a close or the stop.
-ALLOC_POLL = 0.5
 
 
 def _nothing() -> None:
     pass
-
-
-class ConnectionLimits:
-    """nfs.max_connections and nfs.max_connections_per_client, counted over every RpcServer
-    that shares this object (NFS and MOUNT): a budget of the NFS side's own, apart from the
-    NBD side's, so a flood on one service cannot lock swap nodes out of the other."""
-
-    def __init__(self, max_connections: int, max_per_client: int) -> None:
-        self.max_connections = max_connections
-        self.max_per_client = max_per_client
-        self._open = 0
-        self._per_client: Counter[str] = Counter()  # open connections by client address
-        self._lock = threading.Lock()
-
-    def admit(self, client: str) -> Optional[str]:
-        """Count a new connection from `client` in, or say which limit refuses it (the
-        counter label: the config key)."""
-        with self._lock:
-            if self._open >= self.max_connections:
-                return "nfs.max_connections"
-            if self._per_client[client] >= self.max_per_client:
-                return "nfs.max_connections_per_client"
-            self._open += 1
-            self._per_client[client] += 1
-        return None
-
-    def release(self, client: str) -> None:
-        with self._lock:
-            self._open -= 1
-            self._per_client[client] -= 1
-            if not self._per_client[client]:
-                del self._per_client[client]  # the table holds open clients only
 
 
 class RpcServer:
@@ -117,28 +83,15 @@ class RpcServer:
         self.max_record = max_record
         self._key = key
         self.swap_nodes = swap_nodes
-        self._limits = limits
         self._keepalive = keepalive
         self.fast_loop = fast_loop
-        self.refusals = RefusalLog(log)  # refused connections and calls: never a log flood
-        self._listeners: list[socket.socket] = []
-        self._connections: set[RpcConnection] = set()
-        self._threads: set[threading.Thread] = set()
-        self._lock = threading.Lock()
-        self._stopping = False
-        self._acceptor: Optional[Acceptor] = None
+        self.frontend = FrontEnd(name, log, counters, limits, self._open,
+                                 client_of=lambda sock, address: Peer(address[0], address[1]))
+        self.refusals = self.frontend.refusals  # refused calls too: never a log flood
 
     def start(self) -> None:
-        try:
-            for host, port in self._addresses:
-                self._listeners.append(tcp_listener(host, port, key=self._key))
-        except BaseException:
-            self._close_listeners()
-            raise
-        self._acceptor = Acceptor(f"{self.name}-accept", self._listeners, self._accept,
-                                  self.counters)
-        self._acceptor.start()
-        for listener in self._listeners:
+        self.frontend.start(tcp_listener(host, port, self._key) for host, port in self._addresses)
+        for listener in self.frontend.listeners:
             host, port = listener.getsockname()[:2]
             # Not "listening on": the daemon logs that once everything is up, and tools
             # (tests, scripts) wait for it.
@@ -149,39 +102,26 @@ class RpcServer:
         """Stop accepting, close every connection, and wait up to `timeout` seconds for
         their threads: a connection thread ends only when its calls have replied, and until
         then it uses pool buffers and the exports' files. True if all ended in time."""
-        self._stopping = True
-        if self._acceptor is not None:
-            self._acceptor.stop()  # no connection starts after this
-        self._close_listeners()
-        with self._lock:
-            connections = list(self._connections)
-            threads = list(self._threads)
-        for connection in connections:
-            connection.close()
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in threads)
+        return self.frontend.stop(RpcConnection.close, timeout)
 
     @property
     def connection_count(self) -> int:
-        with self._lock:
-            return len(self._connections)
+        return self.frontend.connection_count
 
     @property
     def stopping(self) -> bool:
-        return self._stopping
+        return self.frontend.stopping
 
     @property
     def ports(self) -> list[int]:
-        return [listener.getsockname()[1] for listener in self._listeners]
+        return [listener.getsockname()[1] for listener in self.frontend.listeners]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) of each listener, as bound: a dual-stack wildcard ("" or "*" in the
         config, bound to "::" without IPV6_V6ONLY) is ("0.0.0.0", port) and ("::", port)."""
         bound = []
-        for listener in self._listeners:
+        for listener in self.frontend.listeners:
             host, port = listener.getsockname()[:2]
             if listener.family == socket.AF_INET6 and not listener.getsockopt(
                     socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
@@ -189,36 +129,8 @@ class RpcServer:
             bound.append((host, port))
         return bound
 
-    def _close_listeners(self) -> None:
-        for listener in self._listeners:
-            listener.close()
-
-    def _accept(self, listener: socket.socket, sock: socket.socket, address) -> None:
-        peer = Peer(address[0], address[1])
-        refusal = self._limits.admit(peer) if self._limits is not None else None
-        if refusal is not None:
-            # Closed before any record is read: no thread, no buffer for it.
-            sock.close()
-            self.counters.inc("connections_refused", refusal)
-            self._log_refusal(refusal, peer)
-            return
-        try:
-            sock.setblocking(True)
-            self._start_connection(sock, peer)
-        except BaseException:
-            if self._limits is not None:
-                self._limits.release(peer)
-            sock.close()
-            raise
-
-    def _log_refusal(self, reason: str, client: str) -> None:
-        # A flood of refusals must not become a flood of log lines: one per reason a second.
-        self.refusals.log(reason, logging.WARNING,
-                          "%s: refusing connections from %s: %s reached (%s refused so far)",
-                          self.name, client, reason,
-                          self.counters.get("connections_refused", reason))
-
-    def _start_connection(self, sock: socket.socket, peer: str) -> None:
+    def _open(self, listener: socket.socket, sock: socket.socket, address, peer: Peer):
+        """The RpcConnection for an admitted socket, and what its thread runs."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._keepalive is not None:
             keep_alive(sock, self._keepalive)
@@ -239,28 +151,18 @@ class RpcServer:
                 self.counters.inc("socket_tag_failures")
                 log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
         connection = RpcConnection(self, sock, peer, node)
-        thread = threading.Thread(target=connection.run, name=f"{self.name} {peer}",
-                                  daemon=True)
-        with self._lock:
-            self._connections.add(connection)
-            self._threads.add(thread)
         self.counters.inc("rpc_connections", self.name)
-        thread.start()
+        return connection, connection.run
 
     def close_node(self, node: str) -> int:
         """Close the connections of swap node `node`; return how many."""
-        with self._lock:
-            connections = [c for c in self._connections if c.node == node]
+        connections = [c for c in self.frontend.connections() if c.node == node]
         for connection in connections:
             connection.close()
         return len(connections)
 
     def connection_closed(self, connection: "RpcConnection") -> None:
-        with self._lock:
-            self._connections.discard(connection)
-            self._threads.discard(threading.current_thread())
-        if self._limits is not None:
-            self._limits.release(connection.peer)
+        self.frontend.closed(connection, connection.peer)
 
 
 class RpcConnection:
@@ -449,15 +351,14 @@ class RpcConnection:
     def _wait_for_buffer(self, size: int, **how):
         """A pool buffer, waiting as long as the pool has none (backpressure), but not past
         this connection's close or the daemon's stop."""
-        pool = self.server.pool
-        buffer = pool.alloc(size, **how)
+        buffer = self.server.pool.alloc(size, **how)
         if buffer is not None:
             return buffer
         self.server.counters.inc("pool_waits", "swap" if how.get("emergency") else "non_swap")
-        while buffer is None:
-            if self._closing or self.server.stopping:
-                raise ConnectionError("closed while waiting for pool memory")
-            buffer = pool.alloc(size, timeout=ALLOC_POLL, **how)
+        buffer = wait_for_buffer(self.server.pool, size,
+                                 lambda: self._closing or self.server.stopping, **how)
+        if buffer is None:
+            raise ConnectionError("closed while waiting for pool memory")
         return buffer
 
     def _recv_exact(self, count: int, allow_eof: bool = False) -> Optional[bytes]:

@@ -8,10 +8,12 @@ import time
 
 from netswap._pool import ffi
 
+from ..transport.admission import ConnectionLimits
+
 from . import fastloop, mount, nfs3
 from .exports import NfsExports
 from .portmapper import Portmapper
-from .server import RECORD_SLACK, ConnectionLimits, RpcServer
+from .server import RECORD_SLACK, RpcServer
 from .swapnodes import SwapNodes
 
 
@@ -23,10 +25,13 @@ class NfsService:
         nfs = config.nfs
         self._counters = counters
         self.exports = NfsExports(config, config.daemon.state_dir)
-        self.swap_nodes = (SwapNodes(nfs, lifecycle, socket_policy, self.exports.swap,
+        self.swap_nodes = (SwapNodes(config, lifecycle, socket_policy, self.exports.swap,
                                      counters) if nfs.swap_export else None)
         max_record = nfs.max_io + RECORD_SLACK
-        limits = ConnectionLimits(nfs.max_connections, nfs.max_connections_per_client)
+        # NFS and MOUNT count together, apart from the NBD side's budget: a flood on one
+        # service cannot lock swap nodes out of the other.
+        limits = ConnectionLimits(nfs.max_connections, nfs.max_connections_per_client,
+                                  ("nfs.max_connections", "nfs.max_connections_per_client"))
         program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
         fast_loop = None
         if nfs.c_loop and self.swap_nodes is not None:
@@ -79,7 +84,7 @@ class NfsService:
         return {server.name: server.connection_count for server in servers}
 
     def knows_node(self, node: str) -> bool:
-        """Is `node` a swap node here (named in nfs.nodes, or with a swap file on disk)?"""
+        """Is `node` a swap node here (named in swap.nodes, or with a swap file on disk)?"""
         if self.swap_nodes is None:
             return False
         return node in self.swap_nodes.names() or node in self.exports.swap.nodes()

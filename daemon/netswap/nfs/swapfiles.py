@@ -30,7 +30,7 @@ What the Linux client needs from it (research/nfs.md section 1) and what isolati
   fileid to a SwapFile whose ``node`` the server compares with the caller's node on every call;
   ``files_of`` lists a node its own file (made on first use) and nothing else.
 
-Node names follow the NBD swap node rule (exports.registry): lower-case RFC 1123 labels.
+Node names follow the swap node rule (swap/nodes.py): lower-case RFC 1123 labels.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ import threading
 from pathlib import Path
 
 from ..exports.backends import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, fallocate
-from ..exports.registry import SWAP_PREFIX, swap_node_from_name
+from ..swap import store
+from ..swap.nodes import nfs_swap_name, valid_node
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SwapFile", "SwapFileError", "SwapFiles", "valid_node"]
+__all__ = ["SwapFile", "SwapFileError", "SwapFiles"]
 
 STATE_FORMAT = 1
 _U32 = 1 << 32
@@ -64,26 +65,28 @@ class SwapFileError(OSError):
     holes we could not fill, a corrupt state file).  The message names the path."""
 
 
-def valid_node(node: object) -> bool:
-    """Whether ``node`` is a valid swap node name: the NBD rule, reused, not restated."""
-    return isinstance(node, str) and swap_node_from_name(SWAP_PREFIX + node) == node
-
-
 class SwapFile:
     """One node's open swap file.  ``generation`` changes when the file is scrubbed."""
 
-    __slots__ = ("node", "path", "fd", "size", "fileid", "generation")
+    __slots__ = ("node", "path", "fd", "size", "fileid", "generation", "backend")
 
-    def __init__(self, node: str, path: Path, fd: int, size: int, fileid: int, generation: int):
+    def __init__(self, node: str, path: Path, fd: int, size: int, fileid: int, generation: int,
+                 on_failure=None):
         self.node = node
         self.path = path
-        self.fd = fd  # O_RDWR | O_CLOEXEC, positional I/O only (pread/pwrite), shared by threads
+        self.fd = fd  # O_RDWR | O_CLOEXEC, positional I/O only, shared by threads
+        # READ, WRITE and COMMIT go through the swap store's Backend, which owns `fd`.
+        self.backend = store.swap_file(fd, path, on_failure)
         self.size = size
         self.fileid = fileid  # st_ino; fattr3.fileid and the handle's fileid
         self.generation = generation  # u32, never 0 (0 is the export root's)
 
     def __repr__(self) -> str:
         return f"SwapFile(node={self.node!r}, fileid={self.fileid}, generation={self.generation})"
+
+    @property
+    def name(self) -> str:
+        return nfs_swap_name(self.node)
 
     def stat(self) -> os.stat_result:
         """Current attributes (fstat of the open file): st_blocks*512 is fattr3.used."""
@@ -127,10 +130,14 @@ class SwapFiles:
         """What READDIR shows ``node``: its own file, nothing else.
 
         The file is created as on LOOKUP: a node told to ``swapon /mnt/swap/<node>`` lists
-        the directory to find its file, and its name in nfs.nodes need not be its hostname,
+        the directory to find its file, and its name in swap.nodes need not be its hostname,
         so an empty listing would leave it guessing.
         """
         return [self._get(node, create=True)]
+
+    def opened(self, node: str) -> SwapFile | None:
+        """The node's swap file if it is open now; never opens or creates one."""
+        return self._open.get(node)
 
     def by_fileid(self, fileid: int) -> SwapFile | None:
         """The swap file with this fileid (a handle's), opened if a previous run made it.
@@ -190,7 +197,7 @@ class SwapFiles:
                 return
             self._closed = True
             for swap_file in self._open.values():
-                os.close(swap_file.fd)
+                swap_file.backend.close()
             self._open.clear()
             os.close(self._dir_fd)
 
@@ -257,7 +264,8 @@ class SwapFiles:
                 )
             # _record gives a new generation when the node is unknown or its inode changed.
             generation = self._record(node, st.st_ino, new_generation=False)
-            return SwapFile(node, path, fd, self.size, st.st_ino, generation)
+            return SwapFile(node, path, fd, self.size, st.st_ino, generation,
+                            on_failure=self._bump_epoch)
         except BaseException:
             os.close(fd)
             raise
@@ -317,7 +325,8 @@ class SwapFiles:
                 pass
             raise
         log.info("created swap file %s (%d bytes, generation %d)", path, self.size, generation)
-        return SwapFile(node, path, fd, self.size, st.st_ino, generation)
+        return SwapFile(node, path, fd, self.size, st.st_ino, generation,
+                        on_failure=self._bump_epoch)
 
     def _require_allocated(self, fd: int, path: Path) -> None:
         st = os.fstat(fd)

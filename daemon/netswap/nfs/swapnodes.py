@@ -10,34 +10,16 @@ a buffer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from typing import Optional
 
 from ..errors import AttachRefused
+from ..swap.nodes import nfs_swap_name
 
 log = logging.getLogger("netswap.nfs")
-
-
-class NfsSwapNode:
-    """A node's NFS swap, as the lifecycle sees an export: it attaches by node name, so a
-    node that also swaps over NBD shares one reserve between the two. With swap.wipe the
-    lifecycle discards its contents when the node detaches for good, through `backend`."""
-
-    is_swap = True
-
-    def __init__(self, node: str, swap_files) -> None:
-        self.node = node
-        self.name = f"nfs:{node}"
-        self._swap_files = swap_files
-        self.size = 0  # the whole file: the scrub knows its size
-        self.backend = self  # the lifecycle's wipe calls backend.write_zeroes
-
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        # Zeroed in place, still fully allocated (a hole would make swapon refuse it), made
-        # durable, and given a new generation so that handles from before go stale.
-        self._swap_files.scrub(self.node)
 
 
 class _Hold:
@@ -79,8 +61,9 @@ class SwapNodes:
     swap-file call attaches again. The kernel's UMNT goes over UDP, which this TCP-only
     server does not hear: the idle timeout is what detaches a Linux node."""
 
-    def __init__(self, nfs, lifecycle, socket_policy, swap_files, counters) -> None:
-        self._nfs = nfs
+    def __init__(self, config, lifecycle, socket_policy, swap_files, counters) -> None:
+        self._nfs = config.nfs
+        self._swap = config.swap
         self._lifecycle = lifecycle
         self.socket_policy = socket_policy
         self._swap_files = swap_files
@@ -94,10 +77,12 @@ class SwapNodes:
         self._sweeper: Optional[threading.Thread] = None
 
     def node_of(self, peer: str):
-        return self._nfs.node_of(peer, getattr(peer, "port", None))
+        if not self._nfs.node_port_allowed(getattr(peer, "port", None)):
+            return None
+        return self._swap.node_of(peer)
 
     def names(self) -> set[str]:
-        return {name for _, name in self._nfs.nodes}
+        return {name for _, name in self._swap.nodes}
 
     def start(self) -> None:
         if self._nfs.swap_idle_timeout is not None:
@@ -154,7 +139,12 @@ class SwapNodes:
                 self._set_attached(node, True)
                 return
             try:
-                attachment = self._lifecycle.attach(NfsSwapNode(node, self._swap_files))
+                # By node name (swap/attach.py), so a node that also swaps over NBD shares
+                # one reserve between the two; swap.wipe scrubs its file when it detaches
+                # for good: zeroed in place, still fully allocated (a hole would make swapon
+                # refuse it), and given a new generation so that handles from before go stale.
+                attachment = self._lifecycle.attach_node(
+                    node, nfs_swap_name(node), functools.partial(self._swap_files.scrub, node))
             except AttachRefused as exc:
                 log.warning("nfs: node %r not attached: %s", node, exc)
                 return

@@ -44,10 +44,12 @@ MAX_AUTH_BYTES = 400          # opaque_auth body<400> (§8.2)
 AUTH_SYS_MACHINENAME_MAX = 255  # authsys_parms.machinename<255> (App. A)
 AUTH_SYS_GIDS_MAX = 16          # authsys_parms.gids<16> (App. A)
 
-# Programs (RFC 1833 portmapper, RFC 1813 NFSv3 and MOUNT v3).
+# Programs and the versions served (RFC 1833 portmapper, RFC 1813 NFSv3 and MOUNT v3).
 PROG_PORTMAP = 100000
 PROG_NFS = 100003
 PROG_MOUNT = 100005
+NFS_VERSION = 3
+MOUNT_VERSION = 3
 
 # Record marking (§11): the top bit of a fragment header marks the last fragment.
 LAST_FRAGMENT = 0x8000_0000
