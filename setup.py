@@ -19,7 +19,8 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "daemon"},
     packages=find_packages("daemon"),
-    # The pool is C (cext/): built by cffi in API mode into netswap._pool.
+    # The pool, the send gate and the request loops are C (cext/): built by cffi in API mode
+    # into netswap._pool.
     cffi_modules=["cext/build_pool.py:ffibuilder"],
     setup_requires=["cffi>=1.15"],
     install_requires=[

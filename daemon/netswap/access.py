@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import AccessDenied, AttachRefused
-from .exports.registry import SWAP_PREFIX, ExportError, swap_node_from_name
+from .exports.registry import ExportError
+from .swap.nodes import SWAP_PREFIX, client_address, swap_node_from_name
 
 log = logging.getLogger("netswap.access")
 
@@ -70,10 +71,7 @@ class ClientIdentity:
 def peer_identity(sock: socket.socket, address) -> ClientIdentity:
     """The identity of a just-accepted socket (`address` as accept() returned it)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        peer = ipaddress.ip_address(address[0].split("%", 1)[0])
-        if peer.version == 6 and peer.ipv4_mapped is not None:
-            peer = peer.ipv4_mapped
-        return ClientIdentity(address=peer)
+        return ClientIdentity(address=client_address(address[0]))
     try:
         _pid, uid, _gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))

@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 
-from .nbd.constants import COMMAND_NAMES
+from .oplabels import NBD_COMMAND_NAMES
 
 # Upper bounds, in seconds, of the request latency histogram's buckets. A swap-in served from
 # the page cache over a LAN takes tens of microseconds, one from a cold disk milliseconds, a
@@ -159,7 +159,7 @@ class RequestStats:
         stats.observe(length, error, elapsed_ns)
 
     def _entry(self, export: str, command: int) -> _OpStats:
-        op = COMMAND_NAMES.get(command, UNKNOWN_OP)
+        op = NBD_COMMAND_NAMES.get(command, UNKNOWN_OP)
         with self._lock:
             ops = self._exports.setdefault(export, {})
             if op == UNKNOWN_OP:

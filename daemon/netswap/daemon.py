@@ -26,12 +26,12 @@ from .access import BINDINGS_FILE, AccessControl, SwapBindings
 from .config import Config, ConfigError, load
 from .control import ControlServer
 from .counters import Counters
-from .exports.lifecycle import Lifecycle
+from .swap.attach import Lifecycle
 from .exports.registry import ExportError, ExportRegistry
 from .metrics import NetswapCollector, serve
-from .nbd.server import ListenError, NbdServer
+from .nbd.server import NbdServer
 from .nbd.tls import server_context
-from .netpolicy import ShapeError, Shaper
+from .netpolicy import ShapeError, Shaper, swap_socket_policy
 from .nfs.service import NfsService
 from .operations import Operations
 from .pressure import PressureMonitor
@@ -39,7 +39,10 @@ from .protect import ProtectError, protect_process
 from .reload import plan_reload
 from .reserve.pool import LockError, Pool, PoolError
 from .reserve.tree import build_tree, pool_size, render
-from .systemd import Notifier
+from .systemd import Notifier, adopt_listen_fds, release_unclaimed_listeners
+from .transport.listeners import ListenError
+from .transport.sender import ReplySender, SendPoller
+from .transport.workers import WorkerPool
 
 log = logging.getLogger("netswap")
 
@@ -148,9 +151,22 @@ class Daemon:
         if config.swap.bind == "secret":
             _warn_if_readable(config.source, "swap.secrets")
         self.pressure = PressureMonitor(config.pressure) if config.pressure.enabled else None
+        # The I/O workers serve NBD and NFS alike (one fair queue over every node); each
+        # front end has its own send poller, so each cuts off stalled clients after its own
+        # send_timeout. Stopped last, and only once no connection can use them any more.
+        self.workers = WorkerPool(config.daemon.workers)
+        undo.callback(self._stop_if_clean, self.workers)
+        nbd_sends = self._send_poller(config.nbd.send_timeout)
+        undo.callback(self._stop_if_clean, nbd_sends)
+        try:
+            adopt_listen_fds()  # the listeners below take these before binding their own
+        except ValueError as exc:
+            raise StartError(str(exc)) from exc
+        undo.callback(release_unclaimed_listeners)
         try:
             self.server = NbdServer(config, self.pool, self.registry, self.lifecycle,
-                                    self.counters, self.pressure, access=self.access)
+                                    self.workers, nbd_sends, self.counters, self.pressure,
+                                    access=self.access)
         except ConfigError as exc:  # a TLS file that cannot be used
             raise StartError(str(exc)) from exc
         try:
@@ -162,6 +178,10 @@ class Daemon:
         if config.nfs.enabled:
             self.nfs = self._start_nfs(config)
             undo.callback(self._stop_nfs)
+        unclaimed = release_unclaimed_listeners()
+        if unclaimed:
+            raise StartError(f"systemd passed sockets no listener in the config takes (the socket "
+                             f"unit and the config disagree): {', '.join(unclaimed)}")
         if self.pressure is not None:
             self.pressure.start()
             undo.callback(self.pressure.stop)
@@ -202,11 +222,24 @@ class Daemon:
         log.info("pool: %d bytes faulted in%s in %.2f s", self.pool.size,
                  " and locked" if self.pool.locked else "", stats["elapsed_ns"] / 1e9)
 
+    def _send_poller(self, send_timeout: float) -> SendPoller:
+        """A poller finishing a front end's replies, which disconnects a client that takes
+        none of them for `send_timeout` seconds."""
+        def timed_out(sender: ReplySender) -> None:
+            self.counters.inc("send_timeouts")
+            log.warning("%s: took no replies for %.0f s: disconnecting", sender.peer,
+                        poller.send_timeout)
+            sender.cut_off()
+
+        poller = SendPoller(send_timeout, timed_out)
+        return poller
+
     def _start_nfs(self, config) -> "NfsService":
+        nfs_sends = self._send_poller(config.nfs.send_timeout)
+        self._exit.callback(self._stop_if_clean, nfs_sends)
         try:
-            service = NfsService(config, self.pool, self.counters, self.server.workers,
-                                 self.server.send_poller, self.lifecycle,
-                                 self.server.swap_socket_policy)
+            service = NfsService(config, self.pool, self.counters, self.workers, nfs_sends,
+                                 self.lifecycle, swap_socket_policy(config))
             service.start(wipe=config.swap.wipe)
         except (ListenError, OSError, ValueError) as exc:
             raise StartError(f"nfs: {exc}") from exc
@@ -287,6 +320,12 @@ class Daemon:
         if not self.server.stop(timeout):
             self._clean = False
             log.warning("in-flight requests did not finish within %.0f s", timeout)
+
+    def _stop_if_clean(self, part: WorkerPool | SendPoller) -> None:
+        # After a stop that was not clean, connection threads may still submit and send:
+        # the workers and pollers they use stay up (the process is about to exit anyway).
+        if self._clean:
+            part.stop()
 
     def _stop_nfs(self) -> None:
         timeout = self.config.daemon.shutdown_timeout

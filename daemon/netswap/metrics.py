@@ -72,7 +72,8 @@ _EVENTS = {
     "swap_detaches": ("netswap_node_detaches_total",
                       "Nodes whose reserve was released after the detach grace period.", None),
     "send_timeouts": ("netswap_send_timeouts_total",
-                      "Clients disconnected for taking no replies for nbd.send_timeout.", None),
+                      "Clients disconnected for taking no replies for nbd.send_timeout (NBD) "
+                      "or nfs.send_timeout (NFS).", None),
     "io_errors": ("netswap_backend_errors_total",
                   "Requests the backing storage refused or failed, by request:NBD errno.",
                   "request"),
@@ -300,8 +301,9 @@ class NetswapCollector:
         yield calls
 
     def _node_metrics(self) -> Iterator:
-        """Attached nodes (reserve connected, grace period included) and their swap export.
-        Only exports already open are read: the registry is never asked to open one."""
+        """Attached nodes (reserve connected, grace period included) and their swap: the NBD
+        export, or an NFS-only node's swap file. Only exports and files already open are
+        read: neither is ever opened for a scrape."""
         labels = ["node", "export"]
         connections = GaugeMetricFamily(
             "netswap_node_connections",
@@ -315,8 +317,11 @@ class NetswapCollector:
             labels=labels)
         server = self._server
         exports = server.registry.swap_exports()
+        swap_files = self._nfs.exports.swap if self._nfs is not None else None
         for node, count in sorted(server.lifecycle.attached_nodes().items()):
             export = exports.get(node)
+            if export is None and swap_files is not None:
+                export = swap_files.opened(node)  # an NFS-only node: its swap file
             if export is None:
                 continue
             key = [node, export.name]

@@ -44,6 +44,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from .reserve.tree import socket_buffer_size
+
 log = logging.getLogger("netswap.netpolicy")
 
 # Python's socket module lacks some of these on some builds; the values are the
@@ -95,6 +97,13 @@ class SocketPolicy:
         group's in-flight bytes)."""
         return cls(priority=network.priority, dscp=network.dscp, mark=network.mark,
                    sndbuf=sndbuf, rcvbuf=rcvbuf)
+
+
+def swap_socket_policy(config) -> SocketPolicy:
+    """The policy of a swap node's socket, NBD or NFS alike: [network]'s options, and
+    buffers with room for the in-flight data a swap connection may have."""
+    size = socket_buffer_size(config)
+    return SocketPolicy.from_config(config.network, sndbuf=size, rcvbuf=size)
 
 
 def _describe_error(option: str, error: OSError, advice: str = "") -> str:

@@ -107,7 +107,7 @@ class EmergencyRule:
     available_exit: int
 
     def __post_init__(self) -> None:
-        # Without the gaps there is no hysteresis; config.py enforces the same.
+        # Without the gaps there is no hysteresis; the config (config/rules.py) enforces the same.
         if not self.psi_exit < self.psi_enter:
             raise ValueError(f"psi_exit {self.psi_exit} must be below psi_enter "
                              f"{self.psi_enter}")

@@ -221,7 +221,7 @@ def shorten_slice() -> bool:
     A node's page fault waits on this thread. When the CPUs are busy (another node's storm:
     its client, our threads serving it, writeback), a woken thread with the default slice
     (~3 ms here) waits for the running one's slice to end; EEVDF lets a thread with a
-    shorter slice preempt at wakeup. Measured (tests/test_fairness.py, uncapped fsync storm):
+    shorter slice preempt at wakeup. Measured (tests/daemon/test_fairness.py, uncapped fsync storm):
     the quiet node's p99 during the storm fell from 0.9-1.8 ms to 0.5-1.0 ms. The thread
     still gets its fair share of CPU, in smaller pieces. Needs no privilege; False (and one
     log line per process) where the kernel or architecture does not have it.

@@ -21,7 +21,7 @@ RESTART_ONLY = {
     "pool": {"size", "lock", "normal_budget", "headroom"},
     "nbd": {"listen", "unix_socket"},
     "swap": {"enabled", "backend", "directory", "max_nodes", "reserve_inflight",
-             "reserve_request", "max_connections", "node_networks"},
+             "reserve_request", "max_connections", "node_networks", "nodes"},
     "network": {"shape", "interface"},
     "pressure": {"enabled", "interval", "psi_enter", "psi_exit", "available_enter",
                  "available_exit"},

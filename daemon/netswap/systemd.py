@@ -35,15 +35,26 @@ the manager that would read the message is the one that is not there.
       .close()
     listen_fds(environ=None, unset_environment=True) -> list[socket.socket]
     listen_fds_with_names(...) -> list[tuple[str, socket.socket]]
+    adopt_listen_fds(environ=None) -> int         keep the passed sockets for the listeners
+    take_tcp_listener(host, port) / take_unix_listener(path) -> socket or None
+    release_unclaimed_listeners() -> list[str]    close and name the sockets nothing took
+
+With socket activation (systemd/netswapd.socket) the manager, not netswapd, owns the
+listening sockets: a connection made while netswapd restarts waits in the socket's backlog
+and is served once it is up again, instead of being refused. Each listener the config names
+takes the passed socket bound to its address, and binds its own where none was passed, so the
+same config runs with and without the socket unit.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Callable, MutableMapping, Optional
 
 log = logging.getLogger("netswap.systemd")
@@ -342,3 +353,88 @@ def listen_fds_with_names(environ: Optional[MutableMapping[str, str]] = None,
         if unset_environment:
             for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
                 env.pop(name, None)
+
+
+# The sockets adopt_listen_fds() kept, with their names, until a listener takes one. Held per
+# process, not per server: the fds and the LISTEN_* variables that describe them belong to
+# the process, and the NBD, NFS, MOUNT and portmapper listeners each take theirs from here.
+_passed_listeners: list[tuple[str, socket.socket]] = []
+
+
+def adopt_listen_fds(environ: Optional[MutableMapping[str, str]] = None) -> int:
+    """Keep the listening sockets systemd passed for take_tcp_listener() and
+    take_unix_listener(); returns how many. Logs which were passed, or that netswapd binds
+    every listener itself. Raises ValueError as listen_fds_with_names()."""
+    passed = listen_fds_with_names(environ)
+    _passed_listeners[:] = passed
+    if passed:
+        log.info("systemd passed %d listening socket%s: %s", len(passed),
+                 "" if len(passed) == 1 else "s",
+                 ", ".join(_describe(name, sock) for name, sock in passed))
+    else:
+        log.info("no listening sockets passed by systemd: netswapd binds its listeners itself")
+    return len(passed)
+
+
+def take_tcp_listener(host: str, port: int, key: str) -> Optional[socket.socket]:
+    """The passed TCP socket bound to host:port as a listen key names it ("" and "*" the IPv6
+    wildcard, "localhost" 127.0.0.1, as netswapd binds them itself), or None to bind one."""
+    if host in ("", "*"):
+        wanted = ipaddress.ip_address("::")
+    elif host == "localhost":
+        wanted = ipaddress.ip_address("127.0.0.1")
+    else:
+        wanted = ipaddress.ip_address(host)
+    for entry in _passed_listeners:
+        _name, sock = entry
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        if sock.type != socket.SOCK_STREAM:
+            continue  # a datagram socket stays unclaimed, and the start fails naming it
+        address, bound_port = sock.getsockname()[:2]
+        if ipaddress.ip_address(address.split("%", 1)[0]) == wanted and bound_port == port:
+            return _take(entry, key)
+    return None
+
+
+def take_unix_listener(path: Path, key: str) -> Optional[socket.socket]:
+    """The passed Unix stream socket bound to ``path``, or None to bind one. The path is the
+    socket unit's: netswapd must not unlink it at stop, or the next start finds no socket."""
+    for entry in _passed_listeners:
+        _name, sock = entry
+        if (sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+                and sock.getsockname() == os.fspath(path)):
+            return _take(entry, key)
+    return None
+
+
+def release_unclaimed_listeners() -> list[str]:
+    """Close the passed sockets no listener took, and name them: the socket unit listens
+    where the config does not, and connections there would wait in the backlog forever."""
+    unclaimed = [_describe(name, sock) for name, sock in _passed_listeners]
+    for _name, sock in _passed_listeners:
+        sock.close()
+    _passed_listeners.clear()
+    return unclaimed
+
+
+def _take(entry: tuple[str, socket.socket], key: str) -> socket.socket:
+    _passed_listeners.remove(entry)
+    name, sock = entry
+    # The manager may pass it non-blocking; netswapd's own listeners start out blocking, and
+    # the acceptor sets the mode it needs.
+    sock.setblocking(True)
+    log.info("%s: serving on %s, passed by systemd", key, _describe(name, sock))
+    return sock
+
+
+def _describe(name: str, sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        where = sock.getsockname() or "an unnamed Unix socket"
+    elif sock.family == socket.AF_INET6:
+        where = "[{}]:{}".format(*sock.getsockname()[:2])
+    elif sock.family == socket.AF_INET:
+        where = "{}:{}".format(*sock.getsockname()[:2])
+    else:
+        where = f"a socket of family {sock.family!r}"
+    return f"{where} (fd {sock.fileno()}, {name})"

@@ -34,21 +34,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import (
-    _NODE_NAME_RE,  # the swap node name rule of exports/registry.py (tests/test_access.py)
-    _SECTIONS as _NETSWAPD_SECTIONS,
-    ConfigError,
-    _Boolean,
-    _Choice,
-    _Field,
-    _Integer,
-    _ip_literal,
-    _Kind,
-    _PathText,
-    _reject_unknown_keys,
-    _UniqueStrings,
+from ..config.errors import ConfigError
+from ..config.kinds import (
+    NODE_NAME_RE,  # the swap node name rule (swap/nodes.py)
+    Boolean,
+    Choice,
+    Integer,
+    Kind,
+    PathText,
+    UniqueStrings,
+    ip_literal,
     parse_duration,
 )
+from ..config.schema import SECTIONS as NETSWAPD_SECTIONS
+from ..config.schema import Key, reject_unknown_keys
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -119,7 +118,7 @@ def _host_name(text: str) -> str | None:
     return name
 
 
-class _Servers(_UniqueStrings):
+class _Servers(UniqueStrings):
     """ "HOST[:PORT]" strings -> a tuple of (host, port), duplicates refused after parsing.
 
     Host names are allowed (netswapd's listen addresses are not): the node resolves them each
@@ -148,7 +147,7 @@ class _Servers(_UniqueStrings):
             inside, bracket, rest = text[1:].partition("]")
             if not bracket:
                 self._reject(key, text, 'has no closing "]"')
-            host = _ip_literal(ipaddress.IPv6Address, inside)
+            host = ip_literal(ipaddress.IPv6Address, inside)
             if host is None:
                 self._reject(key, text, f"{inside!r} is not an IPv6 address")
             if rest and not rest.startswith(":"):
@@ -156,18 +155,18 @@ class _Servers(_UniqueStrings):
             port_text = rest[1:] if rest else None
         else:
             if text.count(":") > 1:
-                if _ip_literal(ipaddress.IPv6Address, text) is not None:
+                if ip_literal(ipaddress.IPv6Address, text) is not None:
                     self._reject(key, text, f'is an IPv6 address without brackets (write '
                                             f'"[{text}]" or "[{text}]:{self.default_port}")')
                 address, _, port = text.rpartition(":")
-                if _ip_literal(ipaddress.IPv6Address, address) is not None:
+                if ip_literal(ipaddress.IPv6Address, address) is not None:
                     self._reject(key, text, f'is an IPv6 address and port without brackets '
                                             f'(write "[{address}]:{port}")')
                 self._reject(key, text, 'is not "HOST" or "HOST:PORT"')
             host_text, colon, port_text = text.partition(":")
             if not colon:
                 port_text = None
-            host = _ip_literal(ipaddress.IPv4Address, host_text) or _host_name(host_text)
+            host = ip_literal(ipaddress.IPv4Address, host_text) or _host_name(host_text)
             if host is None:
                 self._reject(key, text, f"{host_text!r} is not an IPv4 address or a host name")
         if port_text is None:
@@ -180,19 +179,19 @@ class _Servers(_UniqueStrings):
         return host, int(port_text)
 
 
-class _NodeName(_Kind):
+class _NodeName(Kind):
     type_name = "str"
     allowed = ('a swap node name: 1 to 63 characters of a-z, 0-9 and "-", not starting or '
                'ending with "-"')
 
     def convert(self, value, key):
         self._require_type(key, value, isinstance(value, str), "a string")
-        if not _NODE_NAME_RE.fullmatch(value):
+        if not NODE_NAME_RE.fullmatch(value):
             self._reject(key, value, "is not a swap node name")
         return value
 
 
-class _Seconds(_Kind):
+class _Seconds(Kind):
     """A duration (netswapd's syntax) that must come to whole seconds, 1 to _MAX_TIMEOUT: the
     kernel's nbd timeouts are whole seconds, and "1500ms" silently cut to 1 s is a timeout
     nobody asked for."""
@@ -215,7 +214,7 @@ class _Seconds(_Kind):
         return seconds
 
 
-class _MinFreeKbytes(_Kind):
+class _MinFreeKbytes(Kind):
     type_name = '"auto" or int'
     allowed = ('"auto" (raise vm.min_free_kbytes by what the swap sockets can hold), or an '
                f"integer from 0 to {2**31 - 1} (KiB)")
@@ -246,33 +245,33 @@ _FROM_HOST_NAME = _HostNameDefault()
 _NO_DEFAULT = object()
 
 _NODE = (
-    _Field("server", _Servers(), _NO_DEFAULT,
+    Key("server", _Servers(), _NO_DEFAULT,
            "The netswapd servers, tried in order at attach; at least one."),
-    _Field("name", _NodeName(), _FROM_HOST_NAME,
+    Key("name", _NodeName(), _FROM_HOST_NAME,
            'This node\'s swap node name: its export is "swap/<name>" (NFS: the file <name>).'),
-    _Field("protocol", _Choice("nbd", "nfs"), "nbd",
+    Key("protocol", Choice("nbd", "nfs"), "nbd",
            "How the swap is reached: an NBD device, or a swap file on an NFS mount."),
-    _Field("connections", _Integer(1, 16), 1,
+    Key("connections", Integer(1, 16), 1,
            "NBD connections to the export (the server must allow several)."),
-    _Field("dead_conn_timeout", _Seconds(), "10m",
+    Key("dead_conn_timeout", _Seconds(), "10m",
            "How long the kernel holds swap I/O while every connection is down, waiting for "
            "the agent to reconnect; past it the device's I/O fails."),
-    _Field("io_timeout", _Seconds(), "10s",
+    Key("io_timeout", _Seconds(), "10s",
            "The kernel's per-request timeout: a request on a dead socket is requeued after it."),
-    _Field("priority", _Integer(-1, 32767), 100,
+    Key("priority", Integer(-1, 32767), 100,
            "swapon priority (-1: the kernel's default, below every other swap)."),
-    _Field("state_dir", _PathText("an absolute path", absolute=True), "/run/netswap-node",
+    Key("state_dir", PathText("an absolute path", absolute=True), "/run/netswap-node",
            "Where the agent keeps what it attached, for status, detach and a restarted agent."),
-    _Field("log", _Choice("stderr", "kmsg"), "stderr",
+    Key("log", Choice("stderr", "kmsg"), "stderr",
            "Where log lines go: stderr (the journal, under systemd) or the kernel log."),
-    _Field("min_free_kbytes", _MinFreeKbytes(), "auto",
+    Key("min_free_kbytes", _MinFreeKbytes(), "auto",
            "vm.min_free_kbytes: the memory the kernel keeps for the swap sockets."),
-    _Field("nfs_mount", _PathText("an absolute path", absolute=True), "/mnt/swap",
+    Key("nfs_mount", PathText("an absolute path", absolute=True), "/mnt/swap",
            'Where the NFS swap export is mounted (protocol "nfs").'),
-    _Field("nfs_port", _Integer(1, 65535), 2049, 'The NFS port of the servers (protocol "nfs").'),
-    _Field("mount_port", _Integer(1, 65535), 20048,
+    Key("nfs_port", Integer(1, 65535), 2049, 'The NFS port of the servers (protocol "nfs").'),
+    Key("mount_port", Integer(1, 65535), 20048,
            'The MOUNT port of the servers (protocol "nfs").'),
-    _Field("mirror", _Boolean(), False, "Reserved for a later release; accepted, no effect yet."),
+    Key("mirror", Boolean(), False, "Reserved for a later release; accepted, no effect yet."),
 )
 _FIELDS = {field.name: field for field in _NODE}
 _KEY_NAMES = tuple(_FIELDS)
@@ -285,7 +284,7 @@ _SERVERS_REQUIRED = 'server = ["HOST[:PORT]", ...] under [node], or --server HOS
 # Validation.
 
 # netswapd's tables, named when netswap-node is pointed at a netswapd config by mistake.
-_NETSWAPD_TABLES = (*_NETSWAPD_SECTIONS, "exports")
+_NETSWAPD_TABLES = (*NETSWAPD_SECTIONS, "exports")
 
 
 def _node_table(document, source: str | None) -> Mapping:
@@ -314,7 +313,7 @@ def _node_table(document, source: str | None) -> Mapping:
         raise ConfigError("node", "is not a table", value=table, allowed="a table ([node])",
                           source=source)
     try:
-        _reject_unknown_keys(table, "node", _KEY_NAMES)
+        reject_unknown_keys(table, "node", _KEY_NAMES)
     except ConfigError as error:
         error.source = source
         raise
@@ -329,7 +328,7 @@ def parse_node_config(document: Mapping, overrides: Mapping | None = None,
     table = _node_table(document, source)
     given = {name: value for name, value in (overrides or {}).items() if value is not None}
     try:
-        _reject_unknown_keys(given, "node", _KEY_NAMES)
+        reject_unknown_keys(given, "node", _KEY_NAMES)
     except ConfigError as error:
         error.source = COMMAND_LINE
         raise
@@ -340,7 +339,7 @@ def parse_node_config(document: Mapping, overrides: Mapping | None = None,
             return given[name], COMMAND_LINE
         return table.get(name, _FIELDS[name].default), source
 
-    def convert(name: str, kind: _Kind | None = None):
+    def convert(name: str, kind: Kind | None = None):
         value, origin = written(name)
         try:
             return (kind or _FIELDS[name].kind).convert(value, f"node.{name}")
@@ -353,7 +352,7 @@ def parse_node_config(document: Mapping, overrides: Mapping | None = None,
     if written("name")[0] is _FROM_HOST_NAME:
         host = socket.gethostname().split(".")[0]
         host = host.lower() if host.isascii() else host
-        if not _NODE_NAME_RE.fullmatch(host):
+        if not NODE_NAME_RE.fullmatch(host):
             # No source: the value came from neither the file nor the command line.
             raise ConfigError("node.name", "is this host's name, which is not a swap node "
                               "name; set node.name or --name", value=host,

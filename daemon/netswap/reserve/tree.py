@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from ..config import Config, ConfigError, format_size
-from ..nbd.transmission import DEFAULT_WINDOW
+from ..transport.window import DEFAULT_WINDOW
 
 # Kernel socket buffers of a swap connection are sized to hold its in-flight data; they are
 # kernel memory, shown beside the tree but not drawn from the pool.
