@@ -1,253 +1,19 @@
-"""Shared fixtures: a real netswapd process on loopback, configured per test."""
+"""Fixtures shared by every test directory; the helpers behind them live in support/."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import textwrap
-import threading
-import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parent.parent
-# Debian's libnbd binding lives in the system Python's dist-packages; the test process (and
-# only it) may import it from there. Appended, so it never shadows what pip installed.
-DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+# support/ is imported by name from unit/, daemon/ and node/, and by the bench scripts.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def import_libnbd():
-    if DEBIAN_DIST_PACKAGES not in sys.path:
-        sys.path.append(DEBIAN_DIST_PACKAGES)
-    import nbd
-
-    return nbd
-
-
-def metric(daemon, name: str, **labels) -> float:
-    """The value of the sample `name` with exactly these labels in the daemon's /metrics,
-    0 if it is not there (a counter nothing has counted yet)."""
-    for family in text_string_to_metric_families(daemon.metrics()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_in_threads(count: int, target) -> None:
-    """Run target(index) on ``count`` threads released together; re-raise the first failure."""
-    start = threading.Barrier(count)
-    errors: list[BaseException] = []
-
-    def body(index: int) -> None:
-        try:
-            start.wait()
-            target(index)
-        except BaseException as e:  # surfaced in the calling thread below
-            errors.append(e)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-
-
-@dataclass
-class Daemon:
-    """A running netswapd and how to reach it."""
-
-    port: int
-    unix_socket: Path
-    state_dir: Path
-    config_path: Path
-    log_path: Path
-    process: subprocess.Popen = field(repr=False)
-    metrics_port: int = 0
-    # How to GET a path of the metrics listener when the test cannot reach 127.0.0.1 of the
-    # daemon's network namespace itself (scrape(port, path) -> body).
-    scrape: Callable[[int, str], str] | None = field(default=None, repr=False)
-
-    def metrics(self) -> str:
-        """The daemon's Prometheus exposition, as a scrape would get it."""
-        if self.scrape is not None:
-            return self.scrape(self.metrics_port, "/metrics")
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            return r.read().decode()
-
-    def uri(self, export: str) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{export}"
-
-    def unix_uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.unix_socket}"
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                raise
-        return self.process.returncode
-
-
-def write_config(path: Path, state_dir: Path, port: int, unix_socket: Path, extra: str = "",
-                 pool: str = "auto", swap_size: str = "64MiB", exports: str | None = None,
-                 nbd_options: str = "", pool_options: str = "", swap_options: str = "",
-                 listen: str | None = None, pressure_options: str = "enabled = false",
-                 metrics_port: int = 0, nfs_options: str = "enabled = false") -> None:
-    if exports is None:
-        exports = """
-            [[exports]]
-            name = "disk"
-            backend = "file"
-            path = "disk.img"
-            size = "64MiB"
-            description = "a file export"
-
-            [[exports]]
-            name = "ram"
-            backend = "memory"
-            size = "64MiB"
-            description = "remote RAM"
-
-            [[exports]]
-            name = "ro"
-            backend = "file"
-            path = "ro.img"
-            size = "1MiB"
-            read_only = true
-            description = "read only"
-        """
-    # A test daemon never touches the host's rpcbind or port 111 unless the test asks.
-    portmapper = "" if "portmapper" in nfs_options else 'portmapper = "off"'
-    # Raw RPC test clients bind any port; the real clients (libnfs, QEMU, as root) bind
-    # privileged ones, and their tests ask for the default, "privileged".
-    node_ports = "" if "node_ports" in nfs_options else 'node_ports = "any"'
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [daemon]
-            state_dir = "{state_dir}"
-            log_level = "debug"
-            workers = 4
-            shutdown_timeout = 20
-            control_socket = "{path.parent / 'control.sock'}"
-
-            [pool]
-            size = "{pool}"
-            lock = "best-effort"
-            {pool_options}
-
-            [nbd]
-            listen = {listen or f'["127.0.0.1:{port}", "[::1]:{port}"]'}
-            unix_socket = "{unix_socket}"
-            {nbd_options}
-
-            [swap]
-            enabled = true
-            size = "{swap_size}"
-            {swap_options}
-
-            # Off unless a test is about it: this machine's own memory pressure (other tests
-            # swapping, cgroups at their limits) must not throttle unrelated tests.
-            [pressure]
-            {pressure_options}
-
-            # Off unless a test is about it: NFS binds fixed ports by default, and registers
-            # with the host's rpcbind unless told otherwise.
-            [nfs]
-            {portmapper}
-            {node_ports}
-            {nfs_options}
-
-            [metrics]
-            listen = ["127.0.0.1:{metrics_port}"]
-            """
-        )
-        + textwrap.dedent(exports)
-        + textwrap.dedent(extra)
-    )
-
-
-def start_daemon(tmp: Path, cgroup: Path | None = None, prefix: tuple[str, ...] = (),
-                 scrape: Callable[[int, str], str] | None = None, **config) -> Daemon:
-    """Start netswapd on a config written from `config` (see write_config); with `cgroup`,
-    the daemon runs inside that (v1 memory) cgroup from its first instruction. `prefix`
-    is a command that execs the daemon's (e.g. ip netns exec NAME), `scrape` how to reach
-    its metrics listener from there (Daemon.scrape).
-
-    free_port() cannot hold the port it found: another process on the machine may bind it
-    before netswapd does. Such a start is tried again on new ports, twice at most."""
-    for attempt in range(3):
-        try:
-            return _start_daemon_once(tmp, cgroup, prefix, scrape, **config)
-        except PortTaken:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-class PortTaken(RuntimeError):
-    """netswapd could not bind a port free_port() had found free."""
-
-
-def _start_daemon_once(tmp: Path, cgroup: Path | None, prefix: tuple[str, ...],
-                       scrape: Callable[[int, str], str] | None, **config) -> Daemon:
-    state_dir = tmp / "state"
-    state_dir.mkdir(exist_ok=True)
-    # A read-only export needs its file to exist before the daemon starts.
-    ro = state_dir / "ro.img"
-    if not ro.exists():
-        ro.write_bytes(bytes(range(256)) * 4096)
-    port = free_port()
-    unix_socket = tmp / "nbd.sock"
-    config_path = tmp / "netswapd.toml"
-    metrics_port = free_port()
-    write_config(config_path, state_dir, port, unix_socket, metrics_port=metrics_port, **config)
-    log_path = tmp / "netswapd.log"
-    log = open(log_path, "w")
-    def join_cgroup():
-        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
-    process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "netswap", "--config", str(config_path)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        preexec_fn=join_cgroup if cgroup is not None else None,
-    )
-    log.close()
-    daemon = Daemon(port, unix_socket, state_dir, config_path, log_path, process, metrics_port,
-                    scrape)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            error = PortTaken if "Address already in use" in daemon.log() else RuntimeError
-            raise error(f"netswapd exited with {process.returncode}:\n{daemon.log()}")
-        if "listening on" in daemon.log():
-            return daemon
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"netswapd did not start:\n{daemon.log()}")
+from support.daemon import start_daemon, stop_clean  # noqa: E402
+from support.netns import FOREIGN, Netns, run  # noqa: E402
+from support.nfs import ALPHA, Nfs, start_nfs_daemon  # noqa: E402
 
 
 @pytest.fixture
@@ -258,3 +24,29 @@ def daemon(tmp_path):
     log = running.log()
     assert "Traceback" not in log, log
     assert code == 0, log
+
+
+@pytest.fixture
+def netns():
+    name = f"nsw-pmap-{os.getpid()}"
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        run("ip", "-n", name, "addr", "add", f"{FOREIGN}/32", "dev", "lo")
+        yield Netns(name)
+    finally:
+        run("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def nfs_scratch(tmp_path_factory):
+    """(daemon, node alpha's Nfs client, the scratch export's root handle), one per module."""
+    daemon = start_nfs_daemon(tmp_path_factory.mktemp("nfs-scratch"))
+    client = None
+    try:
+        client = Nfs(daemon, ALPHA)
+        yield daemon, client, client.root("/scratch")
+    finally:
+        if client is not None:
+            client.close()
+        stop_clean(daemon)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import REPO, Daemon, start_daemon
+from support.daemon import Daemon, REPO, start_daemon
 from node.initramfs import build_initramfs
 from node.kernel import CACHE, NodeKernel, node_kernel
 from node.network import Lan

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from conftest import import_libnbd
+from support.libnbd import import_libnbd
 
 from node.lab import FOUR_TIMES_MEMORY_MIB, PAGES, readme_commands, workload
 from node.vm import MiB

@@ -19,7 +19,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.lab import FOUR_TIMES_MEMORY_MIB, readme_commands, workload
-from swapnode import memory_cgroup
+from support.swapnode import memory_cgroup
 
 MiB = 1 << 20
 DATA_MIB = FOUR_TIMES_MEMORY_MIB

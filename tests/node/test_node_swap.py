@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from conftest import metric
+from support.metrics import metric
 from node.lab import FOUR_TIMES_MEMORY_MIB, Lab, readme_commands, workload
 
 MiB = 1 << 20

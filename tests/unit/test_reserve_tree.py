@@ -1,0 +1,116 @@
+"""The reservation tree sizes the pool; the lifecycle attaches and detaches nodes' reserves."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from netswap import config as configuration
+from netswap.counters import Counters
+from netswap.errors import AttachRefused
+from netswap.swap.attach import Lifecycle
+from netswap.reserve.pool import Pool
+from netswap.reserve.tree import build_tree, pool_size, render
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+def make_config(**swap):
+    settings = {"max_nodes": 2, "reserve_inflight": 8, "reserve_request": "128KiB",
+                "max_connections": 2, "detach_grace": "0.2s", **swap}
+    return configuration.parse({
+        "daemon": {"state_dir": "/tmp/netswap-tree-test"},
+        "pool": {"normal_budget": "32MiB", "headroom": "1MiB"},
+        "swap": settings,
+    })
+
+
+def swap_export(node):
+    return SimpleNamespace(name=f"swap/{node}", node=node, is_swap=True)
+
+
+def test_leaves_come_from_config_and_inner_groups_sum_them():
+    tree = build_tree(make_config())
+    node = (8 * 128 + 2 * 64) * KiB
+    assert tree.find("normal").total == 32 * MiB
+    assert tree.find("unrouted").total == 8 * 128 * KiB
+    assert tree.find("nbd").total == 8 * 128 * KiB + 2 * node
+    assert tree.total == 32 * MiB + 8 * 128 * KiB + 2 * node
+    assert pool_size(make_config(), tree) == tree.total + MiB
+
+
+def test_explicit_pool_size_below_the_tree_is_refused_with_the_keys():
+    config = configuration.parse({"daemon": {"state_dir": "/tmp/x"}, "pool": {"size": "33MiB"}})
+    with pytest.raises(configuration.ConfigError) as err:
+        pool_size(config, build_tree(config))
+    assert "pool.size" in str(err.value) and "auto" in str(err.value)
+
+
+def test_render_is_an_indented_tree_with_reservation_and_usage():
+    text = render(build_tree(make_config()))
+    lines = text.splitlines()
+    assert lines[0].split() == ["group", "reserved", "used"]
+    assert lines[1].startswith("netswapd") and lines[2].startswith("  normal")
+    assert any(line.startswith("    swap/<node> ×2") for line in lines)
+    assert any(line.startswith("      requests") and "8 × 128KiB" in line for line in lines)
+
+
+@pytest.fixture
+def lifecycle():
+    config = make_config()
+    tree = build_tree(config)
+    pool = Pool(pool_size(config, tree), lock="off", min_normal=config.pool.normal_budget)
+    counters = Counters()
+    life = Lifecycle(pool, tree, config, counters)
+    yield life, pool, tree, counters
+    life.close()
+
+
+def test_attach_raises_the_watermark_and_detach_after_grace_lowers_it(lifecycle):
+    life, pool, tree, counters = lifecycle
+    base = pool.watermark  # the unrouted group is connected for the daemon's life
+    assert base == tree.find("unrouted").total
+    first = life.attach(swap_export("a"))
+    node = (8 * 128 + 2 * 64) * KiB
+    assert pool.watermark == base + node
+    second = life.attach(swap_export("a"))  # the node's second connection shares its reserve
+    assert pool.watermark == base + node and second.requests is first.requests
+    assert tree.find("swap/a") is not None
+    first.release()
+    second.release()
+    assert pool.watermark == base + node  # within the grace period the reserve stays
+    time.sleep(0.5)
+    assert pool.watermark == base and tree.find("swap/a") is None
+    assert counters.get("swap_attaches") == 1 and counters.get("swap_detaches") == 1
+
+
+def test_reattach_within_grace_keeps_the_same_reserve(lifecycle):
+    life, pool, _, counters = lifecycle
+    attachment = life.attach(swap_export("b"))
+    group = attachment.requests
+    attachment.release()
+    again = life.attach(swap_export("b"))
+    time.sleep(0.4)
+    assert again.requests is group and group.connected
+    again.release()
+
+
+def test_attach_beyond_what_the_pool_backs_is_refused(lifecycle):
+    life, pool, _, counters = lifecycle
+    life.attach(swap_export("n1"))
+    life.attach(swap_export("n2"))
+    watermark = pool.watermark
+    with pytest.raises(AttachRefused) as err:
+        life.attach(swap_export("n3"))
+    assert "n3" in str(err.value) and err.value.reason == "reserve"
+    assert pool.watermark == watermark  # a refused attach leaves nothing connected
+    assert counters.get("attach_refused", "reserve") == 1
+
+
+def test_non_swap_exports_attach_without_a_reserve(lifecycle):
+    life, pool, _, _ = lifecycle
+    before = pool.watermark
+    attachment = life.attach(SimpleNamespace(name="disk", is_swap=False))
+    assert not attachment.is_swap and pool.watermark == before
+    attachment.release()
