@@ -59,13 +59,16 @@ install: install-package install-files
 	@echo "  2. $(BINDIR)/netswapd check-config $(SYSCONFDIR)/netswapd/netswapd.toml"
 	@echo "  3. systemctl daemon-reload && systemctl enable --now netswapd"
 	@echo "  4. systemctl status netswapd    (its status line: exports, swap nodes, pool)"
+	@echo "  5. so that nodes wait through a restart instead of being refused: give"
+	@echo "     $(UNITDIR)/netswapd.socket the addresses of nbd.listen, then"
+	@echo "     systemctl enable --now netswapd.socket"
 
 install-package:
 	$(PYTHON) -m pip install $(PIP_INSTALL_FLAGS) \
 		$(if $(DESTDIR),--root "$(DESTDIR)" --ignore-installed --no-deps --no-warn-script-location) .
 
-# Everything but the package: the commands' paths, the unit (with this PREFIX and
-# SYSCONFDIR written into it) and the config, which is never replaced.
+# Everything but the package: the commands' paths, the units (the service with this PREFIX
+# and SYSCONFDIR written into it) and the config, which is never replaced.
 install-files:
 	install -d -m 0755 "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSCONFDIR)/netswapd"
 	@scripts="$(PY_SCRIPTS)"; purelib="$(PY_PURELIB)"; \
@@ -84,6 +87,7 @@ install-files:
 		systemd/netswapd.service > "$(DESTDIR)$(UNITDIR)/.netswapd.service.new"
 	chmod 0644 "$(DESTDIR)$(UNITDIR)/.netswapd.service.new"
 	mv -f "$(DESTDIR)$(UNITDIR)/.netswapd.service.new" "$(DESTDIR)$(UNITDIR)/netswapd.service"
+	install -m 0644 systemd/netswapd.socket "$(DESTDIR)$(UNITDIR)/netswapd.socket"
 	@config="$(DESTDIR)$(SYSCONFDIR)/netswapd/netswapd.toml"; \
 	if [ -e "$$config" ]; then \
 		echo "kept $$config: an operator's config is never replaced" \

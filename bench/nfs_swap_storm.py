@@ -5,7 +5,7 @@ nfs-ganesha, through the same NFS client.
 This kernel has no NFS client, so the node side is: qemu-nbd opening the swap file with
 QEMU's NFS driver (libnfs: asynchronous, several calls in flight, the client finds the ports
 through rpcbind as a kernel mount without port= does), exposed to the kernel by nbdfuse +
-a loop device + mkswap + swapon (tests/swapnode.py, as in swap_storm.py). A workload in a
+a loop device + mkswap + swapon (tests/support/swapnode.py, as in swap_storm.py). A workload in a
 child memory cgroup limited to a quarter of its data writes --data of distinct pages, so
 three quarters must go out over NFS, then reads every page back and checks it. Both servers
 serve a fully allocated file of the same size: netswapd its node file /swap/localhost (it
@@ -37,10 +37,10 @@ sys.path.insert(0, str(HERE))
 from fio_matrix import netswapd_command, parse_size  # noqa: E402
 from nfs_bench import Rpcbind, Server  # noqa: E402
 from swap_storm import print_repeat, print_table, storm  # noqa: E402
-from swapnode import qemu_nbd_nfs  # noqa: E402
+from support.swapnode import qemu_nbd_nfs  # noqa: E402
 
 SERVERS = ("netswapd", "ganesha")
-NODE = "localhost"  # what netswapd's default nfs.nodes calls a loopback client
+NODE = "localhost"  # what netswapd's default swap.nodes calls a loopback client
 NFS_PROGRAM = "100003"
 
 

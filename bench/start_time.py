@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How long netswapd takes to start, by pool size: from the start of the process to
 
-- listening: "listening on" in its log (tests/conftest.py's start_daemon, as the tests see it);
+- listening: "listening on" in its log (tests/support/daemon.py's start_daemon, as the tests see it);
 - swap attach: a swap node's NBD handshake to swap/bench completes (libnbd), started as soon
   as the daemon listens: what a node reconnecting after a restart waits for, its reserve
   backed (faulted in and locked) included;
@@ -35,7 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from conftest import import_libnbd, start_daemon  # noqa: E402
+from support.daemon import start_daemon  # noqa: E402
+from support.libnbd import import_libnbd  # noqa: E402
 
 DEFAULT_SIZES = ("256MiB", "1GiB", "4GiB")
 NODE = "bench"

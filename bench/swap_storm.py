@@ -29,12 +29,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "tests"))  # the node side is shared with tests/test_swap.py
+sys.path.insert(0, str(REPO / "tests"))  # the node side is shared with the tests (support/swapnode.py)
 sys.path.insert(0, str(HERE))
 
 from fio_matrix import Server, parse_size  # noqa: E402
-from swapnode import (loop_device, memory_cgroup, nbdfuse_file, swap_on,  # noqa: E402
-                      swap_used_kib, workload_in)
+from support.swapnode import (loop_device, memory_cgroup, nbdfuse_file, swap_on,  # noqa: E402
+                              swap_used_kib, workload_in)
 
 SERVERS = ("netswapd", "nbdkit")
 NODE = "bench"
