@@ -39,9 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .counters import declare
 from .errors import AccessDenied, AttachRefused
 from .exports.registry import ExportError
 from .swap.nodes import SWAP_PREFIX, client_address, swap_node_from_name
+
+ACCESS_DENIED = declare(
+    "daemon", "access_denied", "netswap_access_denied_total",
+    "Clients refused an export by an allow list, a swap binding or secret, as \"export:reason\" "
+    "(\"swap\" for every node's swap export).",
+    label="export_reason")
 
 log = logging.getLogger("netswap.access")
 
@@ -230,7 +237,7 @@ class AccessControl:
             bound, new = self._bindings.bind(node, client.key)
         except OSError as exc:
             # Unrecorded, a binding would not survive a restart: refuse rather than pretend.
-            self._counters.inc("access_denied", "swap:binding_store")
+            self._counters.inc(ACCESS_DENIED, "swap:binding_store")
             log.error("node %r: cannot record its binding to %s: %s", node, client, exc)
             raise AttachRefused("netswapd cannot record this node's binding", "binding_store")
         if bound != client.key:  # another client bound it after our lookup
@@ -258,7 +265,7 @@ class AccessControl:
 
     def _deny(self, label: str, reason: str, client: ClientIdentity, what: str,
               detail: str = "") -> None:
-        self._counters.inc("access_denied", f"{label}:{reason}")
+        self._counters.inc(ACCESS_DENIED, f"{label}:{reason}")
         log.warning("refused %s access to %s: %s%s", client, what, reason,
                     f" ({detail})" if detail else "")
         raise AccessDenied(_DENIED, reason)

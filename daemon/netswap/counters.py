@@ -1,6 +1,11 @@
 """Event counters of the daemon and per-request statistics.
 
-The data path only increments; readers (logs, the Prometheus collector) take a snapshot.
+An event is declared once, in the module that counts it (`declare`): its counter key, the
+Prometheus series it is exported as, its help text, its label and the subsystem whose
+collector exports it. Counting takes the declaration, never a string, so a counter nobody
+exports cannot be made by a typo, and every declared event is exported.
+
+The data path only increments; readers (logs, the Prometheus collectors) take a snapshot.
 Locks keep `+=` exact across worker threads; each is held for a few dictionary or list
 updates, never across I/O, so a scrape that takes one delays a request by at most that.
 """
@@ -11,6 +16,7 @@ import threading
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 from .oplabels import NBD_COMMAND_NAMES
 
@@ -31,6 +37,37 @@ _BOUNDS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS)
 UNKNOWN_OP = "unknown"
 
 
+SUBSYSTEMS = ("reserve", "transport", "nbd", "nfs", "swap", "daemon")
+
+
+@dataclass(frozen=True)
+class Event:
+    """A countable event: `key` in Counters (and in the C loops' counts), exported as
+    `metric` with `help`, labelled `label` (None: no label, exported even at 0), by the
+    collector of `subsystem`."""
+
+    key: str
+    metric: str
+    help: str
+    label: Optional[str]
+    subsystem: str
+
+
+# Every declared event by key, in declaration order; filled as the declaring modules load.
+EVENTS: dict[str, Event] = {}
+
+
+def declare(subsystem: str, key: str, metric: str, help: str,
+            label: Optional[str] = None) -> Event:
+    """Declare an event counted by the calling module (at its top level)."""
+    if subsystem not in SUBSYSTEMS:
+        raise ValueError(f"event {key!r}: unknown subsystem {subsystem!r}")
+    if key in EVENTS:
+        raise ValueError(f"event {key!r} declared twice")
+    event = EVENTS[key] = Event(key, metric, help, label, subsystem)
+    return event
+
+
 class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -40,11 +77,13 @@ class Counters:
         self.requests = RequestStats()
         self.calls = CallStats()
 
-    def inc(self, name: str, label: str = "", amount: int = 1) -> None:
+    def inc(self, event: Event, label: str = "", amount: int = 1) -> None:
         with self._lock:
-            self._values[(name, label)] += amount
+            self._values[(event.key, label)] += amount
 
-    def get(self, name: str, label: str = "") -> int:
+    def get(self, event, label: str = "") -> int:
+        """The count of `event` (an Event, or its key) with `label`."""
+        name = getattr(event, "key", event)
         with self._lock:
             return self._values[(name, label)] + sum(
                 source.counts().get((name, label), 0) for source in self._live)

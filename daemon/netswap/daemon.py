@@ -25,24 +25,34 @@ from . import __version__
 from .access import BINDINGS_FILE, AccessControl, SwapBindings
 from .config import Config, ConfigError, load
 from .control import ControlServer
-from .counters import Counters
-from .swap.attach import Lifecycle
+from .counters import Counters, declare
 from .exports.registry import ExportError, ExportRegistry
-from .metrics import NetswapCollector, serve
+from .metrics import DaemonCollector, serve
+from .nbd.metrics import NbdCollector
 from .nbd.server import NbdServer
 from .nbd.tls import server_context
 from .netpolicy import ShapeError, Shaper, swap_socket_policy
+from .nfs.metrics import NfsCollector
 from .nfs.service import NfsService
 from .operations import Operations
 from .pressure import PressureMonitor
 from .protect import ProtectError, protect_process
 from .reload import plan_reload
+from .reserve.metrics import ReserveCollector
 from .reserve.pool import LockError, Pool, PoolError
 from .reserve.tree import build_tree, pool_size, render
+from .swap.attach import WIPES, Lifecycle
+from .swap.metrics import SwapCollector
 from .systemd import Notifier, adopt_listen_fds, release_unclaimed_listeners
 from .transport.listeners import ListenError
-from .transport.sender import ReplySender, SendPoller
+from .transport.metrics import TransportCollector
+from .transport.sender import SEND_TIMEOUTS, ReplySender, SendPoller
 from .transport.workers import WorkerPool
+
+CONFIG_RELOADS = declare(
+    "daemon", "reloads", "netswap_config_reloads_total",
+    "Configuration reloads (SIGHUP, netswapctl reload), by result (applied, rejected).",
+    label="result")
 
 log = logging.getLogger("netswap")
 
@@ -186,10 +196,18 @@ class Daemon:
             self.pressure.start()
             undo.callback(self.pressure.stop)
 
-        collector = NetswapCollector(self.pool, self.tree, self.counters, self.server,
-                                     self.pressure, protection=self.protection, nfs=self.nfs)
+        nfs = self.nfs
+        collectors = [
+            ReserveCollector(self.pool, self.tree, self.counters),
+            TransportCollector(self.counters),
+            NbdCollector(self.counters, lambda: self.server.connection_count, self.registry),
+            NfsCollector(self.counters, nfs),
+            SwapCollector(self.counters, self.lifecycle, self.registry.swap_exports,
+                          lambda: nfs.exports.swap if nfs is not None else None),
+            DaemonCollector(self.counters, self.pressure, protection=self.protection),
+        ]
         try:
-            metrics = serve(collector, config.metrics.listen)
+            metrics = serve(collectors, config.metrics.listen)
         except OSError as exc:
             raise StartError(str(exc)) from exc
         if metrics is not None:
@@ -226,7 +244,7 @@ class Daemon:
         """A poller finishing a front end's replies, which disconnects a client that takes
         none of them for `send_timeout` seconds."""
         def timed_out(sender: ReplySender) -> None:
-            self.counters.inc("send_timeouts")
+            self.counters.inc(SEND_TIMEOUTS)
             log.warning("%s: took no replies for %.0f s: disconnecting", sender.peer,
                         poller.send_timeout)
             sender.cut_off()
@@ -253,7 +271,7 @@ class Daemon:
         try:
             if self.config.swap.enabled and self.config.swap.wipe:
                 for node in self.registry.discard_swap_images():
-                    self.counters.inc("wipes", f"swap/{node}")
+                    self.counters.inc(WIPES, f"swap/{node}")
                     wiped.append(f"swap/{node}")
             for spec in self.config.exports:
                 if spec.wipe:
@@ -296,7 +314,7 @@ class Daemon:
             added, removed = self.registry.reload(
                 effective.exports, effective.swap if effective.swap.enabled else None)
         except (ConfigError, ExportError) as exc:
-            self.counters.inc("reloads", "rejected")
+            self.counters.inc(CONFIG_RELOADS, "rejected")
             log.error("reload rejected, the running configuration stays: %s", exc)
             self.notifier.ready_after_reload(f"reload rejected: {exc}; running config unchanged")
             return
@@ -305,7 +323,7 @@ class Daemon:
         self.access.apply_config(effective)
         logging.getLogger().setLevel(getattr(logging, effective.daemon.log_level.upper()))
         self.config = effective
-        self.counters.inc("reloads", "applied")
+        self.counters.inc(CONFIG_RELOADS, "applied")
         log.info("reloaded %s: exports added %s, removed %s", new.source, added or "none",
                  removed or "none")
         if restart:

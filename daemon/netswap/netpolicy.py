@@ -44,7 +44,12 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from .counters import declare
 from .reserve.tree import socket_buffer_size
+
+SOCKET_TAG_FAILURES = declare(
+    "transport", "socket_tag_failures", "netswap_socket_tag_failures_total",
+    "Swap sockets whose kernel tagging (priority, DSCP, mark, buffers) was incomplete.")
 
 log = logging.getLogger("netswap.netpolicy")
 

@@ -42,13 +42,10 @@ import pytest  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.core import CollectorRegistry  # noqa: E402
 
-from netswap import config as configuration  # noqa: E402
 from netswap.counters import LATENCY_BUCKETS, Counters, RequestStats  # noqa: E402
-from netswap.metrics import NetswapCollector  # noqa: E402
+from netswap.metrics import DaemonCollector  # noqa: E402
 from netswap.nbd import constants as C  # noqa: E402
 from netswap.protect import ProtectionReport  # noqa: E402
-from netswap.reserve.pool import Pool  # noqa: E402
-from netswap.reserve.tree import build_tree, pool_size  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -224,16 +221,11 @@ def test_exposition_of_a_daemon_that_served_traffic_passes_promtool(daemon):
 
 def test_pressure_and_protection_as_the_daemon_saw_them():
     """The collector in-process, with a ProtectionReport and a monitor's readings."""
-    config = configuration.parse({"daemon": {"state_dir": "/tmp/netswap-metrics-test"},
-                                  "pool": {"normal_budget": "32MiB", "headroom": "1MiB"}})
-    tree = build_tree(config)
-    pool = Pool(pool_size(config, tree), lock="off", min_normal=config.pool.normal_budget)
     pressure = SimpleNamespace(emergency=True, transitions=3, trigger_events=2,
                                psi_some_avg10=12.5, available_bytes=3 * (1 << 30))
     protection = ProtectionReport(mlockall=True, oom_score_adj=-1000, io_flusher=False)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NetswapCollector(pool, tree, Counters(), pressure=pressure,
-                                       protection=protection))
+    registry.register(DaemonCollector(Counters(), pressure=pressure, protection=protection))
     values = samples(generate_latest(registry).decode())
     assert values[("netswap_emergency_mode", ())] == 1
     assert values[("netswap_emergency_mode_transitions_total", ())] == 3

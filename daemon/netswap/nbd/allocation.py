@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from ..reserve.tree import POOL_WAITS
 from ..transport.backpressure import wait_for_buffer
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class BufferAllocator:
         if buffer is not None or not wait:
             return buffer
         # Held back: counted once per request, by who was held.
-        self._counters.inc("pool_waits", "swap" if self._swap else "non_swap")
+        self._counters.inc(POOL_WAITS, "swap" if self._swap else "non_swap")
         buffer = wait_for_buffer(self._pool, size, self._stopping, emergency=emergency,
                                  group=group)
         if buffer is None:

@@ -23,15 +23,29 @@ import logging
 import socket
 from typing import Optional
 
-from ..netpolicy import tag_emergency
+from ..counters import declare
+from ..netpolicy import SOCKET_TAG_FAILURES, tag_emergency
 from ..protect import shorten_slice
+from ..transport.frontend import INTERNAL_ERRORS
 from .allocation import Stopping
 from .channel import Channel
 from .context import ConnectionContext
 from .errors import ProtocolError
-from .negotiation import Negotiated, negotiate
-from .reader import RequestReader
+from .negotiation import HANDSHAKE_FAILED, Negotiated, negotiate
+from .reader import PROTOCOL_ERRORS, RequestReader
 from .refusallevel import RefusalLogLevel
+
+CONNECTION_LOST = declare(
+    "nbd", "connection_lost", "netswap_connections_lost_total",
+    "Connections ended by a socket error, by exception.",
+    label="reason")
+CONNECTIONS_TAGGED = declare(
+    "nbd", "connections_tagged", "netswap_swap_connections_tagged_total",
+    "NBD swap connections whose buffers may come from the reserve (tagged at accept or on "
+    "attaching a swap export).")
+HANDSHAKES_COMPLETED = declare(
+    "nbd", "connections_transmission", "netswap_handshakes_completed_total",
+    "NBD connections that finished their handshake and entered transmission.")
 
 log = logging.getLogger("netswap.nbd")
 
@@ -65,23 +79,23 @@ class Connection:
                                    self._tls_mode, self._refusals)
             if negotiated is not None:
                 self._enter_transmission(negotiated)
-                counters.inc("connections_transmission")
+                counters.inc(HANDSHAKES_COMPLETED)
                 self._reader.run(negotiated.early_requests)
         except ProtocolError as exc:
-            counters.inc("protocol_errors", exc.reason)
+            counters.inc(PROTOCOL_ERRORS, exc.reason)
             if self.export is None:  # still in the handshake
-                counters.inc("handshake_failed", exc.reason)
+                counters.inc(HANDSHAKE_FAILED, exc.reason)
             log.warning("%s: closing: %s", self.peer, exc)
         except Stopping:
             log.info("%s: closing for shutdown", self.peer)
         except (ConnectionError, TimeoutError, OSError) as exc:
-            counters.inc("connection_lost", type(exc).__name__)
+            counters.inc(CONNECTION_LOST, type(exc).__name__)
             if self.export is None:
-                counters.inc("handshake_failed", "connection_lost")
+                counters.inc(HANDSHAKE_FAILED, "connection_lost")
             log.info("%s: connection lost: %s", self.peer, exc)
         except Exception:
             # A bug of ours: it costs this one connection, never the daemon or other clients.
-            counters.inc("internal_errors")
+            counters.inc(INTERNAL_ERRORS)
             log.exception("%s: internal error, closing the connection", self.peer)
         finally:
             self._finish()
@@ -118,9 +132,9 @@ class Connection:
         if self.tagged:
             return
         self.tagged = True
-        self.context.counters.inc("connections_tagged")
+        self.context.counters.inc(CONNECTIONS_TAGGED)
         for problem in tag_emergency(self.sock, self.context.swap_socket_policy):
-            self.context.counters.inc("socket_tag_failures")
+            self.context.counters.inc(SOCKET_TAG_FAILURES)
             log.warning("%s: socket tagging incomplete: %s", self.peer, problem)
 
     def _enter_transmission(self, negotiated: Negotiated) -> None:

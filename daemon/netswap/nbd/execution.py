@@ -15,6 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Optional
 
+from ..counters import declare
 from . import constants as C
 from .errors import nbd_error_from_os
 from .transmission import Request, reply_header
@@ -22,6 +23,11 @@ from .transmission import Request, reply_header
 if TYPE_CHECKING:
     from ..counters import Counters
     from ..transport.sender import ReplySender
+
+BACKEND_ERRORS = declare(
+    "nbd", "io_errors", "netswap_backend_errors_total",
+    "Requests the backing storage refused or failed, by request:NBD errno.",
+    label="request")
 
 log = logging.getLogger("netswap.nbd")
 
@@ -66,7 +72,7 @@ class Execution:
             error = self.io_error(request, exc)
         except Exception:
             error = C.EIO
-            self._counters.inc("io_errors", f"{request.name}:{error}")
+            self._counters.inc(BACKEND_ERRORS, f"{request.name}:{error}")
             log.exception("%s: %r on %r failed", self._peer, request, self._export.name)
         data = buffer.view if request.command == C.CMD_READ and not error else None
         self.reply(request, error, data, started, buffer, throttle)
@@ -74,7 +80,7 @@ class Execution:
     def io_error(self, request: Request, exc: OSError) -> int:
         """Count and log a failed backend call; the NBD error its reply carries."""
         error = nbd_error_from_os(exc)
-        self._counters.inc("io_errors", f"{request.name}:{error}")
+        self._counters.inc(BACKEND_ERRORS, f"{request.name}:{error}")
         log.warning("%s: %r on %r failed: %s", self._peer, request, self._export.name, exc)
         return error
 

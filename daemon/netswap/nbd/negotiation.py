@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from ..counters import declare
 from . import constants as C
 from .channel import Channel
 from .context import ConnectionContext
@@ -22,6 +23,33 @@ from .errors import ProtocolError
 from .handshake import Abort, Ready, Reply, ServerHandshake, StartTls
 from .refusallevel import RefusalLogLevel
 from .tls import TlsHandshakeError
+
+HANDSHAKE_FAILED = declare(
+    "nbd", "handshake_failed", "netswap_handshakes_failed_total",
+    "Connections that ended in the handshake without GO, EXPORT_NAME or ABORT, by reason (a "
+    "protocol error's reason, connection_lost, closed, or truncated: closed in the middle of a "
+    "message).",
+    label="reason")
+OPTIONS_REFUSED = declare(
+    "nbd", "options_refused", "netswap_options_refused_total",
+    "Handshake options answered with an error reply, by reason (unsupported_option, "
+    "malformed_option, unknown_export, export_unavailable, attach_refused).",
+    label="reason")
+EXPORT_OPEN_FAILURES = declare(
+    "nbd", "export_open_failures", "netswap_export_open_failures_total",
+    "Exports that exist but could not be opened for a client.")
+TLS_HANDSHAKES = declare(
+    "nbd", "tls_handshakes", "netswap_tls_handshakes_total",
+    "TLS sessions established after STARTTLS, by TLS version.",
+    label="version")
+TLS_HANDSHAKE_FAILURES = declare(
+    "nbd", "tls_handshake_failures", "netswap_tls_handshake_failures_total",
+    "TLS handshakes after STARTTLS that failed (the connection was closed), by reason.",
+    label="reason")
+TLS_REQUIRED_REFUSALS = declare(
+    "nbd", "tls_required_refusals", "netswap_tls_required_refusals_total",
+    "Options refused with ERR_TLS_REQD (or EXPORT_NAME closed) because the listener requires "
+    "TLS.")
 
 log = logging.getLogger("netswap.nbd")
 
@@ -54,9 +82,9 @@ def negotiate(context: ConnectionContext, channel: Channel, peer: str, identity,
         return _haggle(context, channel, peer, handshake, refusals)
     finally:
         if handshake.lookup_failures:
-            counters.inc("export_open_failures", amount=handshake.lookup_failures)
+            counters.inc(EXPORT_OPEN_FAILURES, amount=handshake.lookup_failures)
         if handshake.tls_refusals:
-            counters.inc("tls_required_refusals", amount=handshake.tls_refusals)
+            counters.inc(TLS_REQUIRED_REFUSALS, amount=handshake.tls_refusals)
             log.info("%s: %d option(s) refused before TLS (TLS is required)", peer,
                      handshake.tls_refusals)
 
@@ -101,7 +129,7 @@ def _haggle(context: ConnectionContext, channel: Channel, peer: str,
 
 def _option_refused(context: ConnectionContext, peer: str, reply: Reply,
                     refusals: RefusalLogLevel) -> None:
-    context.counters.inc("options_refused", reply.refused)
+    context.counters.inc(OPTIONS_REFUSED, reply.refused)
     name = C.OPTION_NAMES.get(reply.option, f"option {reply.option}")
     log.log(refusals.next(), "%s: %s refused (%s): %s", peer, name, reply.refused,
             reply.message)
@@ -111,11 +139,11 @@ def _closed_in_handshake(context: ConnectionContext, peer: str, partial: int) ->
     # A client must end the handshake with GO, EXPORT_NAME or ABORT; one that just
     # closes is counted, and one that closes in the middle of a message is a truncation.
     if partial:
-        context.counters.inc("handshake_failed", "truncated")
+        context.counters.inc(HANDSHAKE_FAILED, "truncated")
         log.warning("%s: closed in the middle of a handshake message (%d bytes of it sent)",
                     peer, partial)
     else:
-        context.counters.inc("handshake_failed", "closed")
+        context.counters.inc(HANDSHAKE_FAILED, "closed")
         log.info("%s: closed during the handshake", peer)
 
 
@@ -123,9 +151,9 @@ def _start_tls(context: ConnectionContext, channel: Channel, peer: str, deadline
     try:
         session = channel.start_tls(context.tls_context, deadline)
     except TlsHandshakeError as exc:
-        context.counters.inc("tls_handshake_failures", exc.failure)
+        context.counters.inc(TLS_HANDSHAKE_FAILURES, exc.failure)
         raise  # the connection logs it and closes alone
-    context.counters.inc("tls_handshakes", session.version)
+    context.counters.inc(TLS_HANDSHAKES, session.version)
     subject = session.peer_subject
     log.info("%s: %s established%s", peer, session.version,
              f", client certificate {subject}" if subject else "")

@@ -27,7 +27,10 @@ import threading
 import time
 from typing import Callable, Optional
 
+from ..counters import declare
 from ..exports.backends import FileBackend
+from ..reserve.tree import EMERGENCY_DROPPED
+from ..transport.frontend import C_LOOP_HANDOFFS
 from ..transport.sender import ReplySender
 from . import constants as C
 from . import fastloop
@@ -39,6 +42,19 @@ from .execution import Execution
 from .handshake import Ready
 from .refusallevel import RefusalLogLevel
 from .transmission import DEFAULT_WINDOW, ExportLimits, Request, RequestParser, refusal
+
+PROTOCOL_ERRORS = declare(
+    "nbd", "protocol_errors", "netswap_protocol_errors_total",
+    "Connections closed for breaking the protocol.",
+    label="reason")
+NON_SWAP_ENOMEM = declare(
+    "nbd", "enomem", "netswap_non_swap_enomem_total",
+    "Non-swap requests answered ENOMEM because the normal budget was gone.",
+    label="export")
+PRESSURE_THROTTLED = declare(
+    "nbd", "pressure_throttled", "netswap_pressure_throttled_total",
+    "Non-swap requests passed one at a time under memory pressure.",
+    label="export")
 
 log = logging.getLogger("netswap.nbd")
 
@@ -137,7 +153,7 @@ class RequestReader:
                 log.debug("%s: disconnect requested", self._peer)
                 if parser.buffered:
                     # The client MUST NOT send after DISC; what it did is not served.
-                    self._counters.inc("protocol_errors", "requests_after_disc")
+                    self._counters.inc(PROTOCOL_ERRORS, "requests_after_disc")
                     log.warning("%s: %d bytes sent after DISC ignored", self._peer,
                                 parser.buffered)
                 return  # close() completes what is in flight
@@ -153,7 +169,7 @@ class RequestReader:
             if reason == fastloop.CHECK:
                 continue  # the backend's periodic check is done: go on
             if reason == fastloop.FALLBACK:
-                self._counters.inc("c_loop_handoffs", "python")
+                self._counters.inc(C_LOOP_HANDOFFS, "python")
                 return True
             if reason == fastloop.CLOSED:
                 return False
@@ -166,7 +182,7 @@ class RequestReader:
         # dispatched here (it takes an in-flight slot like any other).
         request, buffer, started = fast.request(), fast.buffer(), fast.started_ns
         self._inflight.acquire()
-        self._counters.inc("c_loop_handoffs",
+        self._counters.inc(C_LOOP_HANDOFFS,
                            "queued_reply" if reason == fastloop.PARTIAL else "write_error")
         if reason == fastloop.PARTIAL:
             # Replies were queued, or the socket took only part of this one: the sender
@@ -192,9 +208,7 @@ class RequestReader:
         try:
             error, problem = refusal(request, self._limits)
             if error:
-                # Labelled by a bounded name: a client must not mint a counter per command number.
-                op = C.COMMAND_NAMES.get(request.command, "unknown")
-                self._counters.inc("request_errors", f"{op}:{error}")
+                # Counted by the reply, in netswap_request_errors_total{op, errno}.
                 log.log(self._refusals.next(), "%s: %r rejected with error %d: %s",
                         self._peer, request, error, problem)
                 self._refuse(request, parser, error, started)
@@ -204,14 +218,14 @@ class RequestReader:
                                                wait=self._is_swap or self._context.non_swap_waits)
                 if buffer is None:
                     # Non-swap, normal budget gone, and the policy is to fail rather than wait.
-                    self._counters.inc("enomem", self._export.name)
+                    self._counters.inc(NON_SWAP_ENOMEM, self._export.name)
                     self._refuse(request, parser, C.ENOMEM, started)
                     return
             if request.has_payload:
                 self._receive_payload(parser, buffer.view)
             if buffer is not None and buffer.emergency and not self._is_swap:
                 # Routing: reserve memory bound for a non-swap consumer is released unprocessed.
-                self._counters.inc("emergency_dropped", self._export.name)
+                self._counters.inc(EMERGENCY_DROPPED, self._export.name)
                 log.info("%s: dropped %r: reserve memory bound for non-swap export %r",
                          self._peer, request, self._export.name)
                 buffer.release()
@@ -241,7 +255,7 @@ class RequestReader:
         pressure = self._context.pressure
         if self._is_swap or pressure is None or not pressure.emergency:
             return None
-        self._counters.inc("pressure_throttled", self._export.name)
+        self._counters.inc(PRESSURE_THROTTLED, self._export.name)
         self._context.non_swap_throttle.acquire()
         return self._context.non_swap_throttle
 

@@ -8,7 +8,6 @@ own `SendPoller` (nbd.send_timeout), both given by the daemon.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -17,7 +16,7 @@ from typing import Optional
 from netswap._pool import ffi
 
 from ..access import AccessControl, peer_identity
-from ..counters import Counters
+from ..counters import Counters, declare
 from ..netpolicy import swap_socket_policy
 from ..swap.nodes import in_networks
 from ..transport.admission import ConnectionLimits
@@ -29,6 +28,13 @@ from .connection import Connection
 from .context import connection_context
 from .handshake import BlockLimits
 from .tls import server_context
+
+CONNECTIONS_ACCEPTED = declare(
+    "nbd", "connections_accepted", "netswap_connections_accepted_total",
+    "Client connections accepted.")
+CONNECTIONS_CLOSED = declare(
+    "nbd", "connections_closed", "netswap_connections_closed_total",
+    "NBD client connections closed.")
 
 log = logging.getLogger("netswap.nbd")
 
@@ -130,7 +136,7 @@ class NbdServer:
 
     def connection_closed(self, connection: Connection) -> None:
         self.frontend.closed(connection, connection.client)
-        self.counters.inc("connections_closed")
+        self.counters.inc(CONNECTIONS_CLOSED)
 
     @property
     def connection_count(self) -> int:
@@ -162,7 +168,7 @@ class NbdServer:
             peer = f"unix:{listener.getsockname()}"
         connection = Connection(connection_context(self), sock, peer, client,
                                 peer_identity(sock, address), tagged)
-        self.counters.inc("connections_accepted")
+        self.counters.inc(CONNECTIONS_ACCEPTED)
         log.debug("%s: connected", peer)
         return connection, connection.run
 

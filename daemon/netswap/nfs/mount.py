@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import logging
 
+from ..access import ACCESS_DENIED
+from ..counters import declare
+from ..refusals import RefusalLog
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
-from ..refusals import RefusalLog
+from ..rpc.message import RPC_PROTOCOL_ERRORS
+
+MOUNT_CALLS = declare(
+    "nfs", "mount_calls", "netswap_mount_calls_total",
+    "MOUNT v3 calls, by procedure.",
+    label="procedure")
 
 log = logging.getLogger("netswap.nfs")
 
@@ -37,9 +45,9 @@ class MountProgram:
     def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc)
         if name is None:
-            self.counters.inc("rpc_protocol_errors", "proc_unavail")
+            self.counters.inc(RPC_PROTOCOL_ERRORS, "proc_unavail")
             return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
-        self.counters.inc("mount_calls", name)
+        self.counters.inc(MOUNT_CALLS, name)
         # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
         body = getattr(self, "_" + name)(xdr.Unpacker(call.args), peer)
         return [rpc.accepted(call.xid), body]
@@ -61,7 +69,7 @@ class MountProgram:
             self._refusals.log("mnt_acces", logging.WARNING,
                                "mount %s: MNT %r refused: the address is no node in swap.nodes",
                                peer, path)
-            self.counters.inc("access_denied", "nfs:not_a_node")
+            self.counters.inc(ACCESS_DENIED, "nfs:not_a_node")
             packer.uint(MNT3ERR_ACCES)
             return packer.bytes()
         log.info("mount %s: mounted %r", peer, path)

@@ -18,21 +18,37 @@ import stat
 import threading
 import time
 
+from ..counters import declare
+from ..refusals import RefusalLog
+from ..reserve.tree import EMERGENCY_DROPPED
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
-from ..refusals import RefusalLog
+from ..rpc.message import RPC_PROTOCOL_ERRORS
 from . import codec
 from .codec import (
     ACCESS_ALL, ACCESS_DELETE, ACCESS_EXECUTE, EXCLUSIVE, GUARDED, MAX_FILE_SIZE, NAME_MAX,
-    NFS3ERR_BAD_COOKIE, NFS3ERR_NOT_SYNC, NFS3ERR_TOOSMALL, PROCEDURE_NAMES, SERVER_TIME,
-    UNSTABLE, Sattr3,
+    NFS3ERR_BAD_COOKIE, NFS3ERR_NOT_SYNC, NFS3ERR_TOOSMALL, PROCEDURE_NAMES, SERVER_TIME, UNSTABLE,
+    Sattr3,
 )
 from .exports import (
-    NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO,
-    NFS3ERR_ISDIR, NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC,
-    NFS3ERR_NOTDIR, NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
+    NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO, NFS3ERR_ISDIR,
+    NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC, NFS3ERR_NOTDIR,
+    NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
 )
+
+NFS_CALLS = declare(
+    "nfs", "nfs_calls", "netswap_nfs_calls_total",
+    "NFSv3 calls, by procedure.",
+    label="procedure")
+NFS_BYTES = declare(
+    "nfs", "nfs_bytes", "netswap_nfs_bytes_total",
+    "Payload bytes of NFS READs and WRITEs that succeeded, by procedure.",
+    label="procedure")
+NFS_ERRORS = declare(
+    "nfs", "nfs_errors", "netswap_nfs_errors_total",
+    "NFSv3 calls answered with an NFS3ERR status, by status number.",
+    label="status")
 
 log = logging.getLogger("netswap.nfs")
 
@@ -73,19 +89,19 @@ class Nfs3Program:
 
     def call(self, call, peer: str, release: list, emergency: bool = False):
         name = PROCEDURE_NAMES.get(call.proc, "unknown")
-        self.counters.inc("nfs_calls", name)
+        self.counters.inc(NFS_CALLS, name)
         if emergency and call.proc in codec.FAILURE_BODY and not self._for_swap(call, peer):
             # The drop rule (the seed's part 2): this record was received into the reserve,
             # but what it asks for is not the node's swap file. It is not executed; JUKEBOX
             # makes the client retry later, when normal memory is back.
-            self.counters.inc("emergency_dropped", "nfs")
+            self.counters.inc(EMERGENCY_DROPPED, "nfs")
             self._refusals.log("jukebox", logging.INFO, "nfs %s: %s call received into the "
                                "reserve for a non-swap object: answered JUKEBOX", peer, name)
             return [rpc.accepted(call.xid), codec.failure(call.proc, NFS3ERR_JUKEBOX)]
         if call.proc in codec.NOT_SERVED:
             return [rpc.accepted(call.xid), codec.not_served(call.proc)]
         if call.proc not in self._procedures:
-            self.counters.inc("rpc_protocol_errors", "proc_unavail")
+            self.counters.inc(RPC_PROTOCOL_ERRORS, "proc_unavail")
             return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
         try:
             # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
@@ -93,7 +109,7 @@ class Nfs3Program:
             return [rpc.accepted(call.xid), *self.execute(call.proc, args, peer, release)]
         except NfsError as exc:
             # A failed procedure: its status, then its result type's failure body.
-            self.counters.inc("nfs_errors", str(exc.status))
+            self.counters.inc(NFS_ERRORS, str(exc.status))
             return [rpc.accepted(call.xid), codec.failure(call.proc, exc.status)]
 
     def execute(self, proc: int, args, peer: str, release: list) -> list:
@@ -273,7 +289,7 @@ class Nfs3Program:
         except OSError as exc:
             raise _from_os(exc) from exc
         parts = [codec.read_result(_fattr3(node, st), got, offset + got >= size)]
-        self.counters.inc("nfs_bytes", "read", got)
+        self.counters.inc(NFS_BYTES, "read", got)
         if got:
             parts.append(buffer.view[:got])  # the bytes go out from the pool buffer
             if got % 4:
@@ -302,7 +318,7 @@ class Nfs3Program:
             st = self._pwrite(node, args.data, offset, sync=committed != UNSTABLE)
         except OSError as exc:
             raise _from_os(exc) from exc
-        self.counters.inc("nfs_bytes", "write", count)
+        self.counters.inc(NFS_BYTES, "write", count)
         return [codec.write_result(_fattr3(node, st), count, committed, self.verifier)]
 
     def _pwrite(self, node: Node, data, offset: int, sync: bool) -> os.stat_result:

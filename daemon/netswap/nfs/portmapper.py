@@ -24,9 +24,15 @@ import logging
 import socket
 from typing import Callable, Optional
 
+from ..counters import declare
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import portmap
+
+RPCBIND_REGISTRATION_FAILURES = declare(
+    "nfs", "rpcbind_registration_failures", "netswap_rpcbind_registration_failures_total",
+    "NFS and MOUNT mappings the local rpcbind did not take (or give back at stop), by reason.",
+    label="reason")
 
 log = logging.getLogger("netswap.nfs")
 
@@ -140,7 +146,7 @@ class RpcbindRegistrar:
                     self._register_one(sock, entry)
         except RpcbindUnavailable as exc:
             left = len(entries) - len(self.registered)
-            self.counters.inc("rpcbind_registration_failures", "unreachable", left)
+            self.counters.inc(RPCBIND_REGISTRATION_FAILURES, "unreachable", left)
             log.warning("rpcbind: %s; NFS clients must give port= and mountport= "
                         "(or set nfs.portmapper = \"serve\")", exc)
 
@@ -156,7 +162,7 @@ class RpcbindRegistrar:
         held = [found for found in self._dump(sock)
                 if (found.prog, found.vers, found.netid) == (entry.prog, entry.vers,
                                                               entry.netid)]
-        self.counters.inc("rpcbind_registration_failures", "taken")
+        self.counters.inc(RPCBIND_REGISTRATION_FAILURES, "taken")
         others = ", ".join(found.address for found in held) or "an address it did not list"
         log.warning("rpcbind: not registering %s: rpcbind maps it to %s already (another "
                     "NFS server?); clients must give the port", what, others)
@@ -170,13 +176,13 @@ class RpcbindRegistrar:
                 while entries:
                     entry = entries[0]
                     if not self._exchange_bool(sock, portmap.unset_call, entry):
-                        self.counters.inc("rpcbind_registration_failures", "unset_refused")
+                        self.counters.inc(RPCBIND_REGISTRATION_FAILURES, "unset_refused")
                         log.warning("rpcbind: UNSET of %s refused", _describe(entry))
                     else:
                         log.info("rpcbind: unregistered %s", _describe(entry))
                     entries.pop(0)
         except RpcbindUnavailable as exc:
-            self.counters.inc("rpcbind_registration_failures", "unreachable", len(entries))
+            self.counters.inc(RPCBIND_REGISTRATION_FAILURES, "unreachable", len(entries))
             log.warning("rpcbind: %s; %d mapping(s) left registered", exc, len(entries))
 
     # The wire ------------------------------------------------------------------------

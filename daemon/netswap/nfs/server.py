@@ -35,17 +35,27 @@ import threading
 import time
 from typing import Optional
 
-from ..netpolicy import tag_emergency
+from ..access import ACCESS_DENIED
+from ..counters import declare
+from ..netpolicy import SOCKET_TAG_FAILURES, tag_emergency
+from ..nfs.nfs3 import NFS_BYTES, NFS_CALLS
+from ..reserve.tree import POOL_WAITS
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
+from ..rpc.message import RPC_PROTOCOL_ERRORS
 from ..transport.admission import ConnectionLimits
 from ..transport.backpressure import wait_for_buffer
-from ..transport.frontend import FrontEnd
+from ..transport.frontend import C_LOOP_HANDOFFS, INTERNAL_ERRORS, FrontEnd
 from ..transport.listeners import keep_alive, tcp_listener
 from ..transport.sender import ReplySender, SendPoller
 from . import fastloop
 from .exports import Peer
+
+RPC_CONNECTIONS = declare(
+    "nfs", "rpc_connections", "netswap_rpc_connections_total",
+    "NFS and MOUNT connections accepted, by service.",
+    label="service")
 
 log = logging.getLogger("netswap.nfs")
 
@@ -138,7 +148,7 @@ class RpcServer:
         if node is None and self.swap_nodes is not None and self.swap_nodes.node_of(str(peer)):
             # A node's address from an unprivileged port (nfs.node_ports): any user on the
             # node could bind that, so it gets no node's swap, only the other exports.
-            self.counters.inc("access_denied", "nfs:unprivileged_port")
+            self.counters.inc(ACCESS_DENIED, "nfs:unprivileged_port")
             self.refusals.log("unprivileged_port", logging.WARNING,
                                "%s %s: source port %d is not below 1024: not trusted as node "
                                "%r (nfs.node_ports)", self.name, peer, peer.port,
@@ -148,10 +158,10 @@ class RpcServer:
             # SK_MEMALLOC socket). Its reserve is the node's, attached while the node swaps
             # (swapnodes.py), not while this connection is open.
             for problem in tag_emergency(sock, self.swap_nodes.socket_policy):
-                self.counters.inc("socket_tag_failures")
+                self.counters.inc(SOCKET_TAG_FAILURES)
                 log.warning("%s %s: socket tagging incomplete: %s", self.name, peer, problem)
         connection = RpcConnection(self, sock, peer, node)
-        self.counters.inc("rpc_connections", self.name)
+        self.counters.inc(RPC_CONNECTIONS, self.name)
         return connection, connection.run
 
     def close_node(self, node: str) -> int:
@@ -198,12 +208,12 @@ class RpcConnection:
             while (self._fast is None or self._serve_fast()) and self._serve_one():
                 pass
         except rpc.RecordError as exc:
-            self.server.counters.inc("rpc_protocol_errors", exc.reason)
+            self.server.counters.inc(RPC_PROTOCOL_ERRORS, exc.reason)
             log.warning("%s %s: closing: %s", self.server.name, self.peer, exc)
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.info("%s %s: connection lost: %s", self.server.name, self.peer, exc)
         except Exception:
-            self.server.counters.inc("internal_errors")
+            self.server.counters.inc(INTERNAL_ERRORS)
             log.exception("%s %s: internal error, closing the connection", self.server.name,
                           self.peer)
         finally:
@@ -242,7 +252,7 @@ class RpcConnection:
         while True:
             reason = self._fast.serve()
             if reason == fastloop.FALLBACK:
-                self.server.counters.inc("c_loop_handoffs", "nfs_python")
+                self.server.counters.inc(C_LOOP_HANDOFFS, "nfs_python")
                 return True
             if reason == fastloop.CLOSED:
                 return False
@@ -263,11 +273,11 @@ class RpcConnection:
         # A call the loop received and hands over: Python's from here, as if received here.
         buffer, started = fast.buffer(), fast.started_ns
         if reason == fastloop.HANDOFF:
-            counters.inc("c_loop_handoffs", "nfs_io_error")
+            counters.inc(C_LOOP_HANDOFFS, "nfs_io_error")
             self._dispatch(buffer, fast.record_length, None, started)  # run again, in Python
             return
         assert reason == fastloop.PARTIAL, reason
-        counters.inc("c_loop_handoffs", "nfs_queued_reply")
+        counters.inc(C_LOOP_HANDOFFS, "nfs_queued_reply")
         with self._replied:
             while self._pending >= MAX_INFLIGHT_CALLS:
                 self._wait_for_reply()
@@ -275,8 +285,8 @@ class RpcConnection:
         procedure, nbytes = fast.procedure, fast.bytes
 
         def done() -> None:
-            counters.inc("nfs_calls", procedure)
-            counters.inc("nfs_bytes", procedure, nbytes)
+            counters.inc(NFS_CALLS, procedure)
+            counters.inc(NFS_BYTES, procedure, nbytes)
             self._finished([buffer], procedure, started)
 
         # Replies were queued, or the client took nothing of this one for a while: the
@@ -354,7 +364,7 @@ class RpcConnection:
         buffer = self.server.pool.alloc(size, **how)
         if buffer is not None:
             return buffer
-        self.server.counters.inc("pool_waits", "swap" if how.get("emergency") else "non_swap")
+        self.server.counters.inc(POOL_WAITS, "swap" if how.get("emergency") else "non_swap")
         buffer = wait_for_buffer(self.server.pool, size,
                                  lambda: self._closing or self.server.stopping, **how)
         if buffer is None:
@@ -391,7 +401,7 @@ class RpcConnection:
         try:
             parts, procedure = self._answer(buffer.view[:length], release)
         except Exception:
-            self.server.counters.inc("internal_errors")
+            self.server.counters.inc(INTERNAL_ERRORS)
             log.exception("%s %s: call failed", self.server.name, self.peer)
             parts = None
         if parts is None:
@@ -430,23 +440,23 @@ class RpcConnection:
             call = rpc.parse_call(record)
         except rpc.NotACall as exc:
             # Nothing to answer (no xid, or a REPLY): the stream cannot be trusted further.
-            counters.inc("rpc_protocol_errors", exc.reason)
+            counters.inc(RPC_PROTOCOL_ERRORS, exc.reason)
             log.warning("%s %s: closing: %s", name, self.peer, exc)
             self.close()
             return None, None
         except rpc.CallRejected as exc:
-            counters.inc("rpc_protocol_errors", exc.reason)
+            counters.inc(RPC_PROTOCOL_ERRORS, exc.reason)
             self.server.refusals.log(exc.reason, logging.INFO, "%s %s: call refused: %s", name,
                                      self.peer, exc)
             return [exc.reply()], None
         program = self.server.programs.get(call.prog)
         if program is None:
-            counters.inc("rpc_protocol_errors", "prog_unavail")
+            counters.inc(RPC_PROTOCOL_ERRORS, "prog_unavail")
             return [rpc.accepted(call.xid, RC.PROG_UNAVAIL)], None
         # A program serves one version, or a range (the portmapper: 2 to 4).
         low, high = getattr(program, "versions", (program.version, program.version))
         if not low <= call.vers <= high:
-            counters.inc("rpc_protocol_errors", "prog_mismatch")
+            counters.inc(RPC_PROTOCOL_ERRORS, "prog_mismatch")
             return [rpc.prog_mismatch(call.xid, low, high)], None
         procedure = program.procedure_name(call)
         if self._fast is not None and call.prog == fastloop.PROGRAM and call.proc in (
@@ -457,7 +467,7 @@ class RpcConnection:
         except xdr.XdrError as exc:
             # Arguments the procedure could not decode (truncated, too long, a bad length):
             # GARBAGE_ARGS (RFC 5531), for every program in the one place.
-            counters.inc("rpc_protocol_errors", "garbage_args")
+            counters.inc(RPC_PROTOCOL_ERRORS, "garbage_args")
             self.server.refusals.log("garbage_args", logging.INFO,
                                      "%s %s: %s arguments malformed: %s", name, self.peer,
                                      procedure, exc)
@@ -465,6 +475,6 @@ class RpcConnection:
         except Exception:
             # A bug of ours: the call gets SYSTEM_ERR rather than no reply, which a hard
             # mount would wait on forever.
-            counters.inc("internal_errors")
+            counters.inc(INTERNAL_ERRORS)
             log.exception("%s %s: procedure %d failed", name, self.peer, call.proc)
             return [rpc.accepted(call.xid, RC.SYSTEM_ERR)], procedure

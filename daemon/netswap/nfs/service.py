@@ -8,8 +8,8 @@ import time
 
 from netswap._pool import ffi
 
+from ..swap.attach import WIPES
 from ..transport.admission import ConnectionLimits
-
 from . import fastloop, mount, nfs3
 from .exports import NfsExports
 from .portmapper import Portmapper
@@ -102,7 +102,7 @@ class NfsService:
         """Zero the node's NFS swap file (new generation: its handles go stale)."""
         if self.exports.swap is None or self.exports.swap.scrub(node) is None:
             return False
-        self._counters.inc("wipes", f"nfs:{node}")
+        self._counters.inc(WIPES, f"nfs:{node}")
         return True
 
     def stop(self, timeout: float) -> bool:

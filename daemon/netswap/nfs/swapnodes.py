@@ -16,8 +16,15 @@ import threading
 import time
 from typing import Optional
 
+from ..counters import declare
 from ..errors import AttachRefused
 from ..swap.nodes import nfs_swap_name
+
+NFS_NODE_RELEASES = declare(
+    "nfs", "nfs_node_releases", "netswap_nfs_node_releases_total",
+    "NFS swap nodes whose reserve the NFS side gave back, by reason (umnt, idle, stop); "
+    "swap.detach_grace runs after it.",
+    label="reason")
 
 log = logging.getLogger("netswap.nfs")
 
@@ -211,6 +218,6 @@ class SwapNodes:
     def _release(self, node: str, hold: _Hold, reason: str, for_good: bool) -> None:
         # An idle node's swapped pages are still in its file: not for good, so swap.wipe
         # keeps them when the lifecycle detaches it.
-        self._counters.inc("nfs_node_releases", reason)
+        self._counters.inc(NFS_NODE_RELEASES, reason)
         log.info("nfs: node %r released: %s", node, self._WHY[reason])
         hold.attachment.release(for_good)

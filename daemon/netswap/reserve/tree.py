@@ -22,7 +22,17 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from ..config import Config, ConfigError, format_size
+from ..counters import declare
 from ..transport.window import DEFAULT_WINDOW
+
+EMERGENCY_DROPPED = declare(
+    "reserve", "emergency_dropped", "netswap_emergency_dropped_total",
+    "Reserve buffers released unprocessed because their consumer is not swap.",
+    label="consumer")
+POOL_WAITS = declare(
+    "reserve", "pool_waits", "netswap_held_back_total",
+    "Requests that waited for pool memory (the reader stopped reading).",
+    label="consumer")
 
 # Kernel socket buffers of a swap connection are sized to hold its in-flight data; they are
 # kernel memory, shown beside the tree but not drawn from the pool.

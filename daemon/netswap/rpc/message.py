@@ -33,8 +33,15 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
+from ..counters import declare
 from . import constants as C
 from .xdr import Packer, Unpacker, XdrError
+
+RPC_PROTOCOL_ERRORS = declare(
+    "nfs", "rpc_protocol_errors", "netswap_rpc_protocol_errors_total",
+    "RPC records and calls refused (the record cap, no xid, wrong version, credentials, garbage"
+    " arguments, unknown program or procedure), by reason.",
+    label="reason")
 
 _FRAGMENT_HEADER = struct.Struct(">I")
 # xid, REPLY, MSG_ACCEPTED, verifier flavor AUTH_NONE, verifier length 0, accept_stat

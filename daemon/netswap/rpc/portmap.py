@@ -49,10 +49,18 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
+from ..access import ACCESS_DENIED
+from ..counters import declare
+from ..refusals import RefusalLog
 from . import constants as RC
 from . import message as rpc
 from . import xdr
-from ..refusals import RefusalLog
+from .message import RPC_PROTOCOL_ERRORS
+
+PORTMAP_CALLS = declare(
+    "nfs", "portmap_calls", "netswap_portmap_calls_total",
+    "Portmapper calls served (PMAP v2, rpcbind v3/v4), by procedure.",
+    label="procedure")
 
 log = logging.getLogger("netswap.nfs")
 
@@ -143,13 +151,13 @@ class PortmapProgram:
         if name is None:
             relay = _RELAYS[call.vers].get(call.proc)
             if relay is not None:
-                self.counters.inc("portmap_calls", relay)
+                self.counters.inc(PORTMAP_CALLS, relay)
                 self._refusals.log("relay", logging.INFO, "portmap %s: %s refused: it would "
                                    "relay calls from our own address", peer, relay.upper())
             else:
-                self.counters.inc("rpc_protocol_errors", "proc_unavail")
+                self.counters.inc(RPC_PROTOCOL_ERRORS, "proc_unavail")
             return [rpc.accepted(call.xid, RC.PROC_UNAVAIL)]
-        self.counters.inc("portmap_calls", name)
+        self.counters.inc(PORTMAP_CALLS, name)
         # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
         args = xdr.Unpacker(call.args)
         if call.vers == VERSION:
@@ -160,7 +168,7 @@ class PortmapProgram:
         return [rpc.accepted(call.xid), body]
 
     def _refuse_change(self, what: str, peer, described: str) -> bytes:
-        self.counters.inc("access_denied", f"portmap:{what.lower()}")
+        self.counters.inc(ACCESS_DENIED, f"portmap:{what.lower()}")
         self._refusals.log("change", logging.WARNING, "portmap %s: %s of %s refused: this "
                            "portmapper lists netswapd's own programs only", peer, what, described)
         return _FALSE

@@ -28,10 +28,30 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..counters import Counters
+from ..counters import Counters, declare
 from ..errors import AttachRefused
 from ..reserve.pool import Pool, ReserveError
 from ..reserve.tree import Group, node_template
+
+ATTACH_REFUSED = declare(
+    "swap", "attach_refused", "netswap_attach_refused_total",
+    "Swap attaches refused because the pool could not back the reserve.",
+    label="reason")
+SWAP_ATTACHES = declare(
+    "swap", "swap_attaches", "netswap_node_attaches_total",
+    "Nodes whose reserve was connected (first NBD connection, or NFS MNT or swap-file I/O, "
+    "after none).")
+SWAP_DETACHES = declare(
+    "swap", "swap_detaches", "netswap_node_detaches_total",
+    "Nodes whose reserve was released after the detach grace period.")
+WIPES = declare(
+    "swap", "wipes", "netswap_wipes_total",
+    "Exports whose contents were discarded (wipe = true, or netswapctl detach --wipe).",
+    label="export")
+WIPE_FAILURES = declare(
+    "swap", "wipe_failures", "netswap_wipe_failures_total",
+    "Wipes that failed: the export's old contents remain (logged).",
+    label="export")
 
 log = logging.getLogger("netswap.lifecycle")
 
@@ -155,7 +175,7 @@ class Lifecycle:
 
     def _discard(self, name: str, discard: Discard, why: str) -> None:
         discard()
-        self._counters.inc("wipes", name)
+        self._counters.inc(WIPES, name)
         log.info("export %r wiped (%s)", name, why)
 
     def release_now(self, name: str) -> bool:
@@ -193,13 +213,13 @@ class Lifecycle:
             for child in entry.children:
                 if child.pool_group is not None:
                     child.pool_group.destroy()
-            self._counters.inc("attach_refused", "reserve")
+            self._counters.inc(ATTACH_REFUSED, "reserve")
             log.warning("refusing swap attach of node %r: %s", node_name, exc)
             raise AttachRefused(
                 f"swap/{node_name}: the pool cannot back this node's reserve: {exc}", "reserve"
             ) from exc
         self._nbd.children.append(entry)
-        self._counters.inc("swap_attaches")
+        self._counters.inc(SWAP_ATTACHES)
         log.info("node %r attached: reserve of %d bytes connected, watermark now %d",
                  node_name, entry.total, self._pool.watermark)
         return _Node(entry, name, discard)
@@ -236,7 +256,7 @@ class Lifecycle:
             self._discard(name, discard, why)
         except OSError as exc:
             # The data is still there: say so loudly, the operator promised it would not be.
-            self._counters.inc("wipe_failures", name)
+            self._counters.inc(WIPE_FAILURES, name)
             log.error("export %r: wipe failed, its old contents remain: %s", name, exc)
 
     def _expire(self, name: str, force: bool = False) -> None:
@@ -255,7 +275,7 @@ class Lifecycle:
         for group in node.groups:
             group.disconnect()
             group.destroy()
-        self._counters.inc("swap_detaches")
+        self._counters.inc(SWAP_DETACHES)
         log.info("node %r detached: reserve released, watermark now %d", name, self._pool.watermark)
 
 

@@ -15,6 +15,14 @@ import socket
 import threading
 from typing import Callable, Optional
 
+from ..counters import declare
+
+CONNECTIONS_REFUSED = declare(
+    "transport", "connections_refused", "netswap_connections_refused_total",
+    "Client connections refused before their handshake, by reason (a connection limit, or "
+    "accept_error: accept(2) failed, e.g. EMFILE).",
+    label="reason")
+
 log = logging.getLogger("netswap")
 
 
@@ -69,7 +77,7 @@ class Acceptor:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # e.g. EMFILE: log, keep serving the clients we have
-            self._counters.inc("accept_errors", exc.__class__.__name__)
+            self._counters.inc(CONNECTIONS_REFUSED, "accept_error")
             log.warning("%s: accept on %s failed: %s", self._name, listener.getsockname(), exc)
             return
         self._on_accept(listener, sock, address)

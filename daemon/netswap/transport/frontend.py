@@ -17,10 +17,22 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..counters import declare
 from ..refusals import RefusalLog
-from .acceptor import Acceptor
+from .acceptor import CONNECTIONS_REFUSED, Acceptor
 from .admission import ConnectionLimits
 from .listeners import PASSED_UNIX_SOCKETS
+
+C_LOOP_HANDOFFS = declare(
+    "transport", "c_loop_handoffs", "netswap_c_loop_handoffs_total",
+    "Times the C request loop handed a connection to the Python path, by reason (python: a "
+    "request only Python serves; queued_reply: a reply that had to wait for the socket; "
+    "write_error: a failed write; the NFS call loop's nfs_python, nfs_queued_reply, "
+    "nfs_io_error likewise).",
+    label="reason")
+INTERNAL_ERRORS = declare(
+    "transport", "internal_errors", "netswap_internal_errors_total",
+    "Connections closed by a bug in netswapd (logged with a traceback).")
 
 
 def client_address(sock: socket.socket, address) -> str:
@@ -132,7 +144,7 @@ class FrontEnd:
             # Closed before anything is read: the client sees a clean close, we spend no
             # thread and no buffer.
             sock.close()
-            self.counters.inc("connections_refused", refusal)
+            self.counters.inc(CONNECTIONS_REFUSED, refusal)
             self.refusals.log(refusal, logging.WARNING,
                               "%s: refusing connections from %s: %s reached (%s refused so far)",
                               self.name, client, refusal,

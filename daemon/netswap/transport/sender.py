@@ -37,6 +37,13 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from netswap._pool import ffi, lib
 
+from ..counters import declare
+
+SEND_TIMEOUTS = declare(
+    "transport", "send_timeouts", "netswap_send_timeouts_total",
+    "Clients disconnected for taking no replies for nbd.send_timeout (NBD) or nfs.send_timeout "
+    "(NFS).")
+
 log = logging.getLogger("netswap.nbd")
 
 Completion = Callable[[], None]
