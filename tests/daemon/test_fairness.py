@@ -42,10 +42,12 @@ STORM_RATE = "150m"
 # nbdkit. Measured 0.35-1.5 (median about 0.6) on a quiet machine; on 2026-12-02, the machine
 # busy (load average 4-6, the fsync storm's disk shared), single rounds ranged 0.5-8.7 with
 # the same median for netswapd before and after the pool's background prefault (1.9 vs 2.4,
-# five interleaved runs each). The storm costs the quiet node about what it costs it when
-# another process serves it. The FIFO before the fair queue (p99 10.6 ms, ratio about 20)
-# fails it by far, as would a lock or a queue that made the quiet node wait for the storm.
-MAX_OVER_FLOOR = 5.0
+# five interleaved runs each), and the median of three rounds reached 5.99 once in a full
+# CI run. The storm costs the quiet node about what it costs it when another process serves
+# it. The bound sits halfway (in log terms) between that noise and the FIFO before the fair
+# queue (p99 10.6 ms, ratio about 20), which still fails it by 2x, as would a lock or a
+# queue that made the quiet node wait for the storm.
+MAX_OVER_FLOOR = 10.0
 # Storm rounds against each server, interleaved.
 ROUNDS = 3
 
