@@ -10,7 +10,7 @@ run: install-python
 
 # The whole test suite, real clients included; installs what it needs first.
 test: deps
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=25 tests
 
 deps:
 	PYTHON=$(PYTHON) .ci/install-deps
