@@ -141,7 +141,7 @@ def test_a_file_with_every_key(tmp_path):
         [node]
         server = ["swap1.example", "10.0.0.2"]
         name = "rack3-n12"
-        protocol = "nfs"
+        protocol = "nbd"
         connections = 4
         dead_conn_timeout = "1h"
         io_timeout = 30
@@ -156,10 +156,35 @@ def test_a_file_with_every_key(tmp_path):
     """)
     config = load_node_config(path, {})
     assert config == NodeConfig(
-        servers=(("swap1.example", 3049), ("10.0.0.2", 3049)), name="rack3-n12",
-        protocol="nfs", connections=4, dead_conn_timeout=3600.0, io_timeout=30.0,
+        servers=(("swap1.example", 10809), ("10.0.0.2", 10809)), name="rack3-n12",
+        protocol="nbd", connections=4, dead_conn_timeout=3600.0, io_timeout=30.0,
         priority=-1, state_dir=Path("/run/ns/node"), log="kmsg", min_free_kbytes=65536,
         nfs_mount=Path("/mnt/netswap"), nfs_port=3049, mount_port=30048, mirror=True)
+
+
+def test_mirror_defaults_to_a_short_dead_connection_timeout_and_an_explicit_one_wins():
+    mirrored = parse_node_config({"node": {"server": ["10.0.0.1", "10.0.0.2"], "name": "n1",
+                                           "mirror": True}})
+    assert mirrored.mirror and mirrored.dead_conn_timeout == 5.0
+    plain = parse_node_config({"node": {"server": ["10.0.0.1"], "name": "n1"}})
+    assert not plain.mirror and plain.dead_conn_timeout == 600.0
+    given = parse_node_config({"node": {"server": ["10.0.0.1", "10.0.0.2"], "name": "n1",
+                                        "mirror": True, "dead_conn_timeout": "30s"}})
+    assert given.dead_conn_timeout == 30.0
+    args = parse_args("--server", "10.0.0.1", "--server", "10.0.0.2", "--mirror")
+    assert overrides_from(args)["mirror"] is True
+    assert load_node_config(None, overrides_from(args)).mirror
+
+
+@pytest.mark.parametrize("node, problem", [
+    ({"server": ["10.0.0.1"], "mirror": True}, "needs at least two servers"),
+    ({"server": ["10.0.0.1", "10.0.0.2"], "mirror": True, "protocol": "nfs"},
+     'needs node.protocol = "nbd"'),
+])
+def test_a_mirror_it_cannot_build_is_a_config_error_naming_the_key(node, problem):
+    with pytest.raises(ConfigError) as raised:
+        parse_node_config({"node": dict(node, name="n1")})
+    assert "node.mirror = True" in str(raised.value) and problem in str(raised.value)
 
 
 def test_command_line_wins_over_the_file(tmp_path):

@@ -1,32 +1,43 @@
 """netswap-node's NBD agent: attach a node's swap to netswapd through the kernel's nbd driver,
-and keep it attached when the server restarts.
+keep it attached when a server restarts, and (--mirror) keep it alive when a server dies.
 
-Attach: the first server (in --server order) that takes us gets N sockets negotiated here
-(nbd.client), handed to the kernel with netlink CONNECT (TIMEOUT, DEAD_CONN_TIMEOUT, never
-DISCONNECT_ON_CLOSE: the device outlives the agent), then mkswap and swapon. An attach refused
-(ERR_POLICY: the server's reserve is full) or a server unreachable moves on to the next.
+Attach: the servers are ranked by rendezvous hashing of the node's name (placement.py); the
+first that takes us (two, mirrored) gets N sockets negotiated here (nbd.client), handed to the
+kernel with netlink CONNECT (TIMEOUT, DEAD_CONN_TIMEOUT, never DISCONNECT_ON_CLOSE: the
+device outlives the agent). A server that refuses (ERR_POLICY: its reserve is full) or is
+unreachable is skipped for the next. Plain: mkswap and swapon on the nbd device. Mirror: an md
+RAID1 with an internal bitmap over the two nbd devices (mdraid.py), mkswap and swapon on it.
 
 Then the agent waits on the nbd multicast group (LINK_DEAD), on a hang-up of its own copies of
 the sockets, and on signals. When sockets die, the kernel holds the device's I/O for up to
-DEAD_CONN_TIMEOUT while the agent negotiates new sockets with back-off and brings them with
-RECONFIGURE, until the kernel says no dead slot is left (ENOSPC). Before a socket goes to the
-kernel, the agent reads the swap header through it: an export that no longer holds the UUID
-seen at attach (wiped, replaced) fails the device on purpose (DISCONNECT: processes get I/O
-errors) rather than feed the node zeros as its pages.
+DEAD_CONN_TIMEOUT while the member (member.py) negotiates new sockets with back-off and brings
+them with RECONFIGURE, until the kernel says no dead slot is left (ENOSPC). Before a socket
+goes to the kernel, the member reads its identity through it (the swap header, or the md
+superblock): an export that no longer holds it is never handed to the kernel.
+
+Plain, a server away past the timeout or a wiped export fails the device on purpose (the
+kernel fails its I/O; DISCONNECT), rather than feed the node zeros as its pages. Mirror, the
+timeout is short (5 s by default): the member's device is disconnected (its held I/O fails,
+md marks it faulty and goes on with the other), and the agent keeps trying its server; once
+it answers, a new device is connected and re-added (md copies what the bitmap says it
+missed), or added as new (a full resync) if the export no longer holds the member.
 
 Nothing on that path may wait on swap: the agent is mlocked with its heap grown at start,
 logs without blocking (a line that cannot be written now is dropped and counted), and writes
-its state file only on a change of state.
+its state file only on a change of state. mdadm runs only to build the mirror and to put a
+member back, never while the node's swap depends on it: a member is re-added while the other
+carries the swap.
 
 Exit codes: 0 detached (SIGTERM, `netswap-node detach`); 2 config error; 3 no server took the
-attach; 4 every connection stayed dead past the dead-connection timeout (the kernel failed the
-device's I/O); 5 the export no longer holds this node's swap area (the device was failed on
-purpose). 4 and 5 need a human: the unit does not restart on them.
+attach (mirror: fewer than two); 4 every connection stayed dead past the dead-connection
+timeout (mirror: of both members; the kernel failed the device's I/O); 5 the export no longer
+holds this node's swap area (plain; the device was failed on purpose). 3, 4 and 5 need a
+human: the unit does not restart on them. `netswap-node status` exits 6 while a mirror is
+degraded.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -35,12 +46,13 @@ import socket
 import subprocess
 import time
 import uuid
+from collections import Counter
 
-from ..nbd import constants as C
-from ..nbd.client import ClientHandshake, OptionRefused, SimpleReplyReader, read_request
-from ..nbd.errors import ProtocolError
+from . import mdraid
 from . import state as node_state
-from .swaparea import PAGE, read_device_uuid, swap_uuid
+from .member import NEGOTIATION_ERRORS, AreaGone, Member
+from .placement import rank
+from .swaparea import SwapHeader, read_device_uuid
 
 log = logging.getLogger("netswap.node")
 
@@ -49,27 +61,19 @@ EXIT_NO_SERVER = 3
 EXIT_DEVICE_FAILED = 4
 EXIT_AREA_GONE = 5
 
-HANDSHAKE_TIMEOUT = 10.0
-# Seconds between reconnect tries, the last repeated: a restarting netswapd is back within
-# seconds, and every second of waiting is a second the node's swap I/O is held.
-BACKOFF = (0.5, 1.0, 1.0, 1.0, 2.0, 2.0, 5.0)
-# The kernel marks a socket dead when its receive fails; the agent's copy may see the hang-up
-# first. A RECONFIGURE answered ENOSPC that soon after a hang-up is retried, not believed.
-HANGUP_GRACE = 15.0
+# A mirror member md marked faulty while its connections live (an I/O error) is put back at
+# most this often: a member that keeps failing is left out, and said so, not churned.
+READD_INTERVAL = 30.0
+# While its server is away, a mirror member is tried this often.
+AWAY_RETRY = 5.0
+# After its device is disconnected, md removes a member once its held I/O has failed.
+REMOVE_TRIES, REMOVE_PAUSE = 25, 0.2
 
 
 class AgentExit(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class AreaGone(Exception):
-    """The export does not hold this node's swap area any more."""
-
-
-def export_name(name: str) -> str:
-    return f"swap/{name}"
 
 
 class NbdAgent:
@@ -79,10 +83,19 @@ class NbdAgent:
         self._listener_factory = listener_factory
         self._notifier = notifier
         self._state_path = node_state.state_path(config.state_dir, config.name)
-        self._copies: dict[int, socket.socket] = {}  # our dup of each socket the kernel has
         self._stopping = False
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self.members: list[Member] = []
+        self.md: str | None = None  # the mirror's md device
+        self.health: str | None = None  # the mirror's, as last logged
+        self._away: set[Member] = set()  # mirror members out of the array, their server tried
+        self._readded_at: dict[Member, float] = {}
         self.state: dict = {}
+
+    @property
+    def device(self) -> str:
+        """What the node swaps on: the md device, or the one member's nbd device."""
+        return self.md or self.members[0].device
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -98,8 +111,8 @@ class NbdAgent:
                 if not self._adopt():
                     self._attach()
                 if self._notifier is not None:
-                    self._notifier.ready(f"swapping on {self.state['device']} "
-                                         f"from {self.state['server']}")
+                    self._notifier.ready(f"swapping on {self.device} from "
+                                         f"{self.state['server']}")
                 return self._watch(listener)
         except AgentExit as done:
             (log.info if done.code == EXIT_DETACHED else log.critical)("%s", done)
@@ -114,120 +127,117 @@ class NbdAgent:
     # -- attach and adopt ------------------------------------------------------------------------
 
     def _attach(self) -> None:
+        wanted = 2 if self.config.mirror else 1
+        ranked = rank(self.config.name, self.config.servers)
+        log.info("placement of %s: %s", self.config.name,
+                 ", ".join(Member(self.config.name, h, p, self.config).server for h, p in ranked))
         errors = []
-        for host, port in self.config.servers:
-            sockets = []
+        for host, port in ranked:
+            member = Member(self.config.name, host, port, self.config)
             try:
-                for _ in range(self.config.connections):
-                    sockets.append(self._open_socket(host, port))
-            except (OSError, OptionRefused, ProtocolError) as exc:
-                for sock, _ in sockets:
-                    sock.close()
-                log.warning("attach: %s:%d did not take %s: %s", host, port,
-                            export_name(self.config.name), exc)
-                errors.append(f"{host}:{port}: {exc}")
+                opened = member.open_sockets()
+            except NEGOTIATION_ERRORS as exc:
+                log.warning("attach: %s did not take %s: %s", member.server, member.export, exc)
+                errors.append(f"{member.server}: {exc}")
                 continue
-            self._connect(host, port, sockets)
-            return
-        raise AgentExit(EXIT_NO_SERVER, "attach: no server took the node: " + "; ".join(errors))
+            try:
+                member.connect(self.netlink, opened)
+            except OSError as exc:
+                for sock, _ in opened:
+                    sock.close()
+                self._disconnect_all()
+                raise AgentExit(1, f"attach: the kernel did not take {member.server}'s "
+                                   f"sockets: {exc}") from exc
+            self.members.append(member)
+            log.info("attached %s of %s as %s: %d bytes, %d connection(s)", member.export,
+                     member.server, member.device, member.size, member.connections)
+            if len(self.members) == wanted:
+                break
+        if len(self.members) < wanted:
+            self._disconnect_all()
+            took = f"only {self.members[0].server} took it; " if self.members else ""
+            raise AgentExit(EXIT_NO_SERVER, f"attach: {'a mirror needs two servers: ' if wanted == 2 else ''}"
+                                            f"{took}no{' other' if took else ''} server took "
+                                            f"the node: " + "; ".join(errors))
+        try:
+            if self.config.mirror:
+                self._build_mirror()
+            _run("mkswap", self.device)  # at attach only: a reconnect keeps the node's pages
+            area = read_device_uuid(self.device)
+            if area is None:
+                raise AgentExit(EXIT_AREA_GONE, f"{self.device}: no swap header after mkswap")
+            if not self.config.mirror:
+                self.members[0].identity = SwapHeader(area)
+            _run("swapon", "-p", str(self.config.priority), self.device)
+        except (AgentExit, OSError):
+            self._teardown()
+            raise
+        self._save(pid=os.getpid(), protocol="nbd", name=self.config.name, uuid=str(area),
+                   mirror=self.config.mirror, state="attached", last_error=None,
+                   dead_conn_timeout=self.config.dead_conn_timeout)
+        log.info("swapping on %s: swap area %s, priority %d%s", self.device, area,
+                 self.config.priority, f", mirrored on {self.state['server']}"
+                 if self.md else "")
 
-    def _connect(self, host: str, port: int, sockets) -> None:
-        export = sockets[0][1]
-        if self.config.connections > 1 and not export.transmission_flags & C.TFLAG_CAN_MULTI_CONN:
-            raise AgentExit(EXIT_NO_SERVER, f"{host}:{port} does not allow several connections "
-                                            "to one export (no CAN_MULTI_CONN)")
-        identifier = (f"netswap:{host}:{port}/{export_name(self.config.name)}"
-                      if self.netlink.has_backend_identifier else None)
-        index = self.netlink.connect(
-            [sock.fileno() for sock, _ in sockets], size=export.size, block_size=PAGE,
-            server_flags=export.transmission_flags, timeout=int(self.config.io_timeout),
-            dead_conn_timeout=int(self.config.dead_conn_timeout), backend_identifier=identifier)
-        device = f"/dev/nbd{index}"
-        for sock, _ in sockets:
-            self._keep_copy(sock)
-        _wait_for_device(device, export.size)
-        _run("mkswap", device)  # at attach only: a reconnect keeps the node's pages
-        area = read_device_uuid(device)
-        if area is None:
-            raise AgentExit(EXIT_AREA_GONE, f"{device}: no swap header after mkswap")
-        _run("swapon", "-p", str(self.config.priority), device)
-        self.state = dict(self.state, pid=os.getpid(), protocol="nbd", name=self.config.name,
-                          server=f"{host}:{port}", host=host, port=port, index=index,
-                          device=device, export=export_name(self.config.name),
-                          uuid=str(area), size=export.size, connections=len(sockets),
-                          alive=len(sockets), reconnects=0, last_error=None, state="attached",
-                          backend_identifier=identifier,
-                          dead_conn_timeout=self.config.dead_conn_timeout)
-        self._save()
-        log.info("attached %s of %s as %s: %d bytes, %d connection(s), swap area %s, "
-                 "priority %d", self.state["export"], self.state["server"], device, export.size,
-                 len(sockets), area, self.config.priority)
+    def _build_mirror(self) -> None:
+        md = mdraid.free_md_device()
+        devices = [member.device for member in self.members]
+        try:
+            array = mdraid.create(md, devices, self.config.name)
+        except mdraid.MdError as exc:
+            raise AgentExit(1, f"mirror: {exc}") from exc
+        self.md = md
+        for member in self.members:
+            member.identity = mdraid.MdMember(array)
+        self.state["array"] = str(array)
+        self.health = str(mdraid.read_state(md))
+        self.state["health"] = self.health
+        log.info("mirror %s: RAID1 over %s, array %s, internal bitmap: %s", md,
+                 " and ".join(f"{m.device} ({m.server})" for m in self.members), array,
+                 self.health)
 
     def _adopt(self) -> bool:
-        """Take over a device a previous agent attached (it survives the agent)."""
+        """Take over the devices a previous agent attached (they survive the agent)."""
         previous = node_state.load(self._state_path)
         if not previous or previous.get("protocol") != "nbd" or previous.get("state") == "detached":
             return False
-        index = previous.get("index")
+        saved = previous.get("members") or []
         # STATUS lists every nbd device, configured or not: only a connected one is ours.
-        if previous.get("state") == "failed" or not self.netlink.status().get(index):
-            log.info("state file names nbd%s, which is gone: attaching afresh", index)
+        connected = self.netlink.status()
+        if previous.get("state") == "failed" or not any(connected.get(s.get("index"))
+                                                         for s in saved):
+            log.info("state file names %s, which is gone: attaching afresh",
+                     previous.get("device"))
             return False
+        if bool(previous.get("mirror")) != self.config.mirror:
+            raise AgentExit(1, f"{previous['device']} was attached "
+                               f"{'with' if previous.get('mirror') else 'without'} --mirror: "
+                               "detach it first (netswap-node detach)")
         if node_state.agent_alive(previous):
             raise AgentExit(1, f"another agent (pid {previous['pid']}) tends {previous['device']}")
         self.state = dict(previous, pid=os.getpid(),
                           min_free_kbytes_baseline=self.state.get("min_free_kbytes_baseline"))
-        self.state["alive"] = 1  # at least: the device is connected; the probe fills the rest
-        log.info("adopted %s (%s of %s, swap area %s)", previous["device"], previous["export"],
-                 previous["server"], previous["uuid"])
+        if previous.get("mirror"):
+            self.md = previous["device"]
+            self.health = previous.get("health")
+        for entry in saved:
+            member = Member(self.config.name, entry["host"], entry["port"], self.config)
+            member.restore(entry)
+            self.members.append(member)
+            if self.md:
+                member.identity = mdraid.MdMember(uuid.UUID(previous["array"]))
+            else:
+                member.identity = SwapHeader(uuid.UUID(previous["uuid"]))
+            if entry.get("away") or not connected.get(member.index):
+                self._away.add(member)  # mirror only: a plain device not connected is gone
+                member.alive = 0
+            else:
+                # Connections may have died while no agent watched: fill every dead slot.
+                member.lost(member.connections, "adopted")
+        log.info("adopted %s (%s of %s, swap area %s)", previous["device"],
+                 previous["export"], previous["server"], previous["uuid"])
         self._save()
-        # Connections may have died while no agent watched: fill every dead slot there is.
-        self._reconnect(self.state["connections"], reason="adopted")
-        log.info("%s: adopted, %d of %d connection(s) alive", self.state["device"],
-                 self.state["alive"], self.state["connections"])
         return True
-
-    # -- sockets ----------------------------------------------------------------------------------
-
-    def _open_socket(self, host: str, port: int):
-        """A socket negotiated on this node's export, blocking, ready for the kernel."""
-        sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            handshake = ClientHandshake(export_name(self.config.name))
-            while handshake.export is None:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionError("server closed the connection in the handshake")
-                handshake.receive_data(data)
-                sock.sendall(handshake.data_to_send())
-            sock.settimeout(None)  # the kernel's own I/O on it must not see O_NONBLOCK
-            return sock, handshake.export
-        except BaseException:
-            sock.close()
-            raise
-
-    def _check_area(self, sock: socket.socket) -> None:
-        """Read the swap header through `sock`: it must be the area seen at attach."""
-        sock.settimeout(HANDSHAKE_TIMEOUT)
-        sock.sendall(read_request(1, 0, PAGE))
-        reader = SimpleReplyReader(1, PAGE)
-        while reader.data is None:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection before the header READ")
-            reader.receive_data(data)
-        sock.settimeout(None)
-        found = swap_uuid(reader.data)
-        if found != uuid.UUID(self.state["uuid"]):
-            raise AreaGone(f"{self.state['export']} on {self.state['server']} no longer holds "
-                           f"this node's swap area {self.state['uuid']} (its header: "
-                           f"{found or 'none, e.g. wiped'})")
-
-    def _keep_copy(self, sock: socket.socket) -> None:
-        # The kernel holds the socket; our copy only watches for the hang-up.
-        self._copies[sock.fileno()] = sock
 
     # -- watching -------------------------------------------------------------------------------
 
@@ -235,126 +245,263 @@ class NbdAgent:
         poller = select.poll()
         poller.register(self._wakeup_r, select.POLLIN)
         poller.register(listener.fileno(), select.POLLIN)
-        watched: set[int] = set()
+        watched: dict[int, tuple] = {}  # fd -> (member, its socket) registered in poller
         last_hangup = 0.0
         while True:
-            for fd in set(self._copies) - watched:
-                poller.register(fd, select.POLLRDHUP)
-                watched.add(fd)
+            # Copies closed since (a member left the mirror) out, new ones in: by identity,
+            # since a closed socket's number comes back for the next one.
+            for fd, (member, sock) in list(watched.items()):
+                if member.copies.get(fd) is not sock:
+                    poller.unregister(fd)
+                    del watched[fd]
+            for member in self.members:
+                for fd, sock in member.copies.items():
+                    if fd not in watched:
+                        poller.register(fd, select.POLLRDHUP)
+                        watched[fd] = (member, sock)
             if self._stopping:
                 self._detach()
             # A dying socket is seen twice, as LINK_DEAD and as a hang-up of our copy (when we
             # have one: not for sockets an earlier agent brought): act on the larger count.
-            linked_dead = hung_up = 0
-            for fd, events in poller.poll(1000):
+            linked_dead: Counter = Counter()
+            hung_up: Counter = Counter()
+            for fd, events in poller.poll(self._poll_timeout_ms()):
                 if fd == self._wakeup_r.fileno():
                     _drain(self._wakeup_r)
                 elif fd == listener.fileno():
-                    linked_dead += listener.read().count(self.state["index"])
+                    for index in listener.read():
+                        for member in self.members:
+                            if member.index == index and member not in self._away:
+                                linked_dead[member] += 1
                 elif events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                     poller.unregister(fd)
-                    watched.discard(fd)
-                    self._copies.pop(fd).close()
-                    hung_up += 1
-                    last_hangup = time.monotonic()
-            dead = max(linked_dead, hung_up)
-            if dead:
-                log.warning("%s: %d connection(s) to %s died", self.state["device"], dead,
-                            self.state["server"])
-                self.state["alive"] = max(0, self.state["alive"] - dead)
-                self._reconnect(dead, reason="connection lost", hung_up_at=last_hangup)
+                    member, sock = watched.pop(fd)
+                    if member.copies.get(fd) is sock:
+                        del member.copies[fd]
+                        sock.close()
+                        hung_up[member] += 1
+                        last_hangup = time.monotonic()
+            for member in self.members:
+                dead = max(linked_dead[member], hung_up[member])
+                if dead:
+                    log.warning("%s: %d connection(s) to %s died", member.device, dead,
+                                member.server)
+                    member.lost(dead, "connection lost", hung_up_at=last_hangup)
+                    self._save(state="reconnecting")
+            for member in self.members:
+                self._tend(member)
+            if self.md:
+                self._watch_mirror()
 
-    def _reconnect(self, wanted: int, reason: str, hung_up_at: float = 0.0) -> None:
-        """Bring new sockets until `wanted` dead slots are filled or the kernel has none."""
-        host, port = self.state["host"], self.state["port"]
-        self._save(state="reconnecting")
-        dead_since = time.monotonic()
-        tries = 0
-        while wanted > 0:
-            if self._stopping:
-                self._detach()
-            waited = time.monotonic() - dead_since
-            if self.state["alive"] == 0 and waited > self.config.dead_conn_timeout:
-                raise AgentExit(EXIT_DEVICE_FAILED,
-                                f"{self.state['device']}: {self.state['server']} away for "
-                                f"{waited:.0f} s, longer than the dead-connection timeout "
-                                f"({self.config.dead_conn_timeout:.0f} s): the kernel failed "
-                                "the device's I/O; swapped-out pages may be lost")
-            tries += 1
-            try:
-                sock, export = self._open_socket(host, port)
-            except (OSError, OptionRefused, ProtocolError) as exc:
-                delay = BACKOFF[min(tries - 1, len(BACKOFF) - 1)]
-                if self.state["alive"] == 0:
-                    # Wake at the kernel's own deadline, to say at once what it just did.
-                    left = dead_since + self.config.dead_conn_timeout - time.monotonic()
-                    delay = max(0.05, min(delay, left + 0.05))
-                log.warning("reconnect try %d to %s:%d (%s): %s; next in %.1f s", tries, host,
-                            port, reason, exc, delay)
-                self.state["last_error"] = f"reconnect: {exc}"
-                self._sleep(delay)
-                continue
-            try:
-                self._check_area(sock)
-                # The device's TIMEOUT tells netlink.reconfigure whether the kernel took the
-                # socket (it answers 0 also when no dead slot was left: see there).
-                self.netlink.reconfigure(self.state["index"], [sock.fileno()],
-                                         timeout=int(self.config.io_timeout),
-                                         backend_identifier=self.state.get("backend_identifier"))
-            except AreaGone as gone:
-                sock.close()
-                self._fail_device(str(gone))
-            except (OSError, ProtocolError) as exc:
-                sock.close()
-                if getattr(exc, "errno", None) == errno.ENOSPC:
-                    if time.monotonic() - hung_up_at < HANGUP_GRACE and tries < 50:
-                        self._sleep(0.2)  # our copy saw the hang-up before the kernel did
-                        continue
-                    break  # no dead slot left: every connection is alive
-                log.warning("reconnect try %d to %s:%d: %s", tries, host, port, exc)
-                self._sleep(BACKOFF[min(tries - 1, len(BACKOFF) - 1)])
-                continue
-            self._keep_copy(sock)
-            wanted -= 1
-            self.state["alive"] = min(self.state["connections"], self.state["alive"] + 1)
-            self.state["reconnects"] += 1
-            log.info("%s: new connection to %s brought in (%s, try %d, %.1f s after the "
-                     "loss)", self.state["device"], self.state["server"], reason, tries,
-                     time.monotonic() - dead_since)
-        # Every dead slot filled, or the kernel had none left: all connections are alive.
-        self._save(state="attached", alive=self.state["connections"], last_error=None)
+    def _poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        due = [m.next_try for m in self.members if m.missing or m in self._away]
+        if not due:
+            return 1000
+        return int(max(0.0, min(1.0, min(due) - now)) * 1000)
 
-    def _sleep(self, seconds: float) -> None:
-        select.select([self._wakeup_r], [], [], seconds)
-        _drain(self._wakeup_r)
+    def _tend(self, member: Member) -> None:
+        """Move `member` on: a try at a dead slot, or at bringing a mirror member back."""
+        if self._stopping:
+            return
+        if member in self._away:
+            if time.monotonic() >= member.next_try:
+                self._rejoin(member)
+            return
+        if not member.missing:
+            return
+        waited = member.dead_for()
+        if waited > self.config.dead_conn_timeout:
+            why = (f"{member.server} away for {waited:.0f} s, longer than the dead-connection "
+                   f"timeout ({self.config.dead_conn_timeout:.0f} s): the kernel failed "
+                   f"{member.device}'s I/O")
+            if not self.md:
+                raise AgentExit(EXIT_DEVICE_FAILED, f"{member.device}: {why}; swapped-out "
+                                                    "pages may be lost")
+            self._leave_mirror(member, why)
+            return
+        if time.monotonic() < member.next_try:
+            return
+        try:
+            tried = member.step(self.netlink)
+        except AreaGone as gone:
+            if not self.md:
+                self._fail_device(member, str(gone))
+            self._leave_mirror(member, str(gone))
+            return
+        if tried.done:
+            if member.reason == "adopted":
+                log.info("%s: adopted, %d of %d connection(s) alive", member.device,
+                         member.alive, member.connections)
+            self._save(state=self._overall(), last_error=None)
+
+    # -- the mirror -----------------------------------------------------------------------------
+
+    def _leave_mirror(self, member: Member, why: str) -> None:
+        """Take `member` out of the array: its device disconnected (the I/O the kernel holds
+        for it fails, md goes on with the other member), its server tried from now on."""
+        log.warning("%s: %s; %s goes on with %s, the member is out until %s is back",
+                    member.device, why, self.md,
+                    ", ".join(m.device for m in self.members if m is not member) or "nothing",
+                    member.server)
+        self._away.add(member)
+        member.last_error = why
+        try:
+            self.netlink.disconnect(member.index)
+        except OSError as exc:
+            log.error("disconnect of %s failed: %s", member.device, exc)
+        member.close_copies()
+        member.missing, member.alive, member.tries = 0, 0, 0
+        member.next_try = time.monotonic() + AWAY_RETRY
+        self._remove_from_array(member)
+        if all(m in self._away for m in self.members):
+            raise AgentExit(EXIT_DEVICE_FAILED, f"{self.md}: every member lost ("
+                            + "; ".join(f"{m.server}: {m.last_error}" for m in self.members)
+                            + "); swapped-out pages may be lost")
+        self._save(state="degraded", last_error=why)
+
+    def _remove_from_array(self, member: Member) -> None:
+        for attempt in range(REMOVE_TRIES):
+            try:
+                mdraid.fail_and_remove(self.md, member.device)
+                return
+            except mdraid.MdError as exc:
+                if attempt == REMOVE_TRIES - 1:
+                    log.error("%s: %s stays in the array as faulty: %s", self.md,
+                              member.device, exc)
+                time.sleep(REMOVE_PAUSE)  # md removes it once its held I/O has failed
+
+    def _rejoin(self, member: Member) -> None:
+        """One try at bringing an away member back: a new device on its server, re-added
+        (md copies what the bitmap says it missed) or, if the export lost the member, added
+        as new (a full copy from the other)."""
+        member.tries += 1
+        try:
+            opened = member.open_sockets()
+        except NEGOTIATION_ERRORS as exc:
+            member.next_try = time.monotonic() + AWAY_RETRY
+            if member.tries == 1 or member.tries % 12 == 0:
+                log.warning("%s: %s still away (try %d): %s", self.md, member.server,
+                            member.tries, exc)
+            return
+        holds_member = True
+        try:
+            member.check_identity(opened[0][0])
+        except AreaGone as gone:
+            holds_member = False
+            log.warning("%s: %s; it joins as a new member (a full resync)", self.md, gone)
+        except NEGOTIATION_ERRORS as exc:
+            for sock, _ in opened:
+                sock.close()
+            member.next_try = time.monotonic() + AWAY_RETRY
+            log.warning("%s: %s answered, then not: %s", self.md, member.server, exc)
+            return
+        try:
+            member.connect(self.netlink, opened)
+            if holds_member:
+                how = mdraid.re_add(self.md, member.device)
+            else:
+                mdraid.add_new(self.md, member.device)
+                how = "added as new"
+        except OSError as exc:  # MdError included
+            for sock, _ in opened:
+                sock.close()
+            member.next_try = time.monotonic() + AWAY_RETRY
+            log.error("%s: bringing %s back failed: %s", self.md, member.server, exc)
+            return
+        self._away.discard(member)
+        member.reconnects += 1
+        member.last_error = None
+        log.info("%s: %s is back as %s, %s (try %d)", self.md, member.server, member.device,
+                 how, member.tries)
+        self._save(state=self._overall(), last_error=None)
+
+    def _watch_mirror(self) -> None:
+        state = mdraid.read_state(self.md)
+        shown = str(state)
+        if shown != self.health:
+            level = logging.INFO if state.health in ("clean", "resyncing") else logging.WARNING
+            log.log(level, "%s: %s", self.md, shown)
+            self.health = shown
+            self._save(health=shown, state=self._overall())
+        # A member md failed while its connections live (an I/O error): put it back, but not
+        # over and over.
+        for member in self.members:
+            md_state = state.members.get(os.path.basename(member.device), "")
+            if ("faulty" in md_state.split(",") and member not in self._away
+                    and not member.missing):
+                now = time.monotonic()
+                if now - self._readded_at.get(member, -READD_INTERVAL) < READD_INTERVAL:
+                    continue
+                self._readded_at[member] = now
+                try:
+                    mdraid.fail_and_remove(self.md, member.device)
+                    how = mdraid.re_add(self.md, member.device)
+                    log.warning("%s: md had failed %s (%s) while connected; %s", self.md,
+                                member.device, member.server, how)
+                except mdraid.MdError as exc:
+                    log.error("%s: %s stays out: %s", self.md, member.device, exc)
+
+    def _overall(self) -> str:
+        if self._away:
+            return "degraded"
+        if any(m.missing for m in self.members):
+            return "reconnecting"
+        return "attached"
 
     # -- endings ------------------------------------------------------------------------------
 
-    def _fail_device(self, why: str) -> None:
+    def _fail_device(self, member: Member, why: str) -> None:
         log.critical("%s: failing the device rather than hand the node wrong pages", why)
         try:
-            self.netlink.disconnect(self.state["index"])
+            self.netlink.disconnect(member.index)
         except OSError as exc:
-            log.error("disconnect of %s failed: %s", self.state["device"], exc)
+            log.error("disconnect of %s failed: %s", member.device, exc)
         raise AgentExit(EXIT_AREA_GONE, why)
 
     def _detach(self) -> None:
-        device = self.state["device"]
+        device = self.device
         log.info("detaching %s: swapoff (reads every swapped-out page back), then disconnect",
                  device)
         self._save(state="detaching")
         if node_state.swap_used_kib(device) is not None:
             _run("swapoff", device, timeout=None)
-        self.netlink.disconnect(self.state["index"])
-        for sock in self._copies.values():
-            sock.close()
-        self._copies.clear()
+        self._teardown()
         raise AgentExit(EXIT_DETACHED, f"detached {device}")
+
+    def _teardown(self) -> None:
+        """Stop the mirror (if any) and disconnect every member's device."""
+        if self.md:
+            try:
+                mdraid.stop(self.md)
+            except mdraid.MdError as exc:
+                log.error("%s", exc)
+        self._disconnect_all()
+
+    def _disconnect_all(self) -> None:
+        for member in self.members:
+            if member.index is not None and member not in self._away:
+                try:
+                    self.netlink.disconnect(member.index)
+                except OSError as exc:
+                    log.error("disconnect of %s failed: %s", member.device, exc)
+            member.close_copies()
 
     def _save(self, **changes) -> None:
         self.state.update(changes)
-        if self.state.get("device"):
-            node_state.save(self._state_path, self.state)
+        if not self.members:
+            return
+        members = [dict(m.saved(), away=m in self._away) for m in self.members]
+        self.state.update(
+            device=self.device, members=members, mirror=bool(self.md),
+            server=", ".join(m.server for m in self.members),
+            export=self.members[0].export,
+            connections=sum(m.connections for m in self.members),
+            alive=sum(m.alive for m in self.members),
+            reconnects=sum(m.reconnects for m in self.members))
+        if self.md:
+            self.state["md"] = self.md
+        node_state.save(self._state_path, self.state)
 
 
 def _drain(sock: socket.socket) -> None:
@@ -363,20 +510,6 @@ def _drain(sock: socket.socket) -> None:
             pass
     except BlockingIOError:
         pass
-
-
-def _wait_for_device(device: str, size: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(device, "rb") as f:
-                if f.seek(0, os.SEEK_END) == size:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AgentExit(1, f"{device} did not appear with {size} bytes")
-        time.sleep(0.05)
 
 
 def _run(*argv: str, timeout: float | None = 120) -> None:

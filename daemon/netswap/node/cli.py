@@ -1,12 +1,13 @@
 """`netswap-node`: run the agent, show its status, detach.
 
     netswap-node run --server HOST[:PORT] [--server ...] [--name NAME] [--protocol nbd|nfs]
-                     [--connections N] [--dead-conn-timeout 10m] [--priority P]
+                     [--connections N] [--dead-conn-timeout 10m] [--priority P] [--mirror]
     netswap-node status [--json]
     netswap-node detach
 
 `run` stays in the foreground (a service); `detach` asks the running agent to swapoff and
-disconnect (SIGTERM) and waits for it; `status` reads the agent's state file.
+disconnect (SIGTERM) and waits for it; `status` reads the agent's state file (exit status 6
+while a mirror is degraded).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import state as node_state
 # status and detach import nothing more: on a node short of memory, `detach` starts while the
 # agent's swapoff needs every free page.
 DEFAULT_STATE_DIR = Path("/run/netswap-node")
+EXIT_DEGRADED = 6  # `status` of a mirror running on one member
 
 
 def _parser(with_run_options: bool) -> argparse.ArgumentParser:
@@ -125,7 +127,16 @@ def _status(found: dict | None, path: Path, as_json: bool) -> int:
           f"swap: {'not on' if used is None else f'{used} KiB in use'}\n"
           f"agent: {'pid ' + str(found['pid']) if found['agent_running'] else 'not running'}\n"
           f"last error: {found.get('last_error') or 'none'}")
-    return 0
+    if found.get("mirror"):
+        print(f"mirror: {found.get('health') or 'unknown'}")
+        for member in found.get("members", []):
+            print(f"  {member['device']} from {member['server']}: "
+                  f"{'away' if member.get('away') else 'in'}, {member['alive']} of "
+                  f"{member['connections']} connection(s) alive"
+                  f"{', ' + member['last_error'] if member.get('last_error') else ''}")
+    # A degraded mirror still swaps, but runs without a copy until a human or the server
+    # brings the other member back: a monitoring check sees that in the exit status.
+    return EXIT_DEGRADED if found.get("state") == "degraded" else 0
 
 
 def _detach(found: dict | None, path: Path, timeout: float) -> int:

@@ -89,7 +89,7 @@ class NodeConfig:
     nfs_mount: Path = Path("/mnt/swap")  # absolute
     nfs_port: int = 2049
     mount_port: int = 20048
-    mirror: bool = False  # reserved: accepted, not yet acted on
+    mirror: bool = False  # md RAID1 over two servers' exports (protocol "nbd")
 
 
 def format_server(server: tuple[str, int]) -> str:
@@ -244,18 +244,32 @@ class _HostNameDefault:
 _FROM_HOST_NAME = _HostNameDefault()
 _NO_DEFAULT = object()
 
+
+class _ByMode:
+    """The default of node.dead_conn_timeout, which depends on node.mirror."""
+
+    plain, mirror = "10m", "5s"
+
+    def __repr__(self) -> str:
+        return f'"{self.plain}" ("{self.mirror}" with mirror)'
+
+
+_BY_MODE = _ByMode()
+
 _NODE = (
     Key("server", _Servers(), _NO_DEFAULT,
-           "The netswapd servers, tried in order at attach; at least one."),
+           "The netswapd servers; at least one (two with mirror). A node ranks them by "
+           "rendezvous hashing of its name and takes the first that accepts it."),
     Key("name", _NodeName(), _FROM_HOST_NAME,
            'This node\'s swap node name: its export is "swap/<name>" (NFS: the file <name>).'),
     Key("protocol", Choice("nbd", "nfs"), "nbd",
            "How the swap is reached: an NBD device, or a swap file on an NFS mount."),
     Key("connections", Integer(1, 16), 1,
            "NBD connections to the export (the server must allow several)."),
-    Key("dead_conn_timeout", _Seconds(), "10m",
+    Key("dead_conn_timeout", _Seconds(), _BY_MODE,
            "How long the kernel holds swap I/O while every connection is down, waiting for "
-           "the agent to reconnect; past it the device's I/O fails."),
+           'the agent to reconnect; past it the device\'s I/O fails. Default "10m", with '
+           'mirror "5s" (the other member carries the swap: fail fast, do not stall).'),
     Key("io_timeout", _Seconds(), "10s",
            "The kernel's per-request timeout: a request on a dead socket is requeued after it."),
     Key("priority", Integer(-1, 32767), 100,
@@ -271,7 +285,9 @@ _NODE = (
     Key("nfs_port", Integer(1, 65535), 2049, 'The NFS port of the servers (protocol "nfs").'),
     Key("mount_port", Integer(1, 65535), 20048,
            'The MOUNT port of the servers (protocol "nfs").'),
-    Key("mirror", Boolean(), False, "Reserved for a later release; accepted, no effect yet."),
+    Key("mirror", Boolean(), False,
+           "Swap on an md RAID1 over the exports of two servers: one dying loses nothing "
+           '(protocol "nbd"; mdadm on the node).'),
 )
 _FIELDS = {field.name: field for field in _NODE}
 _KEY_NAMES = tuple(_FIELDS)
@@ -347,7 +363,13 @@ def parse_node_config(document: Mapping, overrides: Mapping | None = None,
             error.source = origin
             raise
 
-    values = {name: convert(name) for name in _KEY_NAMES if name not in ("server", "name")}
+    values = {name: convert(name) for name in _KEY_NAMES
+              if name not in ("server", "name", "dead_conn_timeout")}
+    if written("dead_conn_timeout")[0] is _BY_MODE:
+        values["dead_conn_timeout"] = parse_duration(
+            _BY_MODE.mirror if values["mirror"] else _BY_MODE.plain, "node.dead_conn_timeout")
+    else:
+        values["dead_conn_timeout"] = convert("dead_conn_timeout")
 
     if written("name")[0] is _FROM_HOST_NAME:
         host = socket.gethostname().split(".")[0]
@@ -368,6 +390,17 @@ def parse_node_config(document: Mapping, overrides: Mapping | None = None,
         raise ConfigError("node.server", "at least one server is required",
                           allowed=_SERVERS_REQUIRED, source=origin)
     values["servers"] = convert("server", _Servers(values["protocol"], values["nfs_port"]))
+    if values["mirror"]:
+        mirror, origin = written("mirror")
+        if values["protocol"] != "nbd":
+            raise ConfigError("node.mirror", f'needs node.protocol = "nbd" (it is '
+                              f'"{values["protocol"]}"): the mirror is an md RAID1 over two '
+                              "NBD devices", value=mirror, allowed='false with protocol "nfs"',
+                              source=origin)
+        if len(values["servers"]) < 2:
+            raise ConfigError("node.mirror", "needs at least two servers (node.server / "
+                              f"--server), {len(values['servers'])} given", value=mirror,
+                              allowed="false with one server", source=origin)
     return NodeConfig(**values)
 
 
@@ -397,7 +430,7 @@ def load_node_config(path: str | os.PathLike | None, overrides: Mapping) -> Node
 
 # option dest -> the [node] key it overrides (the same name, for every option here)
 _OPTIONS = ("server", "name", "protocol", "connections", "dead_conn_timeout", "io_timeout",
-            "priority", "state_dir", "log")
+            "priority", "state_dir", "log", "mirror")
 _DURATIONS = ("dead_conn_timeout", "io_timeout")
 
 
@@ -411,7 +444,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", metavar="HOST[:PORT]", action="append", default=None,
         help=f"a netswapd server (NBD port default {DEFAULT_NBD_PORT}; IPv6 as "
-             "[ADDR]:PORT); repeat for more, tried in order; replaces node.server")
+             "[ADDR]:PORT); repeat for more (ranked by hashing the node name); replaces "
+             "node.server")
     parser.add_argument("--name", default=None,
                         help="the swap node name (default: the short host name)")
     parser.add_argument("--protocol", choices=_FIELDS["protocol"].kind.options, default=None,
@@ -420,7 +454,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="NBD connections, 1..16 (default 1)")
     parser.add_argument("--dead-conn-timeout", metavar="DURATION", default=None,
                         help='how long the kernel waits for a reconnect, e.g. "10m" '
-                             "(default), or seconds")
+                             '(default; "5s" with --mirror), or seconds')
     parser.add_argument("--io-timeout", metavar="DURATION", default=None,
                         help='the kernel\'s per-request timeout, e.g. "10s" (default)')
     parser.add_argument("--priority", metavar="P", type=int, default=None,
@@ -429,6 +463,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the agent's state directory (default /run/netswap-node)")
     parser.add_argument("--log", choices=_FIELDS["log"].kind.options, default=None,
                         help="stderr (default) or kmsg")
+    parser.add_argument("--mirror", action="store_true", default=None,
+                        help="md RAID1 over the exports of two servers (needs two --server)")
 
 
 def _number_or_text(text: str):

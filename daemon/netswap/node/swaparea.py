@@ -30,3 +30,20 @@ def read_device_uuid(device: str) -> uuid.UUID | None:
         return swap_uuid(os.pread(fd, PAGE, 0))
     finally:
         os.close(fd)
+
+
+class SwapHeader:
+    """A plain (unmirrored) device's identity: the swap header mkswap wrote at attach, in the
+    export's first page (member.Identity)."""
+
+    offset = 0
+
+    def __init__(self, area: uuid.UUID) -> None:
+        self.area = area
+
+    def found_in(self, page: bytes) -> str | None:
+        found = swap_uuid(page)
+        if found == self.area:
+            return None
+        return (f"this node's swap area {self.area} (its header: "
+                f"{found or 'none, e.g. wiped'})")

@@ -1,0 +1,177 @@
+"""The node's mirror: an md RAID1 over two nbd devices from two servers, built and tended with
+mdadm, its state read from sysfs.
+
+md, not a protocol of our own: the kernel already knows how to write both members, read the
+one that answers, mark a member faulty when its I/O fails, and (with an internal write-intent
+bitmap) resync only the regions written while a member was away once it is re-added.
+
+The array uses metadata 1.2: md's superblock sits 4 KiB into each member, and its set UUID
+(16 bytes at offset 16 of the superblock) is what the agent reads through a new socket to
+know the export still holds this mirror's member (MdMember, the member's Identity).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("netswap.node")
+
+SUPERBLOCK_OFFSET = 4096  # metadata 1.2: 8 sectors from the start of the member
+MD_MAGIC = 0xA92B4EFC
+SYS_BLOCK = Path("/sys/block")
+
+
+class MdError(OSError):
+    """An mdadm command that failed (its output in the message)."""
+
+
+class MdMember:
+    """A member of the array whose set UUID is `array`: its md superblock, 4 KiB in
+    (member.Identity)."""
+
+    offset = SUPERBLOCK_OFFSET
+
+    def __init__(self, array: uuid.UUID) -> None:
+        self.array = array
+
+    def found_in(self, page: bytes) -> str | None:
+        found = superblock_uuid(page)
+        if found == self.array:
+            return None
+        return (f"this node's mirror member (array {self.array}; found "
+                f"{'array ' + str(found) if found else 'no md superblock, e.g. wiped'})")
+
+
+def superblock_uuid(page: bytes) -> uuid.UUID | None:
+    """The set UUID of the md 1.x superblock at the start of `page`, None if there is none."""
+    if len(page) < 32 or struct.unpack_from("<I", page, 0)[0] != MD_MAGIC:
+        return None
+    return uuid.UUID(bytes=bytes(page[16:32]))
+
+
+@dataclass(frozen=True)
+class MdState:
+    """What sysfs says of an array: `health` is clean, resyncing or degraded (or failed:
+    gone, or no member in sync), `members` each member's kernel name -> its md state
+    ("in_sync", "faulty", "spare", ...), `progress` the resync's "done / total" sectors."""
+
+    health: str
+    degraded: int
+    action: str
+    progress: str
+    members: dict
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{name} {state}" for name, state in sorted(self.members.items()))
+        extra = f", {self.action} {self.progress}" if self.health == "resyncing" else ""
+        return f"{self.health} ({shown}{extra})"
+
+
+def free_md_device() -> str:
+    """An md device name no array uses: md127 downward, as mdadm itself picks."""
+    for number in range(127, -1, -1):
+        if not (SYS_BLOCK / f"md{number}" / "md" / "array_state").exists():
+            return f"/dev/md{number}"
+    raise MdError("no free md device number")
+
+
+def create(device: str, members: list[str], name: str) -> uuid.UUID:
+    """A RAID1 of `members` with an internal bitmap; returns its set UUID.
+
+    --assume-clean: the members are new exports whose contents nobody will read before
+    writing them (swap reads only slots it wrote, and each write goes to both), so an initial
+    resync would copy the whole device over the network for nothing. A bitmap chunk of 1 MiB:
+    a member back from an outage copies only the MiBs written meanwhile (a 1 GiB device's
+    bitmap is 1,024 bits; mdadm's default chunk for it would be 64 MiB)."""
+    mdadm("--create", device, "--run", "--level=1", f"--raid-devices={len(members)}",
+          "--metadata=1.2", "--bitmap=internal", "--bitmap-chunk=1024", "--assume-clean",
+          f"--name=netswap-{name}",
+          "--homehost=any", *members)
+    return array_uuid(members[0])
+
+
+def array_uuid(member: str) -> uuid.UUID:
+    """The set UUID in `member`'s superblock, read from the device itself."""
+    with open(member, "rb") as f:
+        f.seek(SUPERBLOCK_OFFSET)
+        found = superblock_uuid(f.read(4096))
+    if found is None:
+        raise MdError(f"{member}: no md superblock after mdadm --create")
+    return found
+
+
+def read_state(device: str) -> MdState:
+    md = SYS_BLOCK / Path(device).name / "md"
+
+    def read(name: str, default: str = "") -> str:
+        try:
+            return (md / name).read_text().strip()
+        except OSError:
+            return default
+
+    array_state = read("array_state", "clear")
+    members = {}
+    for entry in md.glob("dev-*"):
+        members[entry.name[4:]] = read(f"{entry.name}/state", "gone")
+    degraded = int(read("degraded", "0") or 0)
+    action = read("sync_action", "idle")
+    in_sync = [m for m, s in members.items() if "in_sync" in s.split(",")]
+    if array_state in ("clear", "inactive") or not in_sync:
+        health = "failed"
+    elif action in ("resync", "recover"):
+        health = "resyncing"
+    elif degraded or len(in_sync) < len(members):
+        health = "degraded"
+    else:
+        health = "clean"
+    return MdState(health, degraded, action, read("sync_completed", "none"), members)
+
+
+def fail_and_remove(device: str, member: str) -> None:
+    """Take `member` out of the array (marked faulty first if md had not yet); md then
+    reads and writes only the other member."""
+    state = read_state(device).members.get(Path(member).name)
+    if state is None:
+        return
+    if "faulty" not in state.split(","):
+        mdadm(device, "--fail", member)
+    mdadm(device, "--remove", member)
+
+
+def re_add(device: str, member: str) -> str:
+    """Put `member` back: --re-add (the bitmap says what it missed, only that is copied);
+    where md will not (the member is too far behind), --add (a full copy). Returns which."""
+    try:
+        mdadm(device, "--re-add", member)
+        return "re-added"
+    except MdError as exc:
+        log.info("%s: --re-add of %s refused (%s): adding it as a new member", device,
+                 member, exc)
+    mdadm(device, "--add", member)
+    return "added"
+
+
+def add_new(device: str, member: str) -> None:
+    """A member with nothing of ours on it (a wiped or new export): added, then rebuilt."""
+    mdadm("--zero-superblock", "--force", member, check=False)
+    mdadm(device, "--add", member)
+
+
+def stop(device: str) -> None:
+    mdadm("--stop", device)
+
+
+def mdadm(*argv: str, check: bool = True) -> str:
+    # MDADM_NO_UDEV: a node may have no udev; mdadm then makes the device nodes itself.
+    done = subprocess.run(["mdadm", *argv], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={"MDADM_NO_UDEV": "1",
+                                                         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    if check and done.returncode != 0:
+        raise MdError(f"mdadm {' '.join(argv)} failed ({done.returncode}): "
+                      f"{(done.stderr or done.stdout).strip()}")
+    return done.stdout
