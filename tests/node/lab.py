@@ -58,6 +58,18 @@ def workload(size_mib: int, rounds: int = 1, probes: tuple[str, ...] = ()) -> st
                      *(f"--probe {label}" for label in probes)])
 
 
+def agent_command(name: str, *arguments: str, state_dir: str = "/run/netswap-node") -> str:
+    """Shell lines that start netswap-node in the background (its pid in $A), its log straight
+    on the console, and wait until it has attached or exited (the script goes on to say which)."""
+    return f"""
+netswap-node run --name {name} --state-dir {state_dir} {' '.join(arguments)} &
+A=$!
+until grep -qs '"state": "attached"' {state_dir}/{name}.json || ! kill -0 $A 2>/dev/null; do
+    sleep 0.3
+done
+"""
+
+
 class Lab:
     def __init__(self, tmp: Path, image: NodeImage, names: list[str], servers: int = 1) -> None:
         self.tmp = tmp

@@ -14,9 +14,10 @@ import signal
 import subprocess
 import time
 
+from netswap.node.placement import rank
 from support.libnbd import import_libnbd
 
-from node.lab import FOUR_TIMES_MEMORY_MIB, PAGES, readme_commands, workload
+from node.lab import FOUR_TIMES_MEMORY_MIB, PAGES, agent_command, readme_commands, workload
 from node.vm import MiB
 
 HANG_GUARD = 900  # seconds: not a timing check
@@ -28,15 +29,7 @@ NODE_MEMORY = 160 * MiB
 
 
 def agent(name: str, *arguments: str, state_dir: str = "/run/netswap-node") -> str:
-    """Shell lines that start the agent in the background (its pid in $A) and wait until it
-    has attached, or until it has exited (then the script goes on to report it)."""
-    return f"""
-netswap-node run --name {name} --state-dir {state_dir} {' '.join(arguments)} &
-A=$!
-until grep -qs '"state": "attached"' {state_dir}/{name}.json || ! kill -0 $A 2>/dev/null; do
-    sleep 0.3
-done
-"""
+    return agent_command(name, *arguments, state_dir=state_dir)
 
 
 def background_workload(*probes: str) -> str:
@@ -155,6 +148,8 @@ def test_a_full_server_is_skipped_a_long_absence_is_reported_and_a_wiped_export_
     holder = nbd.NBD()
     holder.connect_uri(lab.daemons[full].unix_uri("swap/holder"))
     first, second = lab.server_address(full), lab.server_address(wiping)
+    # The node's placement (rendezvous hashing of its name) tries the full server first.
+    assert rank("refused", [(second, 10809), (first, 10809)]) == [(first, 10809), (second, 10809)]
     # A failed swap device takes the node's own processes with it (init included: the kernel
     # panics), so the agents keep their state files on the job share, where the test reads
     # what they concluded.
