@@ -16,14 +16,23 @@ MiB = 1 << 20
 KiB = 1 << 10
 
 
-def make_config(**swap):
+def make_config(headroom="1MiB", **swap):
     settings = {"max_nodes": 2, "reserve_inflight": 8, "reserve_request": "128KiB",
                 "max_connections": 2, "detach_grace": "0.2s", **swap}
     return configuration.parse({
         "daemon": {"state_dir": "/tmp/netswap-tree-test"},
-        "pool": {"normal_budget": "32MiB", "headroom": "1MiB"},
+        "pool": {"normal_budget": "32MiB", "headroom": headroom},
         "swap": settings,
     })
+
+
+def make_lifecycle(config, pool_config=None):
+    """A Lifecycle for `config` over a pool sized by `pool_config` (default: the same)."""
+    sizing = pool_config or config
+    tree = build_tree(sizing)
+    pool = Pool(pool_size(sizing, tree), lock="off", min_normal=sizing.pool.normal_budget)
+    counters = Counters()
+    return Lifecycle(pool, tree, config, counters), pool, tree, counters
 
 
 def swap_export(node):
@@ -58,13 +67,9 @@ def test_render_is_an_indented_tree_with_reservation_and_usage():
 
 @pytest.fixture
 def lifecycle():
-    config = make_config()
-    tree = build_tree(config)
-    pool = Pool(pool_size(config, tree), lock="off", min_normal=config.pool.normal_budget)
-    counters = Counters()
-    life = Lifecycle(pool, tree, config, counters)
-    yield life, pool, tree, counters
-    life.close()
+    made = make_lifecycle(make_config())
+    yield made
+    made[0].close()
 
 
 def test_attach_raises_the_watermark_and_detach_after_grace_lowers_it(lifecycle):
@@ -96,16 +101,43 @@ def test_reattach_within_grace_keeps_the_same_reserve(lifecycle):
     again.release()
 
 
-def test_attach_beyond_what_the_pool_backs_is_refused(lifecycle):
-    life, pool, _, counters = lifecycle
-    life.attach(swap_export("n1"))
-    life.attach(swap_export("n2"))
-    watermark = pool.watermark
-    with pytest.raises(AttachRefused) as err:
+def test_attach_beyond_what_the_pool_backs_is_refused():
+    # A pool sized for 2 nodes under a lifecycle that would allow 4: the pool is the limit.
+    life, pool, _, counters = make_lifecycle(make_config(max_nodes=4), make_config())
+    try:
+        life.attach(swap_export("n1"))
+        life.attach(swap_export("n2"))
+        watermark = pool.watermark
+        with pytest.raises(AttachRefused) as err:
+            life.attach(swap_export("n3"))
+        assert "n3" in str(err.value) and err.value.reason == "reserve"
+        assert pool.watermark == watermark  # a refused attach leaves nothing connected
+        assert counters.get("attach_refused", "reserve") == 1
+    finally:
+        life.close()
+
+
+def test_attach_beyond_max_nodes_is_refused_though_headroom_could_back_it():
+    # 8 MiB of headroom backs several more nodes' reserves (1152 KiB each); it is the
+    # allocator's slack, and max_nodes is what the server promises.
+    life, pool, _, counters = make_lifecycle(make_config(headroom="8MiB"))
+    try:
+        first = life.attach(swap_export("n1"))
+        life.attach(swap_export("n2"))
+        watermark = pool.watermark
+        with pytest.raises(AttachRefused) as err:
+            life.attach(swap_export("n3"))
+        assert err.value.reason == "max_nodes" and "node slots" in str(err.value)
+        assert pool.watermark == watermark
+        assert counters.get("attach_refused", "max_nodes") == 1
+        # The node holding a slot attaches again (a second connection) without another one.
+        life.attach(swap_export("n1")).release()
+        # Once a node's grace period has ended its slot is free again.
+        first.release()
+        time.sleep(0.5)
         life.attach(swap_export("n3"))
-    assert "n3" in str(err.value) and err.value.reason == "reserve"
-    assert pool.watermark == watermark  # a refused attach leaves nothing connected
-    assert counters.get("attach_refused", "reserve") == 1
+    finally:
+        life.close()
 
 
 def test_non_swap_exports_attach_without_a_reserve(lifecycle):

@@ -3,11 +3,11 @@
 Attaching a node's swap, over NBD (a connection to its swap export) or NFS (its MNT or
 swap-file I/O, nfs/swapnodes.py), is the seed's swapon: the node's reservation groups
 (request buffers and receive windows) are created in the pool and connected, which raises
-the pool's watermark by their reservation, or the attach is refused if the pool cannot
-cover it. While the pool is still being faulted in (the first seconds after a start), the
-attach waits until the pool has faulted in enough to back the reservation. Everything a node
-attaches through (its NBD connections, its NFS swap file) shares the node's groups: the
-node is attached by name, not by export. When the node's last
+the pool's watermark by their reservation. The attach is refused if `swap.max_nodes` nodes
+hold a reserve already, or if the pool cannot cover it. While the pool is still being faulted in (the first seconds after
+a start), the attach waits until the pool has faulted in enough to back the reservation.
+Everything a node attaches through (its NBD connections, its NFS swap file) shares the
+node's groups: the node is attached by name, not by export. When the node's last
 connection closes, its reservation stays connected for `swap.detach_grace` (a node
 reconnecting after a network blip must find its reserve still there); then it is
 disconnected and the watermark lowered: the seed's swapoff.
@@ -35,7 +35,8 @@ from ..reserve.tree import Group, node_template
 
 ATTACH_REFUSED = declare(
     "swap", "attach_refused", "netswap_attach_refused_total",
-    "Swap attaches refused because the pool could not back the reserve.",
+    "Swap attaches refused, by reason: max_nodes (every node slot is taken), reserve (the "
+    "pool could not back the node's reserve).",
     label="reason")
 SWAP_ATTACHES = declare(
     "swap", "swap_attaches", "netswap_node_attaches_total",
@@ -149,6 +150,7 @@ class Lifecycle:
                 raise AttachRefused("netswapd is shutting down", "shutdown")
             node = self._nodes.get(node_name)
             if node is None:
+                self._check_slot_left(node_name)
                 node = self._connect(node_name, name, discard)
                 self._nodes[node_name] = node
             elif node.expiry is not None:
@@ -197,6 +199,19 @@ class Lifecycle:
         self.unrouted.disconnect()
 
     # Internals ----------------------------------------------------------------
+
+    def _check_slot_left(self, node_name: str) -> None:
+        # swap.max_nodes is what sized the pool: the pool also backs a node or so more out
+        # of pool.headroom, but that is the allocator's slack, not a node's, and a node
+        # choosing among servers must be able to trust the count they advertise.
+        max_nodes = self._config.swap.max_nodes
+        if len(self._nodes) < max_nodes:
+            return
+        self._counters.inc(ATTACH_REFUSED, "max_nodes")
+        log.warning("refusing swap attach of node %r: all %d node slots are taken "
+                    "(swap.max_nodes)", node_name, max_nodes)
+        raise AttachRefused(
+            f"swap/{node_name}: all {max_nodes} node slots of this server are taken", "max_nodes")
 
     def _connect(self, node_name: str, name: str, discard: Discard) -> _Node:
         entry = node_template(self._config, f"swap/{node_name}")
