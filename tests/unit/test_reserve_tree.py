@@ -146,3 +146,45 @@ def test_non_swap_exports_attach_without_a_reserve(lifecycle):
     attachment = life.attach(SimpleNamespace(name="disk", is_swap=False))
     assert not attachment.is_swap and pool.watermark == before
     attachment.release()
+
+
+def test_node_slots_count_nodes_holding_a_reserve_grace_included(lifecycle):
+    life, _, _, _ = lifecycle
+    assert (life.node_slots().total, life.node_slots().free) == (2, 2)
+    first = life.attach(swap_export("n1"))
+    assert life.node_slots().free == 1
+    second = life.attach(swap_export("n1"))  # the same node: no second slot
+    assert life.node_slots().free == 1
+    life.attach(swap_export("n2"))
+    assert str(life.node_slots()) == "0 of 2 node slots free"
+    first.release()
+    second.release()
+    assert life.node_slots().free == 0  # n1's grace period: its slot is still held
+    time.sleep(0.5)
+    assert life.node_slots().free == 1
+    life.close()
+    assert life.node_slots().free == 0  # stopping: nothing attaches any more
+
+
+def test_node_slots_are_what_the_pool_backs_when_that_is_less():
+    life, _, _, _ = make_lifecycle(make_config(max_nodes=4), make_config())
+    try:
+        assert (life.node_slots().total, life.node_slots().free) == (4, 2)
+        life.attach(swap_export("n1"))
+        assert life.node_slots().free == 1
+        life.attach(swap_export("n2"))
+        assert life.node_slots().free == 0
+        with pytest.raises(AttachRefused):
+            life.attach(swap_export("n3"))
+    finally:
+        life.close()
+
+
+def test_no_node_slots_without_swap():
+    config = configuration.parse({"daemon": {"state_dir": "/tmp/netswap-tree-test"},
+                                  "swap": {"enabled": False}, "nfs": {"enabled": False}})
+    life, _, _, _ = make_lifecycle(config)
+    try:
+        assert life.node_slots() is None
+    finally:
+        life.close()

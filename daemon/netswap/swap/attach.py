@@ -4,7 +4,8 @@ Attaching a node's swap, over NBD (a connection to its swap export) or NFS (its 
 swap-file I/O, nfs/swapnodes.py), is the seed's swapon: the node's reservation groups
 (request buffers and receive windows) are created in the pool and connected, which raises
 the pool's watermark by their reservation. The attach is refused if `swap.max_nodes` nodes
-hold a reserve already, or if the pool cannot cover it. While the pool is still being faulted in (the first seconds after
+hold a reserve already, or if the pool cannot cover it (`Lifecycle.node_slots` says how many
+more nodes could attach). While the pool is still being faulted in (the first seconds after
 a start), the attach waits until the pool has faulted in enough to back the reservation.
 Everything a node attaches through (its NBD connections, its NFS swap file) shares the
 node's groups: the node is attached by name, not by export. When the node's last
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 from ..counters import Counters, declare
 from ..errors import AttachRefused
 from ..reserve.pool import Pool, ReserveError
-from ..reserve.tree import Group, node_template
+from ..reserve.tree import Group, node_slot_group, node_template
 
 ATTACH_REFUSED = declare(
     "swap", "attach_refused", "netswap_attach_refused_total",
@@ -88,6 +89,18 @@ class Attachment:
         self._lifecycle = None
 
 
+@dataclass(frozen=True)
+class NodeSlots:
+    """How many more nodes could attach now (`free`) of the `total` (swap.max_nodes); see
+    Lifecycle.node_slots."""
+
+    total: int
+    free: int
+
+    def __str__(self) -> str:
+        return f"{self.free} of {self.total} node slots free"
+
+
 class _Node:
     def __init__(self, tree_entry: Group, name: str, discard: Discard) -> None:
         self.tree_entry = tree_entry
@@ -122,6 +135,7 @@ class Lifecycle:
         self.unrouted.connect()
         unrouted.pool_group = self.unrouted
         self._nbd = tree.find("nbd")
+        self._slot = node_slot_group(tree)  # None: no swap is served
 
     def apply_config(self, config) -> None:
         """A reload: reserve sizes are fixed at start (they sized the pool), but the grace
@@ -165,6 +179,41 @@ class Lifecycle:
         """Node name -> connections, for nodes whose reserve is connected (grace included)."""
         with self._lock:
             return {name: node.connections for name, node in self._nodes.items()}
+
+    def node_slots(self) -> Optional[NodeSlots]:
+        """The node slots: `total` = swap.max_nodes, `free` = how many nodes that hold no
+        reserve now could attach right now (what a node choosing a server needs to know).
+
+        A node slot is one node's reserve (reserve/tree.py: max_nodes of them sized the
+        pool). A node holds its slot from its first attach, over NBD or NFS, until its
+        reserve is released: its grace period (swap.detach_grace) after its last connection
+        included, since it may come back. A node that holds one attaches again without
+        another. So
+
+            free = min(max_nodes - nodes holding a reserve,
+                       node reserves the pool can still back: (pool size - pool.normal_budget
+                       - watermark) // one node's reserve)
+
+        which is what attach_node checks, in that order. With the pool sized from the tree
+        the pool's term is never the smaller one (it backs max_nodes reserves and what
+        pool.headroom spares, and the keys that size a reserve need a restart); it stays so
+        that the count remains true to the pool if that ever changes. While the pool is
+        still being faulted in at start a free slot's attach waits, it is not refused. 0
+        once the daemon is stopping; None when no swap is served at all.
+
+        Read without the lock attach holds while a reserve is being connected (which can
+        wait for the pool's prefault): a snapshot, as a scrape or a handshake wants it.
+        """
+        if self._slot is None:
+            return None
+        total = self._config.swap.max_nodes
+        if self._closed:
+            return NodeSlots(total, 0)
+        held = len(self._nodes)
+        stats = self._pool.stats()
+        room = self._pool.size - stats["min_normal"] - stats["watermark"]
+        backed = max(room, 0) // self._slot.each
+        return NodeSlots(total, max(0, min(total - held, backed)))
 
     @property
     def wipes_swap(self) -> bool:
