@@ -8,7 +8,7 @@ import pytest
 from netswap import config as configuration
 from netswap.counters import Counters
 from netswap.errors import AttachRefused
-from netswap.swap.attach import Lifecycle
+from netswap.swap.attach import Lifecycle, NodeSlots
 from netswap.reserve.pool import Pool
 from netswap.reserve.tree import build_tree, pool_size, render
 
@@ -188,3 +188,11 @@ def test_no_node_slots_without_swap():
         assert life.node_slots() is None
     finally:
         life.close()
+
+
+def test_a_description_with_slots_is_cut_before_the_count_is():
+    slots = NodeSlots(8, 3)
+    assert slots.describe("netswap swap", 2048) == "netswap swap; 3 of 8 node slots free"
+    assert slots.describe("", 2048) == "3 of 8 node slots free"
+    long = slots.describe("é" * 3000, 2048)
+    assert long.endswith("; 3 of 8 node slots free") and len(long.encode()) <= 2048

@@ -100,6 +100,16 @@ class NodeSlots:
     def __str__(self) -> str:
         return f"{self.free} of {self.total} node slots free"
 
+    def describe(self, description: str, limit: int) -> str:
+        """A swap export's description with the count behind it ("netswap per-node swap; 3
+        of 8 node slots free"), at most `limit` UTF-8 bytes: the description is what is
+        cut, never the count."""
+        note = str(self)
+        if not description:
+            return note
+        room = max(limit - len(note.encode()) - 2, 0)
+        return f"{description.encode()[:room].decode(errors='ignore')}; {note}"
+
 
 class _Node:
     def __init__(self, tree_entry: Group, name: str, discard: Discard) -> None:
