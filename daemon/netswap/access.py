@@ -42,6 +42,7 @@ from typing import Optional
 from .counters import declare
 from .errors import AccessDenied, AttachRefused
 from .exports.registry import ExportError
+from .nbd.handshake import MAX_DESCRIPTION
 from .swap.nodes import SWAP_PREFIX, client_address, swap_node_from_name
 
 ACCESS_DENIED = declare(
@@ -86,6 +87,11 @@ def peer_identity(sock: socket.socket, address) -> ClientIdentity:
         log.warning("cannot read the peer's credentials: %s", exc)
         return ClientIdentity()
     return ClientIdentity(uid=uid)
+
+
+def _with_slots(description: str, slots) -> str:
+    # Within what the handshake sends of a description, so the count is never cut off.
+    return description if slots is None else slots.describe(description, MAX_DESCRIPTION)
 
 
 def permits(rule, client: ClientIdentity) -> bool:
@@ -216,17 +222,27 @@ class AccessControl:
         return self._registry.lookup(name)
 
     def list(self, client: ClientIdentity) -> list[tuple[str, str]]:
-        """The registry's listing, less what this client could not open."""
+        """The registry's listing, less what this client could not open; swap exports are
+        described as `describe` does."""
         shown = []
+        slots = self._lifecycle.node_slots() if self._swap is not None else None
         for name, description in self._registry.list():
             node = swap_node_from_name(name) if self._swap is not None else None
             if node is not None:
                 if not self._may_open_swap(node, client):
                     continue
+                description = _with_slots(description, slots)
             elif name in self._static and not permits(self._static[name], client):
                 continue
             shown.append((name, description))
         return shown
+
+    def describe(self, export) -> str:
+        """An export's description as INFO and GO send it now: a swap export's says how many
+        node slots are free (swap/attach.py, Lifecycle.node_slots), at the time of asking."""
+        if not export.is_swap:
+            return export.description
+        return _with_slots(export.description, self._lifecycle.node_slots())
 
     def attach(self, export, client: ClientIdentity):
         """Attach (lifecycle) after binding an unbound node's swap to this client."""

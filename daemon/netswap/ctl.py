@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the daemon's control socket (default: {DEFAULT_SOCKET})")
     parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("status", help="uptime, connections, attached nodes, reserve, pressure")
+    commands.add_parser("status", help="uptime, connections, attached nodes, free node slots, "
+                                       "reserve, pressure")
     commands.add_parser("exports", help="every export with its size, use and connections")
     detach = commands.add_parser("detach", help="close a node's connections and release its reserve")
     detach.add_argument("node", help="the node name (as in swap/NODE over NBD, /swap/NODE over NFS)")
@@ -58,6 +59,9 @@ def _status(reply: dict) -> str:
     lines.append(f"attached swap nodes: {len(nodes)}")
     for node, count in sorted(nodes.items()):
         lines.append(f"  {node}: {count} connection(s){'' if count else ' (grace period)'}")
+    slots = reply.get("node_slots")
+    lines.append("node slots: none (no swap is served)" if slots is None
+                 else f"node slots: {slots['free']} of {slots['total']} free")
     pool = reply["pool"]
     lines.append(f"pool: {pool['in_use_bytes']} of {pool['in_use_bytes'] + pool['free_bytes']} bytes "
                  f"in use, watermark {pool['watermark']}, reserve in use "

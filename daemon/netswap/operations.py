@@ -58,6 +58,7 @@ class Operations:
             "connections_per_export": dict(per_export),
             "connections_per_node": dict(per_node),
             "attached_nodes": self._lifecycle.attached_nodes(),
+            "node_slots": _slots(self._lifecycle.node_slots()),
             "exports": [name for name, _ in self._registry.list()],
             "pool": self._pool.stats(),
             "reserve_tree": render(self._tree),
@@ -131,3 +132,8 @@ class Operations:
                  ", swap wiped" if wiped else "", f", unbound from {unbound}" if unbound else "")
         return {"node": node, "connections_closed": dropped, "reserve_released": released,
                 "wiped": wiped, "unbound": unbound}
+
+
+def _slots(slots) -> dict | None:
+    """Lifecycle.node_slots as JSON: {"total", "free"}, None when no swap is served."""
+    return None if slots is None else {"total": slots.total, "free": slots.free}

@@ -66,8 +66,9 @@ def test_every_declared_event_is_exported_by_its_subsystem():
                 TransportCollector(counters),
                 NbdCollector(counters, lambda: 0, SimpleNamespace(open_exports=list)),
                 NfsCollector(counters, None),
-                SwapCollector(counters, SimpleNamespace(attached_nodes=dict), dict,
-                              lambda: None),
+                SwapCollector(counters,
+                              SimpleNamespace(attached_nodes=dict, node_slots=lambda: None),
+                              dict, lambda: None),
                 DaemonCollector(counters)):
             registry.register(collector)
         exported = {}

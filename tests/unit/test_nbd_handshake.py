@@ -134,6 +134,22 @@ def test_info_returns_requested_items_and_stays_in_handshake():
     assert 999 not in infos
 
 
+def description_of(event) -> bytes:
+    infos = {struct.unpack_from(">H", p)[0]: p[2:]
+             for _, t, p in parse_replies(event.data) if t == C.REP_INFO}
+    return infos[C.INFO_DESCRIPTION]
+
+
+def test_the_description_is_asked_for_at_each_request():
+    free = iter([3, 2])
+    hs = ServerHandshake(EXPORTS.get, lambda: [], LIMITS,
+                         describe=lambda export: f"{export.name}: {next(free)} of 8 free")
+    hs.receive_data(struct.pack(">I", C.CLIENT_FLAG_FIXED_NEWSTYLE))
+    ask = info_data(b"disk", [C.INFO_DESCRIPTION])
+    assert description_of(send(hs, C.OPT_INFO, ask)) == b"disk: 3 of 8 free"
+    assert description_of(send(hs, C.OPT_GO, ask)) == b"disk: 2 of 8 free"
+
+
 def test_go_like_the_kernel_client_no_info_requests():
     hs = make(C.CLIENT_FLAG_FIXED_NEWSTYLE)
     event = send(hs, C.OPT_GO, info_data(b"disk"))

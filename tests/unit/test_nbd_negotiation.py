@@ -51,6 +51,9 @@ class FakeAccess:
         self.attached.append(export.name)
         return f"attachment of {export.name}"
 
+    def describe(self, export):
+        return f"{export.description}, as access describes it"
+
 
 class ScriptedChannel:
     """A channel whose client sends `incoming`, one chunk per read, then closes (b"")."""
@@ -109,6 +112,15 @@ def test_go_enters_transmission_with_the_attachment_and_pipelined_requests():
     assert access.identities and set(access.identities) == {"the identity"}
     # Transmission has no deadline: the handshake's is lifted when it ends.
     assert channel.timeouts[-1] is None
+
+
+def test_info_describes_an_export_as_access_does():
+    name = b"disk"
+    info = option(C.OPT_INFO, struct.pack(">I", len(name)) + name
+                  + struct.pack(">HH", 1, C.INFO_DESCRIPTION))
+    channel = ScriptedChannel(CLIENT_FLAGS, info + option(C.OPT_ABORT))
+    assert run(channel)[0] is None
+    assert b"a test export, as access describes it" in channel.sent
 
 
 def test_a_clean_close_in_the_handshake_is_counted_as_closed():

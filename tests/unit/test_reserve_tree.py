@@ -8,7 +8,7 @@ import pytest
 from netswap import config as configuration
 from netswap.counters import Counters
 from netswap.errors import AttachRefused
-from netswap.swap.attach import Lifecycle
+from netswap.swap.attach import Lifecycle, NodeSlots
 from netswap.reserve.pool import Pool
 from netswap.reserve.tree import build_tree, pool_size, render
 
@@ -16,14 +16,23 @@ MiB = 1 << 20
 KiB = 1 << 10
 
 
-def make_config(**swap):
+def make_config(headroom="1MiB", **swap):
     settings = {"max_nodes": 2, "reserve_inflight": 8, "reserve_request": "128KiB",
                 "max_connections": 2, "detach_grace": "0.2s", **swap}
     return configuration.parse({
         "daemon": {"state_dir": "/tmp/netswap-tree-test"},
-        "pool": {"normal_budget": "32MiB", "headroom": "1MiB"},
+        "pool": {"normal_budget": "32MiB", "headroom": headroom},
         "swap": settings,
     })
+
+
+def make_lifecycle(config, pool_config=None):
+    """A Lifecycle for `config` over a pool sized by `pool_config` (default: the same)."""
+    sizing = pool_config or config
+    tree = build_tree(sizing)
+    pool = Pool(pool_size(sizing, tree), lock="off", min_normal=sizing.pool.normal_budget)
+    counters = Counters()
+    return Lifecycle(pool, tree, config, counters), pool, tree, counters
 
 
 def swap_export(node):
@@ -58,13 +67,9 @@ def test_render_is_an_indented_tree_with_reservation_and_usage():
 
 @pytest.fixture
 def lifecycle():
-    config = make_config()
-    tree = build_tree(config)
-    pool = Pool(pool_size(config, tree), lock="off", min_normal=config.pool.normal_budget)
-    counters = Counters()
-    life = Lifecycle(pool, tree, config, counters)
-    yield life, pool, tree, counters
-    life.close()
+    made = make_lifecycle(make_config())
+    yield made
+    made[0].close()
 
 
 def test_attach_raises_the_watermark_and_detach_after_grace_lowers_it(lifecycle):
@@ -96,16 +101,43 @@ def test_reattach_within_grace_keeps_the_same_reserve(lifecycle):
     again.release()
 
 
-def test_attach_beyond_what_the_pool_backs_is_refused(lifecycle):
-    life, pool, _, counters = lifecycle
-    life.attach(swap_export("n1"))
-    life.attach(swap_export("n2"))
-    watermark = pool.watermark
-    with pytest.raises(AttachRefused) as err:
+def test_attach_beyond_what_the_pool_backs_is_refused():
+    # A pool sized for 2 nodes under a lifecycle that would allow 4: the pool is the limit.
+    life, pool, _, counters = make_lifecycle(make_config(max_nodes=4), make_config())
+    try:
+        life.attach(swap_export("n1"))
+        life.attach(swap_export("n2"))
+        watermark = pool.watermark
+        with pytest.raises(AttachRefused) as err:
+            life.attach(swap_export("n3"))
+        assert "n3" in str(err.value) and err.value.reason == "reserve"
+        assert pool.watermark == watermark  # a refused attach leaves nothing connected
+        assert counters.get("attach_refused", "reserve") == 1
+    finally:
+        life.close()
+
+
+def test_attach_beyond_max_nodes_is_refused_though_headroom_could_back_it():
+    # 8 MiB of headroom backs several more nodes' reserves (1152 KiB each); it is the
+    # allocator's slack, and max_nodes is what the server promises.
+    life, pool, _, counters = make_lifecycle(make_config(headroom="8MiB"))
+    try:
+        first = life.attach(swap_export("n1"))
+        life.attach(swap_export("n2"))
+        watermark = pool.watermark
+        with pytest.raises(AttachRefused) as err:
+            life.attach(swap_export("n3"))
+        assert err.value.reason == "max_nodes" and "node slots" in str(err.value)
+        assert pool.watermark == watermark
+        assert counters.get("attach_refused", "max_nodes") == 1
+        # The node holding a slot attaches again (a second connection) without another one.
+        life.attach(swap_export("n1")).release()
+        # Once a node's grace period has ended its slot is free again.
+        first.release()
+        time.sleep(0.5)
         life.attach(swap_export("n3"))
-    assert "n3" in str(err.value) and err.value.reason == "reserve"
-    assert pool.watermark == watermark  # a refused attach leaves nothing connected
-    assert counters.get("attach_refused", "reserve") == 1
+    finally:
+        life.close()
 
 
 def test_non_swap_exports_attach_without_a_reserve(lifecycle):
@@ -114,3 +146,53 @@ def test_non_swap_exports_attach_without_a_reserve(lifecycle):
     attachment = life.attach(SimpleNamespace(name="disk", is_swap=False))
     assert not attachment.is_swap and pool.watermark == before
     attachment.release()
+
+
+def test_node_slots_count_nodes_holding_a_reserve_grace_included(lifecycle):
+    life, _, _, _ = lifecycle
+    assert (life.node_slots().total, life.node_slots().free) == (2, 2)
+    first = life.attach(swap_export("n1"))
+    assert life.node_slots().free == 1
+    second = life.attach(swap_export("n1"))  # the same node: no second slot
+    assert life.node_slots().free == 1
+    life.attach(swap_export("n2"))
+    assert str(life.node_slots()) == "0 of 2 node slots free"
+    first.release()
+    second.release()
+    assert life.node_slots().free == 0  # n1's grace period: its slot is still held
+    time.sleep(0.5)
+    assert life.node_slots().free == 1
+    life.close()
+    assert life.node_slots().free == 0  # stopping: nothing attaches any more
+
+
+def test_node_slots_are_what_the_pool_backs_when_that_is_less():
+    life, _, _, _ = make_lifecycle(make_config(max_nodes=4), make_config())
+    try:
+        assert (life.node_slots().total, life.node_slots().free) == (4, 2)
+        life.attach(swap_export("n1"))
+        assert life.node_slots().free == 1
+        life.attach(swap_export("n2"))
+        assert life.node_slots().free == 0
+        with pytest.raises(AttachRefused):
+            life.attach(swap_export("n3"))
+    finally:
+        life.close()
+
+
+def test_no_node_slots_without_swap():
+    config = configuration.parse({"daemon": {"state_dir": "/tmp/netswap-tree-test"},
+                                  "swap": {"enabled": False}, "nfs": {"enabled": False}})
+    life, _, _, _ = make_lifecycle(config)
+    try:
+        assert life.node_slots() is None
+    finally:
+        life.close()
+
+
+def test_a_description_with_slots_is_cut_before_the_count_is():
+    slots = NodeSlots(8, 3)
+    assert slots.describe("netswap swap", 2048) == "netswap swap; 3 of 8 node slots free"
+    assert slots.describe("", 2048) == "3 of 8 node slots free"
+    long = slots.describe("é" * 3000, 2048)
+    assert long.endswith("; 3 of 8 node slots free") and len(long.encode()) <= 2048

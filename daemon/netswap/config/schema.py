@@ -271,7 +271,8 @@ class SwapConfig:
     max_nodes: int = key(
         Integer(1, 4096),
         16,
-        "Swap nodes attached at once; the pool holds a reserve for each.")
+        "Swap nodes attached at once (a node past them is refused); the pool holds a "
+        "reserve for each.")
     reserve_inflight: int = key(
         Integer(1, 1024),
         32,

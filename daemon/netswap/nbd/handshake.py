@@ -7,7 +7,10 @@ or enter transmission (`Ready`). A peer that breaks the protocol so that no repl
 `ProtocolError`; the transport logs it, counts it and closes that one connection.
 
 The export table is reached through callables, so this module never touches a disk or a
-socket and every path through the option haggling is a plain unit test. Access control lives
+socket and every path through the option haggling is a plain unit test. `describe` gives an
+export's description when INFO or GO asks for it, and `list_exports` the descriptions when
+LIST does, so what they say can change between two requests (a swap export's says how many
+node slots are free). Access control lives
 behind them too: the transport binds the client's identity into them, and `lookup` raises
 AccessDenied for an export this client may not open (ERR_POLICY for INFO/GO, a close for
 EXPORT_NAME, which has no error reply); `list_exports` lists only what the client may open.
@@ -162,12 +165,14 @@ class ServerHandshake:
         limits: BlockLimits,
         attach: Callable[[ExportView], object] = lambda export: None,
         tls: str = "off",
+        describe: Callable[[ExportView], str] = lambda export: export.description,
     ) -> None:
         if tls not in TLS_MODES:
             raise ValueError(f"tls mode {tls!r} is not one of {TLS_MODES}")
         self._tls_mode = tls
         self._lookup = lookup
         self._attach = attach
+        self._describe = describe
         self._list_exports = list_exports
         self._limits = limits
         self._buffer = bytearray()
@@ -374,7 +379,8 @@ class ServerHandshake:
                 infos.append(struct.pack(">H", C.INFO_NAME) + _utf8(export.name, MAX_NAME_LENGTH))
             elif info == C.INFO_DESCRIPTION:
                 infos.append(
-                    struct.pack(">H", C.INFO_DESCRIPTION) + _utf8(export.description, MAX_DESCRIPTION)
+                    struct.pack(">H", C.INFO_DESCRIPTION)
+                    + _utf8(self._describe(export), MAX_DESCRIPTION)
                 )
             elif info == C.INFO_BLOCK_SIZE:
                 limits = self._limits

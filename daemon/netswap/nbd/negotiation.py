@@ -77,7 +77,8 @@ def negotiate(context: ConnectionContext, channel: Channel, peer: str, identity,
     def attach(export):
         return access.attach(export, identity)
 
-    handshake = ServerHandshake(lookup, listing, context.block_limits, attach, tls=tls_mode)
+    handshake = ServerHandshake(lookup, listing, context.block_limits, attach, tls=tls_mode,
+                                describe=access.describe)
     try:
         return _haggle(context, channel, peer, handshake, refusals)
     finally:

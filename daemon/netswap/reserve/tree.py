@@ -37,6 +37,8 @@ POOL_WAITS = declare(
 # Kernel socket buffers of a swap connection are sized to hold its in-flight data; they are
 # kernel memory, shown beside the tree but not drawn from the pool.
 SOCKET_BUFFER_MIN = 256 * 1024
+# The name of the node slots' template group (followed by "×max_nodes").
+NODE_SLOTS = "swap/<node>"
 
 
 @dataclass
@@ -88,6 +90,13 @@ def node_template(config: Config, name: str = "swap/<node>", count: int = 1) -> 
     )
 
 
+def node_slot_group(tree: Group) -> Optional[Group]:
+    """The template of the node slots (`count` = swap.max_nodes, `each` = one node's reserve),
+    or None when the daemon serves no swap (neither over NBD nor over NFS)."""
+    nbd = tree.find("nbd")
+    return next((group for group in nbd.children if group.name.startswith(NODE_SLOTS)), None)
+
+
 def build_tree(config: Config) -> Group:
     """The reservation tree the configuration asks for (no node attached yet)."""
     swap = config.swap
@@ -96,7 +105,7 @@ def build_tree(config: Config) -> Group:
     nbd = Group("nbd", children=[unrouted])
     # A node's reserve serves its swap over NBD, NFS or both (one slot per node).
     if swap.enabled or (config.nfs.enabled and config.nfs.swap_export):
-        template = node_template(config, f"swap/<node> ×{swap.max_nodes}", swap.max_nodes)
+        template = node_template(config, f"{NODE_SLOTS} ×{swap.max_nodes}", swap.max_nodes)
         template.detail = "a swap node, over NBD or NFS"
         nbd.children.append(template)
     return Group("netswapd", children=[

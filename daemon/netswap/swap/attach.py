@@ -3,11 +3,12 @@
 Attaching a node's swap, over NBD (a connection to its swap export) or NFS (its MNT or
 swap-file I/O, nfs/swapnodes.py), is the seed's swapon: the node's reservation groups
 (request buffers and receive windows) are created in the pool and connected, which raises
-the pool's watermark by their reservation, or the attach is refused if the pool cannot
-cover it. While the pool is still being faulted in (the first seconds after a start), the
-attach waits until the pool has faulted in enough to back the reservation. Everything a node
-attaches through (its NBD connections, its NFS swap file) shares the node's groups: the
-node is attached by name, not by export. When the node's last
+the pool's watermark by their reservation. The attach is refused if `swap.max_nodes` nodes
+hold a reserve already, or if the pool cannot cover it (`Lifecycle.node_slots` says how many
+more nodes could attach). While the pool is still being faulted in (the first seconds after
+a start), the attach waits until the pool has faulted in enough to back the reservation.
+Everything a node attaches through (its NBD connections, its NFS swap file) shares the
+node's groups: the node is attached by name, not by export. When the node's last
 connection closes, its reservation stays connected for `swap.detach_grace` (a node
 reconnecting after a network blip must find its reserve still there); then it is
 disconnected and the watermark lowered: the seed's swapoff.
@@ -31,11 +32,12 @@ from typing import Callable, Optional
 from ..counters import Counters, declare
 from ..errors import AttachRefused
 from ..reserve.pool import Pool, ReserveError
-from ..reserve.tree import Group, node_template
+from ..reserve.tree import Group, node_slot_group, node_template
 
 ATTACH_REFUSED = declare(
     "swap", "attach_refused", "netswap_attach_refused_total",
-    "Swap attaches refused because the pool could not back the reserve.",
+    "Swap attaches refused, by reason: max_nodes (every node slot is taken), reserve (the "
+    "pool could not back the node's reserve).",
     label="reason")
 SWAP_ATTACHES = declare(
     "swap", "swap_attaches", "netswap_node_attaches_total",
@@ -87,6 +89,28 @@ class Attachment:
         self._lifecycle = None
 
 
+@dataclass(frozen=True)
+class NodeSlots:
+    """How many more nodes could attach now (`free`) of the `total` (swap.max_nodes); see
+    Lifecycle.node_slots."""
+
+    total: int
+    free: int
+
+    def __str__(self) -> str:
+        return f"{self.free} of {self.total} node slots free"
+
+    def describe(self, description: str, limit: int) -> str:
+        """A swap export's description with the count behind it ("netswap per-node swap; 3
+        of 8 node slots free"), at most `limit` UTF-8 bytes: the description is what is
+        cut, never the count."""
+        note = str(self)
+        if not description:
+            return note
+        room = max(limit - len(note.encode()) - 2, 0)
+        return f"{description.encode()[:room].decode(errors='ignore')}; {note}"
+
+
 class _Node:
     def __init__(self, tree_entry: Group, name: str, discard: Discard) -> None:
         self.tree_entry = tree_entry
@@ -121,6 +145,7 @@ class Lifecycle:
         self.unrouted.connect()
         unrouted.pool_group = self.unrouted
         self._nbd = tree.find("nbd")
+        self._slot = node_slot_group(tree)  # None: no swap is served
 
     def apply_config(self, config) -> None:
         """A reload: reserve sizes are fixed at start (they sized the pool), but the grace
@@ -149,6 +174,7 @@ class Lifecycle:
                 raise AttachRefused("netswapd is shutting down", "shutdown")
             node = self._nodes.get(node_name)
             if node is None:
+                self._check_slot_left(node_name)
                 node = self._connect(node_name, name, discard)
                 self._nodes[node_name] = node
             elif node.expiry is not None:
@@ -163,6 +189,41 @@ class Lifecycle:
         """Node name -> connections, for nodes whose reserve is connected (grace included)."""
         with self._lock:
             return {name: node.connections for name, node in self._nodes.items()}
+
+    def node_slots(self) -> Optional[NodeSlots]:
+        """The node slots: `total` = swap.max_nodes, `free` = how many nodes that hold no
+        reserve now could attach right now (what a node choosing a server needs to know).
+
+        A node slot is one node's reserve (reserve/tree.py: max_nodes of them sized the
+        pool). A node holds its slot from its first attach, over NBD or NFS, until its
+        reserve is released: its grace period (swap.detach_grace) after its last connection
+        included, since it may come back. A node that holds one attaches again without
+        another. So
+
+            free = min(max_nodes - nodes holding a reserve,
+                       node reserves the pool can still back: (pool size - pool.normal_budget
+                       - watermark) // one node's reserve)
+
+        which is what attach_node checks, in that order. With the pool sized from the tree
+        the pool's term is never the smaller one (it backs max_nodes reserves and what
+        pool.headroom spares, and the keys that size a reserve need a restart); it stays so
+        that the count remains true to the pool if that ever changes. While the pool is
+        still being faulted in at start a free slot's attach waits, it is not refused. 0
+        once the daemon is stopping; None when no swap is served at all.
+
+        Read without the lock attach holds while a reserve is being connected (which can
+        wait for the pool's prefault): a snapshot, as a scrape or a handshake wants it.
+        """
+        if self._slot is None:
+            return None
+        total = self._config.swap.max_nodes
+        if self._closed:
+            return NodeSlots(total, 0)
+        held = len(self._nodes)
+        stats = self._pool.stats()
+        room = self._pool.size - stats["min_normal"] - stats["watermark"]
+        backed = max(room, 0) // self._slot.each
+        return NodeSlots(total, max(0, min(total - held, backed)))
 
     @property
     def wipes_swap(self) -> bool:
@@ -197,6 +258,19 @@ class Lifecycle:
         self.unrouted.disconnect()
 
     # Internals ----------------------------------------------------------------
+
+    def _check_slot_left(self, node_name: str) -> None:
+        # swap.max_nodes is what sized the pool: the pool also backs a node or so more out
+        # of pool.headroom, but that is the allocator's slack, not a node's, and a node
+        # choosing among servers must be able to trust the count they advertise.
+        max_nodes = self._config.swap.max_nodes
+        if len(self._nodes) < max_nodes:
+            return
+        self._counters.inc(ATTACH_REFUSED, "max_nodes")
+        log.warning("refusing swap attach of node %r: all %d node slots are taken "
+                    "(swap.max_nodes)", node_name, max_nodes)
+        raise AttachRefused(
+            f"swap/{node_name}: all {max_nodes} node slots of this server are taken", "max_nodes")
 
     def _connect(self, node_name: str, name: str, discard: Discard) -> _Node:
         entry = node_template(self._config, f"swap/{node_name}")

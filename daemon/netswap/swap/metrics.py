@@ -1,5 +1,5 @@
-"""The swap side's metrics: every attached node (NBD, NFS or both) with its swap, and the
-events swap/ declared (attaches, detaches, refusals, wipes)."""
+"""The swap side's metrics: the node slots, every attached node (NBD, NFS or both) with its
+swap, and the events swap/ declared (attaches, detaches, refusals, wipes)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,21 @@ class SwapCollector:
         self._swap_files = swap_files
 
     def collect(self) -> Iterator:
+        yield from self._slot_metrics()
         yield from self._node_metrics()
         yield from event_families(self._counters, "swap")
+
+    def _slot_metrics(self) -> Iterator:
+        slots = self._lifecycle.node_slots()  # as swap/attach.py defines them
+        if slots is None:
+            return  # no swap is served: no node can attach
+        yield GaugeMetricFamily(
+            "netswap_swap_node_slots",
+            "Swap nodes that may hold a reserve at once (swap.max_nodes).", value=slots.total)
+        yield GaugeMetricFamily(
+            "netswap_swap_node_slots_free",
+            "Swap nodes that could attach now: node slots not held by a node (its detach "
+            "grace period included) and that the pool can back.", value=slots.free)
 
     def _node_metrics(self) -> Iterator:
         labels = ["node", "export"]
