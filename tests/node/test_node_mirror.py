@@ -28,7 +28,8 @@ FULL, KILLED = 0, 2  # server indexes: one takes two nodes only, one dies mid-sw
 NAMES = ["echo", "alpha", "delta", "bravo"]
 ROUNDS = (("echo", "alpha"), ("delta", "bravo"))
 BIG = "alpha"  # on the killed server: swaps four times its memory while it dies
-DATA_MIB = {name: FOUR_TIMES_MEMORY_MIB if name == BIG else FOUR_TIMES_MEMORY_MIB // 2
+ADOPTER = "echo"  # its agent is killed after the attach and started again
+DATA_MIB = {name: FOUR_TIMES_MEMORY_MIB if name == BIG else FOUR_TIMES_MEMORY_MIB // 4
             for name in NAMES}
 
 
@@ -53,10 +54,15 @@ def expected_placement(servers: list[str]) -> tuple[dict, list]:
 
 def script(name: str, servers: list[str]) -> str:
     flags = " ".join(f"--server {server}" for server in servers)
+    # One node's agent is killed once attached; the next adopts the mirror and both members.
+    readopt = f"""
+kill -KILL $A; wait $A || true; echo "agent killed"
+{agent_command(name, flags, "--mirror")}""" if name == ADOPTER else ""
     return f"""
 set -e
 await_release attach-{name}
 {agent_command(name, flags, "--mirror")}
+{readopt}
 set +e
 hold attached
 python3 {PAGES} {DATA_MIB[name]}
@@ -141,6 +147,10 @@ def test_mirrored_nodes_keep_every_page_when_a_server_dies_and_resync_when_it_re
         assert re.search(r"^agent exit 0$", console, re.MULTILINE), result
         if servers[KILLED] in placed[name]:
             assert re.search(rf"{servers[KILLED]}:10809 is back as /dev/nbd\d+, re-added", console), result
+    adopter = results[ADOPTER].console
+    assert re.search(r"^agent killed$", adopter, re.MULTILINE), adopter
+    assert re.search(r"adopted /dev/md\d+ \(swap/echo of ", adopter), adopter
+    assert len(re.findall(r"/dev/nbd\d+: adopted, 1 of 1 connection", adopter)) == 2, adopter
     stalls = {name: re.findall(r"^longest page (?:write|read): ([\d.]+) s", r.console, re.MULTILINE)
               for name, r in results.items()}
     print(f"\nserver {servers[KILLED]} SIGKILLed mid-swap, restarted after every node had "
