@@ -50,6 +50,7 @@ from collections import Counter
 
 from . import mdraid
 from . import state as node_state
+from .config import format_server
 from .member import NEGOTIATION_ERRORS, AreaGone, Member
 from .placement import rank
 from .swaparea import SwapHeader, read_device_uuid
@@ -130,7 +131,7 @@ class NbdAgent:
         wanted = 2 if self.config.mirror else 1
         ranked = rank(self.config.name, self.config.servers)
         log.info("placement of %s: %s", self.config.name,
-                 ", ".join(Member(self.config.name, h, p, self.config).server for h, p in ranked))
+                 ", ".join(format_server(server) for server in ranked))
         errors = []
         for host, port in ranked:
             member = Member(self.config.name, host, port, self.config)

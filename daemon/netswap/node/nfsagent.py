@@ -13,6 +13,7 @@ import signal
 
 from . import state as node_state
 from .agent import EXIT_DETACHED, EXIT_NO_SERVER, AgentExit, _run
+from .placement import rank
 
 log = logging.getLogger("netswap.node")
 
@@ -44,7 +45,8 @@ class NfsAgent:
         mount = str(self.config.nfs_mount)
         os.makedirs(mount, exist_ok=True)
         errors = []
-        for host, _ in self.config.servers:
+        # The same placement as NBD's: the node's ranking of the servers, not the list's order.
+        for host, _ in rank(self.config.name, self.config.servers):
             options = (f"vers=3,proto=tcp,port={self.config.nfs_port},"
                        f"mountport={self.config.mount_port},mountproto=tcp,nolock,hard")
             try:
