@@ -147,6 +147,14 @@ def established(port: int) -> int:
     return count
 
 
+def open_fds(pid: int) -> int | None:
+    """File descriptors the process has open (sockets, swap files, ...)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+
+
 def machine_busy() -> int:
     """CPU ticks all CPUs spent not idle since boot (/proc/stat): with the server's and fio's
     ticks, what everything else on the machine took meanwhile."""
@@ -198,7 +206,7 @@ class Sampler(threading.Thread):
         if conns >= self.nodes and self.all_connected_at is None and self.fio_pid:
             self.all_connected_at = now
         self.samples.append({"t": now, "cpu": cpu, "threads": threads, "conns": conns,
-                             "busy": machine_busy(),
+                             "busy": machine_busy(), "fds": open_fds(self.server_pid),
                              "rss": status.get("VmRSS"), "lck": status.get("VmLck"),
                              "locked": locked, "tree_rss": tree_rss, "fio_cpu": fio_cpu})
 
@@ -397,7 +405,7 @@ def window_stats(samples: list[dict], start: float, end: float) -> dict:
             out["fio_cpu_pct"] = 100.0 * (last["fio_cpu"] - first["fio_cpu"]) / CLOCK_TICKS / secs
             busy = 100.0 * (last["busy"] - first["busy"]) / CLOCK_TICKS / secs
             out["other_cpu_pct"] = max(0.0, busy - out["server_cpu_pct"] - out["fio_cpu_pct"])
-    for key in ("rss", "lck", "locked", "threads", "tree_rss"):
+    for key in ("rss", "lck", "locked", "threads", "fds", "tree_rss"):
         values = ([s[key] for s in inside if s[key] is not None]
                   or [s[key] for s in samples if s[key] is not None])
         out[f"{key}_peak"] = max(values) if values else None
@@ -513,7 +521,7 @@ def med(values):
 
 SUMMARY_KEYS = (["iops", "achieved_pct", "server_cpu_pct", "server_cpu_us_per_io", "fio_cpu_pct",
                  "other_cpu_pct", "rss_peak", "lck_peak", "locked_peak", "threads_peak",
-                 "tree_rss_peak", "setup_s"]
+                 "fds_peak", "tree_rss_peak", "setup_s"]
                 + [f"{d}_{label}_{kind}" for d in DIRECTIONS for label, _, _ in PERCENTILES
                    for kind in ("median_node", "worst_node", "all")]
                 + [f"{d}_max" for d in DIRECTIONS])
@@ -551,8 +559,8 @@ def print_report(meta: dict, summary: dict, servers: list[str]) -> None:
     print()
     keys = sorted(summary, key=lambda k: (k[0], servers.index(k[1])))
     print("| nodes | server | IOPS asked | achieved | server CPU | CPU µs/IO | VmRSS | locked "
-          "| VmLck | threads | fio CPU | others' CPU |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| VmLck | threads | fds | fio CPU | others' CPU |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for nodes, name in keys:
         s = summary[(nodes, name)]
         achieved = ("failed" if s["iops"] is None else
@@ -563,15 +571,16 @@ def print_report(meta: dict, summary: dict, servers: list[str]) -> None:
               f"| {fmt_pct(s['server_cpu_pct'])} | {fmt_num(s['server_cpu_us_per_io'])} "
               f"| {fmt_mib(s['rss_peak'])} | {fmt_mib(s['locked_peak'])} "
               f"| {fmt_mib(s['lck_peak'])} "
-              f"| {fmt_num(s['threads_peak'])} | {fmt_pct(s['fio_cpu_pct'])} "
+              f"| {fmt_num(s['threads_peak'])} | {fmt_num(s['fds_peak'])} "
+              f"| {fmt_pct(s['fio_cpu_pct'])} "
               f"| {fmt_pct(s['other_cpu_pct'])} |")
     print()
     print("Server CPU, fio CPU and others' (everything else on the machine, from /proc/stat): "
           "% of one core over the measured seconds (the machine has "
           f"{meta['host']['cpus']}); CPU µs/IO: server CPU time per request. VmRSS, locked "
           "(resident and mlocked: smaps_rollup Locked), VmLck (address space in locked "
-          "mappings, touched or not): the server process's peak while the load ran; threads: "
-          "its peak thread count.")
+          "mappings, touched or not): the server process's peak while the load ran; threads, "
+          "fds: its peak thread count and open file descriptors.")
     if all(summary[k]["iops"] is None for k in keys):
         return
     print()
