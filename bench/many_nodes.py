@@ -495,6 +495,27 @@ def run_one(args, name: str, nodes: int, repeat: int, tmp: Path) -> dict:
     return run
 
 
+def run_quietest(args, name: str, nodes: int, repeat: int, tmp: Path) -> dict:
+    """run_one, again (at most --busy-retries times) while the rest of the machine took more
+    than --quiet-below % of a core during the measured seconds; the quietest attempt."""
+    best = None
+    for attempt in range(1 + args.busy_retries):
+        run = run_one(args, name, nodes, repeat, tmp)
+        run["attempt"] = attempt + 1
+        print_run(run, args.repeats)
+        others = run.get("other_cpu_pct")
+        if best is None or (others is not None and (best.get("other_cpu_pct") is None
+                                                    or others < best["other_cpu_pct"])):
+            best = run
+        if others is None or args.quiet_below <= 0 or others < args.quiet_below:
+            break
+        if attempt < args.busy_retries:
+            print(f"  .. the rest of the machine took {others:.0f}% of a core during that run: "
+                  "once more", flush=True)
+    best["attempts"] = attempt + 1
+    return best
+
+
 def print_run(run: dict, repeats: int) -> None:
     head = f"N={run['nodes']:<4} repeat {run['repeat'] + 1}/{repeats} {run['server']:<8}"
     if "iops" in run:
@@ -631,11 +652,15 @@ def parse_args(argv=None):
                    help="nbdkit --threads (per connection; default: nbdkit's own, 16)")
     p.add_argument("--netswapd-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"))
-    p.add_argument("--quiet-below", type=float, default=50.0,
+    p.add_argument("--quiet-below", type=float, default=25.0,
                    help="before each run, wait until the rest of the machine uses less than "
-                        "this %% of one core (50; 0: do not wait)")
+                        "this %% of one core (25; 0: do not wait)")
     p.add_argument("--quiet-wait", type=int, default=300,
                    help="seconds to wait for that at most, then run anyway (300)")
+    p.add_argument("--busy-retries", type=int, default=2,
+                   help="run again, at most this many times, when the rest of the machine took "
+                        "--quiet-below %% of a core or more during the measured seconds; the "
+                        "quietest attempt counts (2)")
     p.add_argument("--dir", default="/var/tmp", help="parent of the temp dir (/var/tmp)")
     p.add_argument("--json", type=Path, help="write every run (per-node numbers too) here")
     p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy server logs to DIR")
@@ -650,8 +675,10 @@ def parse_args(argv=None):
         p.error(f"--servers: choose from {', '.join(SERVERS)}")
     if not args.node_list or args.node_list[0] < 1 or args.node_list[-1] > 4096:
         p.error("--nodes: between 1 and 4096 (netswapd's swap.max_nodes)")
-    if args.repeats < 1 or args.runtime < 2 or args.ramp < 0 or args.iops < 1:
-        p.error("--repeats and --iops must be >= 1, --runtime >= 2, --ramp >= 0")
+    if (args.repeats < 1 or args.runtime < 2 or args.ramp < 0 or args.iops < 1
+            or args.busy_retries < 0):
+        p.error("--repeats and --iops must be >= 1, --runtime >= 2, --ramp and "
+                "--busy-retries >= 0")
     if not 0 <= args.read_mix <= 100:
         p.error("--read-mix is a percentage")
     try:
@@ -705,6 +732,7 @@ def main(argv=None) -> int:
         "bs": args.bs, "rate_process": args.rate_process, "node_size": args.node_bytes,
         "min_achieved": args.min_achieved, "workers": args.workers, "versions": versions,
         "quiet_below": args.quiet_below, "quiet_wait": args.quiet_wait,
+        "busy_retries": args.busy_retries,
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
                  "mem_gib": mem_kib / 2**20, "python": sys.version.split()[0]},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -726,9 +754,7 @@ def main(argv=None) -> int:
             for repeat in range(args.repeats):
                 order = active if repeat % 2 == 0 else list(reversed(active))
                 for name in order:
-                    run = run_one(args, name, nodes, repeat, tmp)
-                    runs.append(run)
-                    print_run(run, args.repeats)
+                    runs.append(run_quietest(args, name, nodes, repeat, tmp))
             summary = summarize([r for r in runs if r["nodes"] == nodes])
             for name in list(active):
                 s = summary[(nodes, name)]
