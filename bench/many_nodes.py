@@ -46,8 +46,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from fio_matrix import (CLOCK_TICKS, BenchError, Server, check_tools, fmt_mib,  # noqa: E402
-                        fmt_num, fmt_us, parse_size, proc_alive, reap_orphans,
+from fio_matrix import (CLOCK_TICKS, BenchError, Server, _proc_table, check_tools,  # noqa: E402
+                        fmt_mib, fmt_num, fmt_us, parse_size, proc_alive, reap_orphans,
                         set_child_subreaper, tree)
 
 SERVERS = ("netswapd", "nbdkit")
@@ -156,12 +156,28 @@ def open_fds(pid: int) -> int | None:
 
 
 def machine_busy() -> int:
-    """CPU ticks all CPUs spent not idle since boot (/proc/stat): with the server's and fio's
-    ticks, what everything else on the machine took meanwhile."""
+    """CPU ticks all CPUs spent not idle since boot (/proc/stat), kernel work included."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is already in user)
     return sum(fields[:8]) - fields[3] - fields[4]
+
+
+def others_ticks() -> int:
+    """CPU ticks of every process outside this harness's tree (which holds the server and
+    fio), reaped children included: other people's work on the machine. Kernel threads are
+    left out: the writeback and network work of our own load runs there."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        ours.add(pid)
+        todo.extend(children.get(pid, ()))
+    return sum(cpu for pid, (ppid, _, cpu) in table.items()
+               if pid not in ours and pid != 2 and ppid != 2)
 
 
 def locked_resident(pid: int) -> int | None:
@@ -206,7 +222,8 @@ class Sampler(threading.Thread):
         if conns >= self.nodes and self.all_connected_at is None and self.fio_pid:
             self.all_connected_at = now
         self.samples.append({"t": now, "cpu": cpu, "threads": threads, "conns": conns,
-                             "busy": machine_busy(), "fds": open_fds(self.server_pid),
+                             "busy": machine_busy(), "others": others_ticks(),
+                             "fds": open_fds(self.server_pid),
                              "rss": status.get("VmRSS"), "lck": status.get("VmLck"),
                              "locked": locked, "tree_rss": tree_rss, "fio_cpu": fio_cpu})
 
@@ -371,9 +388,9 @@ def wait_for_quiet(args) -> float | None:
     deadline = time.monotonic() + args.quiet_wait
     said = False
     while True:
-        b0, t0 = machine_busy(), time.monotonic()
+        b0, t0 = others_ticks(), time.monotonic()
         time.sleep(2)
-        others = 100.0 * (machine_busy() - b0) / CLOCK_TICKS / (time.monotonic() - t0)
+        others = 100.0 * (others_ticks() - b0) / CLOCK_TICKS / (time.monotonic() - t0)
         if others < args.quiet_below:
             return others
         if time.monotonic() >= deadline:
@@ -403,8 +420,8 @@ def window_stats(samples: list[dict], start: float, end: float) -> dict:
         out["server_cpu_pct"] = 100.0 * (last["cpu"] - first["cpu"]) / CLOCK_TICKS / secs
         if first["fio_cpu"] is not None and last["fio_cpu"] is not None:
             out["fio_cpu_pct"] = 100.0 * (last["fio_cpu"] - first["fio_cpu"]) / CLOCK_TICKS / secs
-            busy = 100.0 * (last["busy"] - first["busy"]) / CLOCK_TICKS / secs
-            out["other_cpu_pct"] = max(0.0, busy - out["server_cpu_pct"] - out["fio_cpu_pct"])
+            out["machine_cpu_pct"] = 100.0 * (last["busy"] - first["busy"]) / CLOCK_TICKS / secs
+            out["other_cpu_pct"] = 100.0 * (last["others"] - first["others"]) / CLOCK_TICKS / secs
     for key in ("rss", "lck", "locked", "threads", "fds", "tree_rss"):
         values = ([s[key] for s in inside if s[key] is not None]
                   or [s[key] for s in samples if s[key] is not None])
@@ -541,8 +558,8 @@ def med(values):
 
 
 SUMMARY_KEYS = (["iops", "achieved_pct", "server_cpu_pct", "server_cpu_us_per_io", "fio_cpu_pct",
-                 "other_cpu_pct", "rss_peak", "lck_peak", "locked_peak", "threads_peak",
-                 "fds_peak", "tree_rss_peak", "setup_s"]
+                 "other_cpu_pct", "machine_cpu_pct", "rss_peak", "lck_peak", "locked_peak",
+                 "threads_peak", "fds_peak", "tree_rss_peak", "setup_s"]
                 + [f"{d}_{label}_{kind}" for d in DIRECTIONS for label, _, _ in PERCENTILES
                    for kind in ("median_node", "worst_node", "all")]
                 + [f"{d}_max" for d in DIRECTIONS])
@@ -596,7 +613,8 @@ def print_report(meta: dict, summary: dict, servers: list[str]) -> None:
               f"| {fmt_pct(s['fio_cpu_pct'])} "
               f"| {fmt_pct(s['other_cpu_pct'])} |")
     print()
-    print("Server CPU, fio CPU and others' (everything else on the machine, from /proc/stat): "
+    print("Server CPU, fio CPU and others' (every process but this harness, the server and "
+          "fio; kernel threads left out): "
           "% of one core over the measured seconds (the machine has "
           f"{meta['host']['cpus']}); CPU µs/IO: server CPU time per request. VmRSS, locked "
           "(resident and mlocked: smaps_rollup Locked), VmLck (address space in locked "
