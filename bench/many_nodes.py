@@ -155,18 +155,20 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
-def machine_busy() -> int:
-    """CPU ticks all CPUs spent not idle since boot (/proc/stat), kernel work included."""
+def machine_times() -> tuple[int, int]:
+    """(busy, steal): CPU ticks all CPUs spent working since boot, kernel work included, and
+    ticks the hypervisor gave our virtual CPUs to someone else (/proc/stat)."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is already in user)
-    return sum(fields[:8]) - fields[3] - fields[4]
+    return sum(fields[:7]) - fields[3] - fields[4], fields[7]
 
 
 def others_ticks() -> int:
-    """CPU ticks of every process outside this harness's tree (which holds the server and
-    fio), reaped children included: other people's work on the machine. Kernel threads are
-    left out: the writeback and network work of our own load runs there."""
+    """CPU ticks other people took: every process outside this harness's tree (which holds
+    the server and fio), reaped children included, plus the hypervisor's steal time (on a
+    VM, the host's other guests). Kernel threads are left out: the writeback and network
+    work of our own load runs there."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():
@@ -176,8 +178,8 @@ def others_ticks() -> int:
         pid = todo.pop()
         ours.add(pid)
         todo.extend(children.get(pid, ()))
-    return sum(cpu for pid, (ppid, _, cpu) in table.items()
-               if pid not in ours and pid != 2 and ppid != 2)
+    return machine_times()[1] + sum(cpu for pid, (ppid, _, cpu) in table.items()
+                                    if pid not in ours and pid != 2 and ppid != 2)
 
 
 def locked_resident(pid: int) -> int | None:
@@ -222,7 +224,7 @@ class Sampler(threading.Thread):
         if conns >= self.nodes and self.all_connected_at is None and self.fio_pid:
             self.all_connected_at = now
         self.samples.append({"t": now, "cpu": cpu, "threads": threads, "conns": conns,
-                             "busy": machine_busy(), "others": others_ticks(),
+                             "busy": machine_times()[0], "others": others_ticks(),
                              "fds": open_fds(self.server_pid),
                              "rss": status.get("VmRSS"), "lck": status.get("VmLck"),
                              "locked": locked, "tree_rss": tree_rss, "fio_cpu": fio_cpu})
@@ -614,7 +616,7 @@ def print_report(meta: dict, summary: dict, servers: list[str]) -> None:
               f"| {fmt_pct(s['other_cpu_pct'])} |")
     print()
     print("Server CPU, fio CPU and others' (every process but this harness, the server and "
-          "fio; kernel threads left out): "
+          "fio, kernel threads left out; plus the hypervisor's steal time): "
           "% of one core over the measured seconds (the machine has "
           f"{meta['host']['cpus']}); CPU µs/IO: server CPU time per request. VmRSS, locked "
           "(resident and mlocked: smaps_rollup Locked), VmLck (address space in locked "
