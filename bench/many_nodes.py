@@ -7,7 +7,8 @@ its own NBD connection with a light swap-like load: 4K random reads and writes a
 rate-limited to --iops per node. netswapd serves every job its own per-node swap export
 (`swap/nodeK`, created and attached as a real node's is, its reserve slot included); nbdkit
 serves one sparse file of N node regions and job K uses region K. While the load runs the
-server's VmRSS, VmLck, threads and CPU are sampled from /proc. Printed as Markdown: achieved
+server's VmRSS, locked memory, VmLck, threads, descriptors and CPU are sampled from /proc,
+with fio's CPU and everyone else's. Printed as Markdown: achieved
 against asked IOPS and server resources, and the per-node completion latency (p50, p99,
 p99.9 of each node; the median node and the worst node), reads and writes apart.
 
