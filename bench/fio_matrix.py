@@ -284,10 +284,12 @@ def nbd_ready(port: int) -> bool:
 # --------------------------------------------------------------------------- servers
 
 
-def netswapd_command(workdir: Path, log_level: str, workers: int, sections: str) -> list[str]:
+def netswapd_command(workdir: Path, log_level: str, workers: int, sections: str,
+                     daemon_keys: str = "") -> list[str]:
     """Write a bench netswapd's config in `workdir` (its state dir is workdir/state, made
-    here) from the [daemon] section every bench uses plus `sections` (dedented); return the
-    command that runs it. Shared with nfs_bench.py."""
+    here) from the [daemon] section every bench uses (plus `daemon_keys`, lines of more
+    [daemon] keys) and `sections` (dedented); return the command that runs it. Shared with
+    nfs_bench.py and many_nodes.py."""
     state = workdir / "state"
     state.mkdir()
     config = workdir / "netswapd.toml"
@@ -297,8 +299,7 @@ def netswapd_command(workdir: Path, log_level: str, workers: int, sections: str)
         log_level = "{log_level}"
         workers = {workers}
         shutdown_timeout = "5s"
-
-        """) + textwrap.dedent(sections))
+        """) + textwrap.dedent(daemon_keys) + "\n" + textwrap.dedent(sections))
     return [sys.executable, "-m", "netswap", "--config", str(config)]
 
 
@@ -365,14 +366,14 @@ class Server:
                     "-b", "127.0.0.1", "--persistent", "--shared=8", str(self.image)]
         raise ValueError(self.name)
 
-    def netswapd_command(self, sections: str) -> list[str]:
+    def netswapd_command(self, sections: str, daemon_keys: str = "") -> list[str]:
         """netswapd on 127.0.0.1:port with a state dir of its own, plus `sections` of config
-        (indented as in this file; dedented here)."""
+        (indented as in this file; dedented here) and `daemon_keys` in [daemon]."""
         return netswapd_command(self.workdir, self.netswapd_log_level, self.workers, f"""\
             [nbd]
             listen = ["127.0.0.1:{self.port}"]
             unix_socket = ""
-            """ + textwrap.dedent(sections))
+            """ + textwrap.dedent(sections), daemon_keys)
 
 
     def start(self) -> None:
