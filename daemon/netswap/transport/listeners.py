@@ -15,7 +15,12 @@ from pathlib import Path
 from ..systemd import take_tcp_listener, take_unix_listener
 from ..unixsock import bind_unix
 
-BACKLOG = 128
+# Every node of a server reconnects at once when it comes back from a restart. A connection
+# the full listen queue drops after the client saw it connected is never retried by TCP: the
+# client waits for a greeting that never comes (bench/connect_burst.py: 384 connects at once
+# against a backlog of 128 left 124 of them hanging). The kernel caps the value at
+# net.core.somaxconn (4096 by default since Linux 5.4).
+BACKLOG = 4096
 # Unix listeners systemd passed: their paths belong to the socket unit, not to us.
 PASSED_UNIX_SOCKETS: set[socket.socket] = set()
 
