@@ -17,14 +17,14 @@ import time
 from netswap.node.placement import rank
 from support.libnbd import import_libnbd
 
-from node.lab import FOUR_TIMES_MEMORY_MIB, PAGES, agent_command
+from node.lab import PAGES, THREE_TIMES_MEMORY_MIB, agent_command
 from node.vm import MiB
 
 HANG_GUARD = 900  # seconds: not a timing check
-DATA_MIB = FOUR_TIMES_MEMORY_MIB
+DATA_MIB = THREE_TIMES_MEMORY_MIB
 # The agent locks about 32 MiB of its own (python, pyroute2): a node of the usual 144 MiB has
 # too little left for swapoff to read everything back at detach. 16 MiB more keeps DATA_MIB
-# about four times what the node's processes have.
+# about three times what the node's processes have.
 NODE_MEMORY = 160 * MiB
 
 

@@ -1,6 +1,6 @@
 """Three real nodes at once on one netswapd, each at its own address, with the README's
 node-side commands: two swap over NBD (nbd-client), one over NFS. They attach concurrently;
-the daemon's status shows all three; two swap four times their memory and every page comes
+the daemon's status shows all three; two swap three times their memory and every page comes
 back, most of it having gone to netswapd as the node's own swap; each node's swap image on the
 server holds its pages and no other node's; a user process on the NFS node (unprivileged
 port) cannot reach the swap file; and a quiet node's swap-ins are timed alone and while the
@@ -14,12 +14,12 @@ from __future__ import annotations
 import re
 
 from support.metrics import metric
-from node.lab import FOUR_TIMES_MEMORY_MIB, readme_commands, workload
+from node.lab import THREE_TIMES_MEMORY_MIB, readme_commands, workload
 from node.pages import node_key, stamps_in
 
 MiB = 1 << 20
-STORM_MIB = FOUR_TIMES_MEMORY_MIB
-QUIET_MIB = FOUR_TIMES_MEMORY_MIB // 2
+STORM_MIB = THREE_TIMES_MEMORY_MIB
+QUIET_MIB = THREE_TIMES_MEMORY_MIB // 2
 HANG_GUARD = 900  # seconds, for three TCG nodes on two cores: not a timing check
 MORE_THAN_A_NODE_HOLDS_MIB = 160  # what may have stayed in a node's memory
 

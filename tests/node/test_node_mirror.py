@@ -29,7 +29,7 @@ NAMES = ["echo", "alpha", "delta", "bravo"]
 ROUNDS = (("echo", "alpha"), ("delta", "bravo"))
 BIG = "alpha"  # on the killed server: swaps four times its memory while it dies
 ADOPTER = "echo"  # its agent is killed after the attach and started again
-DATA_MIB = {name: FOUR_TIMES_MEMORY_MIB if name == BIG else FOUR_TIMES_MEMORY_MIB // 4
+DATA_MIB = {name: FOUR_TIMES_MEMORY_MIB if name == BIG else 64
             for name in NAMES}
 
 

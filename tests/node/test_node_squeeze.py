@@ -1,6 +1,6 @@
 """The squeeze, the seed's promise and Gorman's acceptance test for swap over NBD: netswapd in a
 memory cgroup limited to its own footprint + 10 %, a non-swap flood that really exhausts its
-normal budget, and a real node swapping four times its memory through it all.
+normal budget, and a real node swapping three times its memory through it all.
 
 Every page must come back, netswapd must not be OOM-killed, the node's swap traffic must have
 drawn on the emergency reserve while the flood's requests were held back (netswapd's /metrics).
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.lab import FOUR_TIMES_MEMORY_MIB, readme_commands, workload
+from node.lab import THREE_TIMES_MEMORY_MIB, readme_commands, workload
 from support.swapnode import memory_cgroup
 
 MiB = 1 << 20
-DATA_MIB = FOUR_TIMES_MEMORY_MIB
+DATA_MIB = THREE_TIMES_MEMORY_MIB
 HANG_GUARD = 900  # seconds: not a timing check
 FLOOD = Path(__file__).with_name("flood.py")
 # A server sized for this one node (the pool holds the reserve of max_nodes nodes, and the
