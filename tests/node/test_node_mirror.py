@@ -3,9 +3,13 @@
 
 The nodes attach in two rounds, so that placement is what the hash says whatever the order
 within a round: each node on the first two servers of its rendezvous ranking that take it, a
-full server (room for two nodes, both taken in the first round) skipped for the next. Then every node swaps while one server is SIGKILLed and left
-dead: every node keeps every page (md goes on with the other member). The server is started
-again: each of its members is re-added, md resyncs, and md's own state is read back clean.
+full server (room for two nodes, both taken in the first round) skipped for the next. (No
+four names make every order give the same placement: three nodes must rank the full server
+in their first two for one to be refused, and then which one it is decides whether a server
+holds all four.) The second round starts as soon as the first has its mirrors, not when its
+scripts are done. Then every node swaps while one server is SIGKILLed and left dead: every
+node keeps every page (md goes on with the other member). The server is started again: each
+of its members is re-added, md resyncs, and md's own state is read back clean.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import signal
 
 from netswap.node.placement import rank
 
-from node.lab import FOUR_TIMES_MEMORY_MIB, PAGES, agent_command
+from node.lab import PAGES, agent_command
 from node.vm import MiB
 
 HANG_GUARD = 900  # seconds: not a timing check
@@ -24,11 +28,15 @@ PORT = 10809
 FULL, KILLED = 0, 2  # server indexes: one takes two nodes only, one dies mid-swap
 # Chosen (and checked below) so that the hash puts two nodes on the full server first and
 # a third (delta) is refused there. They attach in two rounds: echo and alpha fill the full
-# server; then delta (refused there) and bravo (not ranking it in its first two).
-NAMES = ["echo", "alpha", "delta", "bravo"]
-ROUNDS = (("echo", "alpha"), ("delta", "bravo"))
+# server, bravo (not ranking it in its first two) beside them; then delta, refused there.
+NAMES = ["echo", "alpha", "bravo", "delta"]
+ROUNDS = (("echo", "alpha", "bravo"), ("delta",))
+MIRRORED = r"mirror /dev/md\d+: RAID1 over"  # an agent's line once its mirror is built
 BIG = "alpha"  # on the killed server: swaps four times its memory while it dies
 ADOPTER = "echo"  # its agent is killed after the attach and started again
+# Four times what the big node's processes have: its kernel says 107 MiB (MemTotal) and the
+# agent locks about 32 MiB of it. The other three swap a little each, on every server.
+FOUR_TIMES_MEMORY_MIB = 300
 DATA_MIB = {name: FOUR_TIMES_MEMORY_MIB if name == BIG else 64
             for name in NAMES}
 
@@ -105,13 +113,15 @@ def test_mirrored_nodes_keep_every_page_when_a_server_dies_and_resync_when_it_re
     for attaching in ROUNDS:
         for name in attaching:
             nodes[name].release(f"attach-{name}")
-        for name in attaching:
-            nodes[name].held("attached", HANG_GUARD)
+        for name in attaching:  # (an agent that failed goes straight to the hold)
+            nodes[name].wait_for(rf"{MIRRORED}|^hold attached$", HANG_GUARD)
+    for node in nodes.values():
+        node.held("attached", HANG_GUARD)
     for name in NAMES:
         console = nodes[name].console()
         found = re.findall(r"attached swap/\S+ of ([\d.]+):10809 as", console)
         assert found == placed[name], (name, console)
-        assert re.search(r"mirror /dev/md\d+: RAID1 over", console), console
+        assert re.search(MIRRORED, console), console
     delta = nodes["delta"].console()
     assert re.search(rf"attach: {servers[FULL]}:10809 did not take swap/delta: ERR_POLICY",
                      delta), delta
