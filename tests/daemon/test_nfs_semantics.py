@@ -26,8 +26,8 @@ from netswap.rpc.xdr import Unpacker
 from support.daemon import stop_clean
 from support.metrics import metric
 from support.nfs import (
-    ALPHA, BETA, Closed, CREATE, CRED, FATTR3_BYTES, FILE_SYNC, GETATTR, Nfs, NFS3_OK, NFS_PROG,
-    NFS_VERS, READDIR, RpcClient, SETATTR, STRANGER, WRITE, run, skip_wcc, start_nfs_daemon,
+    ALPHA, BETA, Closed, CREATE, CRED, FATTR3_BYTES, FILE_SYNC, GETATTR, MOUNT_PROG, MOUNT_VERS,
+    Nfs, NFS3_OK, NFS_PROG, NFS_VERS, READDIR, RpcClient, SETATTR, STRANGER, WRITE, run, skip_wcc, start_nfs_daemon,
     url, xdr,
 )
 from support.wait import wait_until
@@ -362,10 +362,10 @@ def test_a_swap_file_and_the_swap_directory_keep_their_owner_and_mode(daemon, al
 # --------------------------------------------------------------------------- connections
 
 
-def serves(client: RpcClient) -> bool:
+def serves(client: RpcClient, program: tuple[int, int] = (NFS_PROG, NFS_VERS)) -> bool:
     """Does the server answer a NULL call on this connection (False: it closed it)?"""
     try:
-        return client.call(NFS_PROG, NFS_VERS, 0).stat == RC.SUCCESS
+        return client.call(*program, 0).stat == RC.SUCCESS
     except (Closed, ConnectionError):
         return False
 
@@ -379,8 +379,10 @@ def test_connections_past_the_limits_are_closed_at_accept_logged_and_counted(tmp
             return clients[-1]
 
         first = connect(ALPHA)
-        connect(ALPHA, daemon.mount_port)  # alpha's second, on the MOUNT port
-        assert serves(first)
+        mount = connect(ALPHA, daemon.mount_port)  # alpha's second, on the MOUNT port
+        # Answered, so accepted and counted: the MOUNT port has an acceptor of its own, and
+        # the third connection must not race it.
+        assert serves(first) and serves(mount, (MOUNT_PROG, MOUNT_VERS))
         third = connect(ALPHA)  # alpha's third: over the per-client limit (NFS + MOUNT)
         assert not serves(third)
         beta = connect(BETA)
