@@ -147,7 +147,7 @@ def test_a_full_server_is_skipped_a_long_absence_is_reported_and_a_wiped_export_
 set -e
 {agent("refused", "--server", first, "--server", second, state_dir=state_dir)}
 set +e
-{background_workload()}
+{background_workload("wiped")}
 wait $W; echo "workload exit $?"
 """, memory=NODE_MEMORY)}
     nodes["refused"].wait_for(r"attached swap/refused of ", HANG_GUARD)
@@ -162,18 +162,24 @@ wait $W; echo "workload exit $?"
 """, memory=NODE_MEMORY)
     for node in nodes.values():
         node.wait_for(r"^progress 40$", HANG_GUARD)
-    # The wiping server restarts: it wipes every node's image at start.
+    # The wiping server restarts: it wipes every node's image at start. "refused" has written
+    # its pages and waits (it must still be running when its agent reconnects, however fast
+    # the machine), then reads them.
+    nodes["refused"].held("wiped", HANG_GUARD)
     lab.restart_daemon(signal.SIGTERM, pause=1.0, server=wiping)
     # The other stays away past the node's dead-connection timeout.
     lab.stop_daemon(signal.SIGTERM, server=full)
-    # The agent writes its conclusion to the job share as the kernel fails the device; the
+    # The agents write their conclusions to the job share as the kernel fails the device; a
     # node may not live long after (its init's pages were on that device).
-    concluded_path = nodes["away"].job / "agent-state" / "away.json"
-    nodes["away"].wait_for(r"^progress", HANG_GUARD)
-    deadline = time.monotonic() + HANG_GUARD
-    while '"state": "failed"' not in (concluded_path.read_text() if concluded_path.exists() else ""):
-        assert time.monotonic() < deadline, nodes["away"].result()
-        time.sleep(0.5)
+    for name in ("refused", "away"):
+        concluded_path = nodes[name].job / "agent-state" / f"{name}.json"
+        deadline = time.monotonic() + HANG_GUARD
+        while '"state": "failed"' not in (concluded_path.read_text()
+                                          if concluded_path.exists() else ""):
+            assert time.monotonic() < deadline, nodes[name].result()
+            time.sleep(0.5)
+        if name == "refused":
+            nodes["refused"].release("wiped")
     lab.start_again(server=full)
 
     results = {name: node.wait(HANG_GUARD) for name, node in nodes.items()}
