@@ -20,6 +20,12 @@ The file backend follows nbdkit's file plugin (research/nbd.md section 5): fdata
 fallocate modes tried in order for zeroing, EOPNOTSUPP remembered so unsupported modes cost one
 failed syscall per backend, not one per request.
 
+Two questions copying clients ask are answered here too, for NBD's base:allocation and
+FAST_ZERO: ``allocation`` says which parts of a range hold storage (the rest reads as zeros),
+from what the backend knows at the cost of a few syscalls; and ``write_zeroes(fast=True)``
+zeroes only where that is much cheaper than writing, and otherwise raises EOPNOTSUPP at once,
+having changed nothing.
+
 A file backend can also *fail* for good (``Backend.failure``): once it can no longer keep what it
 acknowledges, every later write, trim, zero and flush gets EIO, so no client is told "durable"
 about data that is not.  See FileBackend for when that happens.
@@ -148,12 +154,26 @@ class Backend(abc.ABC):
         """Advisory: the client no longer needs this range; release its space if we can."""
 
     @abc.abstractmethod
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        """Make the range read back as zeros; with ``may_trim``, by releasing space if cheaper."""
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool,
+                     fast: bool = False) -> None:
+        """Make the range read back as zeros; with ``may_trim``, by releasing space if cheaper.
+        With ``fast``, only if that is quicker than writing the zeros would be: otherwise
+        raise ``OSError(EOPNOTSUPP)`` at once, with the range left as it was."""
 
     @abc.abstractmethod
     def cache(self, offset: int, length: int) -> None:
         """Prefetch hint; never fails for a valid range."""
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """Which parts of the range hold storage: runs of ``(length, allocated)``, consecutive
+        from ``offset``, at most ``limit`` of them (neighbours differ). A run that is not
+        allocated reads back as zeros. The runs may end before the range does when finding
+        more would cost too much (the caller asks again from there), but cover at least one
+        byte of a nonempty range.
+
+        This default knows nothing, and says so the safe way: all allocated."""
+        _check_range(self.size, offset, length)
+        return [(length, True)] if length else []
 
     @abc.abstractmethod
     def allocated_bytes(self) -> int:
@@ -299,7 +319,14 @@ class FileBackend(Backend):
         # does is one extra failed syscall on another thread.
         self._can_punch_hole = True
         self._can_zero_range = True
+        self._can_allocate = True  # fallocate mode 0
+        self._can_seek_data = True
         self._can_rwf_dsync = hasattr(os, "RWF_DSYNC")
+        # On a block device ZERO_RANGE may be done by the kernel writing zeros (a device
+        # without a write-zeroes command), so it does not count as fast there; PUNCH_HOLE
+        # never falls back to writing (BLKDEV_ZERO_NOFALLBACK), and fallocate mode 0 is a
+        # regular file's.
+        self._block_device = stat.S_ISBLK(st.st_mode)
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -445,7 +472,8 @@ class FileBackend(Backend):
             self._datasync()
             self._check_identity()
 
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool,
+                     fast: bool = False) -> None:
         self._refuse_if_read_only()
         _check_range(self.size, offset, length)
         if length == 0:
@@ -454,7 +482,7 @@ class FileBackend(Backend):
         if not fua:
             self._check_identity(every_interval=True)
         try:
-            self._zero(offset, length, may_trim)
+            self._zero(offset, length, may_trim, fast)
         except OSError as e:
             if e.errno == errno.EIO:
                 self._fail(f"zeroing failed: {e.strerror}")
@@ -463,16 +491,18 @@ class FileBackend(Backend):
             self._datasync()
             self._check_identity()
 
-    def _zero(self, offset: int, length: int, may_trim: bool) -> None:
+    def _zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
         # Cheapest first, as nbdkit's file plugin does.  Each step that reports EOPNOTSUPP is
-        # disabled for this backend and we fall through to the next.
+        # disabled for this backend and we fall through to the next.  Every step but the
+        # last changes only metadata, which is what makes FAST_ZERO honest: a fast request
+        # that reaches the last one is refused before it writes anything.
         if may_trim and self._can_punch_hole:
             try:
                 return self._punch_hole(offset, length)
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     raise
-        if self._can_zero_range:
+        if self._can_zero_range and not (fast and self._block_device):
             try:
                 return fallocate(
                     self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length
@@ -481,7 +511,7 @@ class FileBackend(Backend):
                 if e.errno != errno.EOPNOTSUPP:
                     raise
                 self._can_zero_range = False
-        if self._can_punch_hole:
+        if self._can_punch_hole and (may_trim or self._can_allocate) and not self._block_device:
             # No ZERO_RANGE (tmpfs, older file systems): punching reads back as zeros, and
             # fallocate(0) re-allocates so the client's NO_HOLE (may_trim=False) is honoured:
             # a later write to the range cannot fail with ENOSPC.
@@ -491,9 +521,19 @@ class FileBackend(Backend):
                 if e.errno != errno.EOPNOTSUPP:
                     raise
             else:
-                if not may_trim:
-                    fallocate(self._fd, 0, offset, length)
-                return
+                if may_trim:
+                    return
+                try:
+                    return fallocate(self._fd, 0, offset, length)
+                except OSError as e:
+                    # Not an error the client may see: WRITE_ZEROES without FAST_ZERO must
+                    # not fail with ENOTSUP.  Writing the zeros below allocates the range.
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+                    self._can_allocate = False
+        if fast:
+            raise OSError(errno.EOPNOTSUPP,
+                          f"{self.path}: zeroing here means writing the zeros, as a write does")
         self._write_zero_buffer(offset, length)
 
     def _punch_hole(self, offset: int, length: int) -> None:
@@ -514,6 +554,49 @@ class FileBackend(Backend):
         _check_range(self.size, offset, length)
         if length:
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """Data and holes as the file system reports them (lseek SEEK_DATA / SEEK_HOLE, two
+        syscalls a run).  A hole reads as zeros, and so does the part of the range past the
+        end of a file truncated under us (read_into).  Where the file system or device cannot
+        tell, everything is data: the safe answer.
+
+        lseek moves the descriptor's file offset, which nothing else here uses (all I/O is
+        positional), so concurrent calls only race for a value nobody reads."""
+        _check_range(self.size, offset, length)
+        end = offset + length
+        runs: list[tuple[int, bool]] = []
+        position = offset
+        # A run of zero length can only come from the file changing between two lseeks; the
+        # bound keeps a file changing all the time from holding the worker.
+        for _ in range(2 * limit + 2):
+            if position >= end or len(runs) >= limit:
+                break
+            if not self._can_seek_data:
+                runs.append((end - position, True))
+                break
+            try:
+                data = os.lseek(self._fd, position, os.SEEK_DATA)
+                hole = os.lseek(self._fd, data, os.SEEK_HOLE) if data == position else data
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    # No data at or after position: the rest is a hole, or past the end.
+                    runs.append((end - position, False))
+                    break
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                # A file system or device that cannot seek by data; remembered, so the
+                # next call costs nothing.
+                self._can_seek_data = False
+                continue
+            if data > position:
+                stop, allocated = min(data, end), False
+            else:
+                stop, allocated = min(hole, end), True
+            if stop > position:
+                runs.append((stop - position, allocated))
+                position = stop
+        return runs
 
     def allocated_bytes(self) -> int:
         return os.fstat(self._fd).st_blocks * 512
@@ -580,6 +663,7 @@ class MemoryBackend(Backend):
         # One long-lived view of the map; slicing it makes a small view object, never a copy.
         self._view = memoryview(self._map)
         self._address = _buffer_address(self._map)
+        self._can_release = True  # False once the kernel refused MADV_DONTNEED (a locked map)
 
     def read_into(self, offset: int, view: memoryview) -> None:
         length = view.nbytes
@@ -600,40 +684,88 @@ class MemoryBackend(Backend):
         _check_range(self.size, offset, length)
         self._release(offset, length)
 
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool,
+                     fast: bool = False) -> None:
         self._refuse_if_read_only()
         _check_range(self.size, offset, length)
         if may_trim:
-            self._release(offset, length)
+            self._release(offset, length, fast)
+        elif fast and length:
+            # NO_HOLE keeps the pages, so every byte is written: exactly a WRITE's work.
+            raise OSError(errno.EOPNOTSUPP, "zeroing memory that must stay allocated is a write")
         else:
             # NO_HOLE: the client wants the range to stay allocated (so a later write cannot fail
             # for lack of memory).  Writing zeros keeps the pages, at the cost of touching them.
             _fill_zeros(self._view[offset : offset + length])
 
-    def _release(self, offset: int, length: int) -> None:
+    def _release(self, offset: int, length: int, fast: bool = False) -> None:
         # madvise works on whole pages.  Free the page-aligned interior, zero the partial pages
-        # at either edge by hand (freeing them would lose the neighbouring bytes).
+        # at either edge by hand (freeing them would lose the neighbouring bytes).  The
+        # interior goes first, so that a fast request the kernel refuses has changed nothing.
         page = mmap.PAGESIZE
         end = offset + length
         first_full = -(-offset // page) * page
         last_full = end // page * page
         if first_full >= last_full:
-            _fill_zeros(self._view[offset:end])
+            _fill_zeros(self._view[offset:end])  # within two pages: cheap, fast or not
             return
-        _fill_zeros(self._view[offset:first_full])
-        try:
-            self._map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # The kernel refuses DONTNEED on locked pages, and under the daemon's
-            # mlockall(MCL_FUTURE) this map is locked: the pages stay (and stay locked, as
-            # the daemon asked), and the range must still read back as zeros.
+        if self._can_release:
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, first_full, last_full - first_full)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The kernel refuses DONTNEED on locked pages, and under the daemon's
+                # mlockall(MCL_FUTURE) this map is locked, for good: the pages stay (and stay
+                # locked, as the daemon asked).
+                self._can_release = False
+        if not self._can_release:
+            # The range must still read back as zeros, which costs as much as a write.
+            if fast:
+                raise OSError(errno.EOPNOTSUPP, "memory export is locked: zeroing it is a write")
             _fill_zeros(self._view[first_full:last_full])
+        _fill_zeros(self._view[offset:first_full])
         _fill_zeros(self._view[last_full:end])
 
     def cache(self, offset: int, length: int) -> None:
         _check_range(self.size, offset, length)  # already in RAM
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """Pages that hold data (as allocated_bytes counts them: written and not released
+        since, in RAM or on the server's swap) are allocated; every other page reads as
+        zeros.  One pass over /proc/self/pagemap, in whole pages, of at most
+        _ALLOCATION_SCAN_PAGES pages a call, so a query over a huge export costs a bounded
+        time (about a millisecond per GiB) and the client asks again for the rest."""
+        _check_range(self.size, offset, length)
+        if length == 0:
+            return []
+        page = mmap.PAGESIZE
+        end = offset + length
+        first = offset // page
+        stop = min(-(-end // page), first + _ALLOCATION_SCAN_PAGES)
+        # [held (0 or 1), pages] per run, over whole pages from `first`
+        page_runs: list[list[int]] = []
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            start = first
+            while start < stop:
+                wanted = min(_PAGEMAP_WINDOW_PAGES, stop - start)
+                held = _held_map(fd, self._address, start, wanted)
+                if not _add_page_runs(page_runs, held, limit) or len(held) < wanted:
+                    break
+                start += wanted
+        finally:
+            os.close(fd)
+        runs = []
+        position = offset
+        page_end = first * page
+        for state, count in page_runs:
+            page_end += count * page
+            stop_at = min(page_end, end)
+            if stop_at > position:
+                runs.append((stop_at - position, bool(state)))
+                position = stop_at
+        return runs
 
     def allocated_bytes(self) -> int:
         """Bytes of the map holding data: pages written and not since released, whether in RAM
@@ -673,12 +805,42 @@ def _fill_zeros(view: memoryview) -> None:
 
 _PAGEMAP_WINDOW_PAGES = 8192  # 32 MiB of map per read, 64 KiB of pagemap
 _HELD = bytes(1 if (b & 0x81) == 0x81 or (b & 0x40) else 0 for b in range(256))
+_HELD_PAGE, _NOT_HELD = b"\x01", b"\x00"
+# Pages MemoryBackend.allocation looks at per call: 1 GiB of 4 KiB pages, 2 MiB of pagemap.
+_ALLOCATION_SCAN_PAGES = 1 << 18
 
 
 def _buffer_address(buf) -> int:
     # from_buffer pins the mmap only while the ctypes object lives; it dies at the end of this
     # expression, so the map can still be closed later.  The address stays valid until then.
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _held_map(fd: int, address: int, first: int, count: int) -> bytes:
+    """One byte per page of the `count` pages from page `first` of the mapping at `address`:
+    1 if it holds data, else 0 (see above)."""
+    page = mmap.PAGESIZE
+    entries = os.pread(fd, count * 8, (address // page + first) * 8)
+    return entries[7::8].translate(_HELD)  # the top byte of each entry
+
+
+def _add_page_runs(runs: list[list[int]], held: bytes, limit: int) -> bool:
+    """Extend `runs` ([held, pages] pairs) by the pages of `held` (_held_map); False once a
+    run past `limit` would begin (the runs kept are then whole)."""
+    index = 0
+    while index < len(held):
+        state = held[index]
+        # bytes.find runs in C: the work here is per run, not per page.
+        other = held.find(_NOT_HELD if state else _HELD_PAGE, index)
+        count = (other if other >= 0 else len(held)) - index
+        if runs and runs[-1][0] == state:
+            runs[-1][1] += count
+        elif len(runs) == limit:
+            return False
+        else:
+            runs.append([state, count])
+        index += count
+    return True
 
 
 def _held_bytes(address: int, size: int) -> int:
@@ -689,8 +851,7 @@ def _held_bytes(address: int, size: int) -> int:
     try:
         for first in range(0, total_pages, _PAGEMAP_WINDOW_PAGES):
             n = min(_PAGEMAP_WINDOW_PAGES, total_pages - first)
-            entries = os.pread(fd, n * 8, (address // page + first) * 8)
-            held += entries[7::8].translate(_HELD).count(1)  # top byte of each entry
+            held += _held_map(fd, address, first, n).count(1)
     finally:
         os.close(fd)
     return held * page
