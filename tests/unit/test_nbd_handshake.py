@@ -80,8 +80,8 @@ def test_option_count_is_bounded():
 
 
 # STARTTLS has its own replies (tests/daemon/test_tls.py).
-@pytest.mark.parametrize("opt", [C.OPT_PEEK_EXPORT, C.OPT_LIST_META_CONTEXT,
-                                 C.OPT_SET_META_CONTEXT, C.OPT_EXTENDED_HEADERS, 0x7654321])
+# (LIST_META_CONTEXT and SET_META_CONTEXT: test_nbd_meta_context.py.)
+@pytest.mark.parametrize("opt", [C.OPT_PEEK_EXPORT, C.OPT_EXTENDED_HEADERS, 0x7654321])
 def test_unsupported_options_get_err_unsup_and_haggling_continues(opt):
     hs = make()
     event = send(hs, opt, b"xyz")

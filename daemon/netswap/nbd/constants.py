@@ -118,7 +118,15 @@ REPLY_FLAG_DONE = 0x0001
 REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
 REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = 0x8001
+
+# Metadata contexts ("Metadata querying"). The one context the spec defines, and the status
+# flags of its extents.
+BASE_NAMESPACE = "base"
+BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 0x1
+STATE_ZERO = 0x2
 
 # Error values allowed on the wire (they equal Linux errno values by design).
 EPERM = 1

@@ -22,6 +22,14 @@ ERR_TLS_REQD, and EXPORT_NAME, which has no error reply, closes). After `StartTl
 transport runs the TLS handshake and calls `tls_established()`; from then on it feeds the
 decrypted bytes.
 
+Metadata contexts (the spec's "Metadata querying"): `base:allocation` is served on every
+export, and it is the only context. LIST_META_CONTEXT and SET_META_CONTEXT need structured
+replies first (ERR_INVALID otherwise: block status is answered only in structured chunks);
+SET replaces the selection even when it fails, STARTTLS forgets it, and `Ready` carries the
+context's id only when the last SET selected it for the very export name GO names. Queries of
+other namespaces are ignored, as the spec requires; a query without "namespace:" is
+malformed.
+
 Bounds (a hostile client must not make us buffer or loop without end): an option's data is
 at most MAX_OPTION_DATA bytes and a client gets at most MAX_OPTIONS options; past either the
 connection is closed, which the spec allows for lengths "deemed a denial of service".
@@ -46,6 +54,11 @@ GREETING = struct.pack(
 MAX_NAME_LENGTH = 4096
 MAX_OPTION_DATA = 64 * 1024
 MAX_OPTIONS = 256
+# A metadata query is a string, at most 4096 bytes by the spec's rule for strings.
+MAX_QUERY_LENGTH = 4096
+# base:allocation's id in SET_META_CONTEXT replies and in block status chunks. Ids are
+# opaque to the client; one fixed value, since it is the only context there is.
+ALLOCATION_CONTEXT_ID = 1
 # nbd-client reads option replies of at most 4095 bytes, so descriptions are cut to fit.
 MAX_DESCRIPTION = 2048
 
@@ -111,6 +124,9 @@ class Ready:
     transmission_flags: int
     structured_replies: bool
     attachment: object = None  # what `attach` returned; the transport releases it at close
+    # base:allocation's id when the client selected it for this export (BLOCK_STATUS may be
+    # served), else None.
+    allocation_context: Optional[int] = None
 
 
 Event = Reply | StartTls | Abort | Ready
@@ -179,6 +195,8 @@ class ServerHandshake:
         self._client_flags: Optional[int] = None
         self._options_seen = 0
         self._structured_replies = False
+        # The export name the last SET_META_CONTEXT selected base:allocation for (None: none).
+        self._meta_export: Optional[bytes] = None
         self.lookup_failures = 0  # exports that exist but failed to open (counted by the transport)
         self.tls_refusals = 0  # options refused for want of TLS (counted by the transport)
         self.tls_active = False
@@ -277,6 +295,8 @@ class ServerHandshake:
             return self._info_or_go(option, data)
         if option == C.OPT_STRUCTURED_REPLY:
             return self._structured_reply(data)
+        if option in (C.OPT_LIST_META_CONTEXT, C.OPT_SET_META_CONTEXT):
+            return self._meta_context(option, data)
         name = C.OPTION_NAMES.get(option, str(option))
         return _refuse(option, C.REP_ERR_UNSUP, "unsupported_option", f"option {name} is not supported")
 
@@ -297,6 +317,7 @@ class ServerHandshake:
                                 "starttls_pipelined")
         # The spec: no negotiation state survives STARTTLS, since it was made in the clear.
         self._structured_replies = False
+        self._meta_export = None
         self._tls_pending = True
         return StartTls(option_reply(option, C.REP_ACK))
 
@@ -356,20 +377,9 @@ class ServerHandshake:
         if isinstance(request, str):
             return _refuse(option, C.REP_ERR_INVALID, "malformed_option", request)
         raw_name, info_ids = request
-        name = self._decode_name(raw_name)
-        shown = raw_name[:64].decode(errors="replace")
-        try:
-            export = self._lookup(name) if name is not None else None
-        except OSError as exc:
-            # The export exists but cannot be opened now (e.g. no space to create a node's
-            # swap file): the client gets a reply that says why, not a dropped connection.
-            self.lookup_failures += 1
-            message = f"export {shown!r} cannot be opened: {exc.strerror or exc}"
-            return _refuse(option, C.REP_ERR_UNKNOWN, "export_unavailable", message)
-        except AccessDenied as exc:
-            return _refuse(option, C.REP_ERR_POLICY, "access_denied", str(exc))
-        if export is None:
-            return _refuse(option, C.REP_ERR_UNKNOWN, "unknown_export", f"no export named {shown!r}")
+        export = self._find_export(option, raw_name)
+        if isinstance(export, Reply):
+            return export
 
         flags = transmission_flags(export, self._structured_replies)
         infos = [struct.pack(">HQH", C.INFO_EXPORT, export.size, flags)]
@@ -402,7 +412,65 @@ class ServerHandshake:
         except AttachRefused as exc:
             return _refuse(option, C.REP_ERR_POLICY, "attach_refused", str(exc))
         self.done = True
-        return Ready(reply, export, flags, self._structured_replies, attachment)
+        # The spec: BLOCK_STATUS only if the last SET_META_CONTEXT named this same export.
+        selected = self._structured_replies and self._meta_export == raw_name
+        return Ready(reply, export, flags, self._structured_replies, attachment,
+                     ALLOCATION_CONTEXT_ID if selected else None)
+
+    def _find_export(self, option: int, raw_name: bytes) -> ExportView | Reply:
+        """The export `raw_name` names for this client, or the error reply saying why not."""
+        name = self._decode_name(raw_name)
+        shown = raw_name[:64].decode(errors="replace")
+        try:
+            export = self._lookup(name) if name is not None else None
+        except OSError as exc:
+            # The export exists but cannot be opened now (e.g. no space to create a node's
+            # swap file): the client gets a reply that says why, not a dropped connection.
+            self.lookup_failures += 1
+            message = f"export {shown!r} cannot be opened: {exc.strerror or exc}"
+            return _refuse(option, C.REP_ERR_UNKNOWN, "export_unavailable", message)
+        except AccessDenied as exc:
+            return _refuse(option, C.REP_ERR_POLICY, "access_denied", str(exc))
+        if export is None:
+            return _refuse(option, C.REP_ERR_UNKNOWN, "unknown_export", f"no export named {shown!r}")
+        return export
+
+    def _meta_context(self, option: int, data: bytes) -> Event:
+        """LIST_META_CONTEXT or SET_META_CONTEXT (see the module docstring)."""
+        setting = option == C.OPT_SET_META_CONTEXT
+        if setting:
+            # "Issuing this command replaces all previously-set metadata contexts (including
+            # when this command fails)."
+            self._meta_export = None
+        name = C.OPTION_NAMES[option]
+        if not self._structured_replies:
+            # Block status is only ever answered in structured chunks, so a context selected
+            # without them could never be used; the spec says ERR_INVALID.
+            return _refuse(option, C.REP_ERR_INVALID, "needs_structured_replies",
+                           f"{name} needs structured replies (STRUCTURED_REPLY) first")
+        request = _parse_meta_request(data)
+        if isinstance(request, str):
+            return _refuse(option, C.REP_ERR_INVALID, "malformed_option", request)
+        raw_name, queries = request
+        export = self._find_export(option, raw_name)
+        if isinstance(export, Reply):
+            return export
+        if setting:
+            # "base:" selects nothing here (the spec: ignored in SET), nor does any other leaf.
+            found = C.BASE_ALLOCATION in queries
+        else:
+            # No query lists every context; "base:" is the namespace's wildcard.
+            found = not queries or any(query in (C.BASE_NAMESPACE + ":", C.BASE_ALLOCATION)
+                                       for query in queries)
+        reply = b""
+        if found:
+            # LIST replies carry id 0 ("reserved"); SET's id is what block status chunks use.
+            context_id = ALLOCATION_CONTEXT_ID if setting else 0
+            reply = option_reply(option, C.REP_META_CONTEXT,
+                                 struct.pack(">I", context_id) + C.BASE_ALLOCATION.encode())
+            if setting:
+                self._meta_export = raw_name
+        return Reply(reply + option_reply(option, C.REP_ACK), option)
 
     @staticmethod
     def _decode_name(raw: bytes) -> Optional[str]:
@@ -428,3 +496,45 @@ def _parse_info_request(data: bytes) -> tuple[bytes, list[int]] | str:
         return f"{count} info requests do not match the option length {len(data)}"
     info_ids = list(struct.unpack_from(f">{count}H", data, 6 + name_length))
     return name, info_ids
+
+
+def _parse_meta_request(data: bytes) -> tuple[bytes, list[str]] | str:
+    """Split LIST/SET_META_CONTEXT data into (export name, queries), or return why it is
+    malformed. The work is linear in the option's length whatever its counts claim: a count
+    is checked against the bytes left before it is used, and every query costs 4 bytes."""
+    if len(data) < 8:
+        return f"META_CONTEXT data of {len(data)} bytes is shorter than the 8-byte minimum"
+    (name_length,) = struct.unpack_from(">I", data)
+    if name_length > len(data) - 8:
+        return f"export name length {name_length} exceeds the option data"
+    if name_length > MAX_NAME_LENGTH:
+        return f"export name length {name_length} exceeds {MAX_NAME_LENGTH}"
+    name = data[4 : 4 + name_length]
+    position = 8 + name_length
+    (count,) = struct.unpack_from(">I", data, position - 4)
+    if count > (len(data) - position) // 4:
+        return f"{count} queries do not fit in the option's {len(data)} bytes"
+    queries = []
+    for _ in range(count):
+        if len(data) - position < 4:
+            return f"{count} queries do not fit in the option's {len(data)} bytes"
+        (length,) = struct.unpack_from(">I", data, position)
+        position += 4
+        if length > len(data) - position:
+            return f"query length {length} exceeds the option data"
+        if length > MAX_QUERY_LENGTH:
+            return f"query length {length} exceeds {MAX_QUERY_LENGTH}"
+        raw = data[position : position + length]
+        position += length
+        try:
+            query = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"query {raw[:64]!r} is not UTF-8"
+        namespace, colon, _ = query.partition(":")
+        if not colon or not namespace:
+            # The spec: a query "MUST start with a namespace and a colon".
+            return f"query {query[:64]!r} does not start with a namespace and a colon"
+        queries.append(query)
+    if position != len(data):
+        return f"{len(data) - position} bytes follow the last query"
+    return name, queries

@@ -33,7 +33,8 @@ HANDSHAKE_FAILED = declare(
 OPTIONS_REFUSED = declare(
     "nbd", "options_refused", "netswap_options_refused_total",
     "Handshake options answered with an error reply, by reason (unsupported_option, "
-    "malformed_option, unknown_export, export_unavailable, attach_refused).",
+    "malformed_option, needs_structured_replies, unknown_export, export_unavailable, "
+    "attach_refused).",
     label="reason")
 EXPORT_OPEN_FAILURES = declare(
     "nbd", "export_open_failures", "netswap_export_open_failures_total",
