@@ -222,6 +222,24 @@ def option_refused(option: int, data: bytes):
     return attack
 
 
+def structured_then_refused(option: int, data: bytes):
+    """As option_refused, after STRUCTURED_REPLY (which metadata contexts need)."""
+    def attack(daemon, during):
+        sock = connect(daemon)
+        sock.sendall(FLAGS + option_bytes(C.OPT_STRUCTURED_REPLY) + option_bytes(option, data))
+        assert option_reply_name(sock) == "REP_ACK"
+        during()
+        outcome = option_reply_name(sock)
+        assert abort_is_acked(sock)
+        return outcome
+    return attack
+
+
+def meta_data(name: bytes, *queries: bytes) -> bytes:
+    return (struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+            + b"".join(struct.pack(">I", len(q)) + q for q in queries))
+
+
 def go_refused(name: bytes):
     return option_refused(C.OPT_GO, go_data(name))
 
@@ -428,6 +446,26 @@ CASES = [
          "REP_ERR_POLICY", "TLS is off on this listener", option_refusal("tls_off")),
     Case("LIST with data", option_refused(C.OPT_LIST, b"x"),
          "REP_ERR_INVALID", "LIST takes no data", option_refusal("malformed_option")),
+    # -- Handshake: metadata contexts
+    Case("SET_META_CONTEXT before STRUCTURED_REPLY",
+         option_refused(C.OPT_SET_META_CONTEXT, meta_data(b"disk", b"base:allocation")),
+         "REP_ERR_INVALID", "needs structured replies",
+         option_refusal("needs_structured_replies")),
+    Case("SET_META_CONTEXT with 2**32-1 queries",
+         structured_then_refused(C.OPT_SET_META_CONTEXT,
+                                 struct.pack(">I", 4) + b"disk" + struct.pack(">I", 0xFFFFFFFF)),
+         "REP_ERR_INVALID", "do not fit", option_refusal("malformed_option")),
+    Case("LIST_META_CONTEXT query length past the option",
+         structured_then_refused(C.OPT_LIST_META_CONTEXT,
+                                 meta_data(b"disk", b"base:allocation")[:-4]),
+         "REP_ERR_INVALID", "exceeds the option data", option_refusal("malformed_option")),
+    Case("LIST_META_CONTEXT query without a namespace",
+         structured_then_refused(C.OPT_LIST_META_CONTEXT, meta_data(b"disk", b"allocation")),
+         "REP_ERR_INVALID", "namespace and a colon", option_refusal("malformed_option")),
+    Case("SET_META_CONTEXT on a name outside the exports",
+         structured_then_refused(C.OPT_SET_META_CONTEXT,
+                                 meta_data(b"swap/../disk", b"base:allocation")),
+         "REP_ERR_UNKNOWN", "no export named", option_refusal("unknown_export")),
     # -- Handshake: export names
     *[Case(f"GO export name {name!r}", go_refused(name),
            "REP_ERR_UNKNOWN", "no export named", option_refusal("unknown_export"))
@@ -467,7 +505,9 @@ CASES = [
     # -- Transmission: commands and flags
     *[Case(f"unknown command {command}", refused_request(command),
            "EINVAL", "unknown command", request_error(C.COMMAND_NAMES.get(command, "unknown"), "EINVAL"))
-      for command in (C.CMD_BLOCK_STATUS, C.CMD_RESIZE, 42, 0xFFFF)],
+      for command in (C.CMD_RESIZE, 42, 0xFFFF)],
+    Case("BLOCK_STATUS without a metadata context", refused_request(C.CMD_BLOCK_STATUS),
+         "EINVAL", "without a metadata context", request_error("block_status", "EINVAL")),
     Case("READ with an unknown flag (0x8000)", refused_request(C.CMD_READ, flags=0x8000),
          "EINVAL", "flags 0x8000 not allowed", request_error("read", "EINVAL")),
     Case("READ with DF, no structured replies", refused_request(C.CMD_READ, flags=C.CMD_FLAG_DF),
@@ -475,9 +515,11 @@ CASES = [
     Case("WRITE with NO_HOLE",
          refused_request(C.CMD_WRITE, flags=C.CMD_FLAG_NO_HOLE, length=4, payload=b"evil"),
          "EINVAL", "flags 0x2 not allowed", request_error("write", "EINVAL")),
-    Case("WRITE_ZEROES with FAST_ZERO (not advertised)",
-         refused_request(C.CMD_WRITE_ZEROES, flags=C.CMD_FLAG_FAST_ZERO),
-         "EINVAL", "flags 0x10 not allowed", request_error("write_zeroes", "EINVAL")),
+    Case("READ with FAST_ZERO", refused_request(C.CMD_READ, flags=C.CMD_FLAG_FAST_ZERO),
+         "EINVAL", "flags 0x10 not allowed", request_error("read", "EINVAL")),
+    Case("WRITE_ZEROES with REQ_ONE",
+         refused_request(C.CMD_WRITE_ZEROES, flags=C.CMD_FLAG_REQ_ONE),
+         "EINVAL", "flags 0x8 not allowed", request_error("write_zeroes", "EINVAL")),
     Case("FLUSH with NO_HOLE", refused_request(C.CMD_FLUSH, flags=C.CMD_FLAG_NO_HOLE, length=0),
          "EINVAL", "flags 0x2 not allowed", request_error("flush", "EINVAL")),
     # -- Transmission: ranges

@@ -119,7 +119,8 @@ def test_error_paths(daemon, structured):
     expect_error(lambda: h.pread(0, 0), errno.EINVAL)
     expect_error(lambda: h.pwrite(b"", 0), errno.EINVAL)
     expect_error(lambda: h.pread(4096, 0, nbd.CMD_FLAG_NO_HOLE), errno.EINVAL)
-    expect_error(lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO), errno.EINVAL)
+    expect_error(lambda: h.pread(4096, 0, nbd.CMD_FLAG_FAST_ZERO), errno.EINVAL)
+    expect_error(lambda: h.block_status(4096, 0, lambda *args: 0), errno.EINVAL)  # no context
     # A rejected WRITE's payload is drained: the connection keeps working afterwards.
     expect_error(lambda: h.pwrite(os.urandom(MiB), size - 4096), errno.ENOSPC)
     h.pwrite(b"still in sync", 0)

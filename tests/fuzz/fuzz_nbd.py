@@ -64,7 +64,8 @@ def one_input(data: bytes) -> None:
             if isinstance(event, Ready):
                 export = event.export
                 feed_transmission(handshake.trailing_data, ExportLimits(
-                    export.size, export.read_only, 1, 32 << 20, event.structured_replies))
+                    export.size, export.read_only, 1, 32 << 20, event.structured_replies,
+                    event.allocation_context is not None))
                 return
     except ProtocolError:
         pass

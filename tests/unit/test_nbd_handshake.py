@@ -128,6 +128,7 @@ def test_info_returns_requested_items_and_stays_in_handshake():
     assert flags & C.TFLAG_HAS_FLAGS and flags & C.TFLAG_SEND_FLUSH and flags & C.TFLAG_SEND_FUA
     assert flags & C.TFLAG_SEND_TRIM and flags & C.TFLAG_SEND_WRITE_ZEROES and flags & C.TFLAG_CAN_MULTI_CONN
     assert flags & C.TFLAG_SEND_CACHE and not flags & C.TFLAG_READ_ONLY
+    assert flags & C.TFLAG_SEND_FAST_ZERO
     assert infos[C.INFO_NAME] == b"disk"
     assert infos[C.INFO_DESCRIPTION] == b"a test export"
     assert struct.unpack(">III", infos[C.INFO_BLOCK_SIZE]) == (1, 4096, 32 << 20)
@@ -163,7 +164,8 @@ def test_go_like_the_kernel_client_no_info_requests():
 def test_go_read_only_export_advertises_read_only_and_no_write_commands():
     event = send(make(), C.OPT_GO, info_data(b"ro"))
     assert event.transmission_flags & C.TFLAG_READ_ONLY
-    assert not event.transmission_flags & (C.TFLAG_SEND_TRIM | C.TFLAG_SEND_WRITE_ZEROES | C.TFLAG_SEND_FUA)
+    assert not event.transmission_flags & (C.TFLAG_SEND_TRIM | C.TFLAG_SEND_WRITE_ZEROES
+                                           | C.TFLAG_SEND_FUA | C.TFLAG_SEND_FAST_ZERO)
 
 
 @pytest.mark.parametrize("name", [b"nope", b"swap/../etc", b"\xff\xfe", b"disk\x00"])

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from netswap.nbd import constants as C
 from netswap.nbd.errors import ProtocolError
 from netswap.nbd.handshake import BlockLimits, ServerHandshake
-from netswap.nbd.transmission import ExportLimits, Request, RequestParser, check_request
+from netswap.nbd.transmission import (MAX_EXTENTS, ExportLimits, Request, RequestParser,
+                                      check_request, encode_extents)
 from support.handshake import EXPORTS, LIMITS
 
 
@@ -44,8 +45,14 @@ def handshake_events(pieces: list[bytes]):
 
 option = st.builds(
     lambda opt, data: struct.pack(">QII", C.IHAVEOPT, opt, len(data)) + data,
-    st.sampled_from([1, 2, 3, 5, 6, 7, 8, 9, 11, 0x7654321]),
+    st.sampled_from([1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 0x7654321]),
     st.one_of(st.binary(max_size=64),
+              # LIST/SET_META_CONTEXT-shaped data
+              st.builds(lambda n, qs: struct.pack(">I", len(n)) + n + struct.pack(">I", len(qs))
+                        + b"".join(struct.pack(">I", len(q)) + q for q in qs),
+                        st.sampled_from([b"disk", b"ro", b"nope"]),
+                        st.lists(st.sampled_from([b"base:allocation", b"base:", b"x:y", b"bad",
+                                                  b""]), max_size=3)),
               st.builds(lambda n, infos: struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos))
                         + b"".join(struct.pack(">H", i) for i in infos),
                         st.sampled_from([b"disk", b"ro", b"nope", b""]),
@@ -122,17 +129,24 @@ def test_request_parser_reassembles_requests_and_payloads_whatever_the_split(req
 @settings(max_examples=500, deadline=None)
 @given(flags=st.integers(0, 0xFFFF), command=st.integers(0, 0xFFFF), offset=st.integers(0, 2**64 - 1),
        length=st.integers(0, 2**32 - 1), size=st.integers(1, 2**40), read_only=st.booleans(),
-       structured=st.booleans())
+       structured=st.booleans(), block_status=st.booleans())
 def test_check_request_never_lets_a_request_leave_the_export(flags, command, offset, length, size,
-                                                             read_only, structured):
-    limits = ExportLimits(size, read_only, 1, 32 << 20, structured)
+                                                             read_only, structured,
+                                                             block_status):
+    block_status = block_status and structured  # a context needs structured replies
+    limits = ExportLimits(size, read_only, 1, 32 << 20, structured, block_status)
     error = check_request(Request(flags, command, 1, offset, length), limits)
     if error:
         assert error in (C.EINVAL, C.ENOSPC, C.EPERM)
         return
     assert command in (C.CMD_READ, C.CMD_WRITE, C.CMD_FLUSH, C.CMD_TRIM, C.CMD_CACHE,
-                       C.CMD_WRITE_ZEROES, C.CMD_DISC)
-    if command in (C.CMD_READ, C.CMD_WRITE, C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZEROES):
+                       C.CMD_WRITE_ZEROES, C.CMD_DISC, C.CMD_BLOCK_STATUS)
+    if command == C.CMD_BLOCK_STATUS:
+        assert block_status
+    if flags & C.CMD_FLAG_FAST_ZERO:
+        assert command == C.CMD_WRITE_ZEROES and not read_only
+    if command in (C.CMD_READ, C.CMD_WRITE, C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZEROES,
+                   C.CMD_BLOCK_STATUS):
         assert 0 < length and offset + length <= size
     if command in (C.CMD_READ, C.CMD_WRITE):
         assert length <= 32 << 20
@@ -142,3 +156,37 @@ def test_check_request_never_lets_a_request_leave_the_export(flags, command, off
 
 def test_block_limits_fixture_is_the_default():
     assert LIMITS == BlockLimits(1, 4096, 32 << 20)
+
+
+@settings(max_examples=500, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(-10, 1 << 33), st.booleans()), max_size=40),
+       length=st.integers(1, 2**32 - 1), req_one=st.booleans(),
+       capacity=st.integers(1, MAX_EXTENTS + 5))
+def test_block_status_descriptors_keep_the_spec_whatever_the_backend_says(runs, length, req_one,
+                                                                          capacity):
+    request = Request(C.CMD_FLAG_REQ_ONE if req_one else 0, C.CMD_BLOCK_STATUS, 1, 0, length)
+    view = memoryview(bytearray(8 * capacity))
+    count = encode_extents(view, request, runs)
+    got = [struct.unpack_from(">II", view, 8 * i) for i in range(count)]
+    assert 1 <= count <= min(capacity, MAX_EXTENTS)
+    if req_one:
+        assert count == 1
+    assert all(size > 0 for size, _ in got)  # "MUST be nonzero"
+    assert sum(size for size, _ in got) <= length  # within the request
+    assert all(status in (0, C.STATE_HOLE | C.STATE_ZERO) for _, status in got)
+    assert all(a[1] != b[1] for a, b in zip(got, got[1:]))  # neighbours differ
+    # What they say is what the runs said, for the bytes they cover.
+    said = [(size, allocated) for size, allocated in runs if size > 0]
+    if said:
+        position, expected = 0, []
+        for size, allocated in said:
+            expected.extend([(position, position + size, allocated)])
+            position += size
+        position = 0
+        for size, status in got:
+            for start, end, allocated in expected:
+                if start < position + size and position < end:
+                    assert (status == 0) == allocated
+            position += size
+    else:
+        assert got == [(length, 0)]

@@ -2,9 +2,11 @@
 
 Runs on the shared worker threads (and, for requests refused or handed back by the C loop,
 on the connection's reader). `run_on_backend` maps a request onto the export's backend; an
-`Execution` turns what it did into the reply, hands that to the connection's `ReplySender`,
-and once the reply is sent (or the client is gone) releases what the request held (its
-buffer, its pressure throttle, its in-flight slot) and records it in the request statistics.
+`Execution` turns what it did into the reply (a BLOCK_STATUS's descriptors are written into
+its pool buffer, as a READ's data is read into one), hands that to the connection's
+`ReplySender`, and once the reply is sent (or the client is gone) releases what the request
+held (its buffer, its pressure throttle, its in-flight slot) and records it in the request
+statistics.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import TYPE_CHECKING, Optional
 from ..counters import declare
 from . import constants as C
 from .errors import nbd_error_from_os
-from .transmission import Request, reply_header
+from .transmission import (DESCRIPTOR_SIZE, MAX_EXTENTS, Request, block_status_header,
+                           encode_extents, reply_header)
 
 if TYPE_CHECKING:
     from ..counters import Counters
@@ -32,9 +35,10 @@ BACKEND_ERRORS = declare(
 log = logging.getLogger("netswap.nbd")
 
 
-def run_on_backend(backend, request: Request, view: Optional[memoryview]) -> None:
+def run_on_backend(backend, request: Request, view: Optional[memoryview]):
     """Do what `request` asks on `backend`; `view` is the request's buffer (READ fills it,
-    WRITE's payload is in it). Raises what the backend raises."""
+    WRITE's payload is in it). Returns BLOCK_STATUS's allocation runs, else None. Raises
+    what the backend raises."""
     command = request.command
     fua = bool(request.flags & C.CMD_FLAG_FUA)
     if command == C.CMD_READ:
@@ -47,50 +51,74 @@ def run_on_backend(backend, request: Request, view: Optional[memoryview]) -> Non
         backend.trim(request.offset, request.length, fua)
     elif command == C.CMD_WRITE_ZEROES:
         may_trim = not request.flags & C.CMD_FLAG_NO_HOLE
-        backend.write_zeroes(request.offset, request.length, may_trim, fua)
+        fast = bool(request.flags & C.CMD_FLAG_FAST_ZERO)
+        backend.write_zeroes(request.offset, request.length, may_trim, fua, fast=fast)
     elif command == C.CMD_CACHE:
         backend.cache(request.offset, request.length)
+    elif command == C.CMD_BLOCK_STATUS:
+        # With REQ_ONE one run is all the reply may carry: no need to find more.
+        limit = 1 if request.flags & C.CMD_FLAG_REQ_ONE else MAX_EXTENTS
+        return backend.allocation(request.offset, request.length, limit)
+    return None
 
 
 class Execution:
     def __init__(self, counters: Counters, peer: str, export, sender: ReplySender,
-                 structured: bool, inflight: threading.BoundedSemaphore) -> None:
+                 structured: bool, inflight: threading.BoundedSemaphore,
+                 allocation_context: Optional[int] = None) -> None:
         self._counters = counters
         self._peer = peer
         self._export = export
         self._sender = sender
         self._structured = structured  # structured replies negotiated
         self._inflight = inflight  # one slot per request between "read" and "replied"
+        self._allocation_context = allocation_context  # base:allocation's id, if selected
 
     def execute(self, request: Request, buffer, throttle, started: int) -> None:
         """Run `request` (a worker job) and queue its reply."""
         error = 0
+        data = header = None
         try:
-            run_on_backend(self._export.backend, request,
-                           buffer.view if buffer is not None else None)
+            view = buffer.view if buffer is not None else None
+            runs = run_on_backend(self._export.backend, request, view)
+            if request.command == C.CMD_READ:
+                data = view
+            elif request.command == C.CMD_BLOCK_STATUS:
+                count = encode_extents(view, request, runs)
+                data = view[: DESCRIPTOR_SIZE * count]
+                header = block_status_header(request.cookie, self._allocation_context, count)
         except OSError as exc:
+            data = header = None
             error = self.io_error(request, exc)
         except Exception:
+            data = header = None
             error = C.EIO
             self._counters.inc(BACKEND_ERRORS, f"{request.name}:{error}")
             log.exception("%s: %r on %r failed", self._peer, request, self._export.name)
-        data = buffer.view if request.command == C.CMD_READ and not error else None
-        self.reply(request, error, data, started, buffer, throttle)
+        self.reply(request, error, data, started, buffer, throttle, header)
 
     def io_error(self, request: Request, exc: OSError) -> int:
         """Count and log a failed backend call; the NBD error its reply carries."""
         error = nbd_error_from_os(exc)
+        if error == C.ENOTSUP and request.flags & C.CMD_FLAG_FAST_ZERO:
+            # The answer FAST_ZERO asks for ("no faster than writing"), not a storage
+            # failure: the client writes the zeros itself. Counted by the reply
+            # (netswap_request_errors_total{op="write_zeroes", errno="ENOTSUP"}).
+            log.debug("%s: %r on %r: %s", self._peer, request, self._export.name, exc)
+            return error
         self._counters.inc(BACKEND_ERRORS, f"{request.name}:{error}")
         log.warning("%s: %r on %r failed: %s", self._peer, request, self._export.name, exc)
         return error
 
     def reply(self, request: Request, error: int, data: Optional[memoryview], started: int,
-              buffer=None, throttle=None) -> None:
-        """Queue the reply; once it is sent (or the client is gone) the request's buffer,
-        throttle and in-flight slot are released."""
+              buffer=None, throttle=None, header: Optional[bytes] = None) -> None:
+        """Queue the reply (`header`, or the usual one for `request` and `error`, then `data`);
+        once it is sent (or the client is gone) the request's buffer, throttle and in-flight
+        slot are released."""
         done = self.completion(request, error, started, buffer, throttle)
         try:
-            header = reply_header(request, error, self._structured)
+            if header is None:
+                header = reply_header(request, error, self._structured)
             parts = (header,) if data is None else (header, data)
         except BaseException:
             done()

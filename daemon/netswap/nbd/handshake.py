@@ -157,7 +157,10 @@ def transmission_flags(export: ExportView, structured_replies: bool) -> int:
     if export.read_only:
         flags |= C.TFLAG_READ_ONLY
     else:
-        flags |= C.TFLAG_SEND_FUA | C.TFLAG_SEND_TRIM | C.TFLAG_SEND_WRITE_ZEROES
+        # FAST_ZERO: a zeroing the backend cannot do quickly is refused at once with ENOTSUP
+        # (backends.Backend.write_zeroes), so a copying client knows to write the zeros itself.
+        flags |= (C.TFLAG_SEND_FUA | C.TFLAG_SEND_TRIM | C.TFLAG_SEND_WRITE_ZEROES
+                  | C.TFLAG_SEND_FAST_ZERO)
     if structured_replies:
         # A READ is always answered in one chunk, so "don't fragment" is free to promise.
         flags |= C.TFLAG_SEND_DF

@@ -41,7 +41,8 @@ from .errors import ProtocolError
 from .execution import Execution
 from .handshake import Ready
 from .refusallevel import RefusalLogLevel
-from .transmission import DEFAULT_WINDOW, ExportLimits, Request, RequestParser, refusal
+from .transmission import (BLOCK_STATUS_BUFFER, DEFAULT_WINDOW, ExportLimits, Request,
+                           RequestParser, refusal)
 
 PROTOCOL_ERRORS = declare(
     "nbd", "protocol_errors", "netswap_protocol_errors_total",
@@ -98,13 +99,15 @@ class RequestReader:
         try:
             self._sender = ReplySender(channel.sock, context.send_poller, peer, seal=channel.seal)
             self._execution = Execution(context.counters, peer, export, self._sender,
-                                        ready.structured_replies, self._inflight)
+                                        ready.structured_replies, self._inflight,
+                                        ready.allocation_context)
             self._limits = ExportLimits(
                 size=export.size,
                 read_only=export.read_only,
                 minimum_block=settings.block_size_min,
                 maximum_payload=settings.max_request,
                 structured_replies=ready.structured_replies,
+                block_status=ready.allocation_context is not None,
             )
             self._fast: Optional[fastloop.FastLoop] = None
             if settings.c_loop and channel.tls is None and isinstance(export.backend, FileBackend):
@@ -213,8 +216,12 @@ class RequestReader:
                         self._peer, request, error, problem)
                 self._refuse(request, parser, error, started)
                 return
-            if request.command in (C.CMD_READ, C.CMD_WRITE):
-                buffer = self._allocator.alloc(request.length, self._group,
+            if request.command in (C.CMD_READ, C.CMD_WRITE, C.CMD_BLOCK_STATUS):
+                # A BLOCK_STATUS reply's descriptors are a payload too, of a size the server
+                # bounds: from the pool, like a READ's data.
+                size = (BLOCK_STATUS_BUFFER if request.command == C.CMD_BLOCK_STATUS
+                        else request.length)
+                buffer = self._allocator.alloc(size, self._group,
                                                wait=self._is_swap or self._context.non_swap_waits)
                 if buffer is None:
                     # Non-swap, normal budget gone, and the policy is to fail rather than wait.

@@ -18,14 +18,17 @@ touching the export (`refusal` also says what is wrong, for the log); the transp
 only requests it passes.
 
 Replying. `simple_reply` and the `structured_*` writers make reply headers; the READ payload
-itself is sent by the transport from the pool buffer next to the header (sendmsg).
+itself is sent by the transport from the pool buffer next to the header (sendmsg). A
+BLOCK_STATUS reply is one NBD_REPLY_TYPE_BLOCK_STATUS chunk: `encode_extents` writes its
+descriptors into a pool buffer of BLOCK_STATUS_BUFFER bytes, enforcing the spec's rules on
+whatever the backend reported, and `block_status_header` makes the header in front of them.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 from ..transport.window import DEFAULT_WINDOW
 from . import constants as C
@@ -36,6 +39,15 @@ _SIMPLE_REPLY = struct.Struct(">IIQ")
 _CHUNK_HEADER = struct.Struct(">IHHQI")
 _OFFSET_DATA_PREFIX = struct.Struct(">IHHQIQ")
 _ERROR_CHUNK = struct.Struct(">IHHQIIH")
+_BLOCK_STATUS_PREFIX = struct.Struct(">IHHQII")  # chunk header, then the context id
+_DESCRIPTOR = struct.Struct(">II")  # extent length, status flags
+DESCRIPTOR_SIZE = _DESCRIPTOR.size
+
+# Descriptors in one BLOCK_STATUS reply. The spec allows 2^20; fewer keep a reply's pool buffer
+# small (8 KiB) and a worker's time bounded on a badly fragmented export, and a client asks
+# again from where the reply ended (nbdinfo, nbdcopy and qemu all do).
+MAX_EXTENTS = 1024
+BLOCK_STATUS_BUFFER = MAX_EXTENTS * _DESCRIPTOR.size
 
 
 class Request:
@@ -180,15 +192,18 @@ class ExportLimits:
     minimum_block: int
     maximum_payload: int
     structured_replies: bool
+    block_status: bool = False  # base:allocation was selected for this export
 
 
 _WRITING = frozenset({C.CMD_WRITE, C.CMD_TRIM, C.CMD_WRITE_ZEROES})
-_RANGED = frozenset({C.CMD_READ, C.CMD_WRITE, C.CMD_TRIM, C.CMD_WRITE_ZEROES, C.CMD_CACHE})
+_RANGED = frozenset({C.CMD_READ, C.CMD_WRITE, C.CMD_TRIM, C.CMD_WRITE_ZEROES, C.CMD_CACHE,
+                     C.CMD_BLOCK_STATUS})
 _SERVED = _RANGED | {C.CMD_FLUSH, C.CMD_DISC}
 # FUA may come with any command (the server may ignore it where nothing is written).
 _FLAGS_ALLOWED = {
     C.CMD_READ: C.CMD_FLAG_FUA | C.CMD_FLAG_DF,
-    C.CMD_WRITE_ZEROES: C.CMD_FLAG_FUA | C.CMD_FLAG_NO_HOLE,
+    C.CMD_WRITE_ZEROES: C.CMD_FLAG_FUA | C.CMD_FLAG_NO_HOLE | C.CMD_FLAG_FAST_ZERO,
+    C.CMD_BLOCK_STATUS: C.CMD_FLAG_FUA | C.CMD_FLAG_REQ_ONE,
 }
 
 
@@ -203,9 +218,16 @@ def refusal(request: Request, limits: ExportLimits) -> tuple[int, str]:
     if command not in _SERVED:
         # "SHOULD return NBD_EINVAL if it receives an unknown command"
         return C.EINVAL, f"unknown command {command}"
+    if command == C.CMD_BLOCK_STATUS and not limits.block_status:
+        # "Servers SHOULD reply with NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS
+        # without selecting at least one metadata context."
+        return C.EINVAL, "BLOCK_STATUS without a metadata context selected (SET_META_CONTEXT)"
     allowed = _FLAGS_ALLOWED.get(command, C.CMD_FLAG_FUA)
     if not limits.structured_replies:
         allowed &= ~C.CMD_FLAG_DF  # DF is only defined with structured replies
+    if limits.read_only:
+        # SEND_FAST_ZERO is advertised only where WRITE_ZEROES is (transmission_flags).
+        allowed &= ~C.CMD_FLAG_FAST_ZERO
     if request.flags & ~allowed:
         return C.EINVAL, f"flags {request.flags & ~allowed:#x} not allowed on {request.name}"
     if command not in _RANGED:
@@ -220,7 +242,8 @@ def refusal(request: Request, limits: ExportLimits) -> tuple[int, str]:
     if offset % limits.minimum_block or length % limits.minimum_block:
         return C.EINVAL, f"not aligned to the minimum block size {limits.minimum_block}"
     if offset + length > limits.size:
-        # Writing past the end is "no space"; reading or trimming past it is invalid.
+        # Writing past the end is "no space"; reading, trimming or asking the status past it
+        # is invalid.
         error = C.ENOSPC if command in (C.CMD_WRITE, C.CMD_WRITE_ZEROES) else C.EINVAL
         return error, f"past the end of the export ({limits.size} bytes)"
     return 0, ""
@@ -264,4 +287,57 @@ def reply_header(request: Request, error: int, structured: bool, message: str = 
         return structured_error(request.cookie, error, message)
     if request.command == C.CMD_READ:
         return structured_read_prefix(request.cookie, request.offset, request.length)
+    if request.command == C.CMD_BLOCK_STATUS:
+        # Its success is a BLOCK_STATUS chunk (block_status_header), never a bare NONE.
+        raise ValueError("a successful BLOCK_STATUS reply needs block_status_header")
     return structured_done(request.cookie)
+
+
+def encode_extents(view: memoryview, request: Request,
+                   runs: Iterable[tuple[int, bool]]) -> int:
+    """Write the base:allocation descriptors of a BLOCK_STATUS reply into `view` and return
+    how many there are. `runs` are (length, allocated) pairs, consecutive from the request's
+    offset, as a backend's `allocation` reports them; what is not allocated reads as zeros,
+    so it is HOLE|ZERO, and what is allocated is status 0 (contents not known).
+
+    The spec's rules hold whatever the runs say: every descriptor has a nonzero length and
+    all of them lie within the request (the last one may not reach its end: the client asks
+    again from there); neighbours of equal status are merged; there are at most MAX_EXTENTS,
+    or as many as fit in `view`, and exactly one with REQ_ONE. And there is always one: when
+    the runs cover nothing, the whole range gets status 0, which the spec says a server may
+    always report."""
+    capacity = 1 if request.flags & C.CMD_FLAG_REQ_ONE else min(MAX_EXTENTS,
+                                                                len(view) // _DESCRIPTOR.size)
+    left = request.length
+    count = 0
+    last_status = -1
+    last_length = 0
+    for length, allocated in runs:
+        if left == 0:
+            break
+        length = min(length, left)
+        if length <= 0:
+            continue
+        status = 0 if allocated else C.STATE_HOLE | C.STATE_ZERO
+        if status == last_status:
+            last_length += length
+        elif count == capacity:
+            break
+        else:
+            count += 1
+            last_status, last_length = status, length
+        _DESCRIPTOR.pack_into(view, (count - 1) * _DESCRIPTOR.size, last_length, last_status)
+        left -= length
+    if count == 0:
+        _DESCRIPTOR.pack_into(view, 0, request.length, 0)
+        count = 1
+    return count
+
+
+def block_status_header(cookie: int, context_id: int, count: int) -> bytes:
+    """The header of the final (only) BLOCK_STATUS chunk of `count` descriptors, up to and
+    including the context id; the descriptors (`encode_extents`) follow it."""
+    return _BLOCK_STATUS_PREFIX.pack(
+        C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE, C.REPLY_TYPE_BLOCK_STATUS, cookie,
+        4 + count * _DESCRIPTOR.size, context_id,
+    )
