@@ -82,3 +82,63 @@ def still_serving(daemon):
     assert recv_exact(sock, 5) == b"alive"
     sock.close()
 
+
+
+# Structured replies and metadata contexts ---------------------------------------------------
+
+
+def structured_transmission(daemon, name=b"disk", queries=(b"base:allocation",),
+                            meta_export=None):
+    """A connection in transmission on `name` with structured replies, after a
+    SET_META_CONTEXT of `queries` for `meta_export` (default: `name`; None queries: no SET at
+    all). Returns (socket, {context name: id} the SET selected)."""
+    sock = connect_raw(daemon)
+    send_option(sock, C.OPT_STRUCTURED_REPLY)
+    assert read_option_reply(sock)[1] == C.REP_ACK
+    selected = {}
+    if queries is not None:
+        selected = dict((context, ident) for ident, context in meta_context(
+            sock, C.OPT_SET_META_CONTEXT, meta_export or name, queries))
+    go(sock, name)
+    return sock, selected
+
+
+def meta_context(sock, option, name, queries=()):
+    """LIST or SET_META_CONTEXT: the (id, name) of each context replied, up to the ACK;
+    an error reply raises AssertionError with its type."""
+    data = (struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+            + b"".join(struct.pack(">I", len(q)) + q for q in queries))
+    send_option(sock, option, data)
+    found = []
+    while True:
+        echo, rtype, payload = read_option_reply(sock)
+        assert echo == option
+        if rtype == C.REP_ACK:
+            return found
+        assert rtype == C.REP_META_CONTEXT, (hex(rtype), payload)
+        found.append((struct.unpack_from(">I", payload)[0], payload[4:].decode()))
+
+
+def structured_reply(sock):
+    """One structured reply chunk: (flags, type, cookie, payload)."""
+    magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", recv_exact(sock, 20))
+    assert magic == C.STRUCTURED_REPLY_MAGIC, hex(magic)
+    return flags, rtype, cookie, recv_exact(sock, length)
+
+
+def block_status(sock, offset, length, cookie=1, flags=0):
+    """Send BLOCK_STATUS and read its one chunk: (context id, [(length, status)]), or the
+    NBD error of an error chunk."""
+    request(sock, C.CMD_BLOCK_STATUS, offset, length, cookie=cookie, flags=flags)
+    return read_block_status(sock, cookie)
+
+
+def read_block_status(sock, cookie):
+    chunk_flags, rtype, got_cookie, payload = structured_reply(sock)
+    assert got_cookie == cookie and chunk_flags & C.REPLY_FLAG_DONE
+    if rtype == C.REPLY_TYPE_ERROR:
+        return struct.unpack_from(">I", payload)[0]
+    assert rtype == C.REPLY_TYPE_BLOCK_STATUS and (len(payload) - 4) % 8 == 0, (rtype, payload)
+    context = struct.unpack_from(">I", payload)[0]
+    return context, [struct.unpack_from(">II", payload, 4 + 8 * i)
+                     for i in range((len(payload) - 4) // 8)]
