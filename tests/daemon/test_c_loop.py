@@ -10,19 +10,20 @@ the statistics count what C served, and that every pool byte comes back.
 from __future__ import annotations
 
 import os
-import time
 import random
 import socket
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
 from netswap.nbd import constants as C
 from support.daemon import start_daemon
 from support.metrics import metric
-from support.nbd_raw import recv_exact, request, simple_reply, transmission
+from support.nbd_raw import (block_status, recv_exact, request, simple_reply,
+                             structured_reply, structured_transmission, transmission)
 from support.wait import wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -93,8 +94,8 @@ def _mixed_stream(seed: int) -> list[tuple]:
         length = rng.choice([512, 4 * KiB, 64 * KiB, 1 * MiB])
         kind = rng.choices(
             ["write", "read", "flush", "fua_write", "trim", "zeroes", "past_end", "unknown",
-             "zero_length", "df_read"],
-            weights=[30, 30, 3, 5, 3, 3, 2, 1, 1, 2])[0]
+             "zero_length", "df_read", "fast_zeroes", "block_status"],
+            weights=[30, 30, 3, 5, 3, 3, 2, 1, 1, 2, 2, 2])[0]
         if kind in ("write", "fua_write"):
             payload = rng.randbytes(length)
             flags = C.CMD_FLAG_FUA if kind == "fua_write" else 0
@@ -109,6 +110,12 @@ def _mixed_stream(seed: int) -> list[tuple]:
             stream.append((C.CMD_TRIM, 0, cookie, offset, length, b""))
         elif kind == "zeroes":
             stream.append((C.CMD_WRITE_ZEROES, 0, cookie, offset, length, b""))
+        elif kind == "fast_zeroes":
+            flags = C.CMD_FLAG_FAST_ZERO | rng.choice([0, C.CMD_FLAG_NO_HOLE])
+            stream.append((C.CMD_WRITE_ZEROES, flags, cookie, offset, length, b""))
+        elif kind == "block_status":  # simple replies, so no context: EINVAL
+            stream.append((C.CMD_BLOCK_STATUS, rng.choice([0, C.CMD_FLAG_REQ_ONE]), cookie,
+                           offset, length, b""))
         elif kind == "past_end":
             command = rng.choice([C.CMD_READ, C.CMD_WRITE])
             payload = rng.randbytes(length + 512) if command == C.CMD_WRITE else b""
@@ -291,3 +298,87 @@ def test_a_lone_read_of_data_not_in_the_page_cache_is_read_in_c(daemon):
     assert recv_exact(sock, len(data)) == data
     assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == handoffs
     sock.close()
+
+
+def test_block_status_and_fast_zero_are_handed_to_python(daemon):
+    """The loop serves plain READ and WRITE only: BLOCK_STATUS and WRITE_ZEROES with
+    FAST_ZERO (no payload, flags the loop does not take) go to Python, one hand-over each,
+    whether they come alone or pipelined between requests the loop serves, and the loop
+    takes over again after them."""
+    hole, data = C.STATE_HOLE | C.STATE_ZERO, 0
+    sock, contexts = structured_transmission(daemon, b"disk")
+    sock.settimeout(30)  # a request the loop took for a WRITE would wait for its payload
+    ident = contexts["base:allocation"]
+    handoffs = 0
+
+    def handed_over(count=1):
+        nonlocal handoffs
+        handoffs += count
+        return metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == handoffs
+
+    def read(offset, length, cookie):
+        flags, rtype, got, payload = structured_reply(sock)
+        assert (flags & C.REPLY_FLAG_DONE, rtype, got) == (C.REPLY_FLAG_DONE,
+                                                          C.REPLY_TYPE_OFFSET_DATA, cookie)
+        assert struct.unpack_from(">Q", payload)[0] == offset and len(payload) == 8 + length
+        return payload[8:]
+
+    def done(cookie):
+        assert structured_reply(sock)[:3] == (C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, cookie)
+
+    blob = os.urandom(MiB)
+    request(sock, C.CMD_WRITE, MiB, MiB, cookie=1, payload=blob)  # in C
+    done(1)
+    assert handed_over(0)
+    assert block_status(sock, 0, DISK, cookie=2) == (
+        ident, [(MiB, hole), (MiB, data), (DISK - 2 * MiB, hole)])
+    assert handed_over()
+    request(sock, C.CMD_READ, MiB, 4 * KiB, cookie=3)  # in C again
+    assert read(MiB, 4 * KiB, 3) == blob[: 4 * KiB]
+    assert handed_over(0)
+    request(sock, C.CMD_WRITE_ZEROES, MiB + 256 * KiB, 256 * KiB, cookie=4,
+            flags=C.CMD_FLAG_FAST_ZERO)  # a punched hole: fast on any file system here
+    done(4)
+    assert handed_over()
+    assert block_status(sock, MiB + 256 * KiB, 8 * MiB, cookie=5, flags=C.CMD_FLAG_REQ_ONE) == (
+        ident, [(256 * KiB, hole)])
+    assert handed_over()
+
+    # Pipelined: the loop's window holds the next headers when it meets one of these; it
+    # must hand it over without taking it (or anything after it) for a READ or a WRITE.
+    # Replies come in completion order, and no two requests after the WRITE overlap.
+    blob2 = os.urandom(64 * KiB)
+    sock.sendall(
+        struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_WRITE, 10, 4 * MiB, len(blob2)) + blob2
+        + struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_BLOCK_STATUS, 11, 4 * MiB - 64 * KiB,
+                      96 * KiB)
+        + struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, 12, 4 * MiB, 32 * KiB)
+        + struct.pack(">IHHQQI", C.REQUEST_MAGIC, C.CMD_FLAG_FAST_ZERO | C.CMD_FLAG_NO_HOLE,
+                      C.CMD_WRITE_ZEROES, 13, 4 * MiB + 60 * KiB, 4 * KiB)
+        + struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, 14, 4 * MiB + 32 * KiB, 8 * KiB))
+    done(10)  # the others wait for it: nothing else was sent before its payload ended
+    replies = {}
+    for _ in range(4):
+        flags, rtype, cookie, payload = structured_reply(sock)
+        assert flags & C.REPLY_FLAG_DONE and cookie not in replies
+        replies[cookie] = rtype, payload
+    assert set(replies) == {11, 12, 13, 14}
+    assert replies[11][0] == C.REPLY_TYPE_BLOCK_STATUS
+    assert struct.unpack(">IIIII", replies[11][1]) == (ident, 64 * KiB, hole, 32 * KiB, data)
+    assert replies[12] == (C.REPLY_TYPE_OFFSET_DATA,
+                           struct.pack(">Q", 4 * MiB) + blob2[: 32 * KiB])
+    assert replies[13] == (C.REPLY_TYPE_NONE, b"")
+    assert replies[14] == (C.REPLY_TYPE_OFFSET_DATA,
+                           struct.pack(">Q", 4 * MiB + 32 * KiB) + blob2[32 * KiB : 40 * KiB])
+    assert handed_over(2)
+    request(sock, C.CMD_READ, 4 * MiB + 56 * KiB, 8 * KiB, cookie=16)
+    assert read(4 * MiB + 56 * KiB, 8 * KiB, 16) == blob2[56 * KiB : 60 * KiB] + bytes(4 * KiB)
+    request(sock, C.CMD_READ, MiB, 512 * KiB, cookie=15)
+    assert read(MiB, 512 * KiB, 15) == blob[: 256 * KiB] + bytes(256 * KiB)
+    assert handed_over(0)
+    sock.close()
+    wait_until(lambda: metric(daemon, "netswap_connections") == 0, what="the connection closed")
+    assert metric(daemon, "netswap_requests_total", export="disk", op="block_status") == 3
+    assert metric(daemon, "netswap_requests_total", export="disk", op="write_zeroes") == 2
+    assert metric(daemon, "netswap_request_errors_total", export="disk", op="write_zeroes",
+                  errno="ENOTSUP") == 0
