@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import struct
 import subprocess
 
@@ -29,6 +30,7 @@ from support.nbd_raw import (
     structured_reply,
     structured_transmission,
 )
+from support.wait import wait_until
 
 nbd = import_libnbd()
 
@@ -155,6 +157,56 @@ def test_nbdcopy_between_exports_keeps_the_holes(daemon):
     for offset, data in (DATA_A, DATA_B):
         assert h.pread(len(data), offset) == data
     h.shutdown()
+
+
+@pytest.fixture
+def sparse_file(tmp_path):
+    """A 16 MiB file of data runs and holes (truncate, punched), at file-system-block edges."""
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+        for offset, length in ((0, 64 * KiB), (MiB, MiB // 2), (8 * MiB - 4 * KiB, 8 * KiB),
+                               (12 * MiB, 2 * MiB), (16 * MiB - 4 * KiB, 4 * KiB)):
+            f.seek(offset)
+            f.write(os.urandom(length))
+        f.flush()
+        os.fsync(f.fileno())
+    subprocess.run(["fallocate", "--punch-hole", "--offset", str(13 * MiB), "--length",
+                    str(256 * KiB), str(path)], check=True)
+    return path
+
+
+def test_nbdinfo_map_matches_nbdkits_file_plugin(tmp_path, sparse_file):
+    """The same sparse file served by netswapd and by nbdkit's file plugin: nbdinfo --map
+    prints the same map for both."""
+    daemon = start_daemon(tmp_path, exports=f"""
+        [[exports]]
+        name = "sparse"
+        backend = "file"
+        path = "{sparse_file}"
+        size = "16MiB"
+        """)
+    socket_path = tmp_path / "nbdkit.sock"
+    nbdkit = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(socket_path),
+                               "--exit-with-parent", "file", f"file={sparse_file}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: socket_path.exists(), what="nbdkit listening")
+        ours = run("nbdinfo", "--map", daemon.uri("sparse"))
+        theirs = run("nbdinfo", "--map", f"nbd+unix:///?socket={socket_path}")
+        print("netswapd:\n" + ours + "nbdkit file plugin:\n" + theirs)
+        assert ours == theirs
+        assert nbdinfo_map(daemon.uri("sparse")) == [
+            (0, 64 * KiB, DATA), (64 * KiB, MiB - 64 * KiB, HOLE), (MiB, MiB // 2, DATA),
+            (MiB + MiB // 2, 8 * MiB - 4 * KiB - MiB - MiB // 2, HOLE),
+            (8 * MiB - 4 * KiB, 8 * KiB, DATA), (8 * MiB + 4 * KiB, 4 * MiB - 4 * KiB, HOLE),
+            (12 * MiB, MiB, DATA), (13 * MiB, 256 * KiB, HOLE),
+            (13 * MiB + 256 * KiB, 768 * KiB, DATA), (14 * MiB, 2 * MiB - 4 * KiB, HOLE),
+            (16 * MiB - 4 * KiB, 4 * KiB, DATA)]
+    finally:
+        nbdkit.send_signal(signal.SIGTERM)
+        nbdkit.wait(30)
+        stop_clean(daemon)
 
 
 # FAST_ZERO ------------------------------------------------------------------------------
