@@ -74,14 +74,14 @@ def expected_map(trimmed: bool):
     return runs
 
 
-def write_data(daemon, export: str) -> bool:
+def write_data(daemon, export: str, trim: bool | None = None) -> bool:
     """Write DATA_A and DATA_B (and trim TRIMMED where a trim makes a hole: file backends;
     a memory export under the daemon's mlockall keeps its pages); True if it trimmed."""
     h = nbd.NBD()
     h.connect_uri(daemon.uri(export))
     for offset, data in (DATA_A, DATA_B):
         h.pwrite(data, offset)
-    trimmed = export != "ram"
+    trimmed = export != "ram" if trim is None else trim
     if trimmed:
         h.trim(TRIMMED[1], TRIMMED[0])
     h.flush()
@@ -107,6 +107,22 @@ def test_nbdinfo_map_shows_written_and_sparse_ranges(daemon, export):
 def test_nbdinfo_map_of_a_fresh_export_is_one_hole(daemon):
     assert nbdinfo_map(daemon.uri("swap/node-fresh")) == [(0, SIZE, HOLE)]
     assert nbdinfo_map(daemon.unix_uri("ram")) == [(0, SIZE, HOLE)]
+
+
+def test_nbdinfo_map_of_a_memory_swap_export(tmp_path):
+    """swap.backend = "memory": a node's swap lives in server RAM, and its map comes from
+    the page table as a memory export's does."""
+    daemon = start_daemon(tmp_path, swap_options='backend = "memory"')
+    try:
+        assert nbdinfo_map(daemon.uri("swap/node-mem")) == [(0, SIZE, HOLE)]
+        # Written and read back as memory exports are (write_data: no trim, as the test
+        # daemon's mlockall keeps the pages of a trimmed range).
+        assert not write_data(daemon, "swap/node-mem", trim=False)
+        assert nbdinfo_map(daemon.uri("swap/node-mem")) == expected_map(trimmed=False)
+        assert metric(daemon, "netswap_requests_total", export="swap/node-mem",
+                      op="block_status") > 0
+    finally:
+        stop_clean(daemon)
 
 
 @pytest.mark.parametrize("export", ["disk", "ram"])
