@@ -40,7 +40,8 @@ class NbdCollector:
                                        labels=labels)
         nbytes = CounterMetricFamily(
             "netswap_request_bytes",
-            "Bytes covered by successful requests (the payload of READ and WRITE).",
+            "Bytes covered by successful requests: a READ's or WRITE's payload, "
+            "the range a TRIM, WRITE_ZEROES, CACHE or BLOCK_STATUS names.",
             labels=labels)
         errors = CounterMetricFamily("netswap_request_errors",
                                      "Requests answered with an error, by NBD error.",
