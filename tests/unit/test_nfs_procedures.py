@@ -5,6 +5,7 @@ back with the XDR unpacker."""
 from __future__ import annotations
 
 import os
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -12,10 +13,12 @@ import pytest
 from netswap.nfs import codec
 from netswap.nfs.exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_BADHANDLE, NFS3ERR_EXIST, NFS3ERR_IO, NFS3ERR_ISDIR,
-    NFS3ERR_NOENT, SCRATCH_EXPORT, NfsError, NfsExports,
+    NFS3ERR_JUKEBOX, NFS3ERR_NOENT, SCRATCH_EXPORT, NfsError, NfsExports,
 )
 from netswap.nfs.nfs3 import Nfs3Program
+from netswap.reserve.pool import Pool
 from netswap.rpc import xdr
+from support.wait import wait_until
 
 PEER = "192.0.2.7"
 MAX_IO = 65536
@@ -179,6 +182,45 @@ def _write_args(handle: bytes, offset: int, data: bytes, stable: int, count=None
     packer.uint(stable)
     packer.opaque(data)
     return packer.bytes()
+
+
+def test_a_read_waiting_for_pool_memory_gives_up_when_told_to_stop(tmp_path):
+    """A READ whose data buffer the pool cannot give waits, and stops waiting once its
+    `stopped` says so (the connection closed, the daemon stops): JUKEBOX, not a worker
+    parked until memory comes back, which at a stop it may never."""
+    pool = Pool(256 * 1024, lock="off")
+    held = pool.alloc(pool.size)  # someone else has all of it
+    nfs = SimpleNamespace(swap_export="", scratch_export="/scratch",
+                          scratch_directory=tmp_path / "scratch",
+                          node_port_allowed=lambda port: True)
+    exports = NfsExports(SimpleNamespace(nfs=nfs, swap=SimpleNamespace(node_of=lambda a: None)),
+                         tmp_path)
+    program = Nfs3Program(exports, pool, _Counters(), MAX_IO)
+    handle = create(program, exports.root_handle("/scratch"), b"data")
+    (tmp_path / "scratch" / "data").write_bytes(bytes(MAX_IO))
+    stop = threading.Event()
+    outcome = []
+
+    def read() -> None:
+        try:
+            program.execute(codec.READ, codec.ReadArgs(handle, 0, MAX_IO), PEER, [],
+                            stopped=stop.is_set)
+            outcome.append(NFS3_OK)
+        except NfsError as exc:
+            outcome.append(exc.status)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: pool.stats()["waits"] >= 1, what="the READ waiting for memory")
+        stop.set()
+        reader.join(10)
+        assert not reader.is_alive(), "the READ still waits after the stop"
+        assert outcome == [NFS3ERR_JUKEBOX]
+    finally:
+        held.release()  # a READ still parked (the bug) gets its memory and ends
+        reader.join(10)
+        exports.close()
 
 
 def test_codec_refuses_a_write_whose_count_is_not_its_data_length():

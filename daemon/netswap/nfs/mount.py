@@ -42,7 +42,9 @@ class MountProgram:
     def procedure_name(call) -> str:
         return PROCEDURE_NAMES.get(call.proc, "unknown")
 
-    def call(self, call, peer: str, release: list, emergency: bool = False):
+    def call(self, call, peer: str, release: list, emergency: bool = False,
+             stopped=None):
+        # `stopped` is for calls that wait for pool memory; none here does.
         name = PROCEDURE_NAMES.get(call.proc)
         if name is None:
             self.counters.inc(RPC_PROTOCOL_ERRORS, "proc_unavail")

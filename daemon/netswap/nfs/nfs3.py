@@ -20,11 +20,12 @@ import time
 
 from ..counters import declare
 from ..refusals import RefusalLog
-from ..reserve.tree import EMERGENCY_DROPPED
+from ..reserve.tree import EMERGENCY_DROPPED, POOL_WAITS
 from ..rpc import constants as RC
 from ..rpc import message as rpc
 from ..rpc import xdr
 from ..rpc.message import RPC_PROTOCOL_ERRORS
+from ..transport.backpressure import wait_for_buffer
 from . import codec
 from .codec import (
     ACCESS_ALL, ACCESS_DELETE, ACCESS_EXECUTE, EXCLUSIVE, GUARDED, MAX_FILE_SIZE, NAME_MAX,
@@ -59,6 +60,10 @@ PROGRAM, VERSION = RC.PROG_NFS, RC.NFS_VERSION
 _VERIFIER_SECONDS = 0x7FFF_FFFF
 
 
+def _never() -> bool:
+    return False
+
+
 class Nfs3Program:
     version = VERSION
 
@@ -87,7 +92,10 @@ class Nfs3Program:
     def procedure_name(call) -> str:
         return PROCEDURE_NAMES.get(call.proc, "unknown")
 
-    def call(self, call, peer: str, release: list, emergency: bool = False):
+    def call(self, call, peer: str, release: list, emergency: bool = False,
+             stopped=_never):
+        """The reply's parts for `call` from `peer`. `stopped()` says when to give up a wait
+        for pool memory (the caller's connection closed, or the daemon stops)."""
         name = PROCEDURE_NAMES.get(call.proc, "unknown")
         self.counters.inc(NFS_CALLS, name)
         if emergency and call.proc in codec.FAILURE_BODY and not self._for_swap(call, peer):
@@ -106,16 +114,21 @@ class Nfs3Program:
         try:
             # Arguments it cannot decode raise XdrError: the transport answers GARBAGE_ARGS.
             args = codec.decode_arguments(call.proc, call.args, self.max_io)
-            return [rpc.accepted(call.xid), *self.execute(call.proc, args, peer, release)]
+            return [rpc.accepted(call.xid),
+                    *self.execute(call.proc, args, peer, release, stopped)]
         except NfsError as exc:
             # A failed procedure: its status, then its result type's failure body.
             self.counters.inc(NFS_ERRORS, str(exc.status))
             return [rpc.accepted(call.xid), codec.failure(call.proc, exc.status)]
 
-    def execute(self, proc: int, args, peer: str, release: list) -> list:
+    def execute(self, proc: int, args, peer: str, release: list, stopped=_never) -> list:
         """Run served procedure `proc` on its decoded arguments (codec.py) for `peer`: the
         parts of its encoded result, or NfsError. Buffers and loans the parts still use are
         put on `release`, for the caller to release once the reply is sent."""
+        if proc == codec.READ:
+            # The one procedure that waits for pool memory (its data buffer), and so the one
+            # that must hear when to stop waiting.
+            return self._read(args, peer, release, stopped)
         return self._procedures[proc](args, peer, release)
 
     def _for_swap(self, call, peer: str) -> bool:
@@ -253,7 +266,7 @@ class Nfs3Program:
         packer.uint(args.access & granted)  # exactly the asked-for bits that are granted
         return [packer.bytes()]
 
-    def _read(self, args, peer, release):
+    def _read(self, args, peer, release, stopped=_never):
         offset, count = args.offset, args.count
         node = self.exports.resolve(args.handle, peer)
         if node.is_dir:
@@ -272,11 +285,7 @@ class Nfs3Program:
                 count = max(0, min(count, size - offset)) if offset < size else 0
                 got = 0
                 if count:
-                    # A swap-in may need the node's reserve when normal memory is gone (the
-                    # READ answers a page fault); everything else waits for normal memory.
-                    buffer = (self.pool.alloc(count, timeout=None) if loan is None else
-                              self.pool.alloc(count, timeout=None, emergency=True,
-                                              group=loan.group))
+                    buffer = self._read_buffer(count, loan, stopped)
                     release.insert(0, buffer)  # before the loan that keeps its group attached
                     if node.backend is not None:
                         node.backend.read_into(offset, buffer.view[:count])
@@ -295,6 +304,23 @@ class Nfs3Program:
             if got % 4:
                 parts.append(xdr.padding(got))
         return parts
+
+    def _read_buffer(self, count: int, loan, stopped):
+        """The pool buffer a READ's data goes into. A swap-in may need the node's reserve
+        when normal memory is gone (the READ answers a page fault); everything else waits for
+        normal memory. The wait ends with the connection or the daemon: a worker parked here
+        for good would hold the stop (which waits for every call in flight) until its timeout,
+        and the pool's close after it. Then the call gets JUKEBOX (try again later), which a
+        closing connection most likely never sends."""
+        how = {} if loan is None else {"emergency": True, "group": loan.group}
+        buffer = self.pool.alloc(count, **how)
+        if buffer is not None:
+            return buffer
+        self.counters.inc(POOL_WAITS, "swap" if loan is not None else "non_swap")
+        buffer = wait_for_buffer(self.pool, count, stopped, **how)
+        if buffer is None:
+            raise NfsError(NFS3ERR_JUKEBOX, "stopped while waiting for pool memory")
+        return buffer
 
     def _write(self, args, peer, release):
         offset, count, stable = args.offset, args.count, args.stable

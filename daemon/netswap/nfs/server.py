@@ -85,7 +85,7 @@ class RpcServer:
         (nfs/fastloop.py) for a swap node's connection, or None for the Python path only."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
         self._addresses = addresses
-        self.programs = programs  # program number -> an object with .call(call, client)
+        self.programs = programs  # program number -> an object with .call (see _answer)
         self.pool = pool
         self.counters = counters
         self.workers = workers
@@ -365,11 +365,14 @@ class RpcConnection:
         if buffer is not None:
             return buffer
         self.server.counters.inc(POOL_WAITS, "swap" if how.get("emergency") else "non_swap")
-        buffer = wait_for_buffer(self.server.pool, size,
-                                 lambda: self._closing or self.server.stopping, **how)
+        buffer = wait_for_buffer(self.server.pool, size, self._stopped, **how)
         if buffer is None:
             raise ConnectionError("closed while waiting for pool memory")
         return buffer
+
+    def _stopped(self) -> bool:
+        """Should a wait for pool memory on this connection's behalf give up?"""
+        return self._closing or self.server.stopping
 
     def _recv_exact(self, count: int, allow_eof: bool = False) -> Optional[bytes]:
         data = b""
@@ -463,7 +466,8 @@ class RpcConnection:
                 fastloop.READ, fastloop.WRITE):
             self._fast.offer(call.args)  # its handle may be served by the C loop from now on
         try:
-            return program.call(call, self.peer, release, emergency=release[0].emergency), procedure
+            return program.call(call, self.peer, release, emergency=release[0].emergency,
+                                stopped=self._stopped), procedure
         except xdr.XdrError as exc:
             # Arguments the procedure could not decode (truncated, too long, a bad length):
             # GARBAGE_ARGS (RFC 5531), for every program in the one place.

@@ -145,7 +145,9 @@ class PortmapProgram:
         return (_SERVED[call.vers].get(call.proc) or _RELAYS[call.vers].get(call.proc)
                 or "unknown")
 
-    def call(self, call, peer: str, release: list, emergency: bool = False):
+    def call(self, call, peer: str, release: list, emergency: bool = False,
+             stopped=None):
+        # `stopped` is for calls that wait for pool memory; none here does.
         self._published.wait(_PUBLISH_WAIT)
         name = _SERVED[call.vers].get(call.proc)
         if name is None:
