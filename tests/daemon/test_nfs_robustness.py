@@ -1,0 +1,84 @@
+"""What a client cannot do to the NFS side by timing (issue 17, "Robustness left from earlier
+work"), against a live netswapd: hold a pool buffer by trickling a record, park a worker in a
+READ's wait for pool memory past the daemon's stop, land a WRITE after its swap file was
+wiped, or reach a new scratch file through the handle of a removed one."""
+
+from __future__ import annotations
+
+from netswap.nbd import constants as NBD
+from netswap.rpc import message as rpc
+from support.metrics import metric
+from support.nbd_raw import request as nbd_request, transmission
+from support.nfs import (
+    NULL, READ, STRANGER, Nfs, NFS3_OK, create, header, scratch_path, start_nfs, xdr,
+)
+from support.wait import wait_until
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def normal_free(daemon) -> float:
+    """Pool bytes a normal (non-reserve) allocation may still take."""
+    return (metric(daemon, "netswap_pool_free_bytes")
+            - metric(daemon, "netswap_pool_watermark_bytes"))
+
+
+def hold_normal_memory_below(daemon, limit: int) -> list:
+    """NBD clients of a non-swap export take normal memory until less than `limit` bytes of
+    it are free (but at least 128 KiB): each is given its receive window, then stalls in the
+    middle of a WRITE whose buffer the daemon holds while it waits for the rest. NBD
+    connections, so that the NFS side's stop does not give the memory back. Returns them
+    (closing them gives it back)."""
+    holders = []
+    while (free := normal_free(daemon)) >= limit:
+        hold = transmission(daemon)
+        holders.append(hold)
+        wait_until(lambda: normal_free(daemon) < free, what="an NBD window taken")
+        free = normal_free(daemon)
+        # A buddy block at most what leaves 128 KiB: whatever the pool's size, the loop ends
+        # between 128 KiB and `limit`.
+        size = min(MiB, 1 << (int(free - 128 * KiB).bit_length() - 1))
+        nbd_request(hold, NBD.CMD_WRITE, (len(holders) - 1) * MiB, size, cookie=1,
+                    payload=bytes(4 * KiB))
+        wait_until(lambda: normal_free(daemon) <= free - size, what="a WRITE buffer taken")
+    assert normal_free(daemon) >= 128 * KiB
+    return holders
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def test_a_worker_waiting_for_a_reads_pool_memory_is_woken_by_the_stop(tmp_path):
+    """A READ whose data buffer the pool cannot give (its record could be received) waits on
+    a worker; SIGTERM must end that wait, not sit out the shutdown timeout behind it."""
+    daemon = start_nfs(
+        tmp_path, 'max_io = "1MiB"\nswap_export = ""',
+        nbd_options='max_request = "1MiB"', pool_options='normal_budget = "2MiB"\nheadroom = 0',
+        swap_options='max_nodes = 1\nreserve_inflight = 4\nreserve_request = "64KiB"')
+    holders: list = []
+    client = Nfs(daemon, STRANGER)  # no node: its calls wait for normal memory
+    try:
+        status, handle = create(client, client.root("/scratch"), b"big")
+        assert status == NFS3_OK
+        (scratch_path(daemon) / "big").write_bytes(bytes(MiB))
+        holders = hold_normal_memory_below(daemon, MiB)  # no 1 MiB block left for the READ
+        waits = metric(daemon, "netswap_pool_waits_total")
+        # Two calls at once, so the READ goes to a worker (a call alone runs on the
+        # connection's thread); the NULL behind it is answered meanwhile.
+        read = header(client.nfs.next_xid(), proc=READ) + xdr(("o", handle), ("h", 0), ("u", MiB))
+        null_xid = client.nfs.next_xid()
+        null = header(null_xid, proc=NULL)
+        client.nfs.sock.sendall(rpc.fragment_header(len(read)) + read
+                                + rpc.fragment_header(len(null)) + null)
+        assert client.nfs.reply(null_xid).accepted
+        wait_until(lambda: metric(daemon, "netswap_pool_waits_total") > waits,
+                   what="the READ waiting for its buffer")
+    finally:
+        code = daemon.stop()  # SIGTERM with that worker still waiting
+        for hold in holders:
+            hold.close()
+        client.close()
+    log = daemon.log()
+    assert "did not finish" not in log, log
+    assert "Traceback" not in log, log
+    assert code == 0, log
