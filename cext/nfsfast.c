@@ -11,6 +11,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -194,22 +195,70 @@ static int more_than(struct nfs_fast_conn *c, uint32_t count)
     return (uint32_t)unread > count;
 }
 
+/* Bound the socket's blocking receives to `ns` from now (0: unbounded again).  SO_RCVTIMEO
+ * bounds one MSG_WAITALL call as a whole, however the data trickles in.  Set only for the
+ * wait for the rest of a record, never between records, and unbounded again before the
+ * loop goes on or returns: the socket is its reader's alone, Python's included. */
+static int bound_receives(struct nfs_fast_conn *c, int64_t ns)
+{
+    struct timeval tv = {.tv_sec = ns / 1000000000, .tv_usec = (ns % 1000000000) / 1000};
+    if (ns > 0 && tv.tv_sec == 0 && tv.tv_usec == 0)
+        tv.tv_usec = 1; /* a zero timeval would mean no bound at all */
+    return setsockopt(c->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+/* recvmsg with MSG_WAITALL (and `flags`), returning by `deadline` (now_ns; 0: no bound)
+ * with what came by then: all of it, less (the deadline passed, or EOF), 0 (EOF) or -1
+ * (errno; EAGAIN: the deadline passed with nothing). */
+static ssize_t receive_by(struct nfs_fast_conn *c, struct msghdr *msg, int flags, int64_t deadline)
+{
+    if (deadline) {
+        int64_t left = deadline - now_ns();
+        if (left <= 0) {
+            errno = EAGAIN;
+            return -1;
+        }
+        if (bound_receives(c, left) < 0)
+            return -1;
+    }
+    ssize_t n;
+    do {
+        n = recvmsg(c->sock, msg, flags | MSG_WAITALL);
+    } while (n < 0 && errno == EINTR);
+    if (deadline) {
+        int saved = errno;
+        if (bound_receives(c, 0) < 0)
+            return -1; /* a socket left bounded would fail Python's wait for the next call */
+        errno = saved;
+    }
+    return n;
+}
+
+/* Has the record's deadline (0: none) passed? */
+static int past(int64_t deadline)
+{
+    return deadline && now_ns() >= deadline;
+}
+
 /* Peek at the next record.  1: p holds min(4 + its length, PEEK_MAX) bytes (*have);
- * 0: EOF before it; -1: socket error; 2: Python's (several fragments, too large, cut). */
-static int peek_record(struct nfs_fast_conn *c, uint8_t *p, uint32_t *have, uint32_t *length)
+ * 0: EOF before it; -1: socket error; 2: Python's (several fragments, too large, cut);
+ * 3: it did not come by *deadline, which is set at its first byte (nfs.record_timeout). */
+static int peek_record(struct nfs_fast_conn *c, uint8_t *p, uint32_t *have, uint32_t *length,
+                       int64_t *deadline)
 {
     ssize_t n;
     do {
-        n = recv(c->sock, p, PEEK_MAX, MSG_PEEK);
+        n = recv(c->sock, p, PEEK_MAX, MSG_PEEK); /* between records: no bound */
     } while (n < 0 && errno == EINTR);
     if (n <= 0)
         return n == 0 ? 0 : -1;
+    *deadline = c->record_timeout_ns ? now_ns() + (int64_t)c->record_timeout_ns : 0;
+    struct iovec iov = {.iov_base = p, .iov_len = 4};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
     if (n < 4) {
-        do {
-            n = recv(c->sock, p, 4, MSG_PEEK | MSG_WAITALL);
-        } while (n < 0 && errno == EINTR);
+        n = receive_by(c, &msg, MSG_PEEK, *deadline);
         if (n < 4)
-            return n < 0 ? -1 : 2;
+            return past(*deadline) ? 3 : n < 0 ? -1 : 2;
     }
     uint32_t word = get32(p);
     *length = word & ~LAST_FRAGMENT;
@@ -217,30 +266,38 @@ static int peek_record(struct nfs_fast_conn *c, uint8_t *p, uint32_t *have, uint
         return 2;
     uint32_t need = *length + 4 < PEEK_MAX ? *length + 4 : PEEK_MAX;
     if ((uint32_t)n < need) {
-        /* Bounded by the record itself, which the client must send whole anyway. */
-        do {
-            n = recv(c->sock, p, need, MSG_PEEK | MSG_WAITALL);
-        } while (n < 0 && errno == EINTR);
-        if (n < 0)
-            return -1;
-        if ((uint32_t)n < need)
-            return 2;
+        /* The rest of what decides it, which the client must send anyway, by the deadline. */
+        iov.iov_len = need;
+        n = receive_by(c, &msg, MSG_PEEK, *deadline);
+        if (n < (ssize_t)need)
+            return past(*deadline) ? 3 : n < 0 ? -1 : 2;
     }
     *have = need - 4;
     return 1;
 }
 
-/* Take the record (its fragment header and body) off the socket, the body into `dest`. */
-static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t length)
+/* Take the record (its fragment header and body) off the socket, the body into `dest`, by
+ * `deadline`.  1: done; 0: EOF; -1: socket error; 3: the deadline passed. */
+static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t length,
+                          int64_t deadline)
 {
     uint8_t header[4];
     struct iovec iov[2] = {{.iov_base = header, .iov_len = 4}, {.iov_base = dest, .iov_len = length}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
     uint64_t done = 0, total = 4 + (uint64_t)length;
+    /* What has arrived is taken without waiting (all of it, as a rule, so no timeout is set
+     * for it); only a wait for the rest is bounded. */
+    int waiting = 0;
     while (done < total) {
-        ssize_t n = recvmsg(c->sock, &msg, MSG_WAITALL);
+        ssize_t n = waiting ? receive_by(c, &msg, 0, deadline) : recvmsg(c->sock, &msg, MSG_DONTWAIT);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (waiting)
+                return 3;
+            waiting = 1;
+            continue;
+        }
         if (n <= 0)
             return n == 0 ? 0 : -1;
         done += (uint64_t)n;
@@ -310,10 +367,12 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
     uint8_t peeked[PEEK_MAX];
     for (;;) {
         uint32_t have = 0, length = 0;
-        int r = peek_record(c, peeked, &have, &length);
+        int64_t deadline = 0;
+        int r = peek_record(c, peeked, &have, &length, &deadline);
         if (r != 1) {
             c->error = errno;
-            return r == 0 ? NFS_FAST_CLOSED : r < 0 ? NFS_FAST_SOCKET_ERROR : NFS_FAST_FALLBACK;
+            return r == 0 ? NFS_FAST_CLOSED : r < 0 ? NFS_FAST_SOCKET_ERROR
+                : r == 3 ? NFS_FAST_RECORD_TIMEOUT : NFS_FAST_FALLBACK;
         }
         struct call call = {0};
         if (!__atomic_load_n(&c->node->attached, __ATOMIC_ACQUIRE)
@@ -365,11 +424,12 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             return NFS_FAST_FALLBACK;
         }
         /* Decided: the record is ours. */
-        r = consume_record(c, mem, length);
-        if (r <= 0) {
+        r = consume_record(c, mem, length, deadline);
+        if (r != 1) {
             c->error = errno;
             pool_free(c->pool, block);
-            return r == 0 ? NFS_FAST_RECORD_CUT : NFS_FAST_SOCKET_ERROR;
+            return r == 0 ? NFS_FAST_RECORD_CUT : r == 3 ? NFS_FAST_RECORD_TIMEOUT
+                : NFS_FAST_SOCKET_ERROR;
         }
         __atomic_store_n(&c->node->last_io_ns, now_ns(), __ATOMIC_RELAXED);
         c->block = block;

@@ -42,6 +42,8 @@
 #define NFS_FAST_RECORD_CUT 5   /* the client closed in the middle of a record */
 #define NFS_FAST_FLUSH 6        /* a reply went out whole, but Python queued replies behind
                                    it meanwhile: its sender must be told to send them */
+#define NFS_FAST_RECORD_TIMEOUT 7 /* a record did not arrive whole within record_timeout_ns
+                                   of its first byte (nothing of it is kept) */
 
 /* One handle Python verified for this connection's node (its own swap file). */
 struct nfs_fast_handle {
@@ -65,6 +67,8 @@ struct nfs_fast_conn {
     uint32_t max_record;          /* the record cap (nfs.max_io + slack) */
     uint32_t max_io;
     uint64_t swap_size;           /* a swap file's size: a WRITE never goes past it */
+    uint64_t record_timeout_ns;   /* nfs.record_timeout: a record begun must be in by then
+                                     (0: no limit), as on the Python path */
     uint8_t verifier[8];          /* the WRITE verifier */
     const int64_t *swap_epoch;    /* changes on every scrub: older entries are void */
     struct nfs_fast_node *node;

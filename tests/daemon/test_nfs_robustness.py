@@ -5,12 +5,18 @@ wiped, or reach a new scratch file through the handle of a removed one."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+
 from netswap.nbd import constants as NBD
 from netswap.rpc import message as rpc
+from support.daemon import stop_clean
 from support.metrics import metric
 from support.nbd_raw import request as nbd_request, transmission
 from support.nfs import (
-    NULL, READ, STRANGER, Nfs, NFS3_OK, create, header, scratch_path, start_nfs, xdr,
+    ALPHA, FILE_SYNC, NULL, READ, STRANGER, WRITE, Nfs, NFS3_OK, create, header, scratch_path,
+    start_nfs, start_nfs_daemon, xdr,
 )
 from support.wait import wait_until
 
@@ -43,6 +49,72 @@ def hold_normal_memory_below(daemon, limit: int) -> list:
         wait_until(lambda: normal_free(daemon) <= free - size, what="a WRITE buffer taken")
     assert normal_free(daemon) >= 128 * KiB
     return holders
+
+
+# --------------------------------------------------------------------------- record deadline
+
+
+def write_record(client: Nfs, handle: bytes, data: bytes) -> bytes:
+    """A WRITE call of `data` at offset 0, framed as one record."""
+    record = header(client.nfs.next_xid(), proc=WRITE) + xdr(
+        ("o", handle), ("h", 0), ("u", len(data)), ("u", FILE_SYNC), ("o", data))
+    return rpc.fragment_header(len(record)) + record
+
+
+@pytest.mark.parametrize("path", ["python", "c_loop"])
+def test_a_client_trickling_a_record_is_disconnected_at_its_deadline(tmp_path, path):
+    """A byte every 0.2 s keeps the connection busy but never finishes the record: after
+    nfs.record_timeout the connection is closed, logged and counted, and the record's pool
+    buffer is back. A scratch WRITE from a client that is no node takes the Python path; a
+    node's WRITE of its own swap file, once Python served the handle, is the C loop's."""
+    daemon = start_nfs_daemon(tmp_path, 'record_timeout = "1s"')
+    stop = threading.Event()
+    trickle = None
+    try:
+        free = metric(daemon, "netswap_pool_free_bytes")
+        if path == "python":
+            client = Nfs(daemon, STRANGER)
+            status, handle = create(client, client.root("/scratch"), b"slow")
+        else:
+            client = Nfs(daemon, ALPHA)
+            handle = client.swap_handle("alpha")
+            status = client.write(handle, 0, bytes(4096))[0]  # Python's: registers the handle
+        assert status == NFS3_OK
+        fallbacks = metric(daemon, "netswap_c_loop_handoffs_total", reason="nfs_python")
+        record = write_record(client, handle, bytes(64 * KiB))
+        sock = client.nfs.sock
+        sock.sendall(record[:1024])  # enough for the C loop to take it on
+
+        def send_slowly() -> None:
+            for index in range(1024, len(record)):
+                try:
+                    sock.send(record[index:index + 1])
+                except OSError:
+                    return  # closed by the server: what the test waits for
+                if stop.wait(0.2):
+                    return
+
+        trickle = threading.Thread(target=send_slowly, daemon=True)
+        trickle.start()
+        wait_until(lambda: metric(daemon, "netswap_rpc_record_timeouts_total", service="nfs") == 1,
+                   timeout=15, what=daemon.log)
+        client.nfs.expect_close()
+        assert "nfs.record_timeout" in daemon.log()
+        if path == "c_loop":  # the loop held the record, and timed it out itself
+            assert metric(daemon, "netswap_c_loop_handoffs_total",
+                          reason="nfs_python") == fallbacks
+        wait_until(lambda: metric(daemon, "netswap_pool_free_bytes") >= free,
+                   what="the record's buffer still held")
+        client.close()
+        # Others, and this client again, are served as before.
+        again = Nfs(daemon, STRANGER if path == "python" else ALPHA)
+        assert again.write(handle, 0, b"w" * 4096)[0] == NFS3_OK
+        again.close()
+    finally:
+        stop.set()
+        if trickle is not None:
+            trickle.join(10)
+        stop_clean(daemon)
 
 
 # --------------------------------------------------------------------------- stop

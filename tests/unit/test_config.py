@@ -810,3 +810,14 @@ def test_nodes_by_address_and_by_source_port():
     assert cfg.nfs.node_port_allowed(1023) and cfg.nfs.node_port_allowed(None)
     assert not cfg.nfs.node_port_allowed(1024)
     assert config.parse({"nfs": {"node_ports": "any"}}).nfs.node_port_allowed(40000)
+
+
+def test_nfs_record_timeout_defaults_to_30s_and_refuses_what_is_no_duration():
+    assert config.parse({}).nfs.record_timeout == 30.0
+    assert config.parse({"nfs": {"record_timeout": "500ms"}}).nfs.record_timeout == 0.5
+    for value in (0, "30", "soon"):
+        error = error_of({"nfs": {"record_timeout": value}})
+        assert error.key == "nfs.record_timeout" and error.value == value, error
+        assert "seconds > 0" in error.allowed
+    error = error_of({"nfs": {"record_timout": "30s"}})  # a typo is no key
+    assert "record_timout" in str(error) and "record_timeout" in str(error)

@@ -523,6 +523,13 @@ class NfsConfig:
         "60s",
         "Time an NFS or MOUNT client may take none of the replies queued for it before "
         "it is disconnected (its buffers go back), as nbd.send_timeout for NBD clients.")
+    record_timeout: float = key(
+        Duration(),
+        "30s",
+        "Time an NFS, MOUNT or portmapper client has to send an RPC record whole once its "
+        "first byte is in (time the daemon waits for pool memory for it not counted); a "
+        "client that trickles a record, or stops halfway, holds the record's pool buffer, "
+        "and is disconnected (NFS clients send the call again on a new connection).")
     portmapper: str = key(
         Choice("off", "serve", "register"),
         "register",

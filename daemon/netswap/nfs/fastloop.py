@@ -56,6 +56,7 @@ HANDOFF = lib.NFS_FAST_HANDOFF
 SOCKET_ERROR = lib.NFS_FAST_SOCKET_ERROR
 RECORD_CUT = lib.NFS_FAST_RECORD_CUT
 FLUSH = lib.NFS_FAST_FLUSH
+RECORD_TIMEOUT = lib.NFS_FAST_RECORD_TIMEOUT
 
 
 class NodeClock:
@@ -103,7 +104,10 @@ class NfsFastLoop:
 
     def __init__(self, *, sock_fd: int, pool, max_record: int, max_io: int, exports,
                  verifier: bytes, epoch, node_clock: NodeClock, gate, counters,
-                 service: str, peer: str, node: str) -> None:
+                 service: str, peer: str, node: str,
+                 record_timeout: float | None = None) -> None:
+        """`record_timeout`: nfs.record_timeout, which the loop applies as the Python path
+        does (None: no limit)."""
         self.pool = pool
         self._exports = exports
         self._epoch = epoch  # int64_t *, the swap files' scrub epoch
@@ -126,6 +130,8 @@ class NfsFastLoop:
         conn.max_record = max_record
         conn.max_io = max_io
         conn.swap_size = exports.swap.size
+        conn.record_timeout_ns = (0 if record_timeout is None
+                                  else max(1, round(record_timeout * 1e9)))
         conn.verifier = verifier
         conn.swap_epoch = epoch
         conn.node = node_clock.c

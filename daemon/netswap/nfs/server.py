@@ -5,6 +5,11 @@ A connection reads RPC records (RFC 5531 §11 record marking): each fragment hea
 checked against the record cap (nfs.max_io plus room for the call's headers) before
 anything is allocated, so a forged 2 GiB header costs four bytes; the record is received
 into a pool buffer (the pool is the only source of payload memory, as on the NBD side).
+Once a record has begun, the client has `nfs.record_timeout` to send the rest of it (the
+time it waits for pool memory is ours and not counted): a client that trickles a record,
+or stops halfway, would otherwise hold its buffer for as long as it likes, one per
+connection. It is disconnected, logged and counted; an NFS client sends the call again on a
+new connection. Between records a client may be idle as long as it likes: it holds nothing.
 The call is parsed (rpc/message.py), handed to its program (mount.py, nfs3.py), and the
 reply goes back through a ReplySender (transport/sender.py: non-blocking, a client that stops
 reading throttles only itself). Calls of one connection run on the daemon's workers, so
@@ -29,6 +34,8 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
+import select
 import socket
 import termios
 import threading
@@ -57,6 +64,13 @@ RPC_CONNECTIONS = declare(
     "NFS and MOUNT connections accepted, by service.",
     label="service")
 
+RECORD_TIMEOUTS = declare(
+    "nfs", "record_timeouts", "netswap_rpc_record_timeouts_total",
+    "NFS, MOUNT and portmapper connections closed because a record did not arrive whole "
+    "within nfs.record_timeout of its first byte (a client trickling a record holds a pool "
+    "buffer), by service.",
+    label="service")
+
 log = logging.getLogger("netswap.nfs")
 
 # Room for an RPC call's headers on top of its payload: xid .. verifier (AUTH_SYS bodies are
@@ -71,18 +85,25 @@ def _nothing() -> None:
     pass
 
 
+class RecordTimeout(Exception):
+    """A record the client began did not arrive whole within nfs.record_timeout."""
+
+
 class RpcServer:
     """Listeners and connections for a set of RPC programs, on the addresses given."""
 
     def __init__(self, name: str, addresses, programs: dict, pool, counters, workers,
                  send_poller: SendPoller, max_record: int, key: str,
                  swap_nodes=None, limits: Optional[ConnectionLimits] = None,
-                 keepalive: Optional[float] = None, fast_loop=None) -> None:
+                 keepalive: Optional[float] = None, fast_loop=None,
+                 record_timeout: Optional[float] = None) -> None:
         """`swap_nodes`, for the NFS port (swapnodes.SwapNodes): a swap node's connection is
         tagged and may use the node's reserve while the node is attached. `limits`: the
         connection limits to count in (None: none); `keepalive`: seconds of silence before
         TCP probes a client (None: no keepalive). `fast_loop(connection)`: the C call loop
-        (nfs/fastloop.py) for a swap node's connection, or None for the Python path only."""
+        (nfs/fastloop.py) for a swap node's connection, or None for the Python path only.
+        `record_timeout`: seconds a client has to send a record whole once it began it
+        (nfs.record_timeout; None: as long as it likes)."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
         self._addresses = addresses
         self.programs = programs  # program number -> an object with .call (see _answer)
@@ -95,6 +116,7 @@ class RpcServer:
         self.swap_nodes = swap_nodes
         self._keepalive = keepalive
         self.fast_loop = fast_loop
+        self.record_timeout = record_timeout
         self.frontend = FrontEnd(name, log, counters, limits, self._open,
                                  client_of=lambda sock, address: Peer(address[0], address[1]))
         self.refusals = self.frontend.refusals  # refused calls too: never a log flood
@@ -192,6 +214,9 @@ class RpcConnection:
         self._replied = threading.Condition(threading.Lock())
         self._reader_waits = False  # only then does a reply notify (notify is not free)
         self._unread = bytearray(4)  # FIONREAD's answer
+        # Waits for the rest of a record, up to its deadline (_wait_readable).
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
         # The C loop serving this swap node's READs and WRITEs of its own file (fastloop.py).
         self._fast = (server.fast_loop(self) if server.fast_loop is not None and node is not None
                       else None)
@@ -210,6 +235,11 @@ class RpcConnection:
         except rpc.RecordError as exc:
             self.server.counters.inc(RPC_PROTOCOL_ERRORS, exc.reason)
             log.warning("%s %s: closing: %s", self.server.name, self.peer, exc)
+        except RecordTimeout:
+            self.server.counters.inc(RECORD_TIMEOUTS, self.server.name)
+            log.warning("%s %s: closing: a record did not arrive whole within %g s of its "
+                        "first byte (nfs.record_timeout)", self.server.name, self.peer,
+                        self.server.record_timeout)
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.info("%s %s: connection lost: %s", self.server.name, self.peer, exc)
         except Exception:
@@ -265,6 +295,8 @@ class RpcConnection:
             raise fast.error
         if reason == fastloop.RECORD_CUT:
             raise ConnectionError("client closed in the middle of a record")
+        if reason == fastloop.RECORD_TIMEOUT:
+            raise RecordTimeout()
         if reason == fastloop.FLUSH:
             # The loop finished a large reply while workers queued theirs behind it: the
             # sender has them, and is told to send them now.
@@ -307,10 +339,13 @@ class RpcConnection:
     def _receive_record(self):
         """(pool buffer, record length, reserve loan or None) for the next record, or None
         when the client closed between records. A record the assembler refuses (over the
-        cap, empty) raises RecordError before anything is allocated for it."""
-        header = self._recv_exact(4, allow_eof=True)
-        if header is None:
+        cap, empty) raises RecordError before anything is allocated for it; one that does
+        not arrive whole in time raises RecordTimeout (see the module docstring)."""
+        header = self.sock.recv(4)  # blocks: between records a client holds nothing
+        if not header:
             return None
+        if len(header) < 4:
+            header += self._recv_exact(4 - len(header), self._deadline())
         assembler = self._assembler
         length = assembler.begin_fragment(header)
         last = header[0] & 0x80  # the last-fragment bit, which begin_fragment has checked
@@ -318,18 +353,25 @@ class RpcConnection:
         # a buffer of the cap, as the total is known only at the last one.
         buffer, loan = self._alloc(length if last else self.server.max_record)
         try:
+            # The client's time starts again: how long the pool kept us waiting is not its.
+            deadline = self._deadline()
             while True:
                 start = assembler.received
-                self._recv_into(buffer.view[start:start + length])
+                self._recv_into(buffer.view[start:start + length], deadline)
                 record_length = assembler.end_fragment()
                 if record_length is not None:
                     return buffer, record_length, loan
-                length = assembler.begin_fragment(self._recv_exact(4))
+                length = assembler.begin_fragment(self._recv_exact(4, deadline))
         except BaseException:
             buffer.release()
             if loan is not None:
                 loan.release()
             raise
+
+    def _deadline(self) -> Optional[float]:
+        """When the record being received must be in (time.monotonic), None for never."""
+        timeout = self.server.record_timeout
+        return None if timeout is None else time.monotonic() + timeout
 
     def _alloc(self, size: int):
         """(buffer, loan) for a record. A swap node's connection may fall back to the
@@ -374,24 +416,36 @@ class RpcConnection:
         """Should a wait for pool memory on this connection's behalf give up?"""
         return self._closing or self.server.stopping
 
-    def _recv_exact(self, count: int, allow_eof: bool = False) -> Optional[bytes]:
-        data = b""
-        while len(data) < count:
-            chunk = self.sock.recv(count - len(data))
-            if not chunk:
-                if allow_eof and not data:
-                    return None
-                raise ConnectionError("client closed in the middle of a record")
-            data += chunk
-        return data
+    def _recv_exact(self, count: int, deadline: Optional[float]) -> bytes:
+        """`count` bytes of the record being received, by `deadline`."""
+        view = memoryview(bytearray(count))
+        self._recv_into(view, deadline)
+        return view.obj
 
-    def _recv_into(self, view: memoryview) -> None:
+    def _recv_into(self, view: memoryview, deadline: Optional[float]) -> None:
+        """Fill `view` with the record being received, by `deadline` (RecordTimeout)."""
         received = 0
         while received < len(view):
-            count = self.sock.recv_into(view[received:])
+            # Without waiting: what has arrived is taken at once (all of it, as a rule), and
+            # only a wait for more is bounded by the deadline.
+            try:
+                count = self.sock.recv_into(view[received:], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._wait_readable(deadline)
+                continue
             if not count:
                 raise ConnectionError("client closed in the middle of a record")
             received += count
+
+    def _wait_readable(self, deadline: Optional[float]) -> None:
+        """Until the socket has more to read (or was closed), or RecordTimeout at
+        `deadline`."""
+        if deadline is None:
+            self._readable.poll()
+            return
+        left = deadline - time.monotonic()
+        if left <= 0 or not self._readable.poll(math.ceil(left * 1000)):
+            raise RecordTimeout()
 
     # Workers ------------------------------------------------------------------------
 

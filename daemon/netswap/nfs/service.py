@@ -39,25 +39,29 @@ class NfsService:
             self._scrub_epoch = ffi.new("int64_t *")
             self.exports.swap.epoch = self._scrub_epoch
 
-            def fast_loop(connection):
+            def node_fast_loop(connection):
                 return fastloop.NfsFastLoop(
                     sock_fd=connection.sock.fileno(), pool=pool, max_record=max_record,
                     max_io=nfs.max_io, exports=self.exports, verifier=program.verifier,
                     epoch=self._scrub_epoch, node_clock=self.swap_nodes.clock(connection.node),
                     gate=connection.sender.gate, counters=counters, service="nfs",
-                    peer=connection.peer, node=connection.node)
+                    peer=connection.peer, node=connection.node,
+                    record_timeout=nfs.record_timeout)
+            fast_loop = node_fast_loop
         self.nfs = RpcServer("nfs", nfs.listen, {nfs3.PROGRAM: program},
                              pool, counters, workers, send_poller, max_record, "nfs.listen",
                              swap_nodes=self.swap_nodes, limits=limits,
-                             keepalive=nfs.keepalive, fast_loop=fast_loop)
+                             keepalive=nfs.keepalive, fast_loop=fast_loop,
+                             record_timeout=nfs.record_timeout)
         self.mount = RpcServer("mount", nfs.mount_listen,
                                {mount.PROGRAM: mount.MountProgram(self.exports, counters,
                                                                   self.swap_nodes)},
                                pool, counters, workers, send_poller, max_record,
-                               "nfs.mount_listen", limits=limits, keepalive=nfs.keepalive)
+                               "nfs.mount_listen", limits=limits, keepalive=nfs.keepalive,
+                               record_timeout=nfs.record_timeout)
         self.portmapper = Portmapper(nfs, counters, functools.partial(
             RpcServer, pool=pool, counters=counters, workers=workers, send_poller=send_poller,
-            limits=limits, keepalive=nfs.keepalive))
+            limits=limits, keepalive=nfs.keepalive, record_timeout=nfs.record_timeout))
 
     def start(self, wipe: bool = False) -> None:
         """Listen; with `wipe` (swap.wipe), first zero what a previous run left in every
