@@ -122,7 +122,7 @@ static int servable(struct nfs_fast_conn *c, const uint8_t *rec, uint32_t length
     if (hlen == 0 || hlen > NFS_FAST_HANDLE_MAX || pos + padded(hlen) > have)
         return 0;
     call->handle = NULL;
-    int64_t epoch = __atomic_load_n(c->swap_epoch, __ATOMIC_ACQUIRE);
+    int64_t epoch = __atomic_load_n(&c->swap->epoch, __ATOMIC_ACQUIRE);
     for (int i = 0; i < NFS_FAST_HANDLES; i++) {
         const struct nfs_fast_handle *h = &c->handles[i];
         if (h->length == hlen && h->epoch == epoch && memcmp(h->bytes, rec + pos, hlen) == 0) {
@@ -361,6 +361,47 @@ static int send_reply(struct nfs_fast_conn *c, uint8_t *data, uint32_t data_len)
     return r;
 }
 
+void nfs_fast_void_handles(struct nfs_fast_swap *swap)
+{
+    __atomic_add_fetch(&swap->epoch, 1, __ATOMIC_SEQ_CST);
+}
+
+int64_t nfs_fast_writers(struct nfs_fast_swap *swap)
+{
+    return __atomic_load_n(&swap->writers, __ATOMIC_SEQ_CST);
+}
+
+/* Write a WRITE's data and make it as durable as asked, if its handle is still good: a scrub
+ * may have begun since servable() looked (the record's body came in meanwhile, as slowly as
+ * the client liked).  1: written, st filled; 0: failed (Python runs it again); 2: voided. */
+static int write_data(struct nfs_fast_conn *c, const struct call *call, const uint8_t *data,
+                      struct stat *st)
+{
+    int fd = call->handle->fd;
+    __atomic_add_fetch(&c->swap->writers, 1, __ATOMIC_SEQ_CST);
+    int r = 1;
+    if (__atomic_load_n(&c->swap->epoch, __ATOMIC_SEQ_CST) != call->handle->epoch) {
+        r = 2;
+        goto out;
+    }
+    uint32_t done = 0;
+    while (done < call->count) {
+        ssize_t n = pwrite(fd, data + done, call->count - done, (off_t)(call->offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            r = 0;
+            goto out;
+        }
+        done += (uint32_t)n;
+    }
+    if ((call->stable != 0 && fdatasync(fd) < 0) || fstat(fd, st) < 0)
+        r = 0;
+out:
+    __atomic_sub_fetch(&c->swap->writers, 1, __ATOMIC_SEQ_CST);
+    return r;
+}
+
 int nfs_fast_serve(struct nfs_fast_conn *c)
 {
     uint8_t *arena = pool_base(c->pool);
@@ -437,18 +478,9 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
         c->proc = call.proc;
         c->started_ns = started;
         if (call.proc == PROC_WRITE) {
-            uint32_t done = 0;
-            while (done < call.count) {
-                ssize_t n = pwrite(fd, mem + call.data_pos + done, call.count - done,
-                                   (off_t)(call.offset + done));
-                if (n < 0 && errno == EINTR)
-                    continue;
-                if (n <= 0)
-                    return NFS_FAST_HANDOFF; /* Python runs it again and answers the error */
-                done += (uint32_t)n;
-            }
-            if ((call.stable != 0 && fdatasync(fd) < 0) || fstat(fd, &st) < 0)
-                return NFS_FAST_HANDOFF;
+            r = write_data(c, &call, mem + call.data_pos, &st);
+            if (r != 1) /* Python runs it again and answers the error, or STALE */
+                return r == 2 ? NFS_FAST_VOIDED : NFS_FAST_HANDOFF;
             head = reply_head(c->reply, call.xid);
             put32(c->reply + head, NFS3_OK);
             put32(c->reply + head + 4, 0); /* no pre-operation attributes */

@@ -44,6 +44,8 @@
                                    it meanwhile: its sender must be told to send them */
 #define NFS_FAST_RECORD_TIMEOUT 7 /* a record did not arrive whole within record_timeout_ns
                                    of its first byte (nothing of it is kept) */
+#define NFS_FAST_VOIDED 8       /* a received WRITE (block, record_len) whose handle a scrub
+                                   voided before it was written: Python's to run (and answer) */
 
 /* One handle Python verified for this connection's node (its own swap file). */
 struct nfs_fast_handle {
@@ -51,8 +53,23 @@ struct nfs_fast_handle {
     uint8_t bytes[NFS_FAST_HANDLE_MAX];
     int fd;                       /* the swap file (a descriptor of Python's, dup'ed) */
     uint64_t fsid;                /* the export id, fattr3.fsid */
-    int64_t epoch;                /* *swap_epoch when Python verified it */
+    int64_t epoch;                /* swap->epoch when Python verified it */
 };
+
+/* The swap files' scrub state, shared by every loop (Python owns it).  A scrub bumps `epoch`
+ * (every handle entry verified before is void), then waits until `writers` is 0 before it
+ * zeroes anything: a loop counts itself in `writers` before it looks at the epoch for a
+ * WRITE and out after the write, so a write either sees the new epoch and is not made, or
+ * is made before the zeroing starts, never after it. */
+struct nfs_fast_swap {
+    int64_t epoch;
+    int64_t writers;
+};
+
+/* For Python, with the ordering the protocol above needs (sequentially consistent): void
+ * every handle entry; how many loops are in a write now. */
+void nfs_fast_void_handles(struct nfs_fast_swap *swap);
+int64_t nfs_fast_writers(struct nfs_fast_swap *swap);
 
 /* A node's state the loop reads and writes (shared by its connections; Python owns it). */
 struct nfs_fast_node {
@@ -70,7 +87,7 @@ struct nfs_fast_conn {
     uint64_t record_timeout_ns;   /* nfs.record_timeout: a record begun must be in by then
                                      (0: no limit), as on the Python path */
     uint8_t verifier[8];          /* the WRITE verifier */
-    const int64_t *swap_epoch;    /* changes on every scrub: older entries are void */
+    struct nfs_fast_swap *swap;   /* the scrub epoch (older entries are void) and writers */
     struct nfs_fast_node *node;
     struct send_gate *gate;       /* see sendgate.h */
     uint64_t bounds_ns[FAST_LOOP_BOUNDS];

@@ -14,6 +14,7 @@ from collections import Counter
 from . import __version__
 from .control import CommandError
 from .reserve.tree import render
+from .swap.attach import NodeAttached
 
 log = logging.getLogger("netswap.operations")
 
@@ -114,16 +115,26 @@ class Operations:
             time.sleep(0.05)
         if self._lifecycle.attached_nodes().get(node, 0):
             raise CommandError(f"node {node!r}: connections did not close within {_DETACH_WAIT:.0f} s")
-        released = self._lifecycle.release_now(node)
+        try:
+            released = self._lifecycle.release_now(node)
+        except NodeAttached:
+            raise CommandError(f"node {node!r} attached again during the detach: its reserve "
+                               "stays and nothing was wiped; detach it again") from None
         wiped = released and self._lifecycle.wipes_swap  # swap.wipe did it on release
         unbound = None
         if request.get("wipe"):
             if not wiped:
                 # Swap holds whatever the node had in memory: discard it all, durably.
-                if over_nbd:
-                    self._lifecycle.wipe(self._registry.lookup(name), "operator's detach --wipe")
+                try:
+                    if over_nbd:
+                        self._lifecycle.wipe(self._registry.lookup(name),
+                                             "operator's detach --wipe")
+                except NodeAttached:
+                    raise CommandError(f"node {node!r} attached again during the detach: its "
+                                       "reserve is released, its swap not wiped; detach it "
+                                       "again") from None
                 if over_nfs:
-                    self._nfs.wipe_node(node)
+                    self._nfs.wipe_node(node)  # its writes in flight are held off by the scrub
                 wiped = True
             if self._access is not None:
                 unbound = self._access.unbind(node)

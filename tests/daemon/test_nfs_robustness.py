@@ -11,16 +11,19 @@ import pytest
 
 from netswap.nbd import constants as NBD
 from netswap.rpc import message as rpc
+from netswap.rpc.xdr import Unpacker
 from support.daemon import stop_clean
 from support.metrics import metric
 from support.nbd_raw import request as nbd_request, transmission
 from support.nfs import (
-    ALPHA, FILE_SYNC, NULL, READ, STRANGER, WRITE, Nfs, NFS3_OK, create, header, scratch_path,
-    start_nfs, start_nfs_daemon, xdr,
+    ALPHA, FILE_SYNC, MOUNT_PROG, MOUNT_VERS, NULL, READ, STRANGER, WRITE, Nfs, NFS3_OK, create,
+    header, scratch_path, start_nfs, start_nfs_daemon, xdr,
 )
 from support.wait import wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
+NFS3ERR_STALE = 70
+UMNT = 3
 
 
 def normal_free(daemon) -> float:
@@ -114,6 +117,52 @@ def test_a_client_trickling_a_record_is_disconnected_at_its_deadline(tmp_path, p
         stop.set()
         if trickle is not None:
             trickle.join(10)
+        stop_clean(daemon)
+
+
+# --------------------------------------------------------------------------- wipe
+
+
+def test_a_write_the_c_loop_took_on_before_a_wipe_does_not_land_after_it(tmp_path):
+    """The C loop takes a WRITE on from its first bytes (its handle is good then) and
+    receives the rest as the client sends it. The node's swap is wiped meanwhile (it
+    unmounted, swap.wipe); the rest comes after: the write must not land on the zeroed file
+    (it would hand the node's next swapon stale pages, or outlive a wipe asked for). It is
+    handed to Python, which answers NFS3ERR_STALE."""
+    daemon = start_nfs_daemon(tmp_path, swap_options='wipe = true\ndetach_grace = "0.2s"')
+    try:
+        alpha = Nfs(daemon, ALPHA)
+        handle = alpha.swap_handle("alpha")
+        assert alpha.write(handle, 0, b"a" * 4096)[0] == NFS3_OK  # Python's: registers it
+        fallbacks = metric(daemon, "netswap_c_loop_handoffs_total", reason="nfs_python")
+        assert alpha.write(handle, 0, b"b" * 4096)[0] == NFS3_OK  # the loop's
+        assert metric(daemon, "netswap_c_loop_handoffs_total",
+                      reason="nfs_python") == fallbacks
+        free = metric(daemon, "netswap_pool_free_bytes")
+        xid = alpha.nfs.next_xid()
+        call = header(xid, proc=WRITE) + xdr(("o", handle), ("h", 0), ("u", 64 * KiB),
+                                             ("u", FILE_SYNC), ("o", b"late" * (16 * KiB)))
+        record = rpc.fragment_header(len(call)) + call
+        alpha.nfs.sock.sendall(record[:1024])
+        # The loop took it on: it allocated the record's block (Python would have counted a
+        # hand-over first).
+        wait_until(lambda: metric(daemon, "netswap_pool_free_bytes") < free,
+                   what="the WRITE's block taken")
+        assert metric(daemon, "netswap_c_loop_handoffs_total",
+                      reason="nfs_python") == fallbacks
+        reply = alpha.mount_client.call(MOUNT_PROG, MOUNT_VERS, UMNT, xdr(("o", b"/swap")))
+        assert reply.accepted
+        wait_until(lambda: metric(daemon, "netswap_wipes_total", export="nfs:alpha") >= 1,
+                   timeout=15, what=daemon.log)
+        alpha.nfs.sock.sendall(record[1024:])
+        reply = alpha.nfs.reply(xid)
+        assert reply.accepted and reply.stat == 0
+        assert Unpacker(reply.results).uint() == NFS3ERR_STALE
+        assert metric(daemon, "netswap_c_loop_handoffs_total", reason="nfs_scrubbed") == 1
+        on_disk = (daemon.state_dir / "nfs-swap" / "alpha").read_bytes()
+        assert on_disk == bytes(len(on_disk)), "a write landed after the wipe"
+        alpha.close()
+    finally:
         stop_clean(daemon)
 
 

@@ -23,6 +23,7 @@ from netswap.nfs.handles import (
 from netswap.nfs import swapfiles
 from netswap.nfs.swapfiles import SwapFileError, SwapFiles
 from netswap.swap.nodes import SWAP_PREFIX, swap_node_from_name, valid_node
+from support.wait import wait_until
 
 SAMPLE = FileHandle(export_id=7, fileid=0x0123456789ABCDEF, generation=0xDEADBEEF)
 
@@ -438,6 +439,61 @@ def test_scrub_without_zero_range_writes_zeros(tmp_path, monkeypatch):
         swap_file = files.open("node01")
         os.pwrite(swap_file.fd, b"\xa5" * 4096, 1 << 20)
         files.scrub("node01")
+    assert (tmp_path / "swap" / "node01").read_bytes() == bytes(SIZE)
+
+
+class _Loops:
+    """The C loops' scrub state, as a scrub sees it: one loop is in a write until let go."""
+
+    def __init__(self) -> None:
+        self.voided = 0
+        self.writing = 1
+
+    def void_handles(self) -> None:
+        self.voided += 1
+
+    def writers(self) -> int:
+        return self.writing
+
+
+@pytest.mark.parametrize("writer", ["python", "c_loop"])
+def test_scrub_zeroes_only_after_the_writes_already_going_end(tmp_path, writer):
+    """A write that passed its handle check before the scrub began (Python's begin_write, a
+    C loop's look at the epoch) lands before the zeroing, never after it; writes through
+    the old handle are refused from the scrub's start."""
+    with make_files(tmp_path) as files:
+        swap_file = files.open("node01")
+        generation = swap_file.generation
+        loops = files.loops = _Loops() if writer == "c_loop" else None
+        if writer == "python":
+            assert swap_file.begin_write(generation)
+        else:
+            loops.writing = 1
+        scrubber = threading.Thread(target=files.scrub, args=("node01",), daemon=True)
+        scrubber.start()
+
+        def held_off() -> bool:
+            if swap_file.begin_write(generation):  # not yet: the scrub has not begun
+                swap_file.end_write()
+                return False
+            return True
+
+        wait_until(held_off, what="new writes held off")
+        if writer == "c_loop":
+            wait_until(lambda: loops.voided >= 1, what="the C loops' handles voided")
+        # The write in progress lands now, while the scrub waits for it...
+        os.pwrite(swap_file.fd, b"\xa5" * 4096, 0)
+        assert scrubber.is_alive()
+        if writer == "python":
+            swap_file.end_write()
+        else:
+            loops.writing = 0
+        scrubber.join(30)
+        assert not scrubber.is_alive()
+        # ...and the zeroing after it. The old handle's writes stay refused.
+        assert not swap_file.begin_write(generation)
+        assert swap_file.begin_write(swap_file.generation)
+        swap_file.end_write()
     assert (tmp_path / "swap" / "node01").read_bytes() == bytes(SIZE)
 
 

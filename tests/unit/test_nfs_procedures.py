@@ -13,7 +13,7 @@ import pytest
 from netswap.nfs import codec
 from netswap.nfs.exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_BADHANDLE, NFS3ERR_EXIST, NFS3ERR_IO, NFS3ERR_ISDIR,
-    NFS3ERR_JUKEBOX, NFS3ERR_NOENT, SCRATCH_EXPORT, NfsError, NfsExports,
+    NFS3ERR_JUKEBOX, NFS3ERR_NOENT, NFS3ERR_STALE, SCRATCH_EXPORT, NfsError, NfsExports,
 )
 from netswap.nfs.nfs3 import Nfs3Program
 from netswap.reserve.pool import Pool
@@ -289,6 +289,28 @@ def test_a_swap_file_reads_back_what_was_written(swap_served):
     reply.fixed_opaque(84)
     assert (reply.uint(), reply.bool()) == (len(page), False)
     assert bytes(reply.opaque(MAX_IO)) == page
+
+
+def test_a_write_resolved_before_a_wipe_is_not_made_after_it(swap_served, monkeypatch):
+    """An operator's wipe (a scrub) that runs between a WRITE's resolve of its handle and its
+    write (the call may even wait for the wipe, attaching its node): the write is not made,
+    the call gets NFS3ERR_STALE, and the file stays zeroed."""
+    program, path, handle = swap_served
+    exports = program.exports
+    resolve = exports.resolve
+
+    def resolve_then_wiped(data, peer):
+        node = resolve(data, peer)
+        exports.swap.scrub("alpha")
+        return node
+
+    monkeypatch.setattr(exports, "resolve", resolve_then_wiped)
+    page = b"w" * 4096
+    with pytest.raises(NfsError) as failed:
+        run(program, codec.WRITE, codec.WriteArgs(handle, 0, len(page), codec.FILE_SYNC,
+                                                 memoryview(page)))
+    assert failed.value.status == NFS3ERR_STALE
+    assert path.read_bytes() == bytes(SWAP_SIZE)
 
 
 def test_a_replaced_swap_file_fails_writes_for_good_and_keeps_reads(swap_served):

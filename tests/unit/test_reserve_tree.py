@@ -8,7 +8,7 @@ import pytest
 from netswap import config as configuration
 from netswap.counters import Counters
 from netswap.errors import AttachRefused
-from netswap.swap.attach import Lifecycle, NodeSlots
+from netswap.swap.attach import Lifecycle, NodeAttached, NodeSlots
 from netswap.reserve.pool import Pool
 from netswap.reserve.tree import build_tree, pool_size, render
 
@@ -196,3 +196,47 @@ def test_a_description_with_slots_is_cut_before_the_count_is():
     assert slots.describe("", 2048) == "3 of 8 node slots free"
     long = slots.describe("é" * 3000, 2048)
     assert long.endswith("; 3 of 8 node slots free") and len(long.encode()) <= 2048
+
+
+class _Zeroes:
+    """A swap export's backend that records its wipes."""
+
+    def __init__(self) -> None:
+        self.wipes = 0
+
+    def write_zeroes(self, offset, length, may_trim, fua):
+        self.wipes += 1
+
+
+def wiped_swap_export(node):
+    return SimpleNamespace(name=f"swap/{node}", node=node, is_swap=True, size=MiB,
+                           backend=_Zeroes())
+
+
+@pytest.mark.parametrize("swap_wipe", [True, False], ids=["swap.wipe", "detach --wipe"])
+def test_an_operators_detach_does_not_wipe_a_node_attached_again_meanwhile(swap_wipe):
+    """netswapctl detach closes the node's connections, waits until none is attached, then
+    releases (and wipes) it. A connection attaching in between must not be wiped under
+    (its WRITEs would land after the zeroing) nor have its reserve pulled."""
+    life, _, _, _ = make_lifecycle(make_config(wipe=swap_wipe, detach_grace="60s"))
+    try:
+        export = wiped_swap_export("d")
+        life.attach(export).release()  # its connections closed: the detach saw none
+        if not swap_wipe:
+            assert life.release_now("d")  # released; detach --wipe wipes after that
+        again = life.attach(export)  # the node came back before the wipe
+        with pytest.raises(NodeAttached):
+            if swap_wipe:
+                life.release_now("d")  # swap.wipe wipes as it releases
+            else:
+                life.wipe(export, "operator's detach --wipe")
+        assert export.backend.wipes == 0
+        assert again.requests.connected and life.attached_nodes() == {"d": 1}
+        again.release()
+        # Once it is gone, the operator's detach goes through, wipe and all.
+        assert life.release_now("d")
+        if not swap_wipe:
+            life.wipe(export, "operator's detach --wipe")
+        assert export.backend.wipes == 1
+    finally:
+        life.close()

@@ -66,6 +66,10 @@ class Node:
     st: Optional[os.stat_result] = None
     # A swap file's storage (swap/store.py): its READ, WRITE and COMMIT go through it.
     backend: Optional[object] = None
+    # A swap file (swapfiles.SwapFile), and the generation the handle resolved carried:
+    # a WRITE is made only while that is still the file's (SwapFile.begin_write).
+    swap_file: Optional[object] = None
+    generation: int = 0
 
     @property
     def is_swap_file(self) -> bool:
@@ -182,7 +186,7 @@ class NfsExports:
         if swap_file.node != self.node_of(peer):
             # Another node's file: refused whatever the handle says (isolation).
             raise NfsError(NFS3ERR_ACCES, f"swap file of node {swap_file.node!r}")
-        return _swap_node(swap_file)
+        return _swap_node(swap_file, handle.generation)
 
     def _directory(self, export_id: int) -> Path:
         for exported_id, directory in self.roots.values():
@@ -225,9 +229,12 @@ class NfsExports:
                       if entry.is_file(follow_symlinks=False))
 
 
-def _swap_node(swap_file) -> Node:
+def _swap_node(swap_file, generation: Optional[int] = None) -> Node:
+    """A swap file's Node, as reached through a handle of `generation` (None: the file's
+    current one, for a handle about to be issued)."""
     return Node(SWAP_EXPORT, swap_file.path, False, swap_file.fd, swap_file.node,
-                backend=swap_file.backend)
+                backend=swap_file.backend, swap_file=swap_file,
+                generation=swap_file.generation if generation is None else generation)
 
 
 def _remember(table: dict, key, value) -> None:

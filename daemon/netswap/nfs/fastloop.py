@@ -22,7 +22,10 @@ the error its way.
 The handle table: Python adds a handle after it served a READ or WRITE on it that resolves,
 for this peer, to the node's own swap file; the entry holds a dup of the file's descriptor
 (never a number another close frees) and the swap files' scrub epoch at the time it was
-verified, before the resolve: a scrub changes the epoch and voids every entry at once.
+verified, before the resolve: a scrub changes the epoch and voids every entry at once. A
+WRITE the loop took on before a scrub began (its body may come in as slowly as the client
+likes) looks at the epoch again just before it writes, and a scrub waits for writes past
+that look before it zeroes the file (ScrubState): no write lands after a wipe.
 The table is changed only on the reader thread between two runs of the loop, which reads
 it only while it runs on that thread: no lock.
 """
@@ -57,6 +60,26 @@ SOCKET_ERROR = lib.NFS_FAST_SOCKET_ERROR
 RECORD_CUT = lib.NFS_FAST_RECORD_CUT
 FLUSH = lib.NFS_FAST_FLUSH
 RECORD_TIMEOUT = lib.NFS_FAST_RECORD_TIMEOUT
+VOIDED = lib.NFS_FAST_VOIDED
+
+
+class ScrubState:
+    """The swap files' scrub state every C loop shares (struct nfs_fast_swap): a scrub
+    (swapfiles.py) voids the loops' handle entries, then waits until no loop is in a write."""
+
+    def __init__(self) -> None:
+        self.c = ffi.new("struct nfs_fast_swap *")
+
+    @property
+    def epoch(self) -> int:
+        return self.c.epoch
+
+    def void_handles(self) -> None:
+        lib.nfs_fast_void_handles(self.c)
+
+    def writers(self) -> int:
+        """Loops writing now through an entry they checked."""
+        return lib.nfs_fast_writers(self.c)
 
 
 class NodeClock:
@@ -103,14 +126,14 @@ class NfsFastLoop:
     it hands back."""
 
     def __init__(self, *, sock_fd: int, pool, max_record: int, max_io: int, exports,
-                 verifier: bytes, epoch, node_clock: NodeClock, gate, counters,
+                 verifier: bytes, scrub: ScrubState, node_clock: NodeClock, gate, counters,
                  service: str, peer: str, node: str,
                  record_timeout: float | None = None) -> None:
         """`record_timeout`: nfs.record_timeout, which the loop applies as the Python path
         does (None: no limit)."""
         self.pool = pool
         self._exports = exports
-        self._epoch = epoch  # int64_t *, the swap files' scrub epoch
+        self._scrub = scrub  # the swap files' scrub epoch, and the loops' writes
         self._counters = counters
         self._service = service
         self._peer = peer
@@ -133,7 +156,7 @@ class NfsFastLoop:
         conn.record_timeout_ns = (0 if record_timeout is None
                                   else max(1, round(record_timeout * 1e9)))
         conn.verifier = verifier
-        conn.swap_epoch = epoch
+        conn.swap = scrub.c
         conn.node = node_clock.c
         conn.gate = gate
         conn.bounds_ns = _BOUNDS_NS
@@ -155,7 +178,7 @@ class NfsFastLoop:
             self.candidates.append(handle)
 
     def _known(self, handle: bytes) -> bool:
-        epoch = self._epoch[0]
+        epoch = self._scrub.epoch
         for entry in self._conn.handles:
             if (entry.length == len(handle) and entry.epoch == epoch
                     and bytes(ffi.buffer(entry.bytes, entry.length)) == handle):
@@ -169,7 +192,7 @@ class NfsFastLoop:
             handle = self.candidates.popleft()
             if self._known(handle):
                 continue
-            epoch = self._epoch[0]  # before the resolve: a scrub after it voids the entry
+            epoch = self._scrub.epoch  # before the resolve: a scrub after it voids the entry
             try:
                 node = self._exports.resolve(handle, self._peer)
             except (NfsError, OSError):

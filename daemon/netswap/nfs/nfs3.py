@@ -35,7 +35,7 @@ from .codec import (
 from .exports import (
     NFS3_OK, NFS3ERR_ACCES, NFS3ERR_EXIST, NFS3ERR_FBIG, NFS3ERR_INVAL, NFS3ERR_IO, NFS3ERR_ISDIR,
     NFS3ERR_JUKEBOX, NFS3ERR_NAMETOOLONG, NFS3ERR_NOENT, NFS3ERR_NOSPC, NFS3ERR_NOTDIR,
-    NFS3ERR_ROFS, SWAP_EXPORT, NfsError, Node,
+    NFS3ERR_ROFS, NFS3ERR_STALE, SWAP_EXPORT, NfsError, Node,
 )
 
 NFS_CALLS = declare(
@@ -351,8 +351,17 @@ class Nfs3Program:
         """Write `data` at `offset`; return the file's attributes after the write. A swap
         file is written through its backend: its failure latch and identity check."""
         if node.backend is not None:
-            node.backend.write_from(offset, data, fua=sync)
-            return os.fstat(node.fd)
+            # Its handle was good when resolved, but a wipe may have begun since (this call
+            # may even have waited for it to finish, attaching the node): written now, the
+            # data would land on the zeroed file.
+            if not node.swap_file.begin_write(node.generation):
+                raise NfsError(NFS3ERR_STALE, "the swap file was wiped since its handle "
+                                              "was resolved")
+            try:
+                node.backend.write_from(offset, data, fua=sync)
+                return os.fstat(node.fd)
+            finally:
+                node.swap_file.end_write()
         fd = node.fd if node.fd is not None else os.open(node.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             done = 0

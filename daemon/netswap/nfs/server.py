@@ -304,9 +304,12 @@ class RpcConnection:
             return
         # A call the loop received and hands over: Python's from here, as if received here.
         buffer, started = fast.buffer(), fast.started_ns
-        if reason == fastloop.HANDOFF:
-            counters.inc(C_LOOP_HANDOFFS, "nfs_io_error")
-            self._dispatch(buffer, fast.record_length, None, started)  # run again, in Python
+        if reason in (fastloop.HANDOFF, fastloop.VOIDED):
+            # A failed write, or one a scrub made stale before it was written: Python runs
+            # it again and answers (NFS3ERR_STALE, for the latter).
+            counters.inc(C_LOOP_HANDOFFS,
+                         "nfs_io_error" if reason == fastloop.HANDOFF else "nfs_scrubbed")
+            self._dispatch(buffer, fast.record_length, None, started)
             return
         assert reason == fastloop.PARTIAL, reason
         counters.inc(C_LOOP_HANDOFFS, "nfs_queued_reply")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import time
 
-from netswap._pool import ffi
-
 from ..swap.attach import WIPES
 from ..transport.admission import ConnectionLimits
 from . import fastloop, mount, nfs3
@@ -35,15 +33,16 @@ class NfsService:
         program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
         fast_loop = None
         if nfs.c_loop and self.swap_nodes is not None:
-            # The scrub epoch the C loops compare their handles' with (fastloop.py).
-            self._scrub_epoch = ffi.new("int64_t *")
-            self.exports.swap.epoch = self._scrub_epoch
+            # The scrub epoch the C loops compare their handles' with, and their writes a
+            # scrub waits for (fastloop.py).
+            self._scrub = fastloop.ScrubState()
+            self.exports.swap.loops = self._scrub
 
             def node_fast_loop(connection):
                 return fastloop.NfsFastLoop(
                     sock_fd=connection.sock.fileno(), pool=pool, max_record=max_record,
                     max_io=nfs.max_io, exports=self.exports, verifier=program.verifier,
-                    epoch=self._scrub_epoch, node_clock=self.swap_nodes.clock(connection.node),
+                    scrub=self._scrub, node_clock=self.swap_nodes.clock(connection.node),
                     gate=connection.sender.gate, counters=counters, service="nfs",
                     peer=connection.peer, node=connection.node,
                     record_timeout=nfs.record_timeout)

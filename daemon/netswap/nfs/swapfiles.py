@@ -19,11 +19,16 @@ What the Linux client needs from it (research/nfs.md section 1) and what isolati
   with fchmod (the umask cannot widen or narrow it), ownership with fchown when we may (root).
 * **Generations.**  A file handle carries (fileid, generation).  Inode numbers get reused, so
   whenever a file's contents stop being what an old handle referred to (created, re-created,
-  scrubbed) it gets a new generation and old handles go stale.  Generations come from one
-  counter per state file, so two incarnations never share one even across nodes; a fresh state
-  file starts the counter at a random point, so losing the state cannot revive old handles
-  except by a 1 in 2**32 chance.  The state file (``state_path``, JSON) maps each node to its
-  fileid and generation and is rewritten atomically (temporary, fsync, rename, fsync dir).
+  scrubbed) it gets a new generation and old handles go stale.  A write checks the generation
+  of the handle it came with again when it starts (``SwapFile.begin_write``), and a scrub
+  admits none from its start and waits for those already started before it zeroes: a WRITE
+  resolved before a wipe (then parked behind it, or merely slow) never lands after it, which
+  would survive a wipe the operator asked for and hand the node stale pages later.
+  Generations come from one counter per state file, so two incarnations never share one
+  even across nodes; a fresh state file starts the counter at a random point, so losing the
+  state cannot revive old handles except by a 1 in 2**32 chance.  The state file
+  (``state_path``, JSON) maps each node to its fileid and generation and is rewritten
+  atomically (temporary, fsync, rename, fsync dir).
   If a node's file on disk is not the inode the state remembers, somebody replaced it: it gets
   a new generation, and a warning.
 * **Isolation is the caller's check, made possible here.**  ``by_fileid`` resolves a handle's
@@ -42,6 +47,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from pathlib import Path
 
 from ..exports.backends import FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, fallocate
@@ -68,7 +74,8 @@ class SwapFileError(OSError):
 class SwapFile:
     """One node's open swap file.  ``generation`` changes when the file is scrubbed."""
 
-    __slots__ = ("node", "path", "fd", "size", "fileid", "generation", "backend")
+    __slots__ = ("node", "path", "fd", "size", "fileid", "generation", "backend", "_writes",
+                 "_writing", "_fenced")
 
     def __init__(self, node: str, path: Path, fd: int, size: int, fileid: int, generation: int,
                  on_failure=None):
@@ -80,6 +87,37 @@ class SwapFile:
         self.size = size
         self.fileid = fileid  # st_ino; fattr3.fileid and the handle's fileid
         self.generation = generation  # u32, never 0 (0 is the export root's)
+        # Writes between begin_write and end_write, and whether a scrub holds new ones off.
+        self._writes = threading.Condition(threading.Lock())
+        self._writing = 0
+        self._fenced = False
+
+    def begin_write(self, generation: int) -> bool:
+        """May a write through a handle of `generation` go ahead? False once the file is
+        being, or was, scrubbed since the handle was issued (the write is not made: its
+        handle is stale); True counts it in until end_write."""
+        with self._writes:
+            if self._fenced or generation != self.generation:
+                return False
+            self._writing += 1
+            return True
+
+    def end_write(self) -> None:
+        with self._writes:
+            self._writing -= 1
+            if not self._writing and self._fenced:
+                self._writes.notify_all()
+
+    def _fence(self) -> None:
+        """(A scrub.) Admit no write from now on, and wait for those admitted to end."""
+        with self._writes:
+            self._fenced = True
+            while self._writing:
+                self._writes.wait()
+
+    def _unfence(self) -> None:
+        with self._writes:
+            self._fenced = False
 
     def __repr__(self) -> str:
         return f"SwapFile(node={self.node!r}, fileid={self.fileid}, generation={self.generation})"
@@ -105,9 +143,10 @@ class SwapFiles:
         self._lock = threading.Lock()  # guards _open, _state and the state file
         self._open: dict[str, SwapFile] = {}
         self._closed = False
-        # The NFS C loop's scrub epoch (an int64_t * of nfs/fastloop.py), or None: it changes
-        # when a scrub starts and when it ends, and so voids every handle the loops hold.
-        self.epoch = None
+        # The NFS C loops' scrub state (nfs/fastloop.py's ScrubState), or None: its epoch
+        # changes when a scrub starts and when it ends, and so voids every handle the loops
+        # hold; a scrub waits for the loops' writes begun before that.
+        self.loops = None
         self._prepare_directory()
         self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -176,20 +215,32 @@ class SwapFiles:
             return None
         with self._lock:
             self._check_open()
+            # No write from here on (the C loops' handles void, Python's held off), and none
+            # still going when the zeroing starts (the module docstring).
             self._bump_epoch()
+            swap_file._fence()
             try:
+                self._wait_for_loop_writes()
                 self._zero(swap_file)
                 self._require_allocated(swap_file.fd, swap_file.path)
                 os.fsync(swap_file.fd)
                 swap_file.generation = self._record(node, swap_file.fileid, new_generation=True)
             finally:
                 self._bump_epoch()  # handles verified during the scrub are void too
+                swap_file._unfence()  # old handles fail the generation check from here
         log.info("scrubbed swap file %s (generation %d)", swap_file.path, swap_file.generation)
         return swap_file
 
     def _bump_epoch(self) -> None:
-        if self.epoch is not None:
-            self.epoch[0] += 1
+        if self.loops is not None:
+            self.loops.void_handles()
+
+    def _wait_for_loop_writes(self) -> None:
+        """Until no C loop is in a write it began before the epoch changed (one pwrite and
+        an fdatasync at most: a poll is enough for what a wipe waits for, and costs the
+        loops nothing)."""
+        while self.loops is not None and self.loops.writers():
+            time.sleep(0.001)
 
     def close(self) -> None:
         with self._lock:

@@ -18,7 +18,11 @@ Non-swap (static) NBD exports attach without a reservation: they never touch the
 Wipe (`wipe = true`): a node's swap is discarded when the node detaches for good (its grace
 period ends, an operator releases it, the daemon stops), and a static export's contents when
 its last connection closes. The wipe runs under the lock that attaching takes, so a client
-attaching meanwhile waits and then finds the export empty, never half wiped.
+attaching meanwhile waits and then finds the export empty, never half wiped; and only while
+no connection is attached to the node, whose WRITEs would otherwise land after the zeroing
+(an NBD connection's requests in flight all end before it lets go of its attachment). An
+operator's release or wipe of a node that attached again since its connections were closed
+is refused (`NodeAttached`): it would wipe under a live connection, and take its reserve.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ WIPE_FAILURES = declare(
     label="export")
 
 log = logging.getLogger("netswap.lifecycle")
+
+
+class NodeAttached(Exception):
+    """An operator's release or wipe of a node that is attached (again): refused."""
 
 
 # Discards all of a node's swap behind one name (its NBD export's backend, its NFS swap
@@ -231,8 +239,16 @@ class Lifecycle:
         return self._config.swap.wipe
 
     def wipe(self, export, why: str) -> None:
-        """Discard all of NBD `export`'s contents and make that durable; raises OSError."""
-        self._discard(export.name, _backend_discard(export), why)
+        """Discard all of NBD `export`'s contents and make that durable; raises OSError. A
+        node's swap export only while the node is not attached (NodeAttached otherwise), and
+        under the attach lock, so none attaches while it is wiped."""
+        if not getattr(export, "is_swap", False):
+            self._discard(export.name, _backend_discard(export), why)
+            return
+        with self._lock:
+            if export.node in self._nodes:
+                raise NodeAttached(f"node {export.node!r} is attached")
+            self._discard(export.name, _backend_discard(export), why)
 
     def _discard(self, name: str, discard: Discard, why: str) -> None:
         discard()
@@ -241,11 +257,12 @@ class Lifecycle:
 
     def release_now(self, name: str) -> bool:
         """Release a node's reserve without waiting for the grace period (an operator's
-        detach, once its connections are closed). False if it had none connected."""
+        detach, once its connections are closed). False if it had none connected;
+        NodeAttached if a connection attached it again since."""
         with self._lock:
             if name not in self._nodes:
                 return False
-        self._expire(name, force=True)
+        self._expire(name, force=True, operator=True)
         return True
 
     def close(self) -> None:
@@ -333,9 +350,13 @@ class Lifecycle:
             self._counters.inc(WIPE_FAILURES, name)
             log.error("export %r: wipe failed, its old contents remain: %s", name, exc)
 
-    def _expire(self, name: str, force: bool = False) -> None:
+    def _expire(self, name: str, force: bool = False, operator: bool = False) -> None:
         with self._lock:
             node = self._nodes.get(name)
+            if node is not None and node.connections and operator:
+                # Its connections closed, but one came back before this: wiping now would
+                # race that connection's writes, and destroying the groups pull its reserve.
+                raise NodeAttached(f"node {name!r} attached again")
             if node is None or (node.connections and not force):
                 return  # reattached since the timer was set
             if node.expiry is not None:
