@@ -203,3 +203,35 @@ def test_a_worker_waiting_for_a_reads_pool_memory_is_woken_by_the_stop(tmp_path)
     assert "did not finish" not in log, log
     assert "Traceback" not in log, log
     assert code == 0, log
+
+
+# --------------------------------------------------------------------------- scratch generations
+
+
+def test_the_handle_of_a_removed_scratch_file_is_stale_not_the_file_made_after_it(tmp_path):
+    """REMOVE is not served: a scratch file is removed on the server. The next file made,
+    under any name, may get its inode number (ext4 hands it out again at once); a client
+    still holding the old handle must get NFS3ERR_STALE, not the new file's data."""
+    daemon = start_nfs_daemon(tmp_path)
+    try:
+        client = Nfs(daemon, STRANGER)
+        root = client.root("/scratch")
+        status, old = create(client, root, b"report")
+        assert status == NFS3_OK and client.write(old, 0, b"old data")[0] == NFS3_OK
+        path = scratch_path(daemon) / "report"
+        inode = path.stat().st_ino
+        path.unlink()
+        status, new = create(client, root, b"report")
+        assert status == NFS3_OK and client.write(new, 0, b"new data")[0] == NFS3_OK
+        if path.stat().st_ino != inode:
+            pytest.skip("this file system did not reuse the inode number")
+        stale = metric(daemon, "netswap_nfs_errors_total", status=str(NFS3ERR_STALE))
+        assert client.getattr(old) == (NFS3ERR_STALE, None)
+        assert client.read(old, 0, 100)[0] == NFS3ERR_STALE
+        assert client.write(old, 0, b"overwritten")[0] == NFS3ERR_STALE
+        assert metric(daemon, "netswap_nfs_errors_total", status=str(NFS3ERR_STALE)) == stale + 3
+        assert client.read(new, 0, 100)[:2] == (NFS3_OK, b"new data")
+        assert path.read_bytes() == b"new data"
+        client.close()
+    finally:
+        stop_clean(daemon)

@@ -14,15 +14,27 @@ are remembered between calls (none of them decides access on its own):
 * a swap file's fileid -> its SwapFile: the handle's generation and the owner node are still
   compared with the caller's on every call, so a scrub (new generation) makes old handles
   stale at once and no node ever gets another node's file from it.
-* a scratch file's fileid -> its path: a hit is checked with one lstat of that path (still a
-  regular file with that inode), whose result also gives the reply's attributes; anything
-  else (renamed, replaced, gone) falls back to the directory scan.
+* a scratch file's fileid -> its path: a hit is checked by opening that path (still a
+  regular file with that inode and generation), whose fstat also gives the reply's
+  attributes; anything else (renamed, replaced, gone) falls back to the directory scan.
+
+A scratch file's handle carries its inode's generation (FS_IOC_GETVERSION, i_generation,
+what knfsd puts in its handles for the same reason): file systems reuse the inode number of
+a removed file at once (ext4 does), so without it the handle of a removed file would name
+whatever file is made next, a client's old handle reaching another's new data. With it,
+such a handle is stale. A file system that keeps no generations (tmpfs, overlayfs) gets 0
+and a warning at start: there only the inode number tells files apart.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import stat
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,7 +42,17 @@ from typing import Optional
 from .handles import BadHandle, FileHandle, HandleKey, decode, encode
 from .swapfiles import SwapFiles
 
+log = logging.getLogger("netswap.nfs")
+
 SWAP_EXPORT, SCRATCH_EXPORT = 1, 2
+# FS_IOC_GETVERSION, _IOR('v', 1, long) in the generic ioctl encoding (x86, arm, riscv): the
+# inode's generation. The kernel writes an int into the long.
+FS_IOC_GETVERSION = 2 << 30 | struct.calcsize("l") << 16 | ord("v") << 8 | 1
+# What a file system without inode generations answers FS_IOC_GETVERSION.
+_NO_GENERATIONS = (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+# Opening a scratch file only to look at it: never through a symlink, never blocking on a
+# FIFO planted there, never becoming a controlling terminal.
+_LOOK = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 # Entries per remembering table (see the module docstring); when one is full it starts over.
 # A client works on a handful of files, so this is far above the working set.
 CACHE_ENTRIES = 4096
@@ -61,7 +83,7 @@ class Node:
     is_dir: bool
     fd: Optional[int] = None  # open descriptor of a swap file (owned by its backend)
     swap_owner: Optional[str] = None  # the node a swap file belongs to
-    # The lstat that resolve() made of a scratch file to check it: its attributes before
+    # The stat that resolve() made of a scratch file to check it: its attributes before
     # the call, so a READ needs no second stat.
     st: Optional[os.stat_result] = None
     # A swap file's storage (swap/store.py): its READ, WRITE and COMMIT go through it.
@@ -99,9 +121,17 @@ class NfsExports:
             self.swap = SwapFiles(nfs.swap_directory, nfs.swap_size,
                                   state_dir / "nfs-swap-generations.json")
             self.roots[nfs.swap_export] = (SWAP_EXPORT, nfs.swap_directory)
+        # Whether the scratch directory's file system gives inode generations (the module
+        # docstring): asked once, of the directory, rather than on every call.
+        self._scratch_generations = False
         if nfs.scratch_export:
             nfs.scratch_directory.mkdir(mode=0o755, parents=True, exist_ok=True)
             self.roots[nfs.scratch_export] = (SCRATCH_EXPORT, nfs.scratch_directory)
+            self._scratch_generations = _has_generations(nfs.scratch_directory)
+            if not self._scratch_generations:
+                log.warning("scratch directory %s: its file system keeps no inode generations "
+                            "(FS_IOC_GETVERSION): a handle of a removed file names a new file "
+                            "that reuses its inode number", nfs.scratch_directory)
         self._verified: dict[bytes, FileHandle] = {}
         self._swap_files: dict[int, object] = {}  # fileid -> SwapFile
         self._scratch_paths: dict[int, Path] = {}  # fileid -> path
@@ -125,11 +155,21 @@ class NfsExports:
         return encode(self.key, FileHandle(export_id, os.stat(directory).st_ino, 0))
 
     def handle_for(self, node: Node) -> bytes:
-        st = os.stat(node.path)
-        generation = 0
         if node.is_swap_file:
-            generation = self.swap.open(node.swap_owner).generation
-        return encode(self.key, FileHandle(node.export_id, st.st_ino, generation))
+            return encode(self.key, FileHandle(node.export_id, os.stat(node.path).st_ino,
+                                               self.swap.open(node.swap_owner).generation))
+        if not node.is_dir and self._scratch_generations:
+            try:
+                fd = os.open(node.path, _LOOK)
+            except PermissionError:
+                pass  # as in _scratch_file: a daemon that is not root has the inode only
+            else:
+                try:
+                    fileid, generation = os.fstat(fd).st_ino, _generation_of(fd) or 0
+                finally:
+                    os.close(fd)
+                return encode(self.key, FileHandle(node.export_id, fileid, generation))
+        return encode(self.key, FileHandle(node.export_id, os.stat(node.path).st_ino, 0))
 
     def resolve(self, data: bytes, peer: str) -> Node:
         """The object a handle names, if this caller may reach it; NfsError otherwise."""
@@ -140,13 +180,10 @@ class NfsExports:
         if handle.export_id == SCRATCH_EXPORT:
             path = self._scratch_paths.get(handle.fileid)
             if path is not None:
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    st = None
-                # A regular file with the handle's inode is what the scan would find (it
-                # cannot be the root, a directory).
-                if st is not None and st.st_ino == handle.fileid and stat.S_ISREG(st.st_mode):
+                # A regular file with the handle's inode and generation is what the scan
+                # would find (it cannot be the root, a directory).
+                st = self._scratch_file(path, handle)
+                if st is not None:
                     return Node(SCRATCH_EXPORT, path, False, st=st)
                 self._scratch_paths.pop(handle.fileid, None)
         directory = self._directory(handle.export_id)
@@ -158,9 +195,38 @@ class NfsExports:
         for entry in os.scandir(directory):
             if entry.inode() == handle.fileid and entry.is_file(follow_symlinks=False):
                 path = Path(entry.path)
+                st = self._scratch_file(path, handle)
+                if st is None:  # another file under the removed one's inode number
+                    break
                 _remember(self._scratch_paths, handle.fileid, path)
-                return Node(SCRATCH_EXPORT, path, False)
-        raise NfsError(NFS3ERR_STALE, "no such file")
+                return Node(SCRATCH_EXPORT, path, False, st=st)
+        raise NfsError(NFS3ERR_STALE, "no such file (or a new one under its inode number)")
+
+    def _scratch_file(self, path: Path, handle: FileHandle) -> Optional[os.stat_result]:
+        """The attributes of the scratch file at `path` if it is the one `handle` names
+        (a regular file of its inode and generation), else None."""
+        if self._scratch_generations:
+            try:
+                fd = os.open(path, _LOOK)
+            except PermissionError:
+                fd = None  # only root opens any file; a daemon that is not has the inode only
+            except OSError:
+                return None  # gone, or a symlink now
+            if fd is not None:
+                try:
+                    st = os.fstat(fd)
+                    generation = _generation_of(fd) if stat.S_ISREG(st.st_mode) else None
+                finally:
+                    os.close(fd)
+                if (st.st_ino != handle.fileid or not stat.S_ISREG(st.st_mode)
+                        or (generation or 0) != handle.generation):
+                    return None
+                return st
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return st if st.st_ino == handle.fileid and stat.S_ISREG(st.st_mode) else None
 
     def _verify(self, data) -> FileHandle:
         key = bytes(data)
@@ -227,6 +293,26 @@ class NfsExports:
         return sorted((entry.name, Node(SCRATCH_EXPORT, Path(entry.path), False))
                       for entry in os.scandir(directory.path)
                       if entry.is_file(follow_symlinks=False))
+
+
+def _generation_of(fd: int) -> Optional[int]:
+    """The generation of the inode open at `fd`, None if its file system keeps none."""
+    answer = bytearray(8)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETVERSION, answer)
+    except OSError as exc:
+        if exc.errno in _NO_GENERATIONS:
+            return None
+        raise
+    return int.from_bytes(answer[:4], sys.byteorder)
+
+
+def _has_generations(directory: Path) -> bool:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _generation_of(fd) is not None
+    finally:
+        os.close(fd)
 
 
 def _swap_node(swap_file, generation: Optional[int] = None) -> Node:
