@@ -221,6 +221,9 @@ def test_the_handle_of_a_removed_scratch_file_is_stale_not_the_file_made_after_i
         path = scratch_path(daemon) / "report"
         inode = path.stat().st_ino
         path.unlink()
+        # Used once removed, as a client would: the daemon keeps a file it served open,
+        # holding its inode (and number) until a call finds it gone.
+        assert client.getattr(old) == (NFS3ERR_STALE, None)
         status, new = create(client, root, b"report")
         assert status == NFS3_OK and client.write(new, 0, b"new data")[0] == NFS3_OK
         if path.stat().st_ino != inode:

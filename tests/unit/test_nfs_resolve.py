@@ -65,8 +65,10 @@ def test_a_scratch_file_replaced_under_its_name_makes_the_old_handle_stale(expor
 def made_again(path, data: bytes, handle: bytes, exports) -> None:
     """Remove the scratch file at `path` and make another under its name; skip unless the
     file system gave the new file the old one's inode number (what the test is about; ext4
-    does at once)."""
+    does at once). The old handle is used in between, as a client would: the daemon keeps a
+    file it served open, holding its inode (and number) until a call finds it gone."""
     path.unlink()
+    assert status(lambda: exports.resolve(handle, ALPHA)) == NFS3ERR_STALE
     path.write_bytes(data)
     if path.stat().st_ino != decode(exports.key, handle).fileid:
         pytest.skip("this file system did not reuse the inode number")
@@ -90,6 +92,22 @@ def test_a_scratch_file_removed_and_made_again_under_its_inode_number_is_stale(
     finally:
         if not remembered:
             exports.close()
+
+
+def test_a_served_scratch_file_stays_open_until_the_last_call_holding_it_ends(exports):
+    """READ and WRITE use the descriptor resolve() keeps open. A call still holding it when
+    the file is found gone (and dropped) keeps it usable; the last release closes it."""
+    path, handle = scratch_file(exports, "a", b"data")
+    node = exports.resolve(handle, ALPHA)
+    fd = node.scratch.acquire(write=True)
+    assert fd is not None and exports.resolve(handle, ALPHA).scratch is node.scratch
+    path.unlink()
+    assert status(lambda: exports.resolve(handle, ALPHA)) == NFS3ERR_STALE  # dropped now
+    assert node.scratch.acquire() is None  # no new call takes it
+    assert os.pread(fd, 4, 0) == b"data"  # the one holding it still reads its file
+    node.scratch.release()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by that last release
 
 
 def test_a_renamed_scratch_file_is_still_found_by_its_handle(exports):

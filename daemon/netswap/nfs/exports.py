@@ -14,9 +14,12 @@ are remembered between calls (none of them decides access on its own):
 * a swap file's fileid -> its SwapFile: the handle's generation and the owner node are still
   compared with the caller's on every call, so a scrub (new generation) makes old handles
   stale at once and no node ever gets another node's file from it.
-* a scratch file's fileid -> its path: a hit is checked by opening that path (still a
-  regular file with that inode and generation), whose fstat also gives the reply's
-  attributes; anything else (renamed, replaced, gone) falls back to the directory scan.
+* a scratch file's fileid -> the file, kept open (_ScratchFile): a hit is checked with one
+  lstat of its path, whose result also gives the reply's attributes. That lstat finding the
+  handle's inode number there is enough: the descriptor keeps the inode alive, so no other
+  file can have that number meanwhile, and the generation was compared when the file was
+  opened. READ and WRITE use the descriptor (no open and close per call). Anything else
+  (renamed, replaced, gone) falls back to the directory scan, which opens it again.
 
 A scratch file's handle carries its inode's generation (FS_IOC_GETVERSION, i_generation,
 what knfsd puts in its handles for the same reason): file systems reuse the inode number of
@@ -35,6 +38,8 @@ import os
 import stat
 import struct
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,6 +61,13 @@ _LOOK = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 # Entries per remembering table (see the module docstring); when one is full it starts over.
 # A client works on a handful of files, so this is far above the working set.
 CACHE_ENTRIES = 4096
+# Scratch files kept open at once (each a descriptor, out of the daemon's RLIMIT_NOFILE), and
+# for how long one no call used is kept: an open file removed on the server keeps its inode
+# and its space until its descriptor is closed.
+OPEN_SCRATCH_FILES = 256
+SCRATCH_IDLE = 5.0
+# Opening a scratch file to serve it: as _LOOK, read-write.
+_SERVE = _LOOK & ~os.O_RDONLY | os.O_RDWR
 
 
 class NfsError(Exception):
@@ -92,6 +104,8 @@ class Node:
     # a WRITE is made only while that is still the file's (SwapFile.begin_write).
     swap_file: Optional[object] = None
     generation: int = 0
+    # A scratch file resolve() found, with its open descriptor (_ScratchFile.acquire).
+    scratch: Optional["_ScratchFile"] = None
 
     @property
     def is_swap_file(self) -> bool:
@@ -134,10 +148,16 @@ class NfsExports:
                             "that reuses its inode number", nfs.scratch_directory)
         self._verified: dict[bytes, FileHandle] = {}
         self._swap_files: dict[int, object] = {}  # fileid -> SwapFile
-        self._scratch_paths: dict[int, Path] = {}  # fileid -> path
+        self._scratch_files: dict[int, _ScratchFile] = {}  # fileid -> open scratch file
+        self._scratch_lock = threading.Lock()  # held while _scratch_files changes
+        self._next_sweep = 0.0  # time.monotonic() of the next look for idle scratch files
 
     def close(self) -> None:
         self._swap_files.clear()  # their descriptors close with SwapFiles
+        with self._scratch_lock:
+            for scratch in self._scratch_files.values():
+                scratch.drop()
+            self._scratch_files.clear()
         if self.swap is not None:
             self.swap.close()
 
@@ -178,14 +198,23 @@ class NfsExports:
             # Generation 0 is the export root's: a swap file's handle never names it.
             return self._swap_file(handle, peer)
         if handle.export_id == SCRATCH_EXPORT:
-            path = self._scratch_paths.get(handle.fileid)
-            if path is not None:
-                # A regular file with the handle's inode and generation is what the scan
-                # would find (it cannot be the root, a directory).
-                st = self._scratch_file(path, handle)
-                if st is not None:
-                    return Node(SCRATCH_EXPORT, path, False, st=st)
-                self._scratch_paths.pop(handle.fileid, None)
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._sweep(now)
+            scratch = self._scratch_files.get(handle.fileid)
+            if scratch is not None:
+                # Still a regular file of the handle's inode at its path: the open file (see
+                # the module docstring), what the scan would find (it cannot be the root).
+                try:
+                    st = os.lstat(scratch.path)
+                except OSError:
+                    st = None
+                if st is not None and st.st_ino == handle.fileid and stat.S_ISREG(st.st_mode):
+                    if scratch.generation != handle.generation:
+                        raise NfsError(NFS3ERR_STALE, "a new file under its inode number")
+                    scratch.used = now
+                    return Node(SCRATCH_EXPORT, scratch.path, False, st=st, scratch=scratch)
+                self._forget_scratch(scratch)
         directory = self._directory(handle.export_id)
         root_ino = os.stat(directory).st_ino
         if handle.fileid == root_ino:
@@ -194,39 +223,76 @@ class NfsExports:
             return self._swap_file(handle, peer)
         for entry in os.scandir(directory):
             if entry.inode() == handle.fileid and entry.is_file(follow_symlinks=False):
-                path = Path(entry.path)
-                st = self._scratch_file(path, handle)
-                if st is None:  # another file under the removed one's inode number
+                found = self._open_scratch(Path(entry.path), handle)
+                if found is None:  # another file under the removed one's inode number
                     break
-                _remember(self._scratch_paths, handle.fileid, path)
-                return Node(SCRATCH_EXPORT, path, False, st=st)
+                scratch, st = found
+                return Node(SCRATCH_EXPORT, scratch.path, False, st=st, scratch=scratch)
         raise NfsError(NFS3ERR_STALE, "no such file (or a new one under its inode number)")
 
-    def _scratch_file(self, path: Path, handle: FileHandle) -> Optional[os.stat_result]:
-        """The attributes of the scratch file at `path` if it is the one `handle` names
-        (a regular file of its inode and generation), else None."""
-        if self._scratch_generations:
+    def _open_scratch(self, path: Path, handle: FileHandle):
+        """(the open _ScratchFile, its attributes) for the scratch file at `path` if it is
+        the one `handle` names (a regular file of its inode and generation), else None. It
+        is remembered by fileid for the next calls."""
+        fd, writable = None, False
+        for flags in (_SERVE, _LOOK):
             try:
-                fd = os.open(path, _LOOK)
+                fd = os.open(path, flags)
             except PermissionError:
-                fd = None  # only root opens any file; a daemon that is not has the inode only
-            except OSError:
+                continue  # only root opens any file: a read-only one, or none at all
+            except OSError as exc:
+                if exc.errno == errno.EROFS and flags == _SERVE:
+                    continue
                 return None  # gone, or a symlink now
+            writable = flags == _SERVE
+            break
+        if fd is None:
+            # A daemon that is not root and may not open it has the inode only.
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return None
+            generation = None
+        else:
+            try:
+                st = os.fstat(fd)
+                generation = (_generation_of(fd)
+                              if self._scratch_generations and stat.S_ISREG(st.st_mode) else None)
+            except BaseException:
+                os.close(fd)
+                raise
+        if (st.st_ino != handle.fileid or not stat.S_ISREG(st.st_mode)
+                or (generation or 0) != handle.generation):
             if fd is not None:
-                try:
-                    st = os.fstat(fd)
-                    generation = _generation_of(fd) if stat.S_ISREG(st.st_mode) else None
-                finally:
-                    os.close(fd)
-                if (st.st_ino != handle.fileid or not stat.S_ISREG(st.st_mode)
-                        or (generation or 0) != handle.generation):
-                    return None
-                return st
-        try:
-            st = os.lstat(path)
-        except OSError:
+                os.close(fd)
             return None
-        return st if st.st_ino == handle.fileid and stat.S_ISREG(st.st_mode) else None
+        scratch = _ScratchFile(path, handle.fileid, handle.generation, fd, writable)
+        with self._scratch_lock:
+            if len(self._scratch_files) >= OPEN_SCRATCH_FILES:
+                for old in self._scratch_files.values():
+                    old.drop()
+                self._scratch_files.clear()
+            old = self._scratch_files.pop(handle.fileid, None)
+            if old is not None:
+                old.drop()
+            self._scratch_files[handle.fileid] = scratch
+        return scratch, st
+
+    def _sweep(self, now: float) -> None:
+        """Close the scratch files no call used for SCRATCH_IDLE (at most once a second): a
+        file removed on the server gets its space back, the inode number its reuse."""
+        self._next_sweep = now + 1.0
+        with self._scratch_lock:
+            idle = [s for s in self._scratch_files.values() if now - s.used > SCRATCH_IDLE]
+            for scratch in idle:
+                del self._scratch_files[scratch.fileid]
+                scratch.drop()
+
+    def _forget_scratch(self, scratch: "_ScratchFile") -> None:
+        with self._scratch_lock:
+            if self._scratch_files.get(scratch.fileid) is scratch:
+                del self._scratch_files[scratch.fileid]
+        scratch.drop()
 
     def _verify(self, data) -> FileHandle:
         key = bytes(data)
@@ -293,6 +359,54 @@ class NfsExports:
         return sorted((entry.name, Node(SCRATCH_EXPORT, Path(entry.path), False))
                       for entry in os.scandir(directory.path)
                       if entry.is_file(follow_symlinks=False))
+
+
+class _ScratchFile:
+    """A scratch file resolve() found, open: READ and WRITE use its descriptor. A call takes
+    it with acquire() and gives it back with release(); once dropped (the file is gone from
+    its path, or the table starts over) no call takes it, and the last one closes it, so a
+    descriptor is never closed under a call, nor its number reused for another file while a
+    call still holds it."""
+
+    __slots__ = ("path", "fileid", "generation", "used", "_fd", "_writable", "_users",
+                 "_dropped", "_lock")
+
+    def __init__(self, path: Path, fileid: int, generation: int, fd: Optional[int],
+                 writable: bool) -> None:
+        self.path = path
+        self.fileid = fileid
+        self.generation = generation  # the one compared when it was opened (0: none kept)
+        self.used = time.monotonic()  # when a call last resolved it
+        self._fd = fd  # None: a daemon that is not root may not open it
+        self._writable = writable
+        self._users = 0
+        self._dropped = False
+        self._lock = threading.Lock()
+
+    def acquire(self, write: bool = False) -> Optional[int]:
+        """Its descriptor, held until release(); None if it has none for that (the caller
+        opens the path itself)."""
+        with self._lock:
+            if self._dropped or self._fd is None or (write and not self._writable):
+                return None
+            self._users += 1
+            return self._fd
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users or not self._dropped:
+                return
+        os.close(self._fd)
+
+    def drop(self) -> None:
+        with self._lock:
+            if self._dropped:
+                return
+            self._dropped = True
+            if self._users or self._fd is None:
+                return
+        os.close(self._fd)
 
 
 def _generation_of(fd: int) -> Optional[int]:

@@ -274,6 +274,12 @@ class Nfs3Program:
         loan = self._swap_read_loan(node, release)
         count = min(count, self.max_io)
         fd = node.fd
+        # A scratch file's descriptor, which exports.py keeps open between calls.
+        held = node.scratch if fd is None and node.scratch is not None else None
+        if held is not None:
+            fd = held.acquire()
+            if fd is None:
+                held = None
         try:
             if fd is None:
                 fd = os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -293,7 +299,9 @@ class Nfs3Program:
                     else:
                         got = os.preadv(fd, [buffer.view], offset)
             finally:
-                if node.fd is None:
+                if held is not None:
+                    held.release()
+                elif node.fd is None:
                     os.close(fd)
         except OSError as exc:
             raise _from_os(exc) from exc
@@ -362,7 +370,15 @@ class Nfs3Program:
                 return os.fstat(node.fd)
             finally:
                 node.swap_file.end_write()
-        fd = node.fd if node.fd is not None else os.open(node.path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = node.fd
+        # A scratch file's descriptor, which exports.py keeps open between calls.
+        held = node.scratch if fd is None and node.scratch is not None else None
+        if held is not None:
+            fd = held.acquire(write=True)
+            if fd is None:
+                held = None
+        if fd is None:
+            fd = os.open(node.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             done = 0
             while done < len(data):
@@ -371,7 +387,9 @@ class Nfs3Program:
                 os.fdatasync(fd)
             return os.fstat(fd)
         finally:
-            if node.fd is None:
+            if held is not None:
+                held.release()
+            elif node.fd is None:
                 os.close(fd)
 
     def _create(self, args, peer, release):
