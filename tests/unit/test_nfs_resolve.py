@@ -5,6 +5,8 @@ handle used once first so the remembered entry is what the second resolve meets.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -108,6 +110,28 @@ def test_a_served_scratch_file_stays_open_until_the_last_call_holding_it_ends(ex
     node.scratch.release()
     with pytest.raises(OSError):
         os.fstat(fd)  # closed by that last release
+
+
+def test_a_scratch_file_that_cannot_be_opened_for_writing_is_still_served(exports):
+    """A program running from the export cannot be opened read-write (ETXTBSY), but it is
+    there: its handle resolves, read-only (not NFS3ERR_STALE)."""
+    directory = exports.roots[exports.config.scratch_export][1]
+    program = directory / "sleeper"
+    shutil.copy(shutil.which("sleep"), program)
+    program.chmod(0o755)
+    running = subprocess.Popen([str(program), "60"])
+    try:
+        root = exports.resolve(exports.root_handle(exports.config.scratch_export), ALPHA)
+        handle = exports.handle_for(exports.lookup(root, "sleeper", ALPHA))
+        node = exports.resolve(handle, ALPHA)
+        assert node.path == program and exports.resolve(handle, ALPHA).scratch is node.scratch
+        assert node.scratch.acquire(write=True) is None
+        fd = node.scratch.acquire()
+        assert fd is not None and os.pread(fd, 4, 0) == b"\x7fELF"
+        node.scratch.release()
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_a_renamed_scratch_file_is_still_found_by_its_handle(exports):

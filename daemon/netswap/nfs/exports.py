@@ -66,8 +66,10 @@ CACHE_ENTRIES = 4096
 # and its space until its descriptor is closed.
 OPEN_SCRATCH_FILES = 256
 SCRATCH_IDLE = 5.0
-# Opening a scratch file to serve it: as _LOOK, read-write.
-_SERVE = _LOOK & ~os.O_RDONLY | os.O_RDWR
+# Opening a scratch file to serve it: as _LOOK, read-write (O_RDONLY is 0); and why that
+# may fail for a file that is there all the same (it is then opened as _LOOK).
+_SERVE = _LOOK | os.O_RDWR
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY)
 
 
 class NfsError(Exception):
@@ -238,11 +240,11 @@ class NfsExports:
         for flags in (_SERVE, _LOOK):
             try:
                 fd = os.open(path, flags)
-            except PermissionError:
-                continue  # only root opens any file: a read-only one, or none at all
             except OSError as exc:
-                if exc.errno == errno.EROFS and flags == _SERVE:
-                    continue
+                if exc.errno in _NOT_WRITABLE and flags == _SERVE:
+                    continue  # read-only (its mode, the file system, a running program)
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    break  # only root opens any file: a daemon that is not has the inode only
                 return None  # gone, or a symlink now
             writable = flags == _SERVE
             break
