@@ -289,7 +289,8 @@ static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t lengt
      * for it); only a wait for the rest is bounded. */
     int waiting = 0;
     while (done < total) {
-        ssize_t n = waiting ? receive_by(c, &msg, 0, deadline) : recvmsg(c->sock, &msg, MSG_DONTWAIT);
+        ssize_t n = waiting ? receive_by(c, &msg, 0, deadline)
+                            : recvmsg(c->sock, &msg, MSG_DONTWAIT);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
