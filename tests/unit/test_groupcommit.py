@@ -1,5 +1,6 @@
 """exports/groupcommit.py: one sync answers every FLUSH waiting when it started, never one
-that arrived after it started, and none runs when nothing was written since the last.
+that arrived after it started (syncs may overlap), and none runs when nothing was written
+since the last began.
 
 The sync here is a function that counts its calls and can be held in the middle (a real
 fdatasync cannot be held still), so each test sets up exactly the interleaving it names."""
@@ -23,13 +24,17 @@ class HeldSync:
 
     def __init__(self, fail: OSError | None = None) -> None:
         self.calls = 0
+        self._count = threading.Lock()
+        self.mine = threading.local()  # .call: the number of the call this thread is in
         self.started = threading.Event()  # set when a call begins
         self.hold = threading.Event()
         self.hold.set()
         self.fail = fail
 
     def __call__(self) -> None:
-        self.calls += 1
+        with self._count:
+            self.calls += 1
+            self.mine.call = self.calls
         self.started.set()
         assert self.hold.wait(WAIT)
         if self.fail is not None:
@@ -45,9 +50,10 @@ class Answers:
         self.all_in = threading.Condition()
 
     def done(self, name):
+        """A completion recording which sync answered it (the call its thread ran)."""
         def done(error):
             with self.all_in:
-                self.got.append((name, self.sync.calls, error))
+                self.got.append((name, getattr(self.sync.mine, "call", 0), error))
                 self.all_in.notify_all()
         return done
 
@@ -60,6 +66,7 @@ class Answers:
 def test_requests_arriving_during_a_sync_share_the_next_one():
     sync = HeldSync()
     commits = GroupCommit(sync, "test-flush")
+    commits.CONCURRENT = 1
     answers = Answers(sync)
     sync.hold.clear()
     commits.request(answers.done("first"))
@@ -71,6 +78,25 @@ def test_requests_arriving_during_a_sync_share_the_next_one():
     assert got[0] == ("first", 1, None)
     assert sorted(calls for _, calls, _ in got[1:]) == [2] * 20  # all by sync 2, together
     assert sync.calls == commits.syncs == 2
+    commits.close()
+
+
+def test_a_request_arriving_during_a_sync_starts_another_at_once():
+    sync = HeldSync()
+    commits = GroupCommit(sync, "test-flush")
+    commits.CONCURRENT = 2
+    answers = Answers(sync)
+    sync.hold.clear()
+    commits.request(answers.done("first"))
+    assert sync.started.wait(WAIT)
+    sync.started.clear()
+    commits.request(answers.done("second"))
+    assert sync.started.wait(WAIT)  # sync 2 began while sync 1 is still held
+    assert sync.calls == 2 and answers.got == []
+    commits.request(answers.done("third"))  # both flushers busy: waits for one
+    sync.hold.set()
+    got = sorted(answers.wait_for(3))
+    assert got == [("first", 1, None), ("second", 2, None), ("third", 3, None)]
     commits.close()
 
 
@@ -118,6 +144,34 @@ def test_nothing_written_since_the_last_sync_began_runs_no_sync():
     commits.close()
 
 
+def test_nothing_written_since_a_sync_began_waits_for_that_sync_to_end():
+    sync = HeldSync()
+    dirty = ffi.new("int *", 1)
+    commits = GroupCommit(sync, "test-flush", dirty=dirty)
+    answers = Answers(sync)
+    sync.hold.clear()
+    commits.request(answers.done("a"))
+    assert sync.started.wait(WAIT)  # sync 1 runs, held; dirty is clear
+    commits.request(answers.done("b"))  # covered by sync 1, but only once it has ended
+    with answers.all_in:
+        assert not answers.all_in.wait_for(lambda: answers.got, 0.2)
+    sync.hold.set()
+    got = answers.wait_for(2)
+    assert sync.calls == 1 and [name for name, _, _ in got] == ["a", "b"]
+    commits.close()
+
+
+def test_after_a_failed_sync_the_next_flush_syncs_again():
+    sync = HeldSync(fail=OSError(errno.EIO, "disk gone"))
+    dirty = ffi.new("int *", 1)
+    commits = GroupCommit(sync, "test-flush", dirty=dirty)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            commits.sync()
+    assert sync.calls == 2  # never "nothing written since": the last sync covered nothing
+    commits.close()
+
+
 def test_a_write_completed_during_a_sync_is_covered_by_the_next():
     sync = HeldSync()
     dirty = ffi.new("int *", 1)
@@ -157,10 +211,9 @@ def test_the_flusher_thread_ends_when_idle_and_comes_back():
     commits = GroupCommit(sync, "test-flush-idle")
     commits.IDLE_EXIT = 0.05
     commits.sync()
-    thread = commits._thread
-    assert thread is not None
+    (thread,) = commits._threads
     thread.join(WAIT)
-    assert not thread.is_alive() and commits._thread is None
+    assert not thread.is_alive() and not commits._threads
     commits.sync()  # a new one starts
     assert sync.calls == 2
     commits.close()
