@@ -61,6 +61,7 @@ class Row:
     bs: str
     iodepth: int
     numjobs: int = 1
+    fsync: int = 0  # fio's fsync=N: a FLUSH after every N writes of each job (0: none)
 
     @property
     def latency_dir(self) -> str:
@@ -75,6 +76,10 @@ ROWS = (
     Row("write-128k-qd8", "128K write QD8 (seq)", "write", "128k", 8),
     Row("read-128k-qd8", "128K read QD8 (seq)", "read", "128k", 8),
     Row("randrw-4k-qd32x4", "4K randrw QD32 x4 conns", "randrw", "4k", 32, numjobs=4),
+    # What a file system on an NBD disk sends: writes with a FLUSH every few, on two
+    # connections (CAN_MULTI_CONN), so a FLUSH on one covers writes of the other.
+    Row("randwrite-128k-fsync4-qd32x2", "128K randwrite fsync=4 QD32 x2 conns", "randwrite",
+        "128k", 32, numjobs=2, fsync=4),
 )
 ROWS_BY_KEY = {row.key: row for row in ROWS}
 
@@ -82,6 +87,8 @@ ROWS_BY_KEY = {row.key: row for row in ROWS}
 def fio_job(row: Row, uri: str, size: int, runtime: int, ramp: int) -> str:
     """The job file for one row.  Identical for every server except the URI."""
     mixed = "rwmixread=50\n" if row.rw == "randrw" else ""
+    if row.fsync:
+        mixed += f"fsync={row.fsync}\n"
     return textwrap.dedent(f"""\
         [global]
         ioengine=nbd

@@ -221,6 +221,10 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
                 }
                 done += (uint32_t)n;
             }
+            /* Before the reply: a FLUSH that follows it must find the backend dirty. Loaded
+             * first so that connections writing at once do not bounce its cache line. */
+            if (!__atomic_load_n(c->dirty, __ATOMIC_RELAXED))
+                __atomic_store_n(c->dirty, 1, __ATOMIC_RELEASE);
         }
 
         c->reply_len = reply_header(c, c->reply);

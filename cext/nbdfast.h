@@ -57,6 +57,8 @@ struct nbd_fast_conn {
     uint32_t window_size;
     struct send_gate *gate;       /* see sendgate.h */
     int *backend_ok;        /* 0 once the backend has failed for good: writes go to Python */
+    int *dirty;             /* set to 1 after each write, before its reply: the backend's
+                               group commit (exports/groupcommit.py) syncs only when set */
     int *run_ok;            /* 0 while this connection's requests must pass Python (pressure) */
     uint64_t bounds_ns[FAST_LOOP_BOUNDS];
 

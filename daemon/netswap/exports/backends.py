@@ -48,6 +48,8 @@ from typing import Callable
 
 from netswap._pool import ffi
 
+from .groupcommit import GroupCommit
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -149,6 +151,16 @@ class Backend(abc.ABC):
     def flush(self) -> None:
         """Make everything written before this call durable."""
 
+    def flush_then(self, done: Callable[[BaseException | None], None]) -> None:
+        """flush() without waiting for it: `done(None)` once everything written before this
+        call is durable, `done(error)` if that failed; called on this thread or another."""
+        try:
+            self.flush()
+        except Exception as exc:
+            done(exc)
+        else:
+            done(None)
+
     @abc.abstractmethod
     def trim(self, offset: int, length: int, fua: bool) -> None:
         """Advisory: the client no longer needs this range; release its space if we can."""
@@ -212,7 +224,9 @@ class FileBackend(Backend):
     * ``follow_symlinks=False`` opens with O_NOFOLLOW: the registry uses it for per-node swap
       images so that a symlink planted in the swap directory cannot redirect a node's writes.
 
-    Durability: flush is fdatasync.  FUA writes use pwritev(RWF_DSYNC), which syncs just the
+    Durability: flush is fdatasync, group-committed (groupcommit.py): one sync at a time on
+    the backend's flusher thread answers every flush waiting when it started, whichever
+    connection sent it, and none is run when nothing was written since the last.  FUA writes use pwritev(RWF_DSYNC), which syncs just the
     written range in the same syscall; where the kernel or file system refuses RWF_DSYNC we fall
     back to fdatasync after the write (remembered per backend).  FUA on trim and write_zeroes is
     an fdatasync after the operation, as in nbdkit.
@@ -225,8 +239,8 @@ class FileBackend(Backend):
       the first failure we cannot tell durable from lost, so we stop claiming either.
     * the file is deleted, renamed away or replaced under us.  Our descriptor keeps working on
       Linux, so nothing fails by itself, yet everything written would vanish (or be hidden by
-      a fresh empty file) at the next start.  Checked after every sync (FLUSH, FUA: before it
-      is acknowledged) and, for plain writes, at most every ``IDENTITY_CHECK_INTERVAL``
+      a fresh empty file) at the next start.  Checked after every sync (a group of FLUSHes,
+      FUA: before it is acknowledged) and, for plain writes, at most every ``IDENTITY_CHECK_INTERVAL``
       seconds, which matters for swap: the kernel's swap-over-NBD never flushes.
 
     Reads keep working after a failure: the data is still reachable through our descriptor, and
@@ -298,11 +312,14 @@ class FileBackend(Backend):
         backend.path = Path(path)
         backend.read_only = False
         st = os.fstat(fd)
-        backend._start(fd, st.st_size, st, follow_symlinks=False, on_failure=on_failure)
+        # NFS writes this file through descriptors of its own (nfs3.py, the NFS C loop), which
+        # do not report their writes: every flush syncs.
+        backend._start(fd, st.st_size, st, follow_symlinks=False, on_failure=on_failure,
+                       tracks_writes=False)
         return backend
 
     def _start(self, fd: int, size: int, st: os.stat_result, follow_symlinks: bool,
-               on_failure: Callable[[], None] | None = None) -> None:
+               on_failure: Callable[[], None] | None = None, tracks_writes: bool = True) -> None:
         self._fd = fd
         self.size = size
         self._identity = (st.st_dev, st.st_ino)
@@ -315,6 +332,12 @@ class FileBackend(Backend):
         # 1 until the backend fails: the C request loop (nbd/fastloop.py) reads it before
         # each WRITE it would do itself, so a failure stops its writes as it stops ours.
         self.write_gate = ffi.new("int *", 1)
+        # Set to 1 after every write (ours and the C loop's) completes, before it is replied;
+        # the group commit clears it when a sync starts and skips syncs while it is clear.
+        self.dirty = ffi.new("int *", 1)
+        self._commits = GroupCommit(self._flush_sync, f"flush-{self.path.name}",
+                                    dirty=self.dirty if tracks_writes else None,
+                                    clean=self._flush_clean)
         # Capabilities learnt by trying.  Plain bools written without a lock: the worst a race
         # does is one extra failed syscall on another thread.
         self._can_punch_hole = True
@@ -368,6 +391,7 @@ class FileBackend(Backend):
                     continue
                 self.write_failed(e)
                 raise
+        self.dirty[0] = 1
         if fua:
             if not use_dsync:
                 self._datasync()
@@ -390,9 +414,30 @@ class FileBackend(Backend):
 
     def flush(self) -> None:
         if not self.read_only:  # nothing of ours can be dirty on a read-only fd
-            self._refuse_if_failed()
-            self._datasync()
-            self._check_identity()
+            self._commits.sync()
+
+    def flush_then(self, done: Callable[[BaseException | None], None]) -> None:
+        if self.read_only:
+            done(None)
+        else:
+            self._commits.request(done)
+
+    @property
+    def syncs(self) -> int:
+        """fdatasyncs run for flushes so far (FUA's are not counted)."""
+        return self._commits.syncs
+
+    def _flush_sync(self) -> None:
+        # On the flusher thread, for a group of flushes.
+        self._refuse_if_failed()
+        self._datasync()
+        self._check_identity()
+
+    def _flush_clean(self) -> None:
+        # A group of flushes with nothing written since the last sync began: that sync
+        # covered it all (or failed, and the latch answers).
+        self._refuse_if_failed()
+        self._check_identity(every_interval=True)
 
     def _datasync(self) -> None:
         fd = self._fd
@@ -468,6 +513,7 @@ class FileBackend(Backend):
             if e.errno != errno.EOPNOTSUPP:
                 log.debug("%s: trim [%d, +%d) ignored: %s", self.path, offset, length, e)
             return
+        self.dirty[0] = 1
         if fua:
             self._datasync()
             self._check_identity()
@@ -487,6 +533,7 @@ class FileBackend(Backend):
             if e.errno == errno.EIO:
                 self._fail(f"zeroing failed: {e.strerror}")
             raise
+        self.dirty[0] = 1
         if fua:
             self._datasync()
             self._check_identity()
@@ -606,6 +653,8 @@ class FileBackend(Backend):
         return self._fd
 
     def close(self) -> None:
+        if hasattr(self, "_commits"):  # not when __init__ failed before _start
+            self._commits.close()
         # Set -1 before closing: a late call from a stray thread then fails with EBADF instead of
         # hitting whatever file the kernel hands this fd number to next.
         fd, self._fd = self._fd, -1

@@ -97,6 +97,27 @@ class Execution:
             log.exception("%s: %r on %r failed", self._peer, request, self._export.name)
         self.reply(request, error, data, started, buffer, throttle, header)
 
+    def flush(self, request: Request, throttle, started: int) -> None:
+        """Start a FLUSH and return: the backend's group commit (exports/groupcommit.py)
+        replies from its flusher thread once a sync that began after this call succeeded.
+        Not on a worker: a worker held for a whole fdatasync delayed the requests queued
+        behind it, and many FLUSHes in a row each waited for a sync of their own."""
+        def synced(error) -> None:
+            code = 0
+            if isinstance(error, OSError):
+                code = self.io_error(request, error)
+            elif error is not None:
+                code = C.EIO
+                self._counters.inc(BACKEND_ERRORS, f"{request.name}:{code}")
+                log.error("%s: %r on %r failed", self._peer, request, self._export.name,
+                          exc_info=error)
+            self.reply(request, code, None, started, None, throttle)
+
+        try:
+            self._export.backend.flush_then(synced)
+        except OSError as exc:  # refused before it was queued (the backend is closing)
+            synced(exc)
+
     def io_error(self, request: Request, exc: OSError) -> int:
         """Count and log a failed backend call; the NBD error its reply carries."""
         error = nbd_error_from_os(exc)

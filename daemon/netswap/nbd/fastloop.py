@@ -75,6 +75,7 @@ class FastLoop:
         conn.window_size = window.size
         conn.gate = gate
         conn.backend_ok = backend.write_gate
+        conn.dirty = backend.dirty
         self._always = ffi.new("int *", 1)
         conn.run_ok = run_gate if run_gate is not None else self._always
         conn.bounds_ns = _BOUNDS_NS

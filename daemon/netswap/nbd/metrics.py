@@ -66,6 +66,16 @@ class NbdCollector:
             "1 once an export's storage failed for good (a sync failed, or its backing file "
             "was deleted or replaced): writes and flushes get EIO until a restart.",
             labels=["export"])
+        syncs = CounterMetricFamily(
+            "netswap_export_flush_syncs",
+            "fdatasyncs run to answer FLUSHes (and NFS COMMITs) of a file export: one answers "
+            "every FLUSH waiting when it started, none runs when nothing was written since "
+            "the last (compare netswap_requests_total{op=\"flush\"}).",
+            labels=["export"])
         for export in self._registry.open_exports():
             failed.add_metric([export.name], int(export.backend.failure is not None))
+            count = getattr(export.backend, "syncs", None)
+            if count is not None:
+                syncs.add_metric([export.name], count)
         yield failed
+        yield syncs

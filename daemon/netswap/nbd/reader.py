@@ -240,6 +240,10 @@ class RequestReader:
                 self._execution.reply(request, C.ENOMEM, None, started)
                 return
             throttle = self._throttle()
+            if request.command == C.CMD_FLUSH:
+                # Off the workers: answered by the backend's group commit (execution.py).
+                self._execution.flush(request, throttle, started)
+                return
         except BaseException:
             if buffer is not None:
                 buffer.release()

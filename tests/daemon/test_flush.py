@@ -1,0 +1,75 @@
+"""FLUSH through the backend's group commit (exports/groupcommit.py), against a real netswapd.
+
+CAN_MULTI_CONN is advertised, so a FLUSH on one connection must cover the writes acknowledged
+on every other: here the writes go over connection A (served by the C loop, or by Python
+with c_loop off) and the FLUSHes over connection B. What is counted is the daemon's own
+`netswap_export_flush_syncs_total`: a FLUSH after a write must run a sync (a write the
+flusher did not see would let it answer from the last one, which does not cover it), and
+FLUSHes with nothing written in between run none.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from support.daemon import start_daemon
+from support.libnbd import import_libnbd
+from support.metrics import metric
+
+nbd = import_libnbd()
+
+
+def syncs(daemon) -> float:
+    return metric(daemon, "netswap_export_flush_syncs_total", export="disk")
+
+
+@pytest.mark.parametrize("c_loop", [True, False], ids=["c_loop", "python"])
+def test_a_flush_on_one_connection_syncs_writes_acknowledged_on_another(tmp_path, c_loop):
+    daemon = start_daemon(tmp_path, nbd_options=f"c_loop = {str(c_loop).lower()}")
+    try:
+        writer, flusher = nbd.NBD(), nbd.NBD()
+        writer.connect_uri(daemon.uri("disk"))
+        flusher.connect_uri(daemon.uri("disk"))
+        assert flusher.can_multi_conn()
+        flusher.flush()  # whatever the start left unsynced
+        before = syncs(daemon)
+        for _ in range(3):
+            flusher.flush()
+        assert syncs(daemon) == before  # nothing written: no sync
+        for round_ in range(1, 4):
+            writer.pwrite(bytes([round_]) * 65536, 65536 * round_)
+            flusher.flush()
+            assert syncs(daemon) == before + round_, "a write on the other connection " \
+                "was not covered by a sync of its own"
+            assert flusher.pread(65536, 65536 * round_) == bytes([round_]) * 65536
+        writer.shutdown()
+        flusher.shutdown()
+    finally:
+        code = daemon.stop()
+    log = daemon.log()
+    assert "Traceback" not in log, log
+    assert code == 0, log
+
+
+def test_flushes_in_flight_together_all_succeed_behind_one_sync(tmp_path):
+    daemon = start_daemon(tmp_path)
+    try:
+        handles = [nbd.NBD() for _ in range(3)]
+        for h in handles:
+            h.connect_uri(daemon.uri("disk"))
+        handles[0].flush()
+        before = syncs(daemon)
+        handles[0].pwrite(b"x" * 4096, 0)
+        cookies = [(h, h.aio_flush()) for h in handles for _ in range(16)]
+        for h, cookie in cookies:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+        # The first sync covers the write; every FLUSH after it finds nothing new written.
+        assert syncs(daemon) == before + 1
+        assert metric(daemon, "netswap_request_errors_total", export="disk", op="flush",
+                      errno="EIO") == 0
+        for h in handles:
+            h.shutdown()
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log()
