@@ -25,9 +25,10 @@ delays those sent meanwhile by that long; they then find each other queued and g
 workers, in parallel, as before. The NBD side's C loop serves on the reader thread by the
 same rule.
 
-A swap node's connection has a C loop of its own (fastloop.py, cext/nfsfast.c) that serves
-READs and WRITEs of the node's swap file on this thread without the GIL; it peeks at each
-record and leaves every one it does not serve unread, for the path above.
+A connection has a C loop of its own (fastloop.py, cext/nfsfast.c) that serves READs and
+WRITEs of the node's swap file (a swap node's connection) and of scratch files (any
+connection) on this thread without the GIL; it peeks at each record and leaves every one it
+does not serve unread, for the path above.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class RpcServer:
         tagged and may use the node's reserve while the node is attached. `limits`: the
         connection limits to count in (None: none); `keepalive`: seconds of silence before
         TCP probes a client (None: no keepalive). `fast_loop(connection)`: the C call loop
-        (nfs/fastloop.py) for a swap node's connection, or None for the Python path only.
+        (nfs/fastloop.py) for a connection, or None (also as its result) for the Python path
+        only.
         `record_timeout`: seconds a client has to send a record whole once it began it
         (nfs.record_timeout; None: as long as it likes)."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
@@ -217,9 +219,9 @@ class RpcConnection:
         # Waits for the rest of a record, up to its deadline (_wait_readable).
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
-        # The C loop serving this swap node's READs and WRITEs of its own file (fastloop.py).
-        self._fast = (server.fast_loop(self) if server.fast_loop is not None and node is not None
-                      else None)
+        # The C loop serving READs and WRITEs of this swap node's own file and of scratch
+        # files (fastloop.py), or None.
+        self._fast = server.fast_loop(self) if server.fast_loop is not None else None
 
     def close(self) -> None:
         self._closing = True  # for a reader waiting on pool memory, not on the socket
