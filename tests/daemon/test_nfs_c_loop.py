@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
@@ -547,4 +549,33 @@ def test_a_scratch_file_that_leaves_its_path_is_pythons_again(tmp_path):
         assert scratch_served(daemon) == (3, 1)
         client.close()
     finally:
+        stop_clean(daemon)
+
+
+def test_a_scratch_file_open_read_only_has_its_writes_answered_by_python(tmp_path):
+    # A program running from the export cannot be opened read-write (ETXTBSY): the loop
+    # serves its READs through the read-only descriptor and leaves every WRITE to Python,
+    # which gets the file system's answer (no write attempted in C, no hand-over for it).
+    daemon = nfs_daemon(tmp_path, c_loop=True)
+    program = daemon.state_dir / "nfs-scratch" / "sleeper"
+    shutil.copy(shutil.which("sleep"), program)
+    program.chmod(0o755)
+    running = subprocess.Popen([str(program), "60"])
+    try:
+        client = Nfs(daemon, STRANGER)
+        status, handle = client.lookup(client.root("/scratch"), "sleeper")
+        assert status == NFS3_OK
+        for _ in range(3):  # the first Python's, then the loop's
+            status, data, _ = client.read(handle, 0, 4)
+            assert (status, data) == (NFS3_OK, b"\x7fELF")
+        assert scratch_served(daemon) == (2, 0)
+        for _ in range(2):
+            assert client.write(handle, 0, b"oops")[0] != NFS3_OK
+        assert scratch_served(daemon) == (2, 0)
+        assert metric(daemon, "netswap_c_loop_handoffs_total", reason="nfs_io_error") == 0
+        assert program.read_bytes()[:4] == b"\x7fELF"
+        client.close()
+    finally:
+        running.kill()
+        running.wait()
         stop_clean(daemon)
