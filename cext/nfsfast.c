@@ -59,7 +59,7 @@ static uint32_t padded(uint32_t n) { return (n + 3) & ~3u; }
 struct call {
     uint32_t xid;
     uint32_t proc;
-    const struct nfs_fast_handle *handle;
+    struct nfs_fast_handle *handle;
     uint64_t offset;
     uint32_t count;
     uint32_t stable;     /* WRITE */
@@ -306,9 +306,10 @@ static int peek_record(struct nfs_fast_conn *c, uint8_t *p, uint32_t *have, uint
 }
 
 /* Take the record (its fragment header and body) off the socket, the body into `dest`, by
- * `deadline`.  1: done; 0: EOF; -1: socket error; 3: the deadline passed. */
+ * `deadline`; *waited: whether part of it had not arrived yet.  1: done; 0: EOF; -1: socket
+ * error; 3: the deadline passed. */
 static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t length,
-                          int64_t deadline)
+                          int64_t deadline, int *waited)
 {
     uint8_t header[4];
     struct iovec iov[2] = {{.iov_base = header, .iov_len = 4}, {.iov_base = dest, .iov_len = length}};
@@ -325,7 +326,7 @@ static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t lengt
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             if (waiting)
                 return 3;
-            waiting = 1;
+            waiting = *waited = 1;
             continue;
         }
         if (n <= 0)
@@ -498,7 +499,8 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             return NFS_FAST_FALLBACK;
         }
         /* Decided: the record is ours. */
-        r = consume_record(c, mem, length, deadline);
+        int waited = 0;
+        r = consume_record(c, mem, length, deadline, &waited);
         if (r != 1) {
             c->error = errno;
             pool_free(c->pool, block);
@@ -512,6 +514,11 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
         c->proc = call.proc;
         c->started_ns = started;
         if (call.proc == PROC_WRITE) {
+            /* The path was checked when the record was peeked at; if its body then came in
+             * slowly, the file may have left its path meanwhile (as long as the client
+             * liked): checked again, as Python resolves a handle once a record is in. */
+            if (scratch && waited && !scratch_still_there(c, call.handle))
+                return NFS_FAST_MOVED;
             r = write_data(c, &call, mem + call.data_pos, &st);
             if (r != 1) /* Python runs it again and answers the error, or STALE */
                 return r == 2 ? NFS_FAST_VOIDED : NFS_FAST_HANDOFF;
@@ -530,6 +537,10 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
         c->data_offset = data_offset;
         c->data_len = call.proc == PROC_READ ? count : 0;
         c->bytes = call.proc == PROC_READ ? count : call.count;
+        /* Counted before the reply goes out: a client that reads it, then the metrics,
+         * sees the call counted. */
+        if (scratch)
+            c->scratch_calls[call.proc == PROC_READ ? OP_READ : OP_WRITE]++;
         r = send_reply(c, mem + data_offset, c->data_len);
         if (r == 0)
             return NFS_FAST_PARTIAL; /* Python's sender finishes it, then frees the block */
@@ -538,10 +549,8 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             c->error = errno;
             return NFS_FAST_SOCKET_ERROR;
         }
-        int op = call.proc == PROC_READ ? OP_READ : OP_WRITE;
-        account(&c->stats[op], c->bounds_ns, c->bytes, started);
-        if (scratch)
-            c->scratch_calls[op]++;
+        account(&c->stats[call.proc == PROC_READ ? OP_READ : OP_WRITE], c->bounds_ns, c->bytes,
+                started);
         if (c->flush) {
             c->flush = 0;
             return NFS_FAST_FLUSH; /* Python queued replies while this one went out */

@@ -49,6 +49,9 @@
                                    of its first byte (nothing of it is kept) */
 #define NFS_FAST_VOIDED 8       /* a received WRITE (block, record_len) whose handle a scrub
                                    voided before it was written: Python's to run (and answer) */
+#define NFS_FAST_MOVED 9        /* a received scratch WRITE (block, record_len) whose file left
+                                   its path while the loop waited for the record's body:
+                                   Python's to run (and answer) */
 
 #define NFS_FAST_SWAP_FILE 0     /* a handle entry's kind: the node's own swap file */
 #define NFS_FAST_SCRATCH_FILE 1  /* a scratch-export file */

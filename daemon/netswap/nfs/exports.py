@@ -394,6 +394,10 @@ class _ScratchFile:
             self._users += 1
             return self._fd
 
+    @property
+    def dropped(self) -> bool:
+        return self._dropped
+
     def dup(self) -> Optional[tuple[int, bool]]:
         """(a dup of its descriptor, whether that is open for writing), for the C loop's
         handle table (fastloop.py), which closes it; None if it has none (dropped, or a

@@ -20,8 +20,9 @@ while other calls are queued (those go to the workers, in parallel). A record th
 received whose I/O then failed is handed to Python whole, which runs it again and answers
 the error its way.
 
-The handle table: Python adds a handle after it served a READ or WRITE on it that resolves,
-for this peer, to the node's own swap file; the entry holds a dup of the file's descriptor
+The handle table: the reader offers the handle of each READ or WRITE it hands to Python
+(offer); before the loop runs again, Python adds it if it resolves, for this peer, to the
+node's own swap file (register_offered); the entry holds a dup of the file's descriptor
 (never a number another close frees) and the swap files' scrub epoch at the time it was
 verified, before the resolve: a scrub changes the epoch and voids every entry at once. A
 WRITE the loop took on before a scrub began (its body may come in as slowly as the client
@@ -32,8 +33,8 @@ it only while it runs on that thread: no lock.
 
 Scratch files (any connection, a node's or not): served in Python, a 4 KiB scratch READ or
 WRITE cost ~66 µs of server CPU against nfs-ganesha's ~45-65 (bench/RESULTS.md). Python
-adds a scratch file's handle after it served a READ or WRITE that resolved it for this
-peer (the scratch export has no per-peer rule beyond that), with a dup of the descriptor
+adds a scratch file's handle the same way, if it resolves for this peer (the scratch export
+has no per-peer rule beyond that), with a dup of the descriptor
 exports.py keeps open, whether that is open for writing, and the file's path, device and
 inode. As resolve() does on every call, the loop lstat()s the path before each call and
 serves it only if it is still a regular file of that device and inode (the descriptor keeps
@@ -50,13 +51,13 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections import deque
 
 from netswap._pool import ffi, lib
 
 from ..counters import LATENCY_BUCKETS, declare
 from ..rpc import constants as RC
-from ..rpc import xdr
 from ..transport.sender import skip_sent
 from .exports import NfsError
 
@@ -66,6 +67,8 @@ _BOUNDS_NS = [round(bound * 1e9) for bound in LATENCY_BUCKETS]
 assert len(_BOUNDS_NS) == lib.FAST_LOOP_BOUNDS, "cext/fastloop.h and counters.py disagree"
 PROGRAM, READ, WRITE = RC.PROG_NFS, 6, 7  # NFSv3 and its READ and WRITE (nfs3.py)
 _OPS = ((0, "read"), (1, "write"))  # the loop's stats index, and the procedure's name
+_CALL_HEAD = struct.Struct(">6I")  # xid, CALL, RPC version, program, version, procedure
+_WORD = struct.Struct(">I")
 # A handle table entry's kind (cext/nfsfast.h).
 SWAP_FILE, SCRATCH_FILE = lib.NFS_FAST_SWAP_FILE, lib.NFS_FAST_SCRATCH_FILE
 # The largest file (codec.MAX_FILE_SIZE): a scratch WRITE ending past it is Python's (FBIG).
@@ -73,7 +76,7 @@ MAX_FILE_SIZE = 2**63 - 1
 
 SCRATCH_CALLS = declare(
     "nfs", "nfs_c_loop_scratch_calls", "netswap_nfs_c_loop_scratch_calls_total",
-    "Scratch-file READs and WRITEs the NFS C call loop served whole (also counted in "
+    "Scratch-file READs and WRITEs the NFS C call loop served (also counted in "
     "netswap_nfs_calls_total), by procedure.",
     label="procedure")
 
@@ -87,6 +90,7 @@ RECORD_CUT = lib.NFS_FAST_RECORD_CUT
 FLUSH = lib.NFS_FAST_FLUSH
 RECORD_TIMEOUT = lib.NFS_FAST_RECORD_TIMEOUT
 VOIDED = lib.NFS_FAST_VOIDED
+MOVED = lib.NFS_FAST_MOVED
 
 
 class ScrubState:
@@ -173,8 +177,8 @@ class NfsFastLoop:
         self._fds = [-1] * lib.NFS_FAST_HANDLES
         self._paths: list = [None] * lib.NFS_FAST_HANDLES  # the C strings scratch entries use
         self._next_slot = 0
-        # Handles of READs and WRITEs Python served, from any thread; registered by the
-        # reader between two runs of the loop (deque appends are atomic).
+        # Handles of READs and WRITEs the reader handed to Python; registered by the
+        # reader before the loop runs again.
         self.candidates: deque = deque()
         # Handles offered that the loop may not serve (another node's swap file, the
         # export's directory, a file not open here...): not resolved again on every call.
@@ -201,14 +205,30 @@ class NfsFastLoop:
 
     # The handle table ---------------------------------------------------------------
 
-    def offer(self, args) -> None:
-        """A READ or WRITE Python served (its arguments): its handle may join the table.
-        Any thread; cheap (the checks are made by the reader, in register_offered)."""
+    def offer(self, record) -> None:
+        """A record the reader hands to Python (it is received whole, not yet run): if it is
+        an NFSv3 READ or WRITE, its handle may join the table. Offered here, on the reader
+        thread, rather than where the call runs (maybe a worker): the loop that runs next
+        knows it, so the call after it is the loop's whatever thread ran this one. Cheap:
+        the checks are made in register_offered, once per handle."""
         try:
-            handle = bytes(xdr.Unpacker(args).opaque(64))
-        except xdr.XdrError:
+            _, kind, _, program, program_version, procedure = _CALL_HEAD.unpack_from(
+                record)
+            if (kind != RC.CALL or program != PROGRAM or program_version != 3
+                    or procedure not in (READ, WRITE)):
+                return
+            at = _CALL_HEAD.size
+            for _ in range(2):  # the credential, then the verifier: flavor, opaque<400>
+                length = _WORD.unpack_from(record, at + 4)[0]
+                if length > RC.MAX_AUTH_BYTES:
+                    return
+                at += 8 + ((length + 3) & ~3)
+            length = _WORD.unpack_from(record, at)[0]
+            handle = bytes(record[at + 4:at + 4 + length])
+        except struct.error:
             return
-        if handle not in self._refused and not self._known(handle):
+        if (0 < length <= 64 and len(handle) == length and handle not in self._refused
+                and not self._known(handle)):
             self.candidates.append(handle)
 
     def _known(self, handle: bytes) -> bool:
@@ -228,15 +248,16 @@ class NfsFastLoop:
             if self._known(handle):
                 continue
             epoch = self._scrub.epoch  # before the resolve: a scrub after it voids the entry
-            try:
-                node = self._exports.resolve(handle, self._peer)
-            except (NfsError, OSError):
-                node = None  # stale (a scrub: for good), or another node's
-            if node is not None and node.scratch is not None and node.st is not None:
+            node = self._resolve(handle)
+            if node is not None and node.scratch is not None:
                 opened = node.scratch.dup()
-                if opened is not None:
-                    fd, writable = opened
-                    self._add(handle, node, epoch, fd, writable)
+                if opened is None and node.scratch.dropped:
+                    # A worker resolving the same new handle meanwhile opened it too and
+                    # replaced this one (exports.py keeps one per file): the one kept now.
+                    node = self._resolve(handle)
+                    opened = node.scratch.dup() if node is not None and node.scratch else None
+                if opened is not None:  # else it has no descriptor: a daemon not root
+                    self._add(handle, node, epoch, *opened)
                     continue
             elif (node is not None and self._node is not None and node.is_swap_file
                     and node.swap_owner == self._node and node.fd is not None
@@ -246,6 +267,13 @@ class NfsFastLoop:
             if len(self._refused) >= 64:
                 self._refused.clear()
             self._refused.add(handle)
+
+    def _resolve(self, handle: bytes):
+        """What `handle` names for this peer (exports.Node), None if it names nothing."""
+        try:
+            return self._exports.resolve(handle, self._peer)
+        except (NfsError, OSError):
+            return None  # stale (a scrub: for good), or another node's
 
     def _add(self, handle: bytes, node, epoch: int, fd: int, writable: bool = True) -> None:
         """Put `handle` in the next slot, with `fd` (a dup, the entry's from now on)."""

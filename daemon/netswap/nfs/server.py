@@ -86,6 +86,11 @@ def _nothing() -> None:
     pass
 
 
+# Received records the C loop hands over to be run again, and their hand-over reason.
+_RUN_AGAIN = {fastloop.HANDOFF: "nfs_io_error", fastloop.VOIDED: "nfs_scrubbed",
+              fastloop.MOVED: "nfs_scratch_moved"}
+
+
 class RecordTimeout(Exception):
     """A record the client began did not arrive whole within nfs.record_timeout."""
 
@@ -267,6 +272,8 @@ class RpcConnection:
         return True
 
     def _dispatch(self, buffer, length: int, loan, received: int) -> None:
+        if self._fast is not None:
+            self._fast.offer(buffer.view[:length])  # the C loop may serve its handle next
         with self._replied:
             while self._pending >= MAX_INFLIGHT_CALLS:
                 self._wait_for_reply()
@@ -306,11 +313,11 @@ class RpcConnection:
             return
         # A call the loop received and hands over: Python's from here, as if received here.
         buffer, started = fast.buffer(), fast.started_ns
-        if reason in (fastloop.HANDOFF, fastloop.VOIDED):
-            # A failed write, or one a scrub made stale before it was written: Python runs
-            # it again and answers (NFS3ERR_STALE, for the latter).
-            counters.inc(C_LOOP_HANDOFFS,
-                         "nfs_io_error" if reason == fastloop.HANDOFF else "nfs_scrubbed")
+        if reason in _RUN_AGAIN:
+            # A failed write, one a scrub made stale before it was written, or a scratch
+            # file's that left its path while its body came in: Python runs it again and
+            # answers (NFS3ERR_STALE, or what the handle names now).
+            counters.inc(C_LOOP_HANDOFFS, _RUN_AGAIN[reason])
             self._dispatch(buffer, fast.record_length, None, started)
             return
         assert reason == fastloop.PARTIAL, reason
@@ -521,9 +528,6 @@ class RpcConnection:
             counters.inc(RPC_PROTOCOL_ERRORS, "prog_mismatch")
             return [rpc.prog_mismatch(call.xid, low, high)], None
         procedure = program.procedure_name(call)
-        if self._fast is not None and call.prog == fastloop.PROGRAM and call.proc in (
-                fastloop.READ, fastloop.WRITE):
-            self._fast.offer(call.args)  # its handle may be served by the C loop from now on
         try:
             return program.call(call, self.peer, release, emergency=release[0].emergency,
                                 stopped=self._stopped), procedure
