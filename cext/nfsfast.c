@@ -1,4 +1,4 @@
-/* netswap's NFSv3 READ/WRITE loop for a swap node's own swap file; see nfsfast.h. */
+/* netswap's NFSv3 READ/WRITE loop for swap and scratch files; see nfsfast.h. */
 #define _GNU_SOURCE
 #include "nfsfast.h"
 #include "fastloop.h"
@@ -59,7 +59,7 @@ static uint32_t padded(uint32_t n) { return (n + 3) & ~3u; }
 struct call {
     uint32_t xid;
     uint32_t proc;
-    const struct nfs_fast_handle *handle;
+    struct nfs_fast_handle *handle;
     uint64_t offset;
     uint32_t count;
     uint32_t stable;     /* WRITE */
@@ -85,6 +85,20 @@ static int auth_sys_ok(const uint8_t *body, uint32_t length)
     if (gids > GIDS_MAX || gids > (length - pos) / 4)
         return 0;
     return pos + 4 * gids == length;
+}
+
+/* Is the scratch entry's path still the file its descriptor has open (a regular file of the
+ * same device and inode)?  If not, the entry is voided for good: the file was removed,
+ * renamed or replaced on the server, and Python decides what its handle names now. */
+static int scratch_still_there(struct nfs_fast_conn *c, struct nfs_fast_handle *h)
+{
+    struct stat st;
+    if (lstat(h->path, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_ino == h->ino
+            && (uint64_t)st.st_dev == h->dev)
+        return 1;
+    h->length = 0;
+    c->voided = 1;
+    return 0;
 }
 
 /* Parse the record rec[0:length] (of which `have` bytes are at hand) as a READ or WRITE this
@@ -121,24 +135,31 @@ static int servable(struct nfs_fast_conn *c, const uint8_t *rec, uint32_t length
     pos += 4;
     if (hlen == 0 || hlen > NFS_FAST_HANDLE_MAX || pos + padded(hlen) > have)
         return 0;
-    call->handle = NULL;
+    struct nfs_fast_handle *h = NULL;
     int64_t epoch = __atomic_load_n(&c->swap->epoch, __ATOMIC_ACQUIRE);
     for (int i = 0; i < NFS_FAST_HANDLES; i++) {
-        const struct nfs_fast_handle *h = &c->handles[i];
-        if (h->length == hlen && h->epoch == epoch && memcmp(h->bytes, rec + pos, hlen) == 0) {
-            call->handle = h;
+        struct nfs_fast_handle *entry = &c->handles[i];
+        /* The scrub epoch voids swap entries only: a scrub never touches a scratch file. */
+        if (entry->length == hlen && (entry->kind != NFS_FAST_SWAP_FILE || entry->epoch == epoch)
+                && memcmp(entry->bytes, rec + pos, hlen) == 0) {
+            h = entry;
             break;
         }
     }
-    if (call->handle == NULL)
+    if (h == NULL)
         return 0;
+    int swap = h->kind == NFS_FAST_SWAP_FILE;
+    /* A swap file's calls only while its node is attached (the attach is Python's). */
+    if (swap && !__atomic_load_n(&c->node->attached, __ATOMIC_ACQUIRE))
+        return 0;
+    call->handle = h;
     pos += padded(hlen);
     if (call->proc == PROC_READ) {
         if (pos + 12 != length || length > have) /* offset, count, and nothing after */
             return 0;
         call->offset = get64(rec + pos);
         call->count = get32(rec + pos + 8);
-        return 1;
+        return swap || scratch_still_there(c, h);
     }
     if (pos + 20 > have)
         return 0;
@@ -151,22 +172,30 @@ static int servable(struct nfs_fast_conn *c, const uint8_t *rec, uint32_t length
         return 0;
     if (call->stable > FILE_SYNC || call->count != data)
         return 0;
-    if (call->offset > c->swap_size || data > c->swap_size - call->offset) /* NOSPC: Python's */
-        return 0;
+    if (swap) {
+        if (call->offset > c->swap_size || data > c->swap_size - call->offset) /* NOSPC */
+            return 0;
+    } else {
+        if (call->offset > c->max_file_size || data > c->max_file_size - call->offset)
+            return 0; /* FBIG: Python's */
+        if (!h->writable)
+            return 0; /* opened read-only (its mode, a running program): Python's */
+    }
     call->data_pos = pos;
-    return 1;
+    return swap || scratch_still_there(c, h);
 }
 
-/* nfs3.py's fattr3 of a swap file from `st`; 0 if a value does not fit its XDR type
- * (Python answers that call). */
-static int fattr3(uint8_t *out, const struct stat *st, uint64_t fsid)
+/* codec.py's fattr3 of a file from `st`; 0 if a value does not fit its XDR type (Python
+ * answers that call). */
+static int fattr3(uint8_t *out, const struct stat *st, const struct nfs_fast_handle *h)
 {
+    uint64_t fsid = h->fsid;
     const struct timespec *times[3] = {&st->st_atim, &st->st_mtim, &st->st_ctim};
     if ((uint64_t)st->st_nlink > UINT32_MAX || st->st_size < 0)
         return 0;
     uint64_t size = (uint64_t)st->st_size, used = (uint64_t)st->st_blocks * 512;
-    if (used < size)
-        used = size; /* swapon refuses a file with holes */
+    if (h->kind == NFS_FAST_SWAP_FILE && used < size)
+        used = size; /* swapon refuses a swap file with holes */
     put32(out, S_ISDIR(st->st_mode) ? NF3DIR : NF3REG);
     put32(out + 4, st->st_mode & 07777);
     put32(out + 8, (uint32_t)st->st_nlink);
@@ -277,9 +306,10 @@ static int peek_record(struct nfs_fast_conn *c, uint8_t *p, uint32_t *have, uint
 }
 
 /* Take the record (its fragment header and body) off the socket, the body into `dest`, by
- * `deadline`.  1: done; 0: EOF; -1: socket error; 3: the deadline passed. */
+ * `deadline`; *waited: whether part of it had not arrived yet.  1: done; 0: EOF; -1: socket
+ * error; 3: the deadline passed. */
 static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t length,
-                          int64_t deadline)
+                          int64_t deadline, int *waited)
 {
     uint8_t header[4];
     struct iovec iov[2] = {{.iov_base = header, .iov_len = 4}, {.iov_base = dest, .iov_len = length}};
@@ -296,7 +326,7 @@ static int consume_record(struct nfs_fast_conn *c, uint8_t *dest, uint32_t lengt
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             if (waiting)
                 return 3;
-            waiting = 1;
+            waiting = *waited = 1;
             continue;
         }
         if (n <= 0)
@@ -381,7 +411,8 @@ static int write_data(struct nfs_fast_conn *c, const struct call *call, const ui
     int fd = call->handle->fd;
     __atomic_add_fetch(&c->swap->writers, 1, __ATOMIC_SEQ_CST);
     int r = 1;
-    if (__atomic_load_n(&c->swap->epoch, __ATOMIC_SEQ_CST) != call->handle->epoch) {
+    if (call->handle->kind == NFS_FAST_SWAP_FILE
+            && __atomic_load_n(&c->swap->epoch, __ATOMIC_SEQ_CST) != call->handle->epoch) {
         r = 2;
         goto out;
     }
@@ -417,9 +448,9 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
                 : r == 3 ? NFS_FAST_RECORD_TIMEOUT : NFS_FAST_FALLBACK;
         }
         struct call call = {0};
-        if (!__atomic_load_n(&c->node->attached, __ATOMIC_ACQUIRE)
-            || !servable(c, peeked + 4, length, have, &call))
+        if (!servable(c, peeked + 4, length, have, &call))
             return NFS_FAST_FALLBACK;
+        int scratch = call.handle->kind == NFS_FAST_SCRATCH_FILE;
         int64_t started = now_ns();
         int fd = call.handle->fd;
         struct stat st;
@@ -441,7 +472,7 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             head = reply_head(c->reply, call.xid);
             put32(c->reply + head, NFS3_OK);
             put32(c->reply + head + 4, 1);
-            if (!fattr3(c->reply + head + 8, &st, call.handle->fsid))
+            if (!fattr3(c->reply + head + 8, &st, call.handle))
                 return NFS_FAST_FALLBACK;
             head += 8 + FATTR3_SIZE;
             put32(c->reply + head, count);
@@ -456,9 +487,11 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
                 return NFS_FAST_FALLBACK;
             c->block_len = length;
         }
+        /* Normal memory only, never a reserve: without it the call is Python's, which waits
+         * for memory, or takes a node's reserve (and answers a non-swap call JUKEBOX). */
         int64_t block = pool_alloc(c->pool, c->block_len, 0, -1, 0, NULL);
         if (block < 0)
-            return NFS_FAST_FALLBACK; /* Python waits for memory, or takes the node's reserve */
+            return NFS_FAST_FALLBACK;
         uint8_t *mem = arena + block;
         if (call.proc == PROC_READ && count
                 && !read_data(c, fd, mem + data_offset, count, call.offset, length)) {
@@ -466,19 +499,26 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             return NFS_FAST_FALLBACK;
         }
         /* Decided: the record is ours. */
-        r = consume_record(c, mem, length, deadline);
+        int waited = 0;
+        r = consume_record(c, mem, length, deadline, &waited);
         if (r != 1) {
             c->error = errno;
             pool_free(c->pool, block);
             return r == 0 ? NFS_FAST_RECORD_CUT : r == 3 ? NFS_FAST_RECORD_TIMEOUT
                 : NFS_FAST_SOCKET_ERROR;
         }
-        __atomic_store_n(&c->node->last_io_ns, now_ns(), __ATOMIC_RELAXED);
+        if (!scratch) /* the node's idle clock counts its swap-file calls only */
+            __atomic_store_n(&c->node->last_io_ns, now_ns(), __ATOMIC_RELAXED);
         c->block = block;
         c->record_len = length;
         c->proc = call.proc;
         c->started_ns = started;
         if (call.proc == PROC_WRITE) {
+            /* The path was checked when the record was peeked at; if its body then came in
+             * slowly, the file may have left its path meanwhile (as long as the client
+             * liked): checked again, as Python resolves a handle once a record is in. */
+            if (scratch && waited && !scratch_still_there(c, call.handle))
+                return NFS_FAST_MOVED;
             r = write_data(c, &call, mem + call.data_pos, &st);
             if (r != 1) /* Python runs it again and answers the error, or STALE */
                 return r == 2 ? NFS_FAST_VOIDED : NFS_FAST_HANDOFF;
@@ -486,7 +526,7 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
             put32(c->reply + head, NFS3_OK);
             put32(c->reply + head + 4, 0); /* no pre-operation attributes */
             put32(c->reply + head + 8, 1);
-            if (!fattr3(c->reply + head + 12, &st, call.handle->fsid))
+            if (!fattr3(c->reply + head + 12, &st, call.handle))
                 return NFS_FAST_HANDOFF;
             head += 12 + FATTR3_SIZE;
             put32(c->reply + head, call.count);
@@ -497,6 +537,10 @@ int nfs_fast_serve(struct nfs_fast_conn *c)
         c->data_offset = data_offset;
         c->data_len = call.proc == PROC_READ ? count : 0;
         c->bytes = call.proc == PROC_READ ? count : call.count;
+        /* Counted before the reply goes out: a client that reads it, then the metrics,
+         * sees the call counted. */
+        if (scratch)
+            c->scratch_calls[call.proc == PROC_READ ? OP_READ : OP_WRITE]++;
         r = send_reply(c, mem + data_offset, c->data_len);
         if (r == 0)
             return NFS_FAST_PARTIAL; /* Python's sender finishes it, then frees the block */

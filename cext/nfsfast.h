@@ -1,15 +1,18 @@
 /*
- * netswap's NFSv3 call loop for a swap node's own swap file, in C so that it
- * runs without the GIL (the NFS counterpart of nbdfast.h).
+ * netswap's NFSv3 call loop for a swap node's own swap file and for scratch
+ * files, in C so that it runs without the GIL (the NFS counterpart of
+ * nbdfast.h).
  *
- * A swap node's NFS connection calls nfs_fast_serve() from its reader thread
- * (again after each record it had to leave to Python).  The loop peeks at the
+ * An NFS connection calls nfs_fast_serve() from its reader thread (again
+ * after each record it had to leave to Python).  The loop peeks at the
  * next record (MSG_PEEK: nothing is consumed while it decides) and serves it
  * itself only if it is a single-fragment ONC RPC call of NFSv3 READ or WRITE,
  * with an AUTH_SYS or AUTH_NONE credential every length of which checks out,
  * arguments exactly as nfs3.py decodes them, on a handle Python registered in
- * this connection's table (it served a call on it for this very node), while
- * the node is attached, with pool memory to be had without waiting.  Then:
+ * this connection's table (it served a call on it for this very peer), while
+ * the node is attached (a swap file) or the path is still the file (a scratch
+ * file), with normal pool memory (never a reserve) to be had without waiting.
+ * Then:
  * the record is received into a pool block, the file is read or written (and
  * fdatasync'ed for a stable WRITE), the reply is built as nfs3.py builds it
  * (fattr3 from fstat) and sent through the connection's send gate.
@@ -29,7 +32,7 @@
 #include "fastloop.h"
 #include "sendgate.h"
 
-#define NFS_FAST_HANDLES 8    /* handles one connection keeps: a node has one swap file */
+#define NFS_FAST_HANDLES 8    /* handles one connection keeps: a swap file, a few scratch */
 #define NFS_FAST_HANDLE_MAX 64
 #define NFS_FAST_REPLY_MAX 160 /* fragment header + accepted reply + READ/WRITE result head */
 
@@ -46,14 +49,29 @@
                                    of its first byte (nothing of it is kept) */
 #define NFS_FAST_VOIDED 8       /* a received WRITE (block, record_len) whose handle a scrub
                                    voided before it was written: Python's to run (and answer) */
+#define NFS_FAST_MOVED 9        /* a received scratch WRITE (block, record_len) whose file left
+                                   its path while the loop waited for the record's body:
+                                   Python's to run (and answer) */
 
-/* One handle Python verified for this connection's node (its own swap file). */
+#define NFS_FAST_SWAP_FILE 0     /* a handle entry's kind: the node's own swap file */
+#define NFS_FAST_SCRATCH_FILE 1  /* a scratch-export file */
+
+/* One handle Python verified for this connection's peer: the node's own swap file, or a
+ * scratch file.  A scratch entry is good only while `path` is still a regular file of the
+ * entry's device and inode (one lstat per call, as exports.py's resolve checks it): the
+ * descriptor keeps the inode alive, so no other file can have its number meanwhile; a file
+ * removed, renamed or replaced on the server fails that check, and the loop voids the entry
+ * (length 0, `voided` set: Python closes its descriptor) and leaves the call to Python. */
 struct nfs_fast_handle {
     uint32_t length;              /* 0: a free slot */
     uint8_t bytes[NFS_FAST_HANDLE_MAX];
-    int fd;                       /* the swap file (a descriptor of Python's, dup'ed) */
+    int fd;                       /* the file (a descriptor of Python's, dup'ed) */
     uint64_t fsid;                /* the export id, fattr3.fsid */
     int64_t epoch;                /* swap->epoch when Python verified it */
+    int kind;                     /* NFS_FAST_SWAP_FILE or NFS_FAST_SCRATCH_FILE */
+    int writable;                 /* scratch: its descriptor is open for writing */
+    const char *path;             /* scratch: its path (Python's memory, kept alive) */
+    uint64_t dev, ino;            /* scratch: what `path` must still be */
 };
 
 /* The swap files' scrub state, shared by every loop (Python owns it).  A scrub bumps `epoch`
@@ -84,11 +102,12 @@ struct nfs_fast_conn {
     uint32_t max_record;          /* the record cap (nfs.max_io + slack) */
     uint32_t max_io;
     uint64_t swap_size;           /* a swap file's size: a WRITE never goes past it */
+    uint64_t max_file_size;       /* a scratch WRITE never ends past it (NFS3ERR_FBIG) */
     uint64_t record_timeout_ns;   /* nfs.record_timeout: a record begun must be in by then
                                      (0: no limit), as on the Python path */
     uint8_t verifier[8];          /* the WRITE verifier */
     struct nfs_fast_swap *swap;   /* the scrub epoch (older entries are void) and writers */
-    struct nfs_fast_node *node;
+    struct nfs_fast_node *node;   /* the swap node (a never-attached one for other peers) */
     struct send_gate *gate;       /* see sendgate.h */
     uint64_t bounds_ns[FAST_LOOP_BOUNDS];
     struct nfs_fast_handle handles[NFS_FAST_HANDLES];
@@ -107,8 +126,10 @@ struct nfs_fast_conn {
     uint64_t sent;                /* bytes of reply + data (+ padding) already on the wire */
     int error;
     int flush;                    /* internal: see NFS_FAST_FLUSH */
+    int voided;                   /* a scratch entry was voided: Python closes its fd */
 
     struct fast_op_stats stats[2]; /* 0 READ, 1 WRITE; nfs_calls = sum of buckets */
+    uint64_t scratch_calls[2];    /* of those, on scratch files: 0 READ, 1 WRITE */
 };
 
 int nfs_fast_serve(struct nfs_fast_conn *c);

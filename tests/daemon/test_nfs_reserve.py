@@ -171,6 +171,52 @@ def test_a_swap_nodes_records_use_its_reserve_and_non_swap_calls_are_dropped(dae
     stranger.close()
 
 
+def test_scratch_writes_the_c_loop_serves_never_take_the_reserve(daemon):
+    # The NFS C loop serves scratch-file WRITEs too, with normal memory only: once that is
+    # gone, the node's scratch WRITE is Python's (received into its reserve: JUKEBOX) and a
+    # stranger's waits for memory, exactly as without the loop.
+    mount(daemon, "127.0.0.1", "/swap")  # attaches the node: its records may use the reserve
+    scratch_root = mount(daemon, "127.0.0.1", "/scratch")
+    node = RpcClient(daemon.nfs_port, "127.0.0.1")
+    stranger = RpcClient(daemon.nfs_port, "127.0.0.3")
+    created = nfs_call(node, CREATE, xdr(
+        ("o", scratch_root), ("o", b"served"), ("u", 0),
+        ("b", False), ("b", False), ("b", False), ("b", False),
+        ("u", 0), ("u", 0)))
+    assert created.uint() == 0 and created.bool()
+    scratch_file = bytes(created.opaque(64))
+    path = daemon.state_dir / "nfs-scratch" / "served"
+    block = os.urandom(32 * KiB)
+    for client in (node, stranger):  # the first WRITE Python's, the next two the loop's
+        for _ in range(3):
+            assert write_status(client, scratch_file, 0, block) == 0
+    served = metric(daemon, "netswap_nfs_c_loop_scratch_calls_total", procedure="write")
+    assert served == 4
+
+    holders = exhaust_normal_budget(daemon)
+    emergency_before = metric(daemon, "netswap_emergency_allocations_total")
+    other = os.urandom(32 * KiB)
+    assert write_status(node, scratch_file, 0, other) == NFS3ERR_JUKEBOX
+    assert metric(daemon, "netswap_emergency_dropped_total", consumer="nfs") == 1
+    assert metric(daemon, "netswap_emergency_allocations_total") > emergency_before
+    assert path.read_bytes() == block
+    xid = stranger.send_call(NFS_PROGRAM, 3, WRITE, write_args(scratch_file, 0, other), ROOT)
+    stranger.sock.settimeout(1.5)
+    with pytest.raises(socket.timeout):
+        stranger.sock.recv(1)
+    emergency_before = metric(daemon, "netswap_emergency_allocations_total")
+    for hold in holders:  # normal memory comes back
+        hold.close()
+    stranger.sock.settimeout(10)
+    assert succeeded(stranger.reply(xid)).uint() == 0
+    assert path.read_bytes() == other
+    # Neither was the loop's, and the stranger's took no reserve.
+    assert metric(daemon, "netswap_nfs_c_loop_scratch_calls_total", procedure="write") == served
+    assert metric(daemon, "netswap_emergency_allocations_total") == emergency_before
+    node.close()
+    stranger.close()
+
+
 def test_a_node_released_for_idleness_that_pages_under_pressure_is_attached_again(tmp_path):
     daemon = start_reserve_daemon(tmp_path, nfs_extra='swap_idle_timeout = "1s"',
                                   swap_extra='detach_grace = "0.2s"')

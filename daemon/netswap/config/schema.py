@@ -498,9 +498,9 @@ class NfsConfig:
     c_loop: bool = key(
         Boolean(),
         True,
-        "Serve a swap node's plain READs and WRITEs of its own swap file in the C call "
-        "loop, without the GIL (false: every call takes the Python path; for comparison "
-        "and debugging).")
+        "Serve a swap node's plain READs and WRITEs of its own swap file, and plain "
+        "scratch-file READs and WRITEs, in the C call loop, without the GIL (false: every "
+        "call takes the Python path; for comparison and debugging).")
     # NFS and MOUNT together
     max_connections: int = key(
         Integer(1, 65536),

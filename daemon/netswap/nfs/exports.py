@@ -394,6 +394,19 @@ class _ScratchFile:
             self._users += 1
             return self._fd
 
+    @property
+    def dropped(self) -> bool:
+        return self._dropped
+
+    def dup(self) -> Optional[tuple[int, bool]]:
+        """(a dup of its descriptor, whether that is open for writing), for the C loop's
+        handle table (fastloop.py), which closes it; None if it has none (dropped, or a
+        daemon that is not root may not open it)."""
+        with self._lock:
+            if self._dropped or self._fd is None:
+                return None
+            return os.dup(self._fd), self._writable
+
     def release(self) -> None:
         with self._lock:
             self._users -= 1

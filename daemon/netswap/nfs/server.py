@@ -25,9 +25,10 @@ delays those sent meanwhile by that long; they then find each other queued and g
 workers, in parallel, as before. The NBD side's C loop serves on the reader thread by the
 same rule.
 
-A swap node's connection has a C loop of its own (fastloop.py, cext/nfsfast.c) that serves
-READs and WRITEs of the node's swap file on this thread without the GIL; it peeks at each
-record and leaves every one it does not serve unread, for the path above.
+A connection has a C loop of its own (fastloop.py, cext/nfsfast.c) that serves READs and
+WRITEs of the node's swap file (a swap node's connection) and of scratch files (any
+connection) on this thread without the GIL; it peeks at each record and leaves every one it
+does not serve unread, for the path above.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def _nothing() -> None:
     pass
 
 
+# Received records the C loop hands over to be run again, and their hand-over reason.
+_RUN_AGAIN = {fastloop.HANDOFF: "nfs_io_error", fastloop.VOIDED: "nfs_scrubbed",
+              fastloop.MOVED: "nfs_scratch_moved"}
+
+
 class RecordTimeout(Exception):
     """A record the client began did not arrive whole within nfs.record_timeout."""
 
@@ -101,7 +107,8 @@ class RpcServer:
         tagged and may use the node's reserve while the node is attached. `limits`: the
         connection limits to count in (None: none); `keepalive`: seconds of silence before
         TCP probes a client (None: no keepalive). `fast_loop(connection)`: the C call loop
-        (nfs/fastloop.py) for a swap node's connection, or None for the Python path only.
+        (nfs/fastloop.py) for a connection, or None (also as its result) for the Python path
+        only.
         `record_timeout`: seconds a client has to send a record whole once it began it
         (nfs.record_timeout; None: as long as it likes)."""
         self.name = name  # "nfs" or "mount", for thread names and log lines
@@ -217,9 +224,9 @@ class RpcConnection:
         # Waits for the rest of a record, up to its deadline (_wait_readable).
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
-        # The C loop serving this swap node's READs and WRITEs of its own file (fastloop.py).
-        self._fast = (server.fast_loop(self) if server.fast_loop is not None and node is not None
-                      else None)
+        # The C loop serving READs and WRITEs of this swap node's own file and of scratch
+        # files (fastloop.py), or None.
+        self._fast = server.fast_loop(self) if server.fast_loop is not None else None
 
     def close(self) -> None:
         self._closing = True  # for a reader waiting on pool memory, not on the socket
@@ -265,6 +272,8 @@ class RpcConnection:
         return True
 
     def _dispatch(self, buffer, length: int, loan, received: int) -> None:
+        if self._fast is not None:
+            self._fast.offer(buffer.view[:length])  # the C loop may serve its handle next
         with self._replied:
             while self._pending >= MAX_INFLIGHT_CALLS:
                 self._wait_for_reply()
@@ -304,11 +313,11 @@ class RpcConnection:
             return
         # A call the loop received and hands over: Python's from here, as if received here.
         buffer, started = fast.buffer(), fast.started_ns
-        if reason in (fastloop.HANDOFF, fastloop.VOIDED):
-            # A failed write, or one a scrub made stale before it was written: Python runs
-            # it again and answers (NFS3ERR_STALE, for the latter).
-            counters.inc(C_LOOP_HANDOFFS,
-                         "nfs_io_error" if reason == fastloop.HANDOFF else "nfs_scrubbed")
+        if reason in _RUN_AGAIN:
+            # A failed write, one a scrub made stale before it was written, or a scratch
+            # file's that left its path while its body came in: Python runs it again and
+            # answers (NFS3ERR_STALE, or what the handle names now).
+            counters.inc(C_LOOP_HANDOFFS, _RUN_AGAIN[reason])
             self._dispatch(buffer, fast.record_length, None, started)
             return
         assert reason == fastloop.PARTIAL, reason
@@ -519,9 +528,6 @@ class RpcConnection:
             counters.inc(RPC_PROTOCOL_ERRORS, "prog_mismatch")
             return [rpc.prog_mismatch(call.xid, low, high)], None
         procedure = program.procedure_name(call)
-        if self._fast is not None and call.prog == fastloop.PROGRAM and call.proc in (
-                fastloop.READ, fastloop.WRITE):
-            self._fast.offer(call.args)  # its handle may be served by the C loop from now on
         try:
             return program.call(call, self.peer, release, emergency=release[0].emergency,
                                 stopped=self._stopped), procedure

@@ -32,21 +32,28 @@ class NfsService:
                                   ("nfs.max_connections", "nfs.max_connections_per_client"))
         program = nfs3.Nfs3Program(self.exports, pool, counters, nfs.max_io, self.swap_nodes)
         fast_loop = None
-        if nfs.c_loop and self.swap_nodes is not None:
-            # The scrub epoch the C loops compare their handles' with, and their writes a
-            # scrub waits for (fastloop.py).
+        if nfs.c_loop and (self.swap_nodes is not None or nfs.scratch_export):
+            # The scrub epoch the C loops compare their swap handles' with, and their writes
+            # a scrub waits for (fastloop.py).
             self._scrub = fastloop.ScrubState()
-            self.exports.swap.loops = self._scrub
+            if self.exports.swap is not None:
+                self.exports.swap.loops = self._scrub
 
-            def node_fast_loop(connection):
+            def connection_fast_loop(connection):
+                # A swap node's connection: its swap file and scratch files; anyone else's:
+                # scratch files (a clock never attached: no swap file is served there).
+                node = connection.node
+                if node is None and not nfs.scratch_export:
+                    return None
+                clock = (self.swap_nodes.clock(node) if node is not None
+                         else fastloop.NodeClock())
                 return fastloop.NfsFastLoop(
                     sock_fd=connection.sock.fileno(), pool=pool, max_record=max_record,
                     max_io=nfs.max_io, exports=self.exports, verifier=program.verifier,
-                    scrub=self._scrub, node_clock=self.swap_nodes.clock(connection.node),
-                    gate=connection.sender.gate, counters=counters, service="nfs",
-                    peer=connection.peer, node=connection.node,
+                    scrub=self._scrub, node_clock=clock, gate=connection.sender.gate,
+                    counters=counters, service="nfs", peer=connection.peer, node=node,
                     record_timeout=nfs.record_timeout)
-            fast_loop = node_fast_loop
+            fast_loop = connection_fast_loop
         self.nfs = RpcServer("nfs", nfs.listen, {nfs3.PROGRAM: program},
                              pool, counters, workers, send_poller, max_record, "nfs.listen",
                              swap_nodes=self.swap_nodes, limits=limits,

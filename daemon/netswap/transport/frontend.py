@@ -28,7 +28,9 @@ C_LOOP_HANDOFFS = declare(
     "Times the C request loop handed a connection to the Python path, by reason (python: a "
     "request only Python serves; queued_reply: a reply that had to wait for the socket; "
     "write_error: a failed write; the NFS call loop's nfs_python, nfs_queued_reply, "
-    "nfs_io_error likewise).",
+    "nfs_io_error likewise, nfs_scrubbed: a WRITE whose swap file was wiped while it was "
+    "being received, nfs_scratch_moved: a scratch WRITE whose file left its path while it "
+    "was being received).",
     label="reason")
 INTERNAL_ERRORS = declare(
     "transport", "internal_errors", "netswap_internal_errors_total",
