@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -21,9 +22,11 @@
 #define REPLY_TYPE_OFFSET_DATA 1
 #define CMD_READ 0
 #define CMD_WRITE 1
+#define CMD_FLUSH 3
+#define CMD_FLAG_FUA 1
 #define HEADER_SIZE 28
 
-enum { OP_READ = 0, OP_WRITE = 1 };
+enum { OP_READ = 0, OP_WRITE = 1, OP_FLUSH = 2 };
 
 static void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
 static void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
@@ -84,9 +87,20 @@ static int fill_header(struct nbd_fast_conn *c)
  * spec asks for (and every flag) is left to Python, which answers it. */
 static int servable(struct nbd_fast_conn *c, const uint8_t *h)
 {
-    if (get32(h) != REQUEST_MAGIC || get16(h + 4) != 0)
+    if (get32(h) != REQUEST_MAGIC)
         return 0;
+    uint16_t flags = get16(h + 4);
     uint16_t command = get16(h + 6);
+    if (command == CMD_FLUSH) {
+        /* FUA is allowed on any command and means nothing on a FLUSH; offset and length
+         * are reserved and ignored (transmission.refusal does the same).  A read-only
+         * export's FLUSH needs no sync and a failed backend's gets EIO: Python answers. */
+        return (flags & ~CMD_FLAG_FUA) == 0 && !c->read_only
+               && __atomic_load_n(c->backend_ok, __ATOMIC_RELAXED)
+               && __atomic_load_n(c->run_ok, __ATOMIC_RELAXED);
+    }
+    if (flags != 0)
+        return 0;
     uint64_t offset = get64(h + 16);
     uint32_t length = get32(h + 24);
     if (command == CMD_READ) {
@@ -155,6 +169,54 @@ static int read_block(struct nbd_fast_conn *c, uint8_t *data, uint32_t length)
     return read_rest(c->fd, data, got > 0 ? (uint32_t)got : 0, length, c->offset);
 }
 
+/* Is the file we sync still the one at the backend's path?  Python's _check_identity's
+ * three cases (deleted, renamed away, replaced), checked after every FLUSH's sync here as
+ * Python does after each of its syncs: a FLUSH promises the data survives a restart, which
+ * opens the path, so it must not be acknowledged once the file there is another.  The
+ * check stays in C rather than at Python's interval: two stats per FLUSH cost little next
+ * to its sync, and a FLUSH acknowledged just after the file went would be a lie.  Any
+ * doubt (a stat failing) goes to Python, which decides and logs. */
+static int same_file(struct nbd_fast_conn *c)
+{
+    struct stat st;
+    if (fstat(c->fd, &st) < 0 || st.st_nlink == 0)
+        return 0;
+    int r = c->follow_symlinks ? stat(c->path, &st) : lstat(c->path, &st);
+    return r == 0 && (uint64_t)st.st_dev == c->file_dev && (uint64_t)st.st_ino == c->file_ino;
+}
+
+/* Serve the FLUSH at window[start]: see nbdfast.h.  Returns an NBD_FAST_* reason to stop
+ * for, or -1 to go on. */
+static int serve_flush(struct nbd_fast_conn *c, const uint8_t *h, int64_t started)
+{
+    c->command = CMD_FLUSH;
+    c->flags = get16(h + 4);
+    c->cookie = get64(h + 8);
+    c->offset = get64(h + 16);
+    c->length = get32(h + 24);
+    c->started_ns = started;
+    c->block = -1;
+    c->emergency = 0;
+    if (commit_sync(c->commit, c->fd) < 0) {
+        c->error = errno;
+        return NBD_FAST_SYNC_FAILED; /* the header stays in the window: Python answers it */
+    }
+    if (!same_file(c))
+        return NBD_FAST_RECHECK; /* likewise */
+    c->start += HEADER_SIZE;
+    c->reply_len = reply_header(c, c->reply);
+    int r = send_reply(c, NULL, 0);
+    if (r == 0)
+        return NBD_FAST_PARTIAL;
+    if (r < 0) {
+        c->error = errno;
+        return NBD_FAST_SOCKET_ERROR; /* the client left while its FLUSH synced */
+    }
+    /* Python counts a FLUSH's (reserved) length as its bytes; so does this. */
+    account(&c->stats[OP_FLUSH], c->bounds_ns, c->length, started);
+    return -1;
+}
+
 static int64_t alloc_block(struct nbd_fast_conn *c, uint32_t length)
 {
     int emergency = 0;
@@ -178,6 +240,12 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
             return NBD_FAST_FALLBACK;
         int64_t started = now_ns();
         uint16_t command = get16(h + 6);
+        if (command == CMD_FLUSH) {
+            r = serve_flush(c, h, started);
+            if (r >= 0)
+                return r;
+            continue;
+        }
         uint32_t length = get32(h + 24);
         int64_t block = alloc_block(c, length);
         if (block < 0)

@@ -71,13 +71,23 @@ def test_plain_requests_are_served_in_c_and_counted_while_the_connection_lives(d
     assert metric(daemon, "netswap_request_bytes_total", export="disk", op="read") == 200 * KiB
     assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 0
 
-    request(sock, C.CMD_FLUSH, cookie=500)  # Python's: FLUSH is not the loop's
+    # A plain FLUSH (and one with FUA, which means nothing on it) is the loop's too: one
+    # sync for the 50 writes, none for the second FLUSH, nothing handed to Python.
+    syncs = metric(daemon, "netswap_export_flush_syncs_total", export="disk")
+    request(sock, C.CMD_FLUSH, cookie=500)
     assert simple_reply(sock) == (0, 500)
-    request(sock, C.CMD_READ, 0, 4 * KiB, cookie=501)  # and back in C
+    request(sock, C.CMD_FLUSH, cookie=501, flags=C.CMD_FLAG_FUA)
     assert simple_reply(sock) == (0, 501)
+    assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 0
+    assert metric(daemon, "netswap_requests_total", export="disk", op="flush") == 2
+    assert metric(daemon, "netswap_export_flush_syncs_total", export="disk") == syncs + 1
+    request(sock, C.CMD_FLUSH, cookie=502, flags=C.CMD_FLAG_DF)  # Python's: it refuses the flag
+    assert simple_reply(sock) == (C.EINVAL, 502)
+    request(sock, C.CMD_READ, 0, 4 * KiB, cookie=503)  # and back in C
+    assert simple_reply(sock) == (0, 503)
     assert recv_exact(sock, 4 * KiB) == data
     assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 1
-    assert metric(daemon, "netswap_requests_total", export="disk", op="flush") == 1
+    assert metric(daemon, "netswap_requests_total", export="disk", op="flush") == 3
     sock.close()
     # A closed connection's statistics are folded into the totals, not lost.
     wait_until(lambda: metric(daemon, "netswap_connections") == 0, what="the connection closed")

@@ -174,6 +174,10 @@ class RequestReader:
             if reason == fastloop.FALLBACK:
                 self._counters.inc(C_LOOP_HANDOFFS, "python")
                 return True
+            if reason in (fastloop.SYNC_FAILED, fastloop.RECHECK):
+                # The backend failed (fastloop.serve): Python answers the FLUSH with EIO.
+                self._counters.inc(C_LOOP_HANDOFFS, "sync_error")
+                return True
             if reason == fastloop.CLOSED:
                 return False
             if reason == fastloop.SOCKET_ERROR:

@@ -27,7 +27,7 @@ C_LOOP_HANDOFFS = declare(
     "transport", "c_loop_handoffs", "netswap_c_loop_handoffs_total",
     "Times the C request loop handed a connection to the Python path, by reason (python: a "
     "request only Python serves; queued_reply: a reply that had to wait for the socket; "
-    "write_error: a failed write; the NFS call loop's nfs_python, nfs_queued_reply, "
+    "write_error: a failed write; sync_error: a FLUSH whose sync failed or whose file is no longer at its path; the NFS call loop's nfs_python, nfs_queued_reply, "
     "nfs_io_error likewise).",
     label="reason")
 INTERNAL_ERRORS = declare(
