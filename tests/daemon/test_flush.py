@@ -1,4 +1,5 @@
-"""FLUSH through the backend's group commit (exports/groupcommit.py), against a real netswapd.
+"""FLUSH through the backend's group commit (cext/commit.c: served in the C loop, or by
+exports/groupcommit.py's flushers in Python), against a real netswapd.
 
 CAN_MULTI_CONN is advertised, so a FLUSH on one connection must cover the writes acknowledged
 on every other: here the writes go over connection A (served by the C loop, or by Python
@@ -42,6 +43,9 @@ def test_a_flush_on_one_connection_syncs_writes_acknowledged_on_another(tmp_path
             assert syncs(daemon) == before + round_, "a write on the other connection " \
                 "was not covered by a sync of its own"
             assert flusher.pread(65536, 65536 * round_) == bytes([round_]) * 65536
+        if c_loop:  # its FLUSHes never left the C loop: the syncs counted are its own
+            assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 0
+            assert metric(daemon, "netswap_requests_total", export="disk", op="flush") == 7
         writer.shutdown()
         flusher.shutdown()
     finally:

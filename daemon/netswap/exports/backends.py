@@ -466,8 +466,11 @@ class FileBackend(Backend):
         self._check_identity(every_interval=not synced)
 
     def sync_failed(self, error: OSError) -> None:
-        """A group-commit sync failed (ours, or the C loop's): the backend fails for good."""
-        self._fail(f"fdatasync failed: {error.strerror}")
+        """A group-commit sync failed (ours, or the C loop's): the backend fails for good.
+        The reason logged is the first failed sync's (a flush that found the latch set
+        reports EIO, not why)."""
+        first = lib.commit_failed(self.commit)
+        self._fail(f"fdatasync failed: {os.strerror(first) if first else error.strerror}")
 
     def _datasync(self) -> None:
         fd = self._fd
