@@ -20,7 +20,16 @@
  * every later commit_sync fails with EIO; Python learns of it from the return
  * (its own calls, or the loop's NBD_FAST_SYNC_FAILED) and from commit_failed().
  *
- * All of it is the cffi interface too (build_pool.py).
+ * FLUSHes the NBD C loop takes are synced off its thread: commit_submit()
+ * queues one on the backend's flushers (up to COMMIT_FLUSHERS threads,
+ * started on demand, each ending after COMMIT_IDLE_EXIT_S without work), a
+ * flusher takes every FLUSH queued when it starts, runs one commit_sync() for
+ * them, and puts each back on its connection's flush_queue, whose eventfd
+ * wakes the loop: the loop sends the replies (through the send gate, as its
+ * others), so no reply leaves from a thread that does not own the connection.
+ *
+ * The first part is the cffi interface; the part between "#ifndef
+ * NETSWAP_CDEF" and its #endif is for the C loop only.
  */
 #ifndef NETSWAP_COMMIT_H
 #define NETSWAP_COMMIT_H
@@ -41,5 +50,41 @@ int commit_sync(struct commit *commit, int fd);
 uint64_t commit_syncs(struct commit *commit);  /* syncs begun */
 uint64_t commit_skipped(struct commit *commit); /* calls answered without one of their own */
 int commit_failed(struct commit *commit);      /* errno of the sync that failed, or 0 */
+/* No more FLUSHes: wait for the flushers to answer what is queued and end (Backend.close;
+ * commit_free does it too). */
+void commit_close(struct commit *commit);
+
+/* A connection's FLUSHes in flight and answered; see above.  flush_queue_free waits until
+ * every FLUSH it submitted is back (so a flusher never touches a freed queue or a closed
+ * descriptor), then drops the answers nobody will send (the connection has ended). */
+struct flush_queue;
+struct flush_queue *flush_queue_new(void);
+void flush_queue_free(struct flush_queue *queue);
+
+#ifndef NETSWAP_CDEF
+/* One FLUSH on its way through a flusher. */
+struct flush_job {
+    struct flush_job *next;
+    struct flush_queue *queue;
+    int fd;             /* the connection's descriptor of the file (open until it is back) */
+    uint16_t flags;
+    uint64_t cookie;
+    uint64_t offset;
+    uint32_t length;
+    int64_t started_ns;
+    int result;         /* commit_sync's */
+    int error;          /* its errno */
+};
+
+/* Queue `job` (malloc'd; the queue frees it when taken back).  0, or -1 (the backend is
+ * closing or no thread could be started): the caller syncs itself. */
+int commit_submit(struct commit *commit, struct flush_job *job);
+/* FLUSHes submitted and not yet taken back by flush_queue_take. */
+int flush_queue_outstanding(struct flush_queue *queue);
+/* The eventfd that is readable while answered FLUSHes wait. */
+int flush_queue_fd(struct flush_queue *queue);
+/* The oldest answered FLUSH, or NULL (the caller frees it). */
+struct flush_job *flush_queue_take(struct flush_queue *queue);
+#endif /* NETSWAP_CDEF */
 
 #endif /* NETSWAP_COMMIT_H */

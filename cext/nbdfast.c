@@ -7,6 +7,8 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -27,6 +29,7 @@
 #define HEADER_SIZE 28
 
 enum { OP_READ = 0, OP_WRITE = 1, OP_FLUSH = 2 };
+#define FLUSHES_QUEUED 64 /* a connection's FLUSHes at the flushers at once, at most */
 
 static void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
 static void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
@@ -58,7 +61,29 @@ static uint32_t reply_header(struct nbd_fast_conn *c, uint8_t *out)
     return 20;
 }
 
-/* Receive until a whole header is buffered.  Returns 1, or 0 on EOF, or -1 (errno). */
+/* Before blocking in recv while FLUSHes are at the flushers: wait for the socket or an
+ * answered FLUSH.  1: the socket is readable (or poll failed: recv says why); 0: a FLUSH
+ * came back. */
+static int socket_first(struct nbd_fast_conn *c)
+{
+    if (c->flushes == NULL || !flush_queue_outstanding(c->flushes))
+        return 1;
+    struct pollfd fds[2] = {
+        {.fd = c->sock, .events = POLLIN},
+        {.fd = flush_queue_fd(c->flushes), .events = POLLIN},
+    };
+    for (;;) {
+        int ready = poll(fds, 2, -1);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready < 0 || fds[0].revents)
+            return 1;
+        return 0;
+    }
+}
+
+/* Receive until a whole header is buffered.  Returns 1, or 0 on EOF, or -1 (errno), or 2:
+ * a FLUSH came back from the flushers, to be answered first. */
 static int fill_header(struct nbd_fast_conn *c)
 {
     while (c->end - c->start < HEADER_SIZE) {
@@ -71,6 +96,8 @@ static int fill_header(struct nbd_fast_conn *c)
             c->start = 0;
             c->end = count;
         }
+        if (!socket_first(c))
+            return 2;
         ssize_t got = recv(c->sock, c->window + c->end, c->window_size - c->end, 0);
         if (got > 0) {
             c->end += (uint32_t)got;
@@ -185,25 +212,16 @@ static int same_file(struct nbd_fast_conn *c)
     return r == 0 && (uint64_t)st.st_dev == c->file_dev && (uint64_t)st.st_ino == c->file_ino;
 }
 
-/* Serve the FLUSH at window[start]: see nbdfast.h.  Returns an NBD_FAST_* reason to stop
- * for, or -1 to go on. */
-static int serve_flush(struct nbd_fast_conn *c, const uint8_t *h, int64_t started)
+/* A FLUSH (the fields describe it) whose commit_sync gave `result` (errno `error`): its
+ * reply, or the reason to hand it to Python.  An NBD_FAST_* reason, or -1 to go on. */
+static int finish_flush(struct nbd_fast_conn *c, int result, int error)
 {
-    c->command = CMD_FLUSH;
-    c->flags = get16(h + 4);
-    c->cookie = get64(h + 8);
-    c->offset = get64(h + 16);
-    c->length = get32(h + 24);
-    c->started_ns = started;
-    c->block = -1;
-    c->emergency = 0;
-    if (commit_sync(c->commit, c->fd) < 0) {
-        c->error = errno;
-        return NBD_FAST_SYNC_FAILED; /* the header stays in the window: Python answers it */
+    if (result < 0) {
+        c->error = error;
+        return NBD_FAST_SYNC_FAILED;
     }
     if (!same_file(c))
-        return NBD_FAST_RECHECK; /* likewise */
-    c->start += HEADER_SIZE;
+        return NBD_FAST_RECHECK;
     c->reply_len = reply_header(c, c->reply);
     int r = send_reply(c, NULL, 0);
     if (r == 0)
@@ -213,7 +231,62 @@ static int serve_flush(struct nbd_fast_conn *c, const uint8_t *h, int64_t starte
         return NBD_FAST_SOCKET_ERROR; /* the client left while its FLUSH synced */
     }
     /* Python counts a FLUSH's (reserved) length as its bytes; so does this. */
-    account(&c->stats[OP_FLUSH], c->bounds_ns, c->length, started);
+    account(&c->stats[OP_FLUSH], c->bounds_ns, c->length, c->started_ns);
+    return -1;
+}
+
+static void describe_flush(struct nbd_fast_conn *c, uint16_t flags, uint64_t cookie,
+                           uint64_t offset, uint32_t length, int64_t started)
+{
+    c->command = CMD_FLUSH;
+    c->flags = flags;
+    c->cookie = cookie;
+    c->offset = offset;
+    c->length = length;
+    c->started_ns = started;
+    c->block = -1;
+    c->emergency = 0;
+}
+
+/* Take the FLUSH at window[start]: to the flushers, or synced here.  An NBD_FAST_* reason
+ * to stop for, or -1 to go on. */
+static int serve_flush(struct nbd_fast_conn *c, const uint8_t *h, int64_t started)
+{
+    describe_flush(c, get16(h + 4), get64(h + 8), get64(h + 16), get32(h + 24), started);
+    c->start += HEADER_SIZE;
+    if (c->flushes != NULL && flush_queue_outstanding(c->flushes) < FLUSHES_QUEUED) {
+        struct flush_job *job = calloc(1, sizeof *job);
+        if (job != NULL) {
+            job->queue = c->flushes;
+            job->fd = c->fd;
+            job->flags = c->flags;
+            job->cookie = c->cookie;
+            job->offset = c->offset;
+            job->length = c->length;
+            job->started_ns = started;
+            if (commit_submit(c->commit, job) == 0)
+                return -1;
+            free(job);
+        }
+    }
+    int result = commit_sync(c->commit, c->fd);
+    return finish_flush(c, result, result < 0 ? errno : 0);
+}
+
+/* Reply to the FLUSHes the flushers gave back.  An NBD_FAST_* reason to stop for (the
+ * fields describe that FLUSH), or -1 to go on. */
+static int answer_flushes(struct nbd_fast_conn *c)
+{
+    if (c->flushes == NULL || !flush_queue_outstanding(c->flushes))
+        return -1;
+    struct flush_job *job;
+    while ((job = flush_queue_take(c->flushes)) != NULL) {
+        describe_flush(c, job->flags, job->cookie, job->offset, job->length, job->started_ns);
+        int r = finish_flush(c, job->result, job->error);
+        free(job);
+        if (r >= 0)
+            return r;
+    }
     return -1;
 }
 
@@ -230,7 +303,21 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
 {
     uint8_t *arena = pool_base(c->pool);
     for (;;) {
-        int r = fill_header(c);
+        int r = answer_flushes(c);
+        if (r >= 0)
+            return r;
+        r = fill_header(c);
+        if (r == 2)
+            continue;
+        if (r == 0 && c->flushes != NULL && flush_queue_outstanding(c->flushes)) {
+            /* The client shut its side after its last requests: it still reads their
+             * replies (the spec allows it), so the FLUSHes at the flushers are answered
+             * before the loop reports the close. */
+            struct pollfd answered = {.fd = flush_queue_fd(c->flushes), .events = POLLIN};
+            while (poll(&answered, 1, -1) < 0 && errno == EINTR)
+                ;
+            continue;
+        }
         if (r <= 0) {
             c->error = errno;
             return r == 0 ? NBD_FAST_CLOSED : NBD_FAST_SOCKET_ERROR;

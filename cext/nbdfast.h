@@ -16,10 +16,12 @@
  * for the requests that need none of its decisions.
  *
  * A FLUSH (no flag but FUA, which means nothing on it) on a writable export
- * whose backend has not failed is served here too: commit_sync() (commit.h)
- * on this thread, sharing the backend's group commit with Python's flushers,
- * then its reply.  The requests behind it wait for that sync, as nbdkit's
- * do on a connection's thread; other connections' requests and syncs go on.
+ * whose backend has not failed is taken here too: queued on the backend's C
+ * flushers (commit.h), which share the group commit with Python's; the loop
+ * goes on with the requests behind it, and sends the FLUSH's reply when a
+ * flusher hands it back (an eventfd wakes the loop waiting for a request).
+ * Up to FLUSHES_QUEUED of a connection at the flushers; past that (or with no
+ * flusher to be had) the loop syncs on its own thread.
  *
  * The loop owns no thread, lock or memory: the connection, its window and the
  * pool belong to Python, which fills struct nbd_fast_conn in once and reads
@@ -47,12 +49,12 @@
 #define NBD_FAST_CHECK 4        /* a write happened at or past check_due_ns: check the backend */
 #define NBD_FAST_SOCKET_ERROR 5 /* recv or send failed with `error` (the client is gone) */
 #define NBD_FAST_PAYLOAD_CUT 6  /* the client closed in the middle of a WRITE payload */
+#define NBD_FAST_SYNC_FAILED 7  /* a FLUSH's sync failed (`error`; the commit record latched
+                                   it): the fields describe that FLUSH; Python's backend must
+                                   fail too, then Python answers it */
 #define NBD_FAST_RECHECK 8      /* after a FLUSH's sync the file was not (or no longer) the
-                                   one at the backend's path: Python checks and fails the
-                                   backend, then answers the FLUSH, left at window[start] */
-#define NBD_FAST_SYNC_FAILED 7  /* a FLUSH's sync failed (`error`; the commit record latched it):
-                                   the FLUSH is left unparsed at window[start] for Python, whose
-                                   backend must fail too and then answers it */
+                                   one at the backend's path: Python checks (and fails the
+                                   backend), then answers the FLUSH the fields describe */
 
 struct nbd_fast_conn {
     /* Set once, when transmission starts. */
@@ -73,6 +75,8 @@ struct nbd_fast_conn {
     int *dirty;             /* set to 1 after each write, before its reply: the backend's
                                group commit (exports/groupcommit.py) syncs only when set */
     struct commit *commit;  /* the backend's group commit (commit.h), shared with Python */
+    struct flush_queue *flushes; /* this connection's FLUSHes at the flushers (NULL: the
+                                    loop syncs on its own thread) */
     const char *path;       /* the backend's path, and the file that must still be there */
     int follow_symlinks;
     uint64_t file_dev;

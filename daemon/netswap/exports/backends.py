@@ -688,6 +688,7 @@ class FileBackend(Backend):
     def close(self) -> None:
         if hasattr(self, "_commits"):  # not when __init__ failed before _start
             self._commits.close()
+            lib.commit_close(self.commit)  # its C flushers (the GIL is released meanwhile)
         # Set -1 before closing: a late call from a stray thread then fails with EBADF instead of
         # hitting whatever file the kernel hands this fd number to next.
         fd, self._fd = self._fd, -1

@@ -82,6 +82,9 @@ class FastLoop:
         conn.backend_ok = backend.write_gate
         conn.dirty = backend.dirty
         conn.commit = backend.commit
+        # NULL (no memory for it): the loop syncs FLUSHes on its own thread.
+        self._flushes = lib.flush_queue_new()
+        conn.flushes = self._flushes
         path, follow_symlinks, dev, ino = backend.identity
         self._path = ffi.new("char[]", os.fsencode(path))  # lives as long as the loop
         conn.path = self._path
@@ -104,11 +107,11 @@ class FastLoop:
         finally:
             parser.take_window_back(conn.start, conn.end)
         if reason == SYNC_FAILED:
-            # Before Python parses the FLUSH: its backend must have failed by then.
+            # Before Python answers the FLUSH: its backend must have failed by then.
             self.backend.sync_failed(self.error)
         elif reason == RECHECK:
             # The file at the path changed after a FLUSH's sync: the full check fails the
-            # backend (and logs why) before Python parses that FLUSH.
+            # backend (and logs why) before Python answers that FLUSH.
             self.backend.check_identity_now()
         elif reason == CHECK:
             self.backend.check_identity_due()
@@ -119,7 +122,7 @@ class FastLoop:
     # What the loop hands back -------------------------------------------------------
 
     def request(self) -> Request:
-        """The request a PARTIAL or WRITE_ERROR is about."""
+        """The request a PARTIAL, WRITE_ERROR, SYNC_FAILED or RECHECK is about."""
         conn = self._conn
         return Request(conn.flags, conn.command, conn.cookie, conn.offset, conn.length)
 
@@ -154,7 +157,13 @@ class FastLoop:
         return OSError(err, os.strerror(err))
 
     def close(self) -> None:
-        """The connection ended: fold the statistics into the totals, close our fd."""
+        """The connection ended: wait for its FLUSHes still at the flushers (their answers
+        are dropped: no one reads them), fold the statistics into the totals, close our fd
+        (the flushers' syncs used it until then)."""
+        flushes, self._flushes = self._flushes, ffi.NULL
+        if flushes != ffi.NULL:
+            self._conn.flushes = ffi.NULL
+            lib.flush_queue_free(flushes)  # the GIL is released while it waits
         for index, command in _OPS:
             self._stats.retire_live(self._export_name, command, self._conn.stats[index])
         fd, self._fd = self._fd, -1
