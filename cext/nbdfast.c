@@ -254,6 +254,8 @@ static int serve_flush(struct nbd_fast_conn *c, const uint8_t *h, int64_t starte
 {
     describe_flush(c, get16(h + 4), get64(h + 8), get64(h + 16), get32(h + 24), started);
     c->start += HEADER_SIZE;
+    if (c->flushes == NULL)
+        c->flushes = flush_queue_new(); /* at the first FLUSH: swap connections never send one */
     if (c->flushes != NULL && flush_queue_outstanding(c->flushes) < FLUSHES_QUEUED) {
         struct flush_job *job = calloc(1, sizeof *job);
         if (job != NULL) {

@@ -75,8 +75,10 @@ struct nbd_fast_conn {
     int *dirty;             /* set to 1 after each write, before its reply: the backend's
                                group commit (exports/groupcommit.py) syncs only when set */
     struct commit *commit;  /* the backend's group commit (commit.h), shared with Python */
-    struct flush_queue *flushes; /* this connection's FLUSHes at the flushers (NULL: the
-                                    loop syncs on its own thread) */
+    struct flush_queue *flushes; /* this connection's FLUSHes at the flushers: made by the
+                                    loop at its first FLUSH (NULL: none yet, or no memory for
+                                    one, and then the loop syncs on its own thread); Python
+                                    frees it when the connection ends */
     const char *path;       /* the backend's path, and the file that must still be there */
     int follow_symlinks;
     uint64_t file_dev;

@@ -82,9 +82,7 @@ class FastLoop:
         conn.backend_ok = backend.write_gate
         conn.dirty = backend.dirty
         conn.commit = backend.commit
-        # NULL (no memory for it): the loop syncs FLUSHes on its own thread.
-        self._flushes = lib.flush_queue_new()
-        conn.flushes = self._flushes
+        conn.flushes = ffi.NULL  # the loop makes its flush queue at the first FLUSH
         path, follow_symlinks, dev, ino = backend.identity
         self._path = ffi.new("char[]", os.fsencode(path))  # lives as long as the loop
         conn.path = self._path
@@ -160,7 +158,7 @@ class FastLoop:
         """The connection ended: wait for its FLUSHes still at the flushers (their answers
         are dropped: no one reads them), fold the statistics into the totals, close our fd
         (the flushers' syncs used it until then)."""
-        flushes, self._flushes = self._flushes, ffi.NULL
+        flushes = self._conn.flushes
         if flushes != ffi.NULL:
             self._conn.flushes = ffi.NULL
             lib.flush_queue_free(flushes)  # the GIL is released while it waits
