@@ -7,8 +7,11 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -21,9 +24,12 @@
 #define REPLY_TYPE_OFFSET_DATA 1
 #define CMD_READ 0
 #define CMD_WRITE 1
+#define CMD_FLUSH 3
+#define CMD_FLAG_FUA 1
 #define HEADER_SIZE 28
 
-enum { OP_READ = 0, OP_WRITE = 1 };
+enum { OP_READ = 0, OP_WRITE = 1, OP_FLUSH = 2 };
+#define FLUSHES_QUEUED 64 /* a connection's FLUSHes at the flushers at once, at most */
 
 static void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
 static void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
@@ -55,7 +61,29 @@ static uint32_t reply_header(struct nbd_fast_conn *c, uint8_t *out)
     return 20;
 }
 
-/* Receive until a whole header is buffered.  Returns 1, or 0 on EOF, or -1 (errno). */
+/* Before blocking in recv while FLUSHes are at the flushers: wait for the socket or an
+ * answered FLUSH.  1: the socket is readable (or poll failed: recv says why); 0: a FLUSH
+ * came back. */
+static int socket_first(struct nbd_fast_conn *c)
+{
+    if (c->flushes == NULL || !flush_queue_outstanding(c->flushes))
+        return 1;
+    struct pollfd fds[2] = {
+        {.fd = c->sock, .events = POLLIN},
+        {.fd = flush_queue_fd(c->flushes), .events = POLLIN},
+    };
+    for (;;) {
+        int ready = poll(fds, 2, -1);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready < 0 || fds[0].revents)
+            return 1;
+        return 0;
+    }
+}
+
+/* Receive until a whole header is buffered.  Returns 1, or 0 on EOF, or -1 (errno), or 2:
+ * a FLUSH came back from the flushers, to be answered first. */
 static int fill_header(struct nbd_fast_conn *c)
 {
     while (c->end - c->start < HEADER_SIZE) {
@@ -68,6 +96,8 @@ static int fill_header(struct nbd_fast_conn *c)
             c->start = 0;
             c->end = count;
         }
+        if (!socket_first(c))
+            return 2;
         ssize_t got = recv(c->sock, c->window + c->end, c->window_size - c->end, 0);
         if (got > 0) {
             c->end += (uint32_t)got;
@@ -84,9 +114,20 @@ static int fill_header(struct nbd_fast_conn *c)
  * spec asks for (and every flag) is left to Python, which answers it. */
 static int servable(struct nbd_fast_conn *c, const uint8_t *h)
 {
-    if (get32(h) != REQUEST_MAGIC || get16(h + 4) != 0)
+    if (get32(h) != REQUEST_MAGIC)
         return 0;
+    uint16_t flags = get16(h + 4);
     uint16_t command = get16(h + 6);
+    if (command == CMD_FLUSH) {
+        /* FUA is allowed on any command and means nothing on a FLUSH; offset and length
+         * are reserved and ignored (transmission.refusal does the same).  A read-only
+         * export's FLUSH needs no sync and a failed backend's gets EIO: Python answers. */
+        return (flags & ~CMD_FLAG_FUA) == 0 && !c->read_only
+               && __atomic_load_n(c->backend_ok, __ATOMIC_RELAXED)
+               && __atomic_load_n(c->run_ok, __ATOMIC_RELAXED);
+    }
+    if (flags != 0)
+        return 0;
     uint64_t offset = get64(h + 16);
     uint32_t length = get32(h + 24);
     if (command == CMD_READ) {
@@ -155,6 +196,102 @@ static int read_block(struct nbd_fast_conn *c, uint8_t *data, uint32_t length)
     return read_rest(c->fd, data, got > 0 ? (uint32_t)got : 0, length, c->offset);
 }
 
+/* Is the file we sync still the one at the backend's path?  Python's _check_identity's
+ * three cases (deleted, renamed away, replaced), checked after every FLUSH's sync here as
+ * Python does after each of its syncs: a FLUSH promises the data survives a restart, which
+ * opens the path, so it must not be acknowledged once the file there is another.  The
+ * check stays in C rather than at Python's interval: two stats per FLUSH cost little next
+ * to its sync, and a FLUSH acknowledged just after the file went would be a lie.  Any
+ * doubt (a stat failing) goes to Python, which decides and logs. */
+static int same_file(struct nbd_fast_conn *c)
+{
+    struct stat st;
+    if (fstat(c->fd, &st) < 0 || st.st_nlink == 0)
+        return 0;
+    int r = c->follow_symlinks ? stat(c->path, &st) : lstat(c->path, &st);
+    return r == 0 && (uint64_t)st.st_dev == c->file_dev && (uint64_t)st.st_ino == c->file_ino;
+}
+
+/* A FLUSH (the fields describe it) whose commit_sync gave `result` (errno `error`): its
+ * reply, or the reason to hand it to Python.  An NBD_FAST_* reason, or -1 to go on. */
+static int finish_flush(struct nbd_fast_conn *c, int result, int error)
+{
+    if (result < 0) {
+        c->error = error;
+        return NBD_FAST_SYNC_FAILED;
+    }
+    if (!same_file(c))
+        return NBD_FAST_RECHECK;
+    c->reply_len = reply_header(c, c->reply);
+    int r = send_reply(c, NULL, 0);
+    if (r == 0)
+        return NBD_FAST_PARTIAL;
+    if (r < 0) {
+        c->error = errno;
+        return NBD_FAST_SOCKET_ERROR; /* the client left while its FLUSH synced */
+    }
+    /* Python counts a FLUSH's (reserved) length as its bytes; so does this. */
+    account(&c->stats[OP_FLUSH], c->bounds_ns, c->length, c->started_ns);
+    return -1;
+}
+
+static void describe_flush(struct nbd_fast_conn *c, uint16_t flags, uint64_t cookie,
+                           uint64_t offset, uint32_t length, int64_t started)
+{
+    c->command = CMD_FLUSH;
+    c->flags = flags;
+    c->cookie = cookie;
+    c->offset = offset;
+    c->length = length;
+    c->started_ns = started;
+    c->block = -1;
+    c->emergency = 0;
+}
+
+/* Take the FLUSH at window[start]: to the flushers, or synced here.  An NBD_FAST_* reason
+ * to stop for, or -1 to go on. */
+static int serve_flush(struct nbd_fast_conn *c, const uint8_t *h, int64_t started)
+{
+    describe_flush(c, get16(h + 4), get64(h + 8), get64(h + 16), get32(h + 24), started);
+    c->start += HEADER_SIZE;
+    if (c->flushes == NULL)
+        c->flushes = flush_queue_new(); /* at the first FLUSH: swap connections never send one */
+    if (c->flushes != NULL && flush_queue_outstanding(c->flushes) < FLUSHES_QUEUED) {
+        struct flush_job *job = calloc(1, sizeof *job);
+        if (job != NULL) {
+            job->queue = c->flushes;
+            job->fd = c->fd;
+            job->flags = c->flags;
+            job->cookie = c->cookie;
+            job->offset = c->offset;
+            job->length = c->length;
+            job->started_ns = started;
+            if (commit_submit(c->commit, job) == 0)
+                return -1;
+            free(job);
+        }
+    }
+    int result = commit_sync(c->commit, c->fd);
+    return finish_flush(c, result, result < 0 ? errno : 0);
+}
+
+/* Reply to the FLUSHes the flushers gave back.  An NBD_FAST_* reason to stop for (the
+ * fields describe that FLUSH), or -1 to go on. */
+static int answer_flushes(struct nbd_fast_conn *c)
+{
+    if (c->flushes == NULL || !flush_queue_outstanding(c->flushes))
+        return -1;
+    struct flush_job *job;
+    while ((job = flush_queue_take(c->flushes)) != NULL) {
+        describe_flush(c, job->flags, job->cookie, job->offset, job->length, job->started_ns);
+        int r = finish_flush(c, job->result, job->error);
+        free(job);
+        if (r >= 0)
+            return r;
+    }
+    return -1;
+}
+
 static int64_t alloc_block(struct nbd_fast_conn *c, uint32_t length)
 {
     int emergency = 0;
@@ -168,7 +305,21 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
 {
     uint8_t *arena = pool_base(c->pool);
     for (;;) {
-        int r = fill_header(c);
+        int r = answer_flushes(c);
+        if (r >= 0)
+            return r;
+        r = fill_header(c);
+        if (r == 2)
+            continue;
+        if (r == 0 && c->flushes != NULL && flush_queue_outstanding(c->flushes)) {
+            /* The client shut its side after its last requests: it still reads their
+             * replies (the spec allows it), so the FLUSHes at the flushers are answered
+             * before the loop reports the close. */
+            struct pollfd answered = {.fd = flush_queue_fd(c->flushes), .events = POLLIN};
+            while (poll(&answered, 1, -1) < 0 && errno == EINTR)
+                ;
+            continue;
+        }
         if (r <= 0) {
             c->error = errno;
             return r == 0 ? NBD_FAST_CLOSED : NBD_FAST_SOCKET_ERROR;
@@ -178,6 +329,12 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
             return NBD_FAST_FALLBACK;
         int64_t started = now_ns();
         uint16_t command = get16(h + 6);
+        if (command == CMD_FLUSH) {
+            r = serve_flush(c, h, started);
+            if (r >= 0)
+                return r;
+            continue;
+        }
         uint32_t length = get32(h + 24);
         int64_t block = alloc_block(c, length);
         if (block < 0)

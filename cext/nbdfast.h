@@ -5,7 +5,7 @@
  * A connection whose export is a file calls nbd_fast_serve() from its reader
  * thread (again after each request it had to leave to Python).  The loop
  * receives request headers into the connection's receive window, and serves
- * plain READs and WRITEs itself: a buffer from the pool (the connection's
+ * plain READs and WRITEs itself (and plain FLUSHes: below): a buffer from the pool (the connection's
  * group, the reserve only where the connection may use it), the payload
  * received straight into it, preadv2(RWF_NOWAIT) or pwrite, and one sendmsg of
  * reply header and data.  Anything else (another command, a flag, a request
@@ -14,6 +14,14 @@
  * and the Python connection serves it the ordinary way: the C loop knows no
  * rule of the protocol that Python does not apply too, it only skips Python
  * for the requests that need none of its decisions.
+ *
+ * A FLUSH (no flag but FUA, which means nothing on it) on a writable export
+ * whose backend has not failed is taken here too: queued on the backend's C
+ * flushers (commit.h), which share the group commit with Python's; the loop
+ * goes on with the requests behind it, and sends the FLUSH's reply when a
+ * flusher hands it back (an eventfd wakes the loop waiting for a request).
+ * Up to FLUSHES_QUEUED of a connection at the flushers; past that (or with no
+ * flusher to be had) the loop syncs on its own thread.
  *
  * The loop owns no thread, lock or memory: the connection, its window and the
  * pool belong to Python, which fills struct nbd_fast_conn in once and reads
@@ -26,6 +34,7 @@
 
 #include <stdint.h>
 
+#include "commit.h"
 #include "fastloop.h"
 #include "sendgate.h"
 
@@ -40,6 +49,12 @@
 #define NBD_FAST_CHECK 4        /* a write happened at or past check_due_ns: check the backend */
 #define NBD_FAST_SOCKET_ERROR 5 /* recv or send failed with `error` (the client is gone) */
 #define NBD_FAST_PAYLOAD_CUT 6  /* the client closed in the middle of a WRITE payload */
+#define NBD_FAST_SYNC_FAILED 7  /* a FLUSH's sync failed (`error`; the commit record latched
+                                   it): the fields describe that FLUSH; Python's backend must
+                                   fail too, then Python answers it */
+#define NBD_FAST_RECHECK 8      /* after a FLUSH's sync the file was not (or no longer) the
+                                   one at the backend's path: Python checks (and fails the
+                                   backend), then answers the FLUSH the fields describe */
 
 struct nbd_fast_conn {
     /* Set once, when transmission starts. */
@@ -59,6 +74,15 @@ struct nbd_fast_conn {
     int *backend_ok;        /* 0 once the backend has failed for good: writes go to Python */
     int *dirty;             /* set to 1 after each write, before its reply: the backend's
                                group commit (exports/groupcommit.py) syncs only when set */
+    struct commit *commit;  /* the backend's group commit (commit.h), shared with Python */
+    struct flush_queue *flushes; /* this connection's FLUSHes at the flushers: made by the
+                                    loop at its first FLUSH (NULL: none yet, or no memory for
+                                    one, and then the loop syncs on its own thread); Python
+                                    frees it when the connection ends */
+    const char *path;       /* the backend's path, and the file that must still be there */
+    int follow_symlinks;
+    uint64_t file_dev;
+    uint64_t file_ino;
     int *run_ok;            /* 0 while this connection's requests must pass Python (pressure) */
     uint64_t bounds_ns[FAST_LOOP_BOUNDS];
 
@@ -76,14 +100,15 @@ struct nbd_fast_conn {
     uint64_t offset;
     uint32_t length;
     int64_t started_ns;
-    int64_t block;          /* pool offset of the request's buffer, owned by Python now */
+    int64_t block;          /* pool offset of the request's buffer, owned by Python now
+                               (-1: a FLUSH, which has none) */
     int emergency;          /* the block came from the reserve */
     uint8_t reply[NBD_FAST_REPLY_MAX]; /* PARTIAL: the reply header ... */
     uint32_t reply_len;
     uint64_t sent;          /* ... and how many bytes of header + data went out */
     int error;              /* errno of WRITE_ERROR / SOCKET_ERROR */
 
-    struct fast_op_stats stats[2]; /* 0 READ, 1 WRITE */
+    struct fast_op_stats stats[3]; /* 0 READ, 1 WRITE, 2 FLUSH */
 };
 
 /* Serve requests until one of the NBD_FAST_* reasons; see the top of this file. */

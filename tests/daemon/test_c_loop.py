@@ -71,13 +71,23 @@ def test_plain_requests_are_served_in_c_and_counted_while_the_connection_lives(d
     assert metric(daemon, "netswap_request_bytes_total", export="disk", op="read") == 200 * KiB
     assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 0
 
-    request(sock, C.CMD_FLUSH, cookie=500)  # Python's: FLUSH is not the loop's
+    # A plain FLUSH (and one with FUA, which means nothing on it) is the loop's too: one
+    # sync for the 50 writes, none for the second FLUSH, nothing handed to Python.
+    syncs = metric(daemon, "netswap_export_flush_syncs_total", export="disk")
+    request(sock, C.CMD_FLUSH, cookie=500)
     assert simple_reply(sock) == (0, 500)
-    request(sock, C.CMD_READ, 0, 4 * KiB, cookie=501)  # and back in C
+    request(sock, C.CMD_FLUSH, cookie=501, flags=C.CMD_FLAG_FUA)
     assert simple_reply(sock) == (0, 501)
+    assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 0
+    assert metric(daemon, "netswap_requests_total", export="disk", op="flush") == 2
+    assert metric(daemon, "netswap_export_flush_syncs_total", export="disk") == syncs + 1
+    request(sock, C.CMD_FLUSH, cookie=502, flags=C.CMD_FLAG_DF)  # Python's: it refuses the flag
+    assert simple_reply(sock) == (C.EINVAL, 502)
+    request(sock, C.CMD_READ, 0, 4 * KiB, cookie=503)  # and back in C
+    assert simple_reply(sock) == (0, 503)
     assert recv_exact(sock, 4 * KiB) == data
     assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 1
-    assert metric(daemon, "netswap_requests_total", export="disk", op="flush") == 1
+    assert metric(daemon, "netswap_requests_total", export="disk", op="flush") == 3
     sock.close()
     # A closed connection's statistics are folded into the totals, not lost.
     wait_until(lambda: metric(daemon, "netswap_connections") == 0, what="the connection closed")
@@ -382,3 +392,42 @@ def test_block_status_and_fast_zero_are_handed_to_python(daemon):
     assert metric(daemon, "netswap_requests_total", export="disk", op="write_zeroes") == 2
     assert metric(daemon, "netswap_request_errors_total", export="disk", op="write_zeroes",
                   errno="ENOTSUP") == 0
+
+
+def test_a_client_that_leaves_with_flushes_pending_costs_nothing(daemon):
+    """FLUSHes served in C, pipelined behind writes, and the client resets the connection
+    while the loop syncs for them: the reply to the gone socket fails and ends that
+    connection alone; every pool byte comes back, the export stays healthy, no traceback
+    (the fixture checks the log), and the next client's FLUSH syncs its write."""
+    free_before = metric(daemon, "netswap_pool_free_bytes")
+    sock = transmission(daemon)
+    request(sock, C.CMD_FLUSH, cookie=1)  # the loop's, not Python's
+    assert simple_reply(sock) == (0, 1)
+    payload = os.urandom(128 * KiB)
+    for cookie in range(2, 66):
+        if cookie % 4 == 0:
+            request(sock, C.CMD_FLUSH, cookie=cookie)
+        else:
+            request(sock, C.CMD_WRITE, cookie * 128 * KiB, len(payload), cookie=cookie,
+                    payload=payload)
+    wait_until(lambda: metric(daemon, "netswap_requests_total", export="disk", op="flush") >= 2,
+               what="a pipelined FLUSH served")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST: whatever the loop replies next goes to a dead socket
+    wait_until(lambda: metric(daemon, "netswap_connections") == 0, what="the connection closed")
+    wait_until(lambda: metric(daemon, "netswap_pool_free_bytes") == free_before,
+               what="every pool byte free again")
+    assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 0
+    assert metric(daemon, "netswap_export_failed", export="disk") == 0
+
+    again = transmission(daemon)
+    syncs = metric(daemon, "netswap_export_flush_syncs_total", export="disk")
+    request(again, C.CMD_WRITE, 0, len(payload), cookie=1, payload=payload)
+    assert simple_reply(again) == (0, 1)
+    request(again, C.CMD_FLUSH, cookie=2)
+    assert simple_reply(again) == (0, 2)
+    assert metric(daemon, "netswap_export_flush_syncs_total", export="disk") == syncs + 1
+    request(again, C.CMD_READ, 0, len(payload), cookie=3)
+    assert simple_reply(again) == (0, 3)
+    assert recv_exact(again, len(payload)) == payload
+    again.close()

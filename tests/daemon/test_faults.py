@@ -230,6 +230,9 @@ def test_file_system_turned_read_only_fails_writes_and_flushes(tmp_path, ext4_st
         assert nbd_errno(h.pwrite, b"late" * 100, 8192, nbd.CMD_FLAG_FUA) == EIO
         assert h.pread(700, 0) == b"durable" * 100
         assert metric(daemon, "netswap_export_failed", export="disk") == 1
+        # The failed sync was the C loop's (it serves plain FLUSHes): it handed that FLUSH
+        # back, Python's backend learnt of the failure and answered it.
+        assert metric(daemon, "netswap_c_loop_handoffs_total", reason="sync_error") == 1
         assert_other_exports_serve(daemon)
         h.shutdown()
     finally:

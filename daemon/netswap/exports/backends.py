@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from netswap._pool import ffi
+from netswap._pool import ffi, lib
 
 from .groupcommit import GroupCommit
 
@@ -224,9 +224,11 @@ class FileBackend(Backend):
     * ``follow_symlinks=False`` opens with O_NOFOLLOW: the registry uses it for per-node swap
       images so that a symlink planted in the swap directory cannot redirect a node's writes.
 
-    Durability: flush is fdatasync, group-committed (groupcommit.py): one sync at a time on
-    the backend's flusher thread answers every flush waiting when it started, whichever
-    connection sent it, and none is run when nothing was written since the last.  FUA writes use pwritev(RWF_DSYNC), which syncs just the
+    Durability: flush is fdatasync, group-committed (groupcommit.py, cext/commit.h): a sync
+    answers every flush waiting when it started, whichever connection sent it, syncs may
+    overlap, and none is run when nothing was written since the latest began; FLUSHes that
+    reach Python sync on its flusher threads, the C loop's on their connection's thread,
+    sharing one record of the syncs running.  FUA writes use pwritev(RWF_DSYNC), which syncs just the
     written range in the same syscall; where the kernel or file system refuses RWF_DSYNC we fall
     back to fdatasync after the write (remembered per backend).  FUA on trim and write_zeroes is
     an fdatasync after the operation, as in nbdkit.
@@ -335,9 +337,16 @@ class FileBackend(Backend):
         # Set to 1 after every write (ours and the C loop's) completes, before it is replied;
         # the group commit clears it when a sync starts and skips syncs while it is clear.
         self.dirty = ffi.new("int *", 1)
-        self._commits = GroupCommit(self._flush_sync, f"flush-{self.path.name}",
-                                    dirty=self.dirty if tracks_writes else None,
-                                    clean=self._flush_clean)
+        # Which syncs run and whether one failed, shared with the C request loop's FLUSHes
+        # (cext/commit.h): the skip-when-clean rule lives there, for both sides at once.
+        self.commit = ffi.gc(
+            lib.commit_new(self.dirty if tracks_writes else ffi.NULL, self.write_gate),
+            lib.commit_free)
+        if self.commit == ffi.NULL:
+            raise MemoryError("commit_new")
+        # Batches the FLUSHes that reach Python on flusher threads; each batch is one
+        # commit_sync, which decides whether it needs a sync of its own.
+        self._commits = GroupCommit(self._flush_sync, f"flush-{self.path.name}")
         # Capabilities learnt by trying.  Plain bools written without a lock: the worst a race
         # does is one extra failed syscall on another thread.
         self._can_punch_hole = True
@@ -412,6 +421,20 @@ class FileBackend(Backend):
         except OSError:
             pass
 
+    def check_identity_now(self) -> None:
+        """The full check, for the C loop that found the file changed after a FLUSH's sync;
+        a failure it finds is recorded, not raised."""
+        try:
+            self._check_identity()
+        except OSError:
+            pass
+
+    @property
+    def identity(self) -> tuple[Path, bool, int, int]:
+        """What _check_identity compares, for the C loop's own check after its FLUSHes: the
+        path, whether it is looked up through symlinks, and the file's st_dev and st_ino."""
+        return (self.path, self._follow_symlinks) + self._identity
+
     def flush(self) -> None:
         if not self.read_only:  # nothing of ours can be dirty on a read-only fd
             self._commits.sync()
@@ -424,20 +447,30 @@ class FileBackend(Backend):
 
     @property
     def syncs(self) -> int:
-        """fdatasyncs run for flushes so far (FUA's are not counted)."""
-        return self._commits.syncs
+        """fdatasyncs run for flushes so far, here and in the C loop (FUA's are not counted)."""
+        return lib.commit_syncs(self.commit)
 
     def _flush_sync(self) -> None:
         # On the flusher thread, for a group of flushes.
         self._refuse_if_failed()
-        self._datasync()
-        self._check_identity()
+        fd = self._fd
+        if fd < 0:
+            raise OSError(errno.EBADF, "backend is closed")
+        synced = lib.commit_sync(self.commit, fd)  # the GIL is released meanwhile
+        if synced < 0:
+            error = OSError(ffi.errno, os.strerror(ffi.errno))
+            self.sync_failed(error)
+            raise error
+        # After a sync, the full check; a batch the latest sync covered (none of its own),
+        # the interval's, as plain writes have.
+        self._check_identity(every_interval=not synced)
 
-    def _flush_clean(self) -> None:
-        # A group of flushes with nothing written since the last sync began: that sync
-        # covered it all (or failed, and the latch answers).
-        self._refuse_if_failed()
-        self._check_identity(every_interval=True)
+    def sync_failed(self, error: OSError) -> None:
+        """A group-commit sync failed (ours, or the C loop's): the backend fails for good.
+        The reason logged is the first failed sync's (a flush that found the latch set
+        reports EIO, not why)."""
+        first = lib.commit_failed(self.commit)
+        self._fail(f"fdatasync failed: {os.strerror(first) if first else error.strerror}")
 
     def _datasync(self) -> None:
         fd = self._fd
@@ -655,6 +688,7 @@ class FileBackend(Backend):
     def close(self) -> None:
         if hasattr(self, "_commits"):  # not when __init__ failed before _start
             self._commits.close()
+            lib.commit_close(self.commit)  # its C flushers (the GIL is released meanwhile)
         # Set -1 before closing: a late call from a stray thread then fails with EBADF instead of
         # hitting whatever file the kernel hands this fd number to next.
         fd, self._fd = self._fd, -1

@@ -24,6 +24,12 @@ of those writes completed before its reply, so that sync covers them all. Hence:
   sync ends (at once if it has). Backends whose files are also written by code that does
   not set the flag (NFS swap files) pass none and always sync.
 
+The file backend (backends.py) passes no `dirty` here: its skip-when-clean decision is made
+in its `sync`, by cext/commit.c, whose record of running syncs it shares with the NBD C loop
+that serves plain FLUSHes on the connections' threads (one record, so neither side skips on
+a flag the other cleared for a sync still running). Its batching, threads and overlap stay
+here for the FLUSHes Python serves.
+
 Flusher threads exist only while FLUSHes come: each ends after `IDLE_EXIT` seconds without
 one, so a swap node's backend (the kernel's swap never flushes) costs no thread.
 """

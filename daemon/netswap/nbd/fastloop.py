@@ -15,7 +15,10 @@ serve and leaves it in the receive window, so Python parses, checks, refuses, qu
 any flag (FUA, DF), every request the spec refuses, an empty pool (Python waits or answers
 ENOMEM, and takes reserve memory only where the drop rule allows), reads that would wait
 for the disk while more requests are queued, TLS connections, memory exports, a failed backend, non-swap requests under
-memory pressure. Requests handed to Python run on the workers while the loop goes on with
+memory pressure. A plain FLUSH is served in C too (cext/nbdfast.h): the backend's group commit
+record (cext/commit.h) is shared with Python's flushers, so neither skips a sync the other
+still runs; a sync that fails there comes back as SYNC_FAILED, the backend fails here, and
+Python answers that FLUSH (EIO) as it would have. Requests handed to Python run on the workers while the loop goes on with
 the next ones; replies from both share the socket through the sender's gate
 (transport/sender.py, cext/sendgate.c), so each goes out whole.
 """
@@ -33,7 +36,7 @@ from .transmission import ExportLimits, Request, RequestParser
 
 _BOUNDS_NS = [round(bound * 1e9) for bound in LATENCY_BUCKETS]
 assert len(_BOUNDS_NS) == lib.FAST_LOOP_BOUNDS, "cext/fastloop.h and counters.py disagree"
-_OPS = ((0, C.CMD_READ), (1, C.CMD_WRITE))  # the loop's stats index, and its command
+_OPS = ((0, C.CMD_READ), (1, C.CMD_WRITE), (2, C.CMD_FLUSH))  # the loop's stats index, and its command
 
 # What serve() returns (see cext/nbdfast.h).
 CLOSED = lib.NBD_FAST_CLOSED
@@ -43,6 +46,8 @@ WRITE_ERROR = lib.NBD_FAST_WRITE_ERROR
 CHECK = lib.NBD_FAST_CHECK
 SOCKET_ERROR = lib.NBD_FAST_SOCKET_ERROR
 PAYLOAD_CUT = lib.NBD_FAST_PAYLOAD_CUT
+SYNC_FAILED = lib.NBD_FAST_SYNC_FAILED
+RECHECK = lib.NBD_FAST_RECHECK
 
 
 class FastLoop:
@@ -76,6 +81,13 @@ class FastLoop:
         conn.gate = gate
         conn.backend_ok = backend.write_gate
         conn.dirty = backend.dirty
+        conn.commit = backend.commit
+        conn.flushes = ffi.NULL  # the loop makes its flush queue at the first FLUSH
+        path, follow_symlinks, dev, ino = backend.identity
+        self._path = ffi.new("char[]", os.fsencode(path))  # lives as long as the loop
+        conn.path = self._path
+        conn.follow_symlinks = int(follow_symlinks)
+        conn.file_dev, conn.file_ino = dev, ino
         self._always = ffi.new("int *", 1)
         conn.run_ok = run_gate if run_gate is not None else self._always
         conn.bounds_ns = _BOUNDS_NS
@@ -92,7 +104,14 @@ class FastLoop:
             reason = lib.nbd_fast_serve(conn)
         finally:
             parser.take_window_back(conn.start, conn.end)
-        if reason == CHECK:
+        if reason == SYNC_FAILED:
+            # Before Python answers the FLUSH: its backend must have failed by then.
+            self.backend.sync_failed(self.error)
+        elif reason == RECHECK:
+            # The file at the path changed after a FLUSH's sync: the full check fails the
+            # backend (and logs why) before Python answers that FLUSH.
+            self.backend.check_identity_now()
+        elif reason == CHECK:
             self.backend.check_identity_due()
             conn.check_due_ns = time.perf_counter_ns() + round(
                 self.backend.IDENTITY_CHECK_INTERVAL * 1e9)
@@ -101,7 +120,7 @@ class FastLoop:
     # What the loop hands back -------------------------------------------------------
 
     def request(self) -> Request:
-        """The request a PARTIAL or WRITE_ERROR is about."""
+        """The request a PARTIAL, WRITE_ERROR, SYNC_FAILED or RECHECK is about."""
         conn = self._conn
         return Request(conn.flags, conn.command, conn.cookie, conn.offset, conn.length)
 
@@ -115,8 +134,10 @@ class FastLoop:
         return self._conn.sent
 
     def buffer(self):
-        """The pool Buffer of that request; the caller releases it."""
+        """The pool Buffer of that request (None for a FLUSH); the caller releases it."""
         conn = self._conn
+        if conn.block < 0:
+            return None
         return self.pool.adopt(conn.block, conn.length, bool(conn.emergency))
 
     def unsent_reply(self, buffer) -> list:
@@ -134,7 +155,13 @@ class FastLoop:
         return OSError(err, os.strerror(err))
 
     def close(self) -> None:
-        """The connection ended: fold the statistics into the totals, close our fd."""
+        """The connection ended: wait for its FLUSHes still at the flushers (their answers
+        are dropped: no one reads them), fold the statistics into the totals, close our fd
+        (the flushers' syncs used it until then)."""
+        flushes = self._conn.flushes
+        if flushes != ffi.NULL:
+            self._conn.flushes = ffi.NULL
+            lib.flush_queue_free(flushes)  # the GIL is released while it waits
         for index, command in _OPS:
             self._stats.retire_live(self._export_name, command, self._conn.stats[index])
         fd, self._fd = self._fd, -1

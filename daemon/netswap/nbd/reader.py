@@ -174,6 +174,15 @@ class RequestReader:
             if reason == fastloop.FALLBACK:
                 self._counters.inc(C_LOOP_HANDOFFS, "python")
                 return True
+            if reason in (fastloop.SYNC_FAILED, fastloop.RECHECK):
+                # A FLUSH whose sync failed or whose file changed: the backend has failed
+                # (fastloop.serve), and Python's FLUSH answers it with EIO (or, had the
+                # check found nothing after all, syncs again).
+                request, started = fast.request(), fast.started_ns
+                self._inflight.acquire()
+                self._counters.inc(C_LOOP_HANDOFFS, "sync_error")
+                self._execution.flush(request, None, started)
+                return True
             if reason == fastloop.CLOSED:
                 return False
             if reason == fastloop.SOCKET_ERROR:

@@ -25,9 +25,10 @@ from .listeners import PASSED_UNIX_SOCKETS
 
 C_LOOP_HANDOFFS = declare(
     "transport", "c_loop_handoffs", "netswap_c_loop_handoffs_total",
-    "Times the C request loop handed a connection to the Python path, by reason (python: a "
-    "request only Python serves; queued_reply: a reply that had to wait for the socket; "
-    "write_error: a failed write; the NFS call loop's nfs_python, nfs_queued_reply, "
+    "Times the C request loop handed a connection to the Python path, by reason (python: "
+    "a request only Python serves; queued_reply: a reply that had to wait for the socket; "
+    "write_error: a failed write; sync_error: a FLUSH whose sync failed or whose file is "
+    "no longer at its path; the NFS call loop's nfs_python, nfs_queued_reply, "
     "nfs_io_error likewise, nfs_scrubbed: a WRITE whose swap file was wiped while it was "
     "being received, nfs_scratch_moved: a scratch WRITE whose file left its path while it "
     "was being received).",
