@@ -144,14 +144,21 @@ def test_nothing_written_since_the_last_sync_began_runs_no_sync():
     commits.close()
 
 
-def test_nothing_written_since_a_sync_began_waits_for_that_sync_to_end():
+def _first_sync_held():
+    """A group commit whose first FLUSH ("a") has its sync running, held, and the dirty
+    flag it cleared: (sync, dirty, commits, answers)."""
     sync = HeldSync()
     dirty = ffi.new("int *", 1)
     commits = GroupCommit(sync, "test-flush", dirty=dirty)
     answers = Answers(sync)
     sync.hold.clear()
     commits.request(answers.done("a"))
-    assert sync.started.wait(WAIT)  # sync 1 runs, held; dirty is clear
+    assert sync.started.wait(WAIT)
+    return sync, dirty, commits, answers
+
+
+def test_nothing_written_since_a_sync_began_waits_for_that_sync_to_end():
+    sync, dirty, commits, answers = _first_sync_held()  # dirty is clear
     commits.request(answers.done("b"))  # covered by sync 1, but only once it has ended
     with answers.all_in:
         assert not answers.all_in.wait_for(lambda: answers.got, 0.2)
@@ -173,13 +180,7 @@ def test_after_a_failed_sync_the_next_flush_syncs_again():
 
 
 def test_a_write_completed_during_a_sync_is_covered_by_the_next():
-    sync = HeldSync()
-    dirty = ffi.new("int *", 1)
-    commits = GroupCommit(sync, "test-flush", dirty=dirty)
-    answers = Answers(sync)
-    sync.hold.clear()
-    commits.request(answers.done("a"))
-    assert sync.started.wait(WAIT)
+    sync, dirty, commits, answers = _first_sync_held()
     dirty[0] = 1  # a write completes while sync 1 runs: sync 1 may not cover it
     commits.request(answers.done("b"))
     sync.hold.set()

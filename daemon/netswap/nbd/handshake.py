@@ -484,16 +484,27 @@ class ServerHandshake:
             return None
 
 
-def _parse_info_request(data: bytes) -> tuple[bytes, list[int]] | str:
-    """Split INFO/GO data into (name, info ids), or return why it is malformed."""
-    if len(data) < 6:
-        return f"INFO/GO data of {len(data)} bytes is shorter than the 6-byte minimum"
+def _export_name(data: bytes, count_size: int, what: str) -> bytes | str:
+    """The export name that opens INFO/GO and META_CONTEXT data (a 32-bit length, the
+    name), checked to leave room for the `count_size`-byte count that follows it; or why
+    it is malformed."""
+    minimum = 4 + count_size
+    if len(data) < minimum:
+        return f"{what} data of {len(data)} bytes is shorter than the {minimum}-byte minimum"
     (name_length,) = struct.unpack_from(">I", data)
-    if name_length > len(data) - 6:
+    if name_length > len(data) - minimum:
         return f"export name length {name_length} exceeds the option data"
     if name_length > MAX_NAME_LENGTH:
         return f"export name length {name_length} exceeds {MAX_NAME_LENGTH}"
-    name = data[4 : 4 + name_length]
+    return bytes(data[4 : 4 + name_length])
+
+
+def _parse_info_request(data: bytes) -> tuple[bytes, list[int]] | str:
+    """Split INFO/GO data into (name, info ids), or return why it is malformed."""
+    name = _export_name(data, 2, "INFO/GO")
+    if isinstance(name, str):
+        return name
+    name_length = len(name)
     (count,) = struct.unpack_from(">H", data, 4 + name_length)
     if len(data) != 6 + name_length + 2 * count:
         return f"{count} info requests do not match the option length {len(data)}"
@@ -505,15 +516,10 @@ def _parse_meta_request(data: bytes) -> tuple[bytes, list[str]] | str:
     """Split LIST/SET_META_CONTEXT data into (export name, queries), or return why it is
     malformed. The work is linear in the option's length whatever its counts claim: a count
     is checked against the bytes left before it is used, and every query costs 4 bytes."""
-    if len(data) < 8:
-        return f"META_CONTEXT data of {len(data)} bytes is shorter than the 8-byte minimum"
-    (name_length,) = struct.unpack_from(">I", data)
-    if name_length > len(data) - 8:
-        return f"export name length {name_length} exceeds the option data"
-    if name_length > MAX_NAME_LENGTH:
-        return f"export name length {name_length} exceeds {MAX_NAME_LENGTH}"
-    name = data[4 : 4 + name_length]
-    position = 8 + name_length
+    name = _export_name(data, 4, "META_CONTEXT")
+    if isinstance(name, str):
+        return name
+    position = 8 + len(name)
     (count,) = struct.unpack_from(">I", data, position - 4)
     if count > (len(data) - position) // 4:
         return f"{count} queries do not fit in the option's {len(data)} bytes"
