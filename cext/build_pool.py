@@ -34,8 +34,9 @@ def cdef_from_header(header: str) -> str:
 # The pool, the send gate, and the NBD and NFS request loops that take the pool's buffers
 # (one module: the loops call pool_alloc and pool_free directly, without crossing back into
 # Python). Headers in the order their declarations build on each other.
-HEADERS = ("pool.h", "sendgate.h", "commit.h", "fastloop.h", "nbdfast.h", "nfsfast.h")
-SOURCES = ("pool.c", "sendgate.c", "commit.c", "nbdfast.c", "nfsfast.c")
+HEADERS = ("pool.h", "sendgate.h", "commit.h", "fastloop.h", "placement.h", "nbdfast.h",
+           "nfsfast.h")
+SOURCES = ("pool.c", "sendgate.c", "commit.c", "placement.c", "nbdfast.c", "nfsfast.c")
 for header in HEADERS:
     ffibuilder.cdef(cdef_from_header((CEXT_DIR / header).read_text()))
 

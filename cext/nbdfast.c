@@ -89,6 +89,7 @@ static int fill_header(struct nbd_fast_conn *c)
     while (c->end - c->start < HEADER_SIZE) {
         if (c->start == c->end) {
             c->start = c->end = 0;
+            placement_before_wait(&c->placement, c->sock);
         } else if (c->window_size - c->end < HEADER_SIZE) {
             /* Slide the partial header to the front so that a whole one fits. */
             uint32_t count = c->end - c->start;
@@ -232,6 +233,7 @@ static int finish_flush(struct nbd_fast_conn *c, int result, int error)
     }
     /* Python counts a FLUSH's (reserved) length as its bytes; so does this. */
     account(&c->stats[OP_FLUSH], c->bounds_ns, c->length, c->started_ns);
+    placement_served(&c->placement);
     return -1;
 }
 
@@ -396,6 +398,7 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
         }
         account(&c->stats[command == CMD_READ ? OP_READ : OP_WRITE], c->bounds_ns, length,
                 started);
+        placement_served(&c->placement);
         if (command == CMD_WRITE && now_ns() >= c->check_due_ns)
             return NBD_FAST_CHECK;
     }

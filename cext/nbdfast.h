@@ -36,6 +36,7 @@
 
 #include "commit.h"
 #include "fastloop.h"
+#include "placement.h"
 #include "sendgate.h"
 
 #define NBD_FAST_REPLY_MAX 32 /* the longest reply header: a structured OFFSET_DATA prefix */
@@ -109,6 +110,7 @@ struct nbd_fast_conn {
     int error;              /* errno of WRITE_ERROR / SOCKET_ERROR */
 
     struct fast_op_stats stats[3]; /* 0 READ, 1 WRITE, 2 FLUSH */
+    struct placement placement;    /* where the loop's thread runs (placement.h) */
 };
 
 /* Serve requests until one of the NBD_FAST_* reasons; see the top of this file. */

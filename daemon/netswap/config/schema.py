@@ -196,6 +196,13 @@ class NbdConfig:
         True,
         "Serve plain READs and WRITEs on file exports in the C request loop, without the "
         "GIL (false: every request takes the Python path; for comparison and debugging).")
+    follow_receiving_cpu: bool = key(
+        Boolean(),
+        True,
+        "While a client sends one request at a time, run its C loop's thread on the CPU "
+        "that receives its packets (SO_INCOMING_CPU), sparing two cross-CPU wake-ups per "
+        "request; given back at the first queue, or when that CPU is crowded (false: "
+        "leave placement to the scheduler, e.g. with your own CPU pinning).")
     block_size_min: int = key(
         Integer(1, 65536, power_of_two=True),
         1,

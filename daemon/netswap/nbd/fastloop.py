@@ -29,7 +29,7 @@ import os
 import time
 from netswap._pool import ffi, lib
 
-from ..counters import LATENCY_BUCKETS
+from ..counters import LATENCY_BUCKETS, declare
 from . import constants as C
 from ..transport.sender import skip_sent
 from .transmission import ExportLimits, Request, RequestParser
@@ -37,6 +37,15 @@ from .transmission import ExportLimits, Request, RequestParser
 _BOUNDS_NS = [round(bound * 1e9) for bound in LATENCY_BUCKETS]
 assert len(_BOUNDS_NS) == lib.FAST_LOOP_BOUNDS, "cext/fastloop.h and counters.py disagree"
 _OPS = ((0, C.CMD_READ), (1, C.CMD_WRITE), (2, C.CMD_FLUSH))  # the loop's stats index, and its command
+
+PLACEMENTS = declare(
+    "nbd", "c_loop_placements", "netswap_c_loop_placements_total",
+    "What the NBD C loops did with their threads' CPUs (nbd.follow_receiving_cpu), by "
+    "event (moved: held on the CPU receiving a client that sends one request at a time; "
+    "released: given every CPU back because requests queued up; crowded: given back, for a "
+    "second, because waiting for that CPU cost more than a wake-up elsewhere).",
+    label="event")
+_PLACEMENT_EVENTS = ("moves", "moved"), ("releases", "released"), ("crowded", "crowded")
 
 # What serve() returns (see cext/nbdfast.h).
 CLOSED = lib.NBD_FAST_CLOSED
@@ -54,12 +63,14 @@ class FastLoop:
     """One connection's C loop: its state, its statistics, and the requests it hands back."""
 
     def __init__(self, *, sock_fd: int, backend, pool, window, limits: ExportLimits,
-                 group, reserve: bool, gate, run_gate, stats, export_name: str) -> None:
+                 group, reserve: bool, gate, run_gate, stats, export_name: str,
+                 counters, follow_receiving_cpu: bool = True) -> None:
         """`window` is the connection's receive window (a pool Buffer); `group` the pool
         group its buffers are charged to and `reserve` whether they may come from the
         reserve (swap connections); `gate` the connection's ReplySender's send gate;
         `run_gate` an int* that is 0 while requests must pass
-        Python (or None); `stats` the daemon's RequestStats, which reads ours live."""
+        Python (or None); `stats` the daemon's RequestStats, which reads ours live, and
+        `counters` its Counters (the placement events, live too)."""
         self.backend = backend
         self.pool = pool
         self._stats = stats
@@ -92,8 +103,11 @@ class FastLoop:
         conn.run_ok = run_gate if run_gate is not None else self._always
         conn.bounds_ns = _BOUNDS_NS
         conn.check_due_ns = 0
+        conn.placement.enabled = int(follow_receiving_cpu)  # cext/placement.h
         for index, command in _OPS:
             stats.add_live(export_name, command, conn.stats[index])
+        self._counters = counters
+        counters.add_live(self)
 
     def serve(self, parser: RequestParser) -> int:
         """Run the C loop on the parser's window until it stops; returns why (the module's
@@ -116,6 +130,17 @@ class FastLoop:
             conn.check_due_ns = time.perf_counter_ns() + round(
                 self.backend.IDENTITY_CHECK_INTERVAL * 1e9)
         return reason
+
+    def counts(self) -> dict:
+        """The placement events so far, for Counters.add_live (no series for an event that
+        never happened)."""
+        placement = self._conn.placement
+        values = {}
+        for field, event in _PLACEMENT_EVENTS:
+            count = getattr(placement, field)
+            if count:
+                values[(PLACEMENTS.key, event)] = count
+        return values
 
     # What the loop hands back -------------------------------------------------------
 
@@ -164,6 +189,7 @@ class FastLoop:
             lib.flush_queue_free(flushes)  # the GIL is released while it waits
         for index, command in _OPS:
             self._stats.retire_live(self._export_name, command, self._conn.stats[index])
+        self._counters.retire_live(self)
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)

@@ -118,7 +118,9 @@ class RequestReader:
                     reserve=self._is_swap,
                     # Swap requests never pass the pressure throttle; non-swap ones do.
                     run_gate=None if self._is_swap else context.non_swap_fast_gate,
-                    stats=context.counters.requests, export_name=export.name)
+                    stats=context.counters.requests, export_name=export.name,
+                    counters=context.counters,
+                    follow_receiving_cpu=settings.follow_receiving_cpu)
         except BaseException:
             self._window.release()  # close() is only for a reader that was made
             raise
