@@ -62,6 +62,7 @@ class Row:
     iodepth: int
     numjobs: int = 1
     fsync: int = 0  # fio's fsync=N: a FLUSH after every N writes of each job (0: none)
+    client_cpu: int | None = None  # fio's cpus_allowed: the client on this CPU only
 
     @property
     def latency_dir(self) -> str:
@@ -72,6 +73,13 @@ class Row:
 ROWS = (
     Row("randwrite-4k-qd1", "4K randwrite QD1", "randwrite", "4k", 1),
     Row("randread-4k-qd1", "4K randread QD1", "randread", "4k", 1),
+    # The same with the client held on CPU 0: its packets are received there, as a real
+    # NIC queue's interrupt CPU is fixed (nbd.follow_receiving_cpu follows it; nothing
+    # follows a client the scheduler keeps moving, as on loopback above).
+    Row("randwrite-4k-qd1-cpu0", "4K randwrite QD1, client on CPU 0", "randwrite", "4k", 1,
+        client_cpu=0),
+    Row("randread-4k-qd1-cpu0", "4K randread QD1, client on CPU 0", "randread", "4k", 1,
+        client_cpu=0),
     Row("randrw-4k-qd32", "4K randrw QD32", "randrw", "4k", 32),
     Row("write-128k-qd8", "128K write QD8 (seq)", "write", "128k", 8),
     Row("read-128k-qd8", "128K read QD8 (seq)", "read", "128k", 8),
@@ -89,6 +97,8 @@ def fio_job(row: Row, uri: str, size: int, runtime: int, ramp: int) -> str:
     mixed = "rwmixread=50\n" if row.rw == "randrw" else ""
     if row.fsync:
         mixed += f"fsync={row.fsync}\n"
+    if row.client_cpu is not None:
+        mixed += f"cpus_allowed={row.client_cpu}\n"
     return textwrap.dedent(f"""\
         [global]
         ioengine=nbd
