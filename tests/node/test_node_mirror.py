@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 
 from netswap.node.placement import rank
 
@@ -90,6 +91,11 @@ exit $status
 
 
 def test_mirrored_nodes_keep_every_page_when_a_server_dies_and_resync_when_it_returns(lab):
+    began = time.monotonic()
+
+    def phase(what: str) -> None:  # where the test's minutes go, printed as it goes
+        print(f"[{time.monotonic() - began:6.1f} s] {what}", flush=True)
+
     lab = lab(NAMES, servers=3)
     servers = [lab.server_address(index) for index in range(3)]
     placed, refused = expected_placement(servers)
@@ -117,6 +123,7 @@ def test_mirrored_nodes_keep_every_page_when_a_server_dies_and_resync_when_it_re
             nodes[name].wait_for(rf"{MIRRORED}|^hold attached$", HANG_GUARD)
     for node in nodes.values():
         node.held("attached", HANG_GUARD)
+    phase("every node attached")
     for name in NAMES:
         console = nodes[name].console()
         found = re.findall(r"attached swap/\S+ of ([\d.]+):10809 as", console)
@@ -131,6 +138,7 @@ def test_mirrored_nodes_keep_every_page_when_a_server_dies_and_resync_when_it_re
     # Mid-swap, one server dies and stays dead while every node finishes its workload.
     nodes[BIG].wait_for(r"^progress 30$", HANG_GUARD)
     lab.stop_daemon(signal.SIGKILL, server=KILLED)
+    phase(f"server {servers[KILLED]} killed")
     for name, node in nodes.items():
         node.held("resync", HANG_GUARD)
         console = node.console()
@@ -140,10 +148,12 @@ def test_mirrored_nodes_keep_every_page_when_a_server_dies_and_resync_when_it_re
             assert re.search(r"longer than the dead-connection timeout.*goes on with", console), console
 
     # Back: every member it held is re-added, md resyncs, and says clean.
+    phase("every node read its pages back")
     lab.start_again(server=KILLED)
     for node in nodes.values():
         node.release("resync")
     results = {name: node.wait(HANG_GUARD) for name, node in nodes.items()}
+    phase("every node resynced, detached and powered off")
     for result in results.values():
         print(result)
     for name, result in results.items():
