@@ -151,55 +151,19 @@ static int servable(struct nbd_fast_conn *c, const uint8_t *h)
     return 1;
 }
 
-#define RCVLOWAT_FROM (64 * 1024)
-
-/* Receive the rest of a WRITE payload (its buffered part is copied already).  1, or 0 on
- * EOF, or -1 (errno).
- *
- * A large rest is waited for whole: SO_RCVLOWAT set to what is still missing makes the
- * kernel wake this thread once it is all queued, not at every segment the sender's CPU
- * queues (each such wake-up costs that CPU an interrupt to this one: measured on 128 KiB
- * writes at QD8, 0.8 context switches per request -> 0.34, and the client, the busier
- * side, got through about 15 % more).  The low mark only counts bytes not yet read, so it
- * is set anew before each wait, to what is missing then; poll() honours it, and the recv
- * after it does not block.  The kernel caps the mark (half the receive buffer): then the
- * loop simply goes round more than once. */
+/* Receive the rest of a WRITE payload (its buffered part is copied already). */
 static int recv_payload(struct nbd_fast_conn *c, uint8_t *dest, uint32_t have, uint32_t length)
 {
-    int marked = 0;
-    int r = 1;
     while (have < length) {
-        uint32_t missing = length - have;
-        if (missing > RCVLOWAT_FROM) {
-            int low = (int)missing;
-            marked = setsockopt(c->sock, SOL_SOCKET, SO_RCVLOWAT, &low, sizeof low) == 0;
-            struct pollfd readable = {.fd = c->sock, .events = POLLIN};
-            if (marked && poll(&readable, 1, -1) < 0 && errno != EINTR) {
-                r = -1;
-                break;
-            }
-        } else if (marked) {
-            int one = 1;
-            setsockopt(c->sock, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-            marked = 0;
-        }
-        ssize_t got = recv(c->sock, dest + have, missing, marked ? MSG_DONTWAIT : MSG_WAITALL);
-        if (got > 0) {
+        ssize_t got = recv(c->sock, dest + have, length - have, MSG_WAITALL);
+        if (got > 0)
             have += (uint32_t)got;
-        } else if (got == 0) {
-            r = 0;
-            break;
-        } else if (errno != EINTR && errno != EAGAIN) {
-            r = -1;
-            break;
-        }
+        else if (got == 0)
+            return 0;
+        else if (errno != EINTR)
+            return -1;
     }
-    if (marked) {
-        int saved = errno, one = 1;
-        setsockopt(c->sock, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-        errno = saved;
-    }
-    return r;
+    return 1;
 }
 
 /* Send header + data without blocking.  1: all sent; 0: partly (c->sent says
