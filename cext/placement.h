@@ -7,9 +7,9 @@
  * softirq just queued the request, each turn pays two cross-CPU wake-ups, and a halted CPU
  * (a VM's vCPU above all) takes tens of microseconds to wake. Measured on the 2-core VM
  * here (bench/fio_matrix.py's QD1 rows, bench/RESULTS.md): 4 KiB reads at QD1, 8-12 k IOPS
- * with the loop on the other CPU, 36-38 k with it on the CPU that receives. SO_INCOMING_CPU says which CPU the latest
- * segment of the socket was received on: the NIC queue's interrupt CPU on a real network,
- * the sender's own CPU on loopback.
+ * with the loop on the other CPU, 36-38 k with it on the CPU that receives.
+ * SO_INCOMING_CPU says which CPU the latest segment of the socket was received on: the NIC
+ * queue's interrupt CPU on a real network, the sender's own CPU on loopback.
  *
  * The loop counts the requests it serves between two waits for the socket. Only after
  * PLACEMENT_SPARSE_WAITS waits in a row that each followed one request does it move its
