@@ -33,8 +33,8 @@
 
 struct placement {
     int enabled;               /* set by Python: nbd.follow_receiving_cpu */
-    int cpu;                   /* the CPU the thread is held on; -1: free (0 before the first wait) */
-    int ready;                 /* the fields below are initialised */
+    int cpu;                   /* the CPU the thread is held on, -1: free (valid once ready) */
+    int ready;                 /* cpu and home are initialised (at the first wait) */
     int sparse_waits;          /* waits in a row that followed at most one request */
     uint32_t served;           /* requests served since the last wait */
     int64_t check_due_ns;
