@@ -408,8 +408,11 @@ def test_block_status_without_a_selected_context_is_einval(daemon):
     request(sock, C.CMD_BLOCK_STATUS, 0, 4096, cookie=4)
     assert simple_reply(sock) == (C.EINVAL, 4)
     sock.close()
-    assert metric(daemon, "netswap_request_errors_total", export="disk", op="block_status",
-                  errno="EINVAL") == 4
+    # A request is counted once its reply is out (Execution.replied): the last one may not
+    # be yet when the client has read it.
+    wait_until(lambda: metric(daemon, "netswap_request_errors_total", export="disk",
+                              op="block_status", errno="EINVAL") == 4,
+               what="the four refused BLOCK_STATUS requests counted")
     assert metric(daemon, "netswap_options_refused_total",
                   reason="needs_structured_replies") == 1
 
