@@ -81,7 +81,8 @@ def one_at_a_time(sock, count: int) -> None:
 
 @pytest.fixture
 def daemon(tmp_path, request):
-    running = start_daemon(tmp_path, nbd_options=getattr(request, "param", ""))
+    running = start_daemon(tmp_path, nbd_options=getattr(request, "param",
+                                                          "follow_receiving_cpu = true"))
     yield running
     code = running.stop()
     assert "Traceback" not in running.log(), running.log()

@@ -157,7 +157,7 @@ def test_empty_document_gives_defaults():
         keepalive=30.0,
         send_timeout=60.0,
         c_loop=True,
-        follow_receiving_cpu=True,
+        follow_receiving_cpu=False,
         block_size_min=1,
         block_size_preferred=4096,
         tls="off",

@@ -198,7 +198,7 @@ class NbdConfig:
         "GIL (false: every request takes the Python path; for comparison and debugging).")
     follow_receiving_cpu: bool = key(
         Boolean(),
-        True,
+        False,
         "While a client sends one request at a time, run its C loop's thread on the CPU "
         "that receives its packets (SO_INCOMING_CPU), sparing two cross-CPU wake-ups per "
         "request; given back at the first queue, or when that CPU is crowded (false: "

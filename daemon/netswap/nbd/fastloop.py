@@ -64,7 +64,7 @@ class FastLoop:
 
     def __init__(self, *, sock_fd: int, backend, pool, window, limits: ExportLimits,
                  group, reserve: bool, gate, run_gate, stats, export_name: str,
-                 counters, follow_receiving_cpu: bool = True) -> None:
+                 counters, follow_receiving_cpu: bool = False) -> None:
         """`window` is the connection's receive window (a pool Buffer); `group` the pool
         group its buffers are charged to and `reserve` whether they may come from the
         reserve (swap connections); `gate` the connection's ReplySender's send gate;
