@@ -20,7 +20,7 @@ import time
 import pytest
 
 from netswap.nbd import constants as C
-from support.daemon import start_daemon
+from support.daemon import start_daemon, stop_clean
 from support.metrics import metric
 from support.nbd_raw import (block_status, recv_exact, request, simple_reply,
                              structured_reply, structured_transmission, transmission)
@@ -45,9 +45,7 @@ def either(request, tmp_path):
 def daemon(tmp_path):
     running = start_daemon(tmp_path)
     yield running
-    code = running.stop()
-    assert "Traceback" not in running.log(), running.log()
-    assert code == 0, running.log()
+    stop_clean(running)
 
 
 def test_plain_requests_are_served_in_c_and_counted_while_the_connection_lives(daemon):

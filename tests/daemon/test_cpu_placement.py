@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from netswap.nbd import constants as C
-from support.daemon import start_daemon
+from support.daemon import start_daemon, stop_clean
 from support.metrics import metric
 from support.nbd_raw import request, simple_reply, transmission
 from support.wait import wait_until
@@ -84,9 +84,7 @@ def daemon(tmp_path, request):
     running = start_daemon(tmp_path, nbd_options=getattr(request, "param",
                                                           "follow_receiving_cpu = true"))
     yield running
-    code = running.stop()
-    assert "Traceback" not in running.log(), running.log()
-    assert code == 0, running.log()
+    stop_clean(running)
 
 
 def test_a_one_at_a_time_client_gets_its_loop_on_its_cpu_and_a_queue_gives_it_back(daemon):

@@ -25,7 +25,7 @@ from netswap.rpc.xdr import Unpacker
 from support.daemon import stop_clean
 from support.metrics import metric
 from support.nbd_raw import request as nbd_request, transmission
-from support.nfs import RpcClient, start_nfs, xdr
+from support.nfs import RpcClient, sattr3, start_nfs, xdr
 from support.wait import wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -68,6 +68,14 @@ def write_status(client: RpcClient, handle: bytes, offset: int, data: bytes) -> 
 def lookup(client: RpcClient, directory: bytes, name: str) -> bytes:
     results = nfs_call(client, LOOKUP, xdr(("o", directory), ("o", name.encode())))
     assert results.uint() == 0
+    return bytes(results.opaque(64))
+
+
+def create_file(client: RpcClient, directory: bytes, name: str) -> bytes:
+    """CREATE (UNCHECKED, no attributes set) of `name`: the new file's handle."""
+    results = nfs_call(client, CREATE, xdr(("o", directory), ("o", name.encode()), ("u", 0))
+                       + sattr3())
+    assert results.uint() == 0 and results.bool()
     return bytes(results.opaque(64))
 
 
@@ -122,12 +130,7 @@ def test_a_swap_nodes_records_use_its_reserve_and_non_swap_calls_are_dropped(dae
     stranger = RpcClient(daemon.nfs_port, "127.0.0.3")  # no node: never the reserve
     swap_file = lookup(node, swap_root, "localhost")
     # A scratch file to write to later, made while normal memory is plentiful.
-    created = nfs_call(node, CREATE, xdr(
-        ("o", scratch_root), ("o", b"notes"), ("u", 0),
-        ("b", False), ("b", False), ("b", False), ("b", False),
-        ("u", 0), ("u", 0)))
-    assert created.uint() == 0 and created.bool()
-    scratch_file = bytes(created.opaque(64))
+    scratch_file = create_file(node, scratch_root, "notes")
     block = os.urandom(32 * KiB)
 
     holders = exhaust_normal_budget(daemon)
@@ -179,12 +182,7 @@ def test_scratch_writes_the_c_loop_serves_never_take_the_reserve(daemon):
     scratch_root = mount(daemon, "127.0.0.1", "/scratch")
     node = RpcClient(daemon.nfs_port, "127.0.0.1")
     stranger = RpcClient(daemon.nfs_port, "127.0.0.3")
-    created = nfs_call(node, CREATE, xdr(
-        ("o", scratch_root), ("o", b"served"), ("u", 0),
-        ("b", False), ("b", False), ("b", False), ("b", False),
-        ("u", 0), ("u", 0)))
-    assert created.uint() == 0 and created.bool()
-    scratch_file = bytes(created.opaque(64))
+    scratch_file = create_file(node, scratch_root, "served")
     path = daemon.state_dir / "nfs-scratch" / "served"
     block = os.urandom(32 * KiB)
     for client in (node, stranger):  # the first WRITE Python's, the next two the loop's
@@ -249,12 +247,7 @@ def test_a_reader_waiting_for_pool_memory_does_not_hold_up_the_stop(tmp_path):
     try:
         scratch_root = mount(daemon, "127.0.0.3", "/scratch")
         stranger = RpcClient(daemon.nfs_port, "127.0.0.3")  # no node: waits for memory
-        created = nfs_call(stranger, CREATE, xdr(
-            ("o", scratch_root), ("o", b"waits"), ("u", 0),
-            ("b", False), ("b", False), ("b", False), ("b", False),
-            ("u", 0), ("u", 0)))
-        assert created.uint() == 0 and created.bool()
-        scratch_file = bytes(created.opaque(64))
+        scratch_file = create_file(stranger, scratch_root, "waits")
         holders = exhaust_normal_budget(daemon)  # kept open: their memory stays taken
         stranger.send_call(NFS_PROGRAM, 3, WRITE, write_args(scratch_file, 0, bytes(32 * KiB)),
                            ROOT)
