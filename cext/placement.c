@@ -20,10 +20,13 @@
 #define PLACEMENT_BACKOFF_NS 1000000000LL /* 1 s */
 
 #define BITS (8 * sizeof(uint64_t))
+/* The CPUs a placement can name: its mask's and a cpu_set_t's, whichever is fewer. */
+#define CPUS_KNOWN (CPU_SETSIZE < PLACEMENT_MASK_WORDS * (int)BITS \
+                    ? CPU_SETSIZE : PLACEMENT_MASK_WORDS * (int)BITS)
 
 static int home_has(const struct placement *p, int cpu)
 {
-    return cpu >= 0 && cpu < PLACEMENT_MASK_WORDS * (int)BITS
+    return cpu >= 0 && cpu < CPUS_KNOWN
            && (p->home[cpu / BITS] >> (cpu % BITS)) & 1;
 }
 
@@ -55,7 +58,7 @@ static void set_cpus(const struct placement *p, int only)
     if (only >= 0) {
         CPU_SET(only, &set);
     } else {
-        for (int cpu = 0; cpu < CPU_SETSIZE && cpu < PLACEMENT_MASK_WORDS * (int)BITS; cpu++)
+        for (int cpu = 0; cpu < CPUS_KNOWN; cpu++)
             if (home_has(p, cpu))
                 CPU_SET(cpu, &set);
     }
@@ -89,7 +92,7 @@ static int init(struct placement *p)
     }
     memset(p->home, 0, sizeof p->home);
     int allowed = 0;
-    for (int cpu = 0; cpu < CPU_SETSIZE && cpu < PLACEMENT_MASK_WORDS * (int)BITS; cpu++) {
+    for (int cpu = 0; cpu < CPUS_KNOWN; cpu++) {
         if (CPU_ISSET(cpu, &set)) {
             p->home[cpu / BITS] |= (uint64_t)1 << (cpu % BITS);
             allowed++;

@@ -1,6 +1,6 @@
 """exports/groupcommit.py: one sync answers every FLUSH waiting when it started, never one
-that arrived after it started (syncs may overlap), and none runs when nothing was written
-since the last began.
+that arrived after it started (syncs may overlap). Skipping a sync when nothing was written
+is cext/commit.c's (tests/unit/test_commit.py).
 
 The sync here is a function that counts its calls and can be held in the middle (a real
 fdatasync cannot be held still), so each test sets up exactly the interleaving it names."""
@@ -12,7 +12,6 @@ import os
 import threading
 
 import pytest
-from netswap._pool import ffi
 from netswap.exports.backends import FileBackend
 from netswap.exports.groupcommit import GroupCommit
 
@@ -125,63 +124,13 @@ def test_many_threads_at_once_every_request_answered_after_a_sync_that_began_aft
     commits.close()
 
 
-def test_nothing_written_since_the_last_sync_began_runs_no_sync():
+def test_a_flush_that_arrives_during_a_sync_gets_a_sync_of_its_own():
     sync = HeldSync()
-    dirty = ffi.new("int *", 1)
-    clean_checks = []
-    commits = GroupCommit(sync, "test-flush", dirty=dirty, clean=lambda: clean_checks.append(1))
-    answers = Answers(sync)
-    commits.request(answers.done("a"))
-    answers.wait_for(1)
-    assert sync.calls == 1 and dirty[0] == 0
-    commits.request(answers.done("b"))  # no write since: answered without a sync
-    answers.wait_for(2)
-    assert sync.calls == 1 and commits.skipped == 1 and clean_checks == [1]
-    dirty[0] = 1  # a write completed
-    commits.request(answers.done("c"))
-    got = answers.wait_for(3)
-    assert sync.calls == 2 and got[2] == ("c", 2, None)
-    commits.close()
-
-
-def _first_sync_held():
-    """A group commit whose first FLUSH ("a") has its sync running, held, and the dirty
-    flag it cleared: (sync, dirty, commits, answers)."""
-    sync = HeldSync()
-    dirty = ffi.new("int *", 1)
-    commits = GroupCommit(sync, "test-flush", dirty=dirty)
+    commits = GroupCommit(sync, "test-flush")
     answers = Answers(sync)
     sync.hold.clear()
     commits.request(answers.done("a"))
-    assert sync.started.wait(WAIT)
-    return sync, dirty, commits, answers
-
-
-def test_nothing_written_since_a_sync_began_waits_for_that_sync_to_end():
-    sync, dirty, commits, answers = _first_sync_held()  # dirty is clear
-    commits.request(answers.done("b"))  # covered by sync 1, but only once it has ended
-    with answers.all_in:
-        assert not answers.all_in.wait_for(lambda: answers.got, 0.2)
-    sync.hold.set()
-    got = answers.wait_for(2)
-    assert sync.calls == 1 and [name for name, _, _ in got] == ["a", "b"]
-    commits.close()
-
-
-def test_after_a_failed_sync_the_next_flush_syncs_again():
-    sync = HeldSync(fail=OSError(errno.EIO, "disk gone"))
-    dirty = ffi.new("int *", 1)
-    commits = GroupCommit(sync, "test-flush", dirty=dirty)
-    for _ in range(2):
-        with pytest.raises(OSError):
-            commits.sync()
-    assert sync.calls == 2  # never "nothing written since": the last sync covered nothing
-    commits.close()
-
-
-def test_a_write_completed_during_a_sync_is_covered_by_the_next():
-    sync, dirty, commits, answers = _first_sync_held()
-    dirty[0] = 1  # a write completes while sync 1 runs: sync 1 may not cover it
+    assert sync.started.wait(WAIT)  # sync 1 runs, held: it may not answer "b"
     commits.request(answers.done("b"))
     sync.hold.set()
     got = {name: (calls, error) for name, calls, error in answers.wait_for(2)}

@@ -17,18 +17,11 @@ of those writes completed before its reply, so that sync covers them all. Hence:
   measured, the FLUSH-heavy bench row fell from 0.76x to 0.22x nbdkit with one sync at a
   time. Overlapping fdatasyncs of one file cost little more than one (ext4's journal
   commits them together), so a FLUSH starts a sync at once unless `CONCURRENT` run;
-* a sync may be skipped when nothing was written since the last one started: every writer
-  sets `dirty` (an int shared with the C request loop) after its write completes and before
-  it replies, and a flusher clears it just before syncing. A batch taken with `dirty` still
-  clear has no write to cover that the latest sync begun does not; it is answered when that
-  sync ends (at once if it has). Backends whose files are also written by code that does
-  not set the flag (NFS swap files) pass none and always sync.
-
-The file backend (backends.py) passes no `dirty` here: its skip-when-clean decision is made
-in its `sync`, by cext/commit.c, whose record of running syncs it shares with the NBD C loop
-that serves plain FLUSHes on the connections' threads (one record, so neither side skips on
-a flag the other cleared for a sync still running). Its batching, threads and overlap stay
-here for the FLUSHes Python serves.
+* a sync is not skipped here when nothing was written since the last one began: that decision
+  needs one record of the syncs running that the NBD C loop (which serves plain FLUSHes on
+  the connections' threads) shares, so it is made in the backend's `sync`, by cext/commit.c
+  (commit.h says how). The batching, threads and overlap here are for the FLUSHes Python
+  serves, NFS COMMITs and closing.
 
 Flusher threads exist only while FLUSHes come: each ends after `IDLE_EXIT` seconds without
 one, so a swap node's backend (the kernel's swap never flushes) costs no thread.
@@ -46,37 +39,21 @@ log = logging.getLogger(__name__)
 Done = Callable[[Optional[BaseException]], None]
 
 
-class _Sync:
-    """One sync begun: the FLUSHes that joined it after it started, and whether it ended."""
-
-    def __init__(self) -> None:
-        self.ended = False
-        self.error: Optional[BaseException] = None
-        self.joined: list[Done] = []
-
-
 class GroupCommit:
     IDLE_EXIT = 2.0  # seconds a flusher thread waits for the next FLUSH before it ends
     CONCURRENT = 4  # syncs of one backend that may overlap
 
-    def __init__(self, sync: Callable[[], None], name: str, dirty=None,
-                 clean: Optional[Callable[[], None]] = None) -> None:
-        """`sync` makes every completed write durable (raises OSError on failure); `dirty` an
-        int* every writer sets to 1 after a write, or None (always sync); `clean` what runs
-        before answering a batch that needed no sync (the failure latch's check); `name`
+    def __init__(self, sync: Callable[[], None], name: str) -> None:
+        """`sync` makes every completed write durable (raises OSError on failure); `name`
         names the flusher threads."""
         self._sync = sync
-        self._clean = clean
-        self._dirty = dirty
         self._name = name
         self._changed = threading.Condition(threading.Lock())
         self._waiting: list[Done] = []  # requests the next sync answers
         self._threads: set[threading.Thread] = set()
         self._idle = 0  # flusher threads waiting for work
-        self._latest: Optional[_Sync] = None  # the sync begun last
         self._closed = False
         self.syncs = 0  # syncs begun (for statistics and tests; counted under the lock)
-        self.skipped = 0  # batches answered without a sync of their own
 
     def request(self, done: Done) -> None:
         """Have `done(None)` called (on a flusher thread) once every write completed before
@@ -117,9 +94,8 @@ class GroupCommit:
         for thread in threads:
             thread.join()
 
-    def _next(self) -> Optional[tuple[list[Done], Optional[_Sync]]]:
-        """The requests waiting now and the sync begun for them (None: they need none, the
-        `clean` check answers them), or None: this flusher ends."""
+    def _next(self) -> Optional[list[Done]]:
+        """The requests waiting now, for one sync that begins now; None: this flusher ends."""
         me = threading.current_thread()
         with self._changed:
             while not self._waiting:
@@ -133,41 +109,19 @@ class GroupCommit:
                     self._threads.discard(me)
                     return None
             batch, self._waiting = self._waiting, []
-            # Read (and clear) the flag only after the batch was taken: see the module
-            # docstring for why that order makes skipping safe.
-            latest = self._latest
-            if (self._dirty is not None and not self._dirty[0]
-                    and (latest is None or latest.error is None)):  # a failed one: sync again
-                if latest is not None and not latest.ended:
-                    latest.joined.extend(batch)  # answered when that sync ends
-                    self.skipped += 1
-                    return [], None
-                self.skipped += 1
-                return batch, None
-            if self._dirty is not None:
-                self._dirty[0] = 0
-            begun = self._latest = _Sync()
             self.syncs += 1
-            return batch, begun
+            return batch
 
     def _run(self) -> None:
         while True:
-            taken = self._next()
-            if taken is None:
+            batch = self._next()
+            if batch is None:
                 return
-            batch, begun = taken
             error: Optional[BaseException] = None
             try:
-                if begun is not None:
-                    self._sync()
-                elif batch and self._clean is not None:
-                    self._clean()
+                self._sync()
             except Exception as exc:  # OSError from the sync; anything else is a bug, reported
                 error = exc
-            if begun is not None:
-                with self._changed:
-                    begun.ended, begun.error = True, error
-                    batch = batch + begun.joined
             for done in batch:
                 try:
                     done(error)
