@@ -151,11 +151,34 @@ static int servable(struct nbd_fast_conn *c, const uint8_t *h)
     return 1;
 }
 
+/* Receive what has come of dest[:length], waiting for at least one byte: spinning for up to
+ * PAYLOAD_SPIN_NS first, then asleep.  The client is in the middle of sending this payload,
+ * so the rest is on its way; sleeping for it means the client's CPU, which runs loopback's
+ * (or a fast NIC's) receive path, has to wake this thread for every segment.  Measured on
+ * 128 KiB writes at QD8 (bench/RESULTS.md), the spin is worth ~10 % more writes at a tenth
+ * more CPU per write.  Only here: a spin waiting for the next request would burn CPU on
+ * every idle node. */
+#define PAYLOAD_SPIN_NS 20000
+static ssize_t recv_spinning(struct nbd_fast_conn *c, uint8_t *dest, size_t length)
+{
+    int64_t deadline = 0;
+    for (;;) {
+        ssize_t got = recv(c->sock, dest, length, MSG_DONTWAIT);
+        if (got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+            return got;
+        int64_t now = now_ns();
+        if (deadline == 0)
+            deadline = now + PAYLOAD_SPIN_NS;
+        else if (now >= deadline)
+            return recv(c->sock, dest, length, MSG_WAITALL);
+    }
+}
+
 /* Receive the rest of a WRITE payload (its buffered part is copied already). */
 static int recv_payload(struct nbd_fast_conn *c, uint8_t *dest, uint32_t have, uint32_t length)
 {
     while (have < length) {
-        ssize_t got = recv(c->sock, dest + have, length - have, MSG_WAITALL);
+        ssize_t got = recv_spinning(c, dest + have, length - have);
         if (got > 0)
             have += (uint32_t)got;
         else if (got == 0)

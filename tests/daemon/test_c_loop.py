@@ -429,3 +429,38 @@ def test_a_client_that_leaves_with_flushes_pending_costs_nothing(daemon):
     assert simple_reply(again) == (0, 3)
     assert recv_exact(again, len(payload)) == payload
     again.close()
+
+
+def test_a_write_payload_that_arrives_in_pieces_is_received_whole_in_c(daemon):
+    """The loop spins briefly for the rest of a payload before it sleeps (nbdfast.c,
+    recv_spinning): pieces that come at once, and one that comes long after the spin gave
+    up, make one write with every byte in place; a client that leaves in the middle of a
+    payload costs nothing (its pool buffer comes back, nothing is written)."""
+    free_before = metric(daemon, "netswap_pool_free_bytes")
+    sock = transmission(daemon)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = os.urandom(256 * KiB)
+    request(sock, C.CMD_WRITE, 0, len(payload), cookie=1)  # the header alone first
+    pieces = [payload[:1000], payload[1000:5000], payload[5000:100 * KiB], payload[100 * KiB:]]
+    for number, piece in enumerate(pieces):
+        sock.sendall(piece)
+        time.sleep(0.2 if number == 1 else 0)  # one gap far longer than the spin
+    assert simple_reply(sock) == (0, 1)
+    request(sock, C.CMD_READ, 0, len(payload), cookie=2)
+    assert simple_reply(sock) == (0, 2)
+    assert recv_exact(sock, len(payload)) == payload
+    assert metric(daemon, "netswap_c_loop_handoffs_total", reason="python") == 0
+
+    writes = metric(daemon, "netswap_requests_total", export="disk", op="write")
+    request(sock, C.CMD_WRITE, 512 * KiB, 64 * KiB, cookie=3, payload=b"\xff" * 1000)
+    time.sleep(0.1)  # the loop is asleep in the payload now
+    sock.close()
+    wait_until(lambda: metric(daemon, "netswap_connections") == 0, what="the connection closed")
+    wait_until(lambda: metric(daemon, "netswap_pool_free_bytes") == free_before,
+               what="every pool byte free again")
+    assert metric(daemon, "netswap_requests_total", export="disk", op="write") == writes
+    again = transmission(daemon)
+    request(again, C.CMD_READ, 512 * KiB, 1000, cookie=4)
+    assert simple_reply(again) == (0, 4)
+    assert recv_exact(again, 1000) == bytes(1000)  # the cut write left nothing behind
+    again.close()
