@@ -53,7 +53,8 @@ class GroupCommit:
         self._threads: set[threading.Thread] = set()
         self._idle = 0  # flusher threads waiting for work
         self._closed = False
-        self.syncs = 0  # syncs begun (for statistics and tests; counted under the lock)
+        self.syncs = 0  # sync calls begun (for tests; counted under the lock; the backend's
+        # `sync` may find nothing to do, see above)
 
     def request(self, done: Done) -> None:
         """Have `done(None)` called (on a flusher thread) once every write completed before
