@@ -334,6 +334,7 @@ class Server:
     pid: int = 0  # the process serving (for nbd-server: the daemon, not the launcher)
     process: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
+    netswapd_nbd: str = ""  # more [nbd] keys for netswapd (TOML lines), e.g. to compare options
 
     @property
     def uri(self) -> str:
@@ -390,7 +391,7 @@ class Server:
             [nbd]
             listen = ["127.0.0.1:{self.port}"]
             unix_socket = ""
-            """ + textwrap.dedent(sections), daemon_keys)
+            """ + self.netswapd_nbd + "\n" + textwrap.dedent(sections), daemon_keys)
 
 
     def start(self) -> None:
@@ -552,7 +553,8 @@ def run_server_matrix(args, name: str, repeat: int, rows: list[Row], image: Path
     """Start one server, run every row against it, record, stop it."""
     workdir = tmp / f"r{repeat}-{name}"
     workdir.mkdir()
-    server = Server(name, image, size, workdir, args.workers, args.netswapd_log_level)
+    server = Server(name, image, size, workdir, args.workers, args.netswapd_log_level,
+                    netswapd_nbd=args.netswapd_nbd)
     run = {"repeat": repeat, "server": name, "rows": {}, "errors": [], "log_findings": []}
     results["runs"].append(run)
     sampler = None
@@ -836,6 +838,8 @@ def parse_args(argv=None):
                    help="netswapd daemon.workers, also nbd-server max_threads (default 8)")
     p.add_argument("--netswapd-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"))
+    p.add_argument("--netswapd-nbd", default="", metavar="TOML",
+                   help='more [nbd] keys for netswapd, e.g. "follow_receiving_cpu = true"')
     p.add_argument("--baselines", default="nbdkit,nbd-server,qemu-nbd",
                    help="servers netswapd's IOPS ratio is computed against, a column each "
                         "(default nbdkit,nbd-server,qemu-nbd: every peer that ran)")

@@ -459,7 +459,7 @@ def run_one(args, name: str, nodes: int, repeat: int, tmp: Path) -> dict:
     server = NodesServer(name=name, image=image, size=nodes * args.node_bytes, workdir=workdir,
                          workers=args.workers, netswapd_log_level=args.netswapd_log_level,
                          nodes=nodes, node_size=args.node_bytes,
-                         nbdkit_threads=args.nbdkit_threads)
+                         nbdkit_threads=args.nbdkit_threads, netswapd_nbd=args.netswapd_nbd)
     sampler = fio = None
     try:
         try:
@@ -694,6 +694,8 @@ def parse_args(argv=None):
                    help="a server tries the next node count only if fio achieved this %% of "
                         "the asked IOPS (median over repeats) at this one (95)")
     p.add_argument("--workers", type=int, default=8, help="netswapd daemon.workers (8)")
+    p.add_argument("--netswapd-nbd", default="", metavar="TOML",
+                   help='more [nbd] keys for netswapd, e.g. "follow_receiving_cpu = true"')
     p.add_argument("--nbdkit-threads", type=int, default=0,
                    help="nbdkit --threads (per connection; default: nbdkit's own, 16)")
     p.add_argument("--netswapd-log-level", default="warning",

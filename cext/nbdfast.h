@@ -111,6 +111,13 @@ struct nbd_fast_conn {
 
     struct fast_op_stats stats[3]; /* 0 READ, 1 WRITE, 2 FLUSH */
     struct placement placement;    /* where the loop's thread runs (placement.h) */
+
+    /* Polling for the next request before sleeping (nbdfast.c, wait_for_request): set up
+     * by the loop (zero at the start), read by the scrape. */
+    int64_t last_gap_ns;    /* how long the last wait for a request took (0: none yet) */
+    uint32_t served_since_wait; /* requests served since the loop last waited for one */
+    uint64_t polls_won;     /* polls a request ended (the loop did not sleep) */
+    uint64_t polls_lost;    /* polls that gave up (the loop slept after all) */
 };
 
 /* Serve requests until one of the NBD_FAST_* reasons; see the top of this file. */

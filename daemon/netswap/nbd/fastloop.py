@@ -47,6 +47,14 @@ PLACEMENTS = declare(
     label="event")
 _PLACEMENT_EVENTS = ("moves", "moved"), ("releases", "released"), ("crowded", "crowded")
 
+REQUEST_POLLS = declare(
+    "nbd", "c_loop_request_polls", "netswap_c_loop_request_polls_total",
+    "Times an NBD C loop polled for a client's next request before sleeping (a client that "
+    "sends one request at a time, each soon after the last reply), by outcome (won: the "
+    "request came during the poll; lost: the loop slept after all).",
+    label="outcome")
+_POLL_OUTCOMES = ("polls_won", "won"), ("polls_lost", "lost")
+
 # What serve() returns (see cext/nbdfast.h).
 CLOSED = lib.NBD_FAST_CLOSED
 FALLBACK = lib.NBD_FAST_FALLBACK
@@ -132,14 +140,15 @@ class FastLoop:
         return reason
 
     def counts(self) -> dict:
-        """The placement events so far, for Counters.add_live (no series for an event that
-        never happened)."""
-        placement = self._conn.placement
+        """The placement events and request polls so far, for Counters.add_live (no series
+        for an event that never happened)."""
         values = {}
-        for field, event in _PLACEMENT_EVENTS:
-            count = getattr(placement, field)
-            if count:
-                values[(PLACEMENTS.key, event)] = count
+        for source, fields, metric in ((self._conn.placement, _PLACEMENT_EVENTS, PLACEMENTS),
+                                       (self._conn, _POLL_OUTCOMES, REQUEST_POLLS)):
+            for field, label in fields:
+                count = getattr(source, field)
+                if count:
+                    values[(metric.key, label)] = count
         return values
 
     # What the loop hands back -------------------------------------------------------
