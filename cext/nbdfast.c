@@ -88,7 +88,7 @@ static int socket_first(struct nbd_fast_conn *c)
  * last wait, and that wait took at most REQUEST_POLL_RECENT_NS.  Sleeping costs such a
  * client a wake-up per request (an idle CPU's, 30-40 us on this VM, most of a 4 KiB
  * request's round trip); the poll spends about that CPU instead: measured (bench/RESULTS.md)
- * 4 KiB QD1 reads went from ~0.9x to 1.6-2.9x nbdkit, writes to 1.1x.  A node that sends
+ * 4 KiB QD1 reads went from ~0.9x to 1.6-2.9x nbdkit, writes to 1.1-1.5x.  A node that sends
  * now and then (its last wait was long), or a queue (more than one request per wait, no
  * wait at all while requests are buffered), never polls, so idle nodes cost no CPU, and a
  * poll that loses costs at most REQUEST_POLL_NS. */
