@@ -95,26 +95,38 @@ static int socket_first(struct nbd_fast_conn *c)
 #define REQUEST_POLL_NS 30000
 #define REQUEST_POLL_RECENT_NS 150000 /* a lost poll plus a sleep and a wake-up: still soon */
 
+/* recv() into dest[:length], first without blocking for up to `poll_ns` (0: none), then
+ * blocking with `flags`.  *polled: 1 if it polled, 2 if something (data, EOF or an error)
+ * came while it did, else 0. */
+static ssize_t recv_polling(int sock, uint8_t *dest, size_t length, int64_t poll_ns,
+                            int flags, int *polled)
+{
+    *polled = 0;
+    if (poll_ns > 0) {
+        *polled = 1;
+        int64_t deadline = now_ns() + poll_ns;
+        do {
+            ssize_t got = recv(sock, dest, length, MSG_DONTWAIT);
+            if (got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                *polled = 2;
+                return got;
+            }
+        } while (now_ns() < deadline);
+    }
+    return recv(sock, dest, length, flags);
+}
+
 static ssize_t recv_request(struct nbd_fast_conn *c, uint8_t *dest, size_t length)
 {
     int64_t began = now_ns();
-    int poll = c->start == c->end && c->served_since_wait == 1 && c->last_gap_ns > 0
+    int soon = c->start == c->end && c->served_since_wait == 1 && c->last_gap_ns > 0
                && c->last_gap_ns <= REQUEST_POLL_RECENT_NS;
-    ssize_t got;
-    if (poll) {
-        for (;;) {
-            got = recv(c->sock, dest, length, MSG_DONTWAIT);
-            if (got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
-                BUMP(c->polls_won, 1);
-                goto received;
-            }
-            if (now_ns() - began >= REQUEST_POLL_NS)
-                break;
-        }
+    int polled;
+    ssize_t got = recv_polling(c->sock, dest, length, soon ? REQUEST_POLL_NS : 0, 0, &polled);
+    if (polled == 2)
+        BUMP(c->polls_won, 1);
+    else if (polled == 1)
         BUMP(c->polls_lost, 1);
-    }
-    got = recv(c->sock, dest, length, 0);
-received:
     if (c->start == c->end) { /* a wait for a new request, not for the rest of a header */
         /* Only a wait that followed a reply says how soon the client comes back (not the
          * first after the handshake, or after Python served what came before). */
@@ -194,34 +206,20 @@ static int servable(struct nbd_fast_conn *c, const uint8_t *h)
     return 1;
 }
 
-/* Receive what has come of dest[:length], waiting for at least one byte: spinning for up to
- * PAYLOAD_SPIN_NS first, then asleep.  The client is in the middle of sending this payload,
- * so the rest is on its way; sleeping for it means the client's CPU, which runs loopback's
- * (or a fast NIC's) receive path, has to wake this thread for every segment.  Measured on
- * 128 KiB writes at QD8 (bench/RESULTS.md), the spin is worth ~10 % more writes at a tenth
- * more CPU per write.  Only here: a spin waiting for the next request would burn CPU on
- * every idle node. */
-#define PAYLOAD_SPIN_NS 20000
-static ssize_t recv_spinning(struct nbd_fast_conn *c, uint8_t *dest, size_t length)
-{
-    int64_t deadline = 0;
-    for (;;) {
-        ssize_t got = recv(c->sock, dest, length, MSG_DONTWAIT);
-        if (got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
-            return got;
-        int64_t now = now_ns();
-        if (deadline == 0)
-            deadline = now + PAYLOAD_SPIN_NS;
-        else if (now >= deadline)
-            return recv(c->sock, dest, length, MSG_WAITALL);
-    }
-}
+/* The rest of a WRITE payload is polled for (recv_polling) for up to PAYLOAD_POLL_NS
+ * before the loop sleeps: the client is in the middle of sending it, so it is on its way,
+ * and a loop asleep in a payload has to be woken by the client's CPU (which runs loopback's,
+ * or a fast NIC's, receive path) for every segment.  Measured on 128 KiB writes at QD8
+ * (bench/RESULTS.md): ~10 % more writes at a fifth more server CPU per write. */
+#define PAYLOAD_POLL_NS 20000
 
 /* Receive the rest of a WRITE payload (its buffered part is copied already). */
 static int recv_payload(struct nbd_fast_conn *c, uint8_t *dest, uint32_t have, uint32_t length)
 {
     while (have < length) {
-        ssize_t got = recv_spinning(c, dest + have, length - have);
+        int polled;
+        ssize_t got = recv_polling(c->sock, dest + have, length - have, PAYLOAD_POLL_NS,
+                                   MSG_WAITALL, &polled);
         if (got > 0)
             have += (uint32_t)got;
         else if (got == 0)

@@ -112,7 +112,7 @@ struct nbd_fast_conn {
     struct fast_op_stats stats[3]; /* 0 READ, 1 WRITE, 2 FLUSH */
     struct placement placement;    /* where the loop's thread runs (placement.h) */
 
-    /* Polling for the next request before sleeping (nbdfast.c, wait_for_request): set up
+    /* Polling for the next request before sleeping (nbdfast.c, recv_request): set up
      * by the loop (zero at the start), read by the scrape. */
     int64_t last_gap_ns;    /* how long the last wait for a request took (0: none yet) */
     uint32_t served_since_wait; /* requests served since the loop last waited for one */

@@ -432,8 +432,8 @@ def test_a_client_that_leaves_with_flushes_pending_costs_nothing(daemon):
 
 
 def test_a_write_payload_that_arrives_in_pieces_is_received_whole_in_c(daemon):
-    """The loop spins briefly for the rest of a payload before it sleeps (nbdfast.c,
-    recv_spinning): pieces that come at once, and one that comes long after the spin gave
+    """The loop polls briefly for the rest of a payload before it sleeps (nbdfast.c,
+    PAYLOAD_POLL_NS): pieces that come at once, and one that comes long after the poll gave
     up, make one write with every byte in place; a client that leaves in the middle of a
     payload costs nothing (its pool buffer comes back, nothing is written)."""
     free_before = metric(daemon, "netswap_pool_free_bytes")
@@ -444,7 +444,7 @@ def test_a_write_payload_that_arrives_in_pieces_is_received_whole_in_c(daemon):
     pieces = [payload[:1000], payload[1000:5000], payload[5000:100 * KiB], payload[100 * KiB:]]
     for number, piece in enumerate(pieces):
         sock.sendall(piece)
-        time.sleep(0.2 if number == 1 else 0)  # one gap far longer than the spin
+        time.sleep(0.2 if number == 1 else 0)  # one gap far longer than the poll
     assert simple_reply(sock) == (0, 1)
     request(sock, C.CMD_READ, 0, len(payload), cookie=2)
     assert simple_reply(sock) == (0, 2)
