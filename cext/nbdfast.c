@@ -118,8 +118,9 @@ static ssize_t recv_polling(int sock, uint8_t *dest, size_t length, int64_t poll
 
 static ssize_t recv_request(struct nbd_fast_conn *c, uint8_t *dest, size_t length)
 {
+    int waiting = c->start == c->end; /* for a new request, not for the rest of a header */
     int64_t began = now_ns();
-    int soon = c->start == c->end && c->served_since_wait == 1 && c->last_gap_ns > 0
+    int soon = waiting && c->served_since_wait == 1 && c->last_gap_ns > 0
                && c->last_gap_ns <= REQUEST_POLL_RECENT_NS;
     int polled;
     ssize_t got = recv_polling(c->sock, dest, length, soon ? REQUEST_POLL_NS : 0, 0, &polled);
@@ -127,7 +128,7 @@ static ssize_t recv_request(struct nbd_fast_conn *c, uint8_t *dest, size_t lengt
         BUMP(c->polls_won, 1);
     else if (polled == 1)
         BUMP(c->polls_lost, 1);
-    if (c->start == c->end) { /* a wait for a new request, not for the rest of a header */
+    if (waiting) {
         /* Only a wait that followed a reply says how soon the client comes back (not the
          * first after the handshake, or after Python served what came before). */
         int64_t gap = now_ns() - began;
@@ -144,7 +145,7 @@ static int fill_header(struct nbd_fast_conn *c)
     while (c->end - c->start < HEADER_SIZE) {
         if (c->start == c->end) {
             c->start = c->end = 0;
-            placement_before_wait(&c->placement, c->sock);
+            placement_before_wait(&c->placement, c->sock, c->served_since_wait);
         } else if (c->window_size - c->end < HEADER_SIZE) {
             /* Slide the partial header to the front so that a whole one fits. */
             uint32_t count = c->end - c->start;
@@ -297,7 +298,6 @@ static int finish_flush(struct nbd_fast_conn *c, int result, int error)
     }
     /* Python counts a FLUSH's (reserved) length as its bytes; so does this. */
     account(&c->stats[OP_FLUSH], c->bounds_ns, c->length, c->started_ns);
-    placement_served(&c->placement);
     c->served_since_wait++;
     return -1;
 }
@@ -463,7 +463,6 @@ int nbd_fast_serve(struct nbd_fast_conn *c)
         }
         account(&c->stats[command == CMD_READ ? OP_READ : OP_WRITE], c->bounds_ns, length,
                 started);
-        placement_served(&c->placement);
         c->served_since_wait++;
         if (command == CMD_WRITE && now_ns() >= c->check_due_ns)
             return NBD_FAST_CHECK;

@@ -115,7 +115,8 @@ struct nbd_fast_conn {
     /* Polling for the next request before sleeping (nbdfast.c, recv_request): set up
      * by the loop (zero at the start), read by the scrape. */
     int64_t last_gap_ns;    /* how long the last wait for a request took (0: none yet) */
-    uint32_t served_since_wait; /* requests served since the loop last waited for one */
+    uint32_t served_since_wait; /* requests served since the loop last waited for one (the
+                                   placement's measure too) */
     uint64_t polls_won;     /* polls a request ended (the loop did not sleep) */
     uint64_t polls_lost;    /* polls that gave up (the loop slept after all) */
 };

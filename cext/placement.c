@@ -115,12 +115,10 @@ static int crowded(struct placement *p)
     return taken > 0 && waited / taken > PLACEMENT_CROWDED_NS;
 }
 
-void placement_before_wait(struct placement *p, int sock)
+void placement_before_wait(struct placement *p, int sock, uint32_t served)
 {
     if (!p->enabled || (!p->ready && !init(p)))
         return;
-    uint32_t served = p->served;
-    p->served = 0;
     if (served >= 2) {
         p->sparse_waits = 0;
         if (p->cpu >= 0) {

@@ -36,7 +36,6 @@ struct placement {
     int cpu;                   /* the CPU the thread is held on, -1: free (valid once ready) */
     int ready;                 /* cpu and home are initialised (at the first wait) */
     int sparse_waits;          /* waits in a row that followed at most one request */
-    uint32_t served;           /* requests served since the last wait */
     int64_t check_due_ns;
     int64_t free_until_ns;     /* crowded: no placement before this */
     uint64_t run_delay_ns;     /* the thread's schedstat at the last check */
@@ -49,14 +48,9 @@ struct placement {
 };
 
 #ifndef NETSWAP_CDEF
-/* After serving a request. */
-static inline void placement_served(struct placement *p)
-{
-    p->served++;
-}
-
-/* Before blocking for the next request with nothing buffered. */
-void placement_before_wait(struct placement *p, int sock);
+/* Before blocking for the next request with nothing buffered, having served `served`
+ * requests since the last wait (the loop counts them: nbd_fast_conn.served_since_wait). */
+void placement_before_wait(struct placement *p, int sock, uint32_t served);
 #endif /* NETSWAP_CDEF */
 
 #endif /* NETSWAP_PLACEMENT_H */
