@@ -20,10 +20,7 @@ from support.nfs import ALPHA, Nfs, start_nfs_daemon  # noqa: E402
 def daemon(tmp_path):
     running = start_daemon(tmp_path)
     yield running
-    code = running.stop()
-    log = running.log()
-    assert "Traceback" not in log, log
-    assert code == 0, log
+    stop_clean(running)
 
 
 @pytest.fixture

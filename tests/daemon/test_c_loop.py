@@ -35,17 +35,7 @@ def either(request, tmp_path):
     daemon = start_daemon(tmp_path, nbd_options=f"c_loop = {str(request.param).lower()}")
     daemon.c_loop = request.param
     yield daemon
-    code = daemon.stop()
-    log = daemon.log()
-    assert "Traceback" not in log, log
-    assert code == 0, log
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    running = start_daemon(tmp_path)
-    yield running
-    stop_clean(running)
+    stop_clean(daemon)
 
 
 def test_plain_requests_are_served_in_c_and_counted_while_the_connection_lives(daemon):

@@ -10,7 +10,6 @@ rows), never asserted here.
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ import pytest
 from netswap.nbd import constants as C
 from support.daemon import start_daemon, stop_clean
 from support.metrics import metric
-from support.nbd_raw import request, simple_reply, transmission
+from support.nbd_raw import request, request_header, simple_reply, transmission
 from support.wait import wait_until
 
 KiB = 1 << 10
@@ -97,8 +96,7 @@ def test_a_one_at_a_time_client_gets_its_loop_on_its_cpu_and_a_queue_gives_it_ba
             assert list(held.values()) == [str(CLIENT_CPU)], held
             assert metric(daemon, PLACEMENTS, event="moved") >= 1
             # 32 requests in one send: a queue, so parallelism beats locality.
-            sock.sendall(b"".join(struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, cookie,
-                                              cookie * 4 * KiB, 4 * KiB)
+            sock.sendall(b"".join(request_header(C.CMD_READ, cookie * 4 * KiB, 4 * KiB, cookie)
                                   for cookie in range(32)))
             for _ in range(32):
                 error, _cookie = simple_reply(sock)

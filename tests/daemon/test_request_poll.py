@@ -6,27 +6,16 @@ netswap_c_loop_request_polls_total."""
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import time
 
-import pytest
-
 from netswap.nbd import constants as C
-from support.daemon import start_daemon, stop_clean
 from support.metrics import metric
-from support.nbd_raw import recv_exact, request, simple_reply, transmission
+from support.nbd_raw import recv_exact, request, request_header, simple_reply, transmission
 from support.wait import wait_until
 
 KiB = 1 << 10
 POLLS = "netswap_c_loop_request_polls_total"
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    running = start_daemon(tmp_path)
-    yield running
-    stop_clean(running)
 
 
 def polls(daemon) -> int:
@@ -58,9 +47,8 @@ def test_a_client_with_gaps_or_queues_never_makes_the_loop_poll(daemon):
             assert simple_reply(sock) == (0, cookie)
             time.sleep(0.005)
         for batch in range(10):  # queues of 16: the loop never waits after one request
-            sock.sendall(b"".join(
-                struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, cookie,
-                            cookie * 4 * KiB, 4 * KiB) for cookie in range(16)))
+            sock.sendall(b"".join(request_header(C.CMD_READ, cookie * 4 * KiB, 4 * KiB, cookie)
+                                  for cookie in range(16)))
             for _ in range(16):
                 error, cookie = simple_reply(sock)
                 assert error == 0

@@ -56,8 +56,13 @@ def go(sock, name):
         assert rtype == C.REP_INFO, (rtype, payload)
 
 
+def request_header(command, offset=0, length=0, cookie=1, flags=0) -> bytes:
+    """One request's 28-byte header (for sending several in one go)."""
+    return struct.pack(">IHHQQI", C.REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+
 def request(sock, command, offset=0, length=0, cookie=1, flags=0, payload=b""):
-    sock.sendall(struct.pack(">IHHQQI", C.REQUEST_MAGIC, flags, command, cookie, offset, length) + payload)
+    sock.sendall(request_header(command, offset, length, cookie, flags) + payload)
 
 
 def simple_reply(sock):
