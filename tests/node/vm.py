@@ -10,6 +10,7 @@ directory kept for the test's tmp_path) when its `with` block ends, failed or no
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +73,7 @@ class Node:
         self.job = workdir / f"node-{name}"
         self.job.mkdir(parents=True)
         self.console_path = self.job / "console.log"
+        self.monitor_path = self.job / "monitor"  # qemu's human monitor: sysrq keys
         self.process: subprocess.Popen | None = None
 
     # -- running --------------------------------------------------------------------------------
@@ -93,10 +95,12 @@ class Node:
             "-kernel", str(self.kernel.image), "-initrd", str(self.initramfs),
             "-append", " ".join([
                 "console=ttyS0", "panic=-1", "loglevel=4", "mitigations=off",
+                "sysctl.kernel.sysrq=1",  # for the dump of a hung node (kernel_state)
                 f"netswap.name={self.name}", f"netswap.ip={self.address}/24",
                 f"netswap.repo={REPO}",
             ]),
             "-serial", f"file:{self.console_path}",
+            "-monitor", f"unix:{self.monitor_path},server=on,wait=off",
             "-netdev", f"tap,id=lan,ifname={self.lan.taps[self.index]},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=lan,mac={mac}",
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
@@ -134,9 +138,11 @@ class Node:
             if len(console) != said:
                 spoke, said = now, len(console)
             elif now - spoke > SILENCE_LIMIT:
+                self.dump_kernel_state()
                 raise NodeTimeout(f"node {self.name} silent for {SILENCE_LIMIT} s while waiting "
                                   f"for {pattern!r} (hung?):\n{self.result()}")
             if now > deadline:
+                self.dump_kernel_state()
                 raise NodeTimeout(f"no {pattern!r} from node {self.name} in {timeout:.0f} s:\n"
                                   f"{self.result()}")
             time.sleep(0.2)
@@ -154,9 +160,34 @@ class Node:
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.dump_kernel_state()
             raise NodeTimeout(f"node {self.name} still running after {timeout:.0f} s:\n"
                               f"{self.result()}") from None
         return self.result()
+
+    def dump_kernel_state(self) -> None:
+        """Have a hung node's kernel print, on its console, what every blocked task waits on,
+        its memory and what its CPU runs (magic SysRq: console loglevel 7, then w, m, l),
+        typed on its keyboard through qemu's monitor; then give the slow serial line time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as monitor:
+                monitor.settimeout(5)
+                monitor.connect(str(self.monitor_path))
+                for key in "7wml":
+                    monitor.sendall(f"sendkey alt-sysrq-{key}\n".encode())
+                    time.sleep(1)
+        except OSError as exc:
+            print(f"node {self.name}: no SysRq dump ({exc})", flush=True)
+            return
+        began = quiet_since = time.monotonic()
+        said = -1
+        while time.monotonic() - quiet_since < 3 and time.monotonic() - began < 60:
+            size = len(self.console())
+            if size != said:
+                said, quiet_since = size, time.monotonic()
+            time.sleep(0.5)
 
     def result(self) -> NodeResult:
         status = None
