@@ -19,11 +19,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from netswap.node import kstack
+
 log = logging.getLogger("netswap.node")
 
 SUPERBLOCK_OFFSET = 4096  # metadata 1.2: 8 sectors from the start of the member
 MD_MAGIC = 0xA92B4EFC
 SYS_BLOCK = Path("/sys/block")
+MDADM_TIMEOUT = 120.0  # seconds: a --create of a large array included
+KILL_WAIT = 5.0  # seconds for a killed mdadm to go
 
 
 class MdError(OSError):
@@ -166,12 +170,27 @@ def stop(device: str) -> None:
     mdadm("--stop", device)
 
 
-def mdadm(*argv: str, check: bool = True) -> str:
+def mdadm(*argv: str, check: bool = True, timeout: float = MDADM_TIMEOUT) -> str:
     # MDADM_NO_UDEV: a node may have no udev; mdadm then makes the device nodes itself.
-    done = subprocess.run(["mdadm", *argv], capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL, env={"MDADM_NO_UDEV": "1",
-                                                         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    if check and done.returncode != 0:
-        raise MdError(f"mdadm {' '.join(argv)} failed ({done.returncode}): "
-                      f"{(done.stderr or done.stdout).strip()}")
-    return done.stdout
+    process = subprocess.Popen(["mdadm", *argv], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={"MDADM_NO_UDEV": "1",
+                                    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        where = kstack.waiting_in(process.pid)
+        blocked = [task for task in kstack.blocked_tasks()
+                   if not task.startswith(f"mdadm[{process.pid}]")]
+        process.kill()
+        try:
+            process.communicate(timeout=KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            pass  # stuck in the kernel past SIGKILL: it goes when its wait ends
+        raise MdError(f"mdadm {' '.join(argv)} did not finish in {timeout:.0f} s and was "
+                      f"killed; it waited in: {where}"
+                      + ("; blocked tasks: " + " | ".join(blocked) if blocked else "")) from None
+    if check and process.returncode != 0:
+        raise MdError(f"mdadm {' '.join(argv)} failed ({process.returncode}): "
+                      f"{(stderr or stdout).strip()}")
+    return stdout
