@@ -67,8 +67,11 @@ EXIT_AREA_GONE = 5
 READD_INTERVAL = 30.0
 # While its server is away, a mirror member is tried this often.
 AWAY_RETRY = 5.0
-# After its device is disconnected, md removes a member once its held I/O has failed.
-REMOVE_TRIES, REMOVE_PAUSE = 25, 0.2
+# After its device is disconnected, md lets a member go once its held I/O has failed; longer
+# than this is said in the log.
+TAKE_OUT_PATIENCE = 30.0
+# An exiting agent waits this long for its last state to be written.
+FINAL_STATE_WAIT = 30.0
 
 
 class AgentExit(Exception):
@@ -91,7 +94,10 @@ class NbdAgent:
         self.health: str | None = None  # the mirror's, as last logged
         self._away: set[Member] = set()  # mirror members out of the array, their server tried
         self._readded_at: dict[Member, float] = {}
+        self._taking_out: dict[Member, float] = {}  # members md has not let go of, since when
+        self._slow_take_out: set[Member] = set()  # (said so once)
         self.state: dict = {}
+        self._writer: node_state.StateWriter | None = None  # while run() runs
 
     @property
     def device(self) -> str:
@@ -106,6 +112,7 @@ class NbdAgent:
         signal.set_wakeup_fd(self._wakeup_w.fileno())
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
+        self._writer = node_state.StateWriter(self._state_path)
         try:
             with self._netlink_factory() as netlink, self._listener_factory() as listener:
                 self.netlink = netlink
@@ -121,6 +128,11 @@ class NbdAgent:
                        last_error=None if done.code == EXIT_DETACHED else str(done),
                        exit_code=done.code)
             return done.code
+        finally:
+            # The last state is what `netswap-node detach` and the next agent read.
+            if not self._writer.close(FINAL_STATE_WAIT):
+                log.error("%s: the last state was not written in %.0f s", self._state_path,
+                          FINAL_STATE_WAIT)
 
     def _on_stop_signal(self, signum, frame) -> None:
         self._stopping = True
@@ -289,6 +301,8 @@ class NbdAgent:
                                 member.server)
                     member.lost(dead, "connection lost", hung_up_at=last_hangup)
                     self._save(state="reconnecting")
+            for member in list(self._taking_out):
+                self._take_out(member)
             for member in self.members:
                 self._tend(member)
             if self.md:
@@ -354,28 +368,37 @@ class NbdAgent:
         member.close_copies()
         member.missing, member.alive, member.tries = 0, 0, 0
         member.next_try = time.monotonic() + AWAY_RETRY
-        self._remove_from_array(member)
+        self._take_out(member)
         if all(m in self._away for m in self.members):
             raise AgentExit(EXIT_DEVICE_FAILED, f"{self.md}: every member lost ("
                             + "; ".join(f"{m.server}: {m.last_error}" for m in self.members)
                             + "); swapped-out pages may be lost")
         self._save(state="degraded", last_error=why)
 
-    def _remove_from_array(self, member: Member) -> None:
-        for attempt in range(REMOVE_TRIES):
-            try:
-                mdraid.fail_and_remove(self.md, member.device)
-                return
-            except mdraid.MdError as exc:
-                if attempt == REMOVE_TRIES - 1:
-                    log.error("%s: %s stays in the array as faulty: %s", self.md,
-                              member.device, exc)
-                time.sleep(REMOVE_PAUSE)  # md removes it once its held I/O has failed
+    def _take_out(self, member: Member) -> None:
+        """One try at taking `member` out of the array; md refuses (EBUSY) until the I/O it
+        holds for the member has failed, so the loop tries again on its next turn."""
+        try:
+            out = mdraid.take_out(self.md, member.device)
+        except mdraid.MdError as exc:
+            log.error("%s: %s stays in the array as faulty: %s", self.md, member.device, exc)
+            out = True  # said once; its rejoin will find it
+        if out:
+            self._taking_out.pop(member, None)
+            self._slow_take_out.discard(member)
+            return
+        since = self._taking_out.setdefault(member, time.monotonic())
+        if time.monotonic() - since > TAKE_OUT_PATIENCE and member not in self._slow_take_out:
+            self._slow_take_out.add(member)
+            log.warning("%s: md still holds I/O for %s after %.0f s; it goes when that fails",
+                        self.md, member.device, TAKE_OUT_PATIENCE)
 
     def _rejoin(self, member: Member) -> None:
         """One try at bringing an away member back: a new device on its server, re-added
         (md copies what the bitmap says it missed) or, if the export lost the member, added
         as new (a full copy from the other)."""
+        if member in self._taking_out:
+            return  # its old device is still in the array
         member.tries += 1
         try:
             opened = member.open_sockets()
@@ -436,7 +459,9 @@ class NbdAgent:
                     continue
                 self._readded_at[member] = now
                 try:
-                    mdraid.fail_and_remove(self.md, member.device)
+                    if not mdraid.take_out(self.md, member.device):
+                        del self._readded_at[member]  # md still holds I/O for it: next turn
+                        continue
                     how = mdraid.re_add(self.md, member.device)
                     log.warning("%s: md had failed %s (%s) while connected; %s", self.md,
                                 member.device, member.server, how)
@@ -502,7 +527,7 @@ class NbdAgent:
             reconnects=sum(m.reconnects for m in self.members))
         if self.md:
             self.state["md"] = self.md
-        node_state.save(self._state_path, self.state)
+        self._writer.submit(self.state)
 
 
 def _drain(sock: socket.socket) -> None:

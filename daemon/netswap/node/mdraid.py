@@ -1,5 +1,5 @@
-"""The node's mirror: an md RAID1 over two nbd devices from two servers, built and tended with
-mdadm, its state read from sysfs.
+"""The node's mirror: an md RAID1 over two nbd devices from two servers, built and members put
+back with mdadm, members taken out and its state read through sysfs.
 
 md, not a protocol of our own: the kernel already knows how to write both members, read the
 one that answers, mark a member faulty when its I/O fails, and (with an internal write-intent
@@ -12,7 +12,9 @@ know the export still holds this mirror's member (MdMember, the member's Identit
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import struct
 import subprocess
 import uuid
@@ -136,15 +138,40 @@ def read_state(device: str) -> MdState:
     return MdState(health, degraded, action, read("sync_completed", "none"), members)
 
 
-def fail_and_remove(device: str, member: str) -> None:
-    """Take `member` out of the array (marked faulty first if md had not yet); md then
-    reads and writes only the other member."""
-    state = read_state(device).members.get(Path(member).name)
-    if state is None:
-        return
-    if "faulty" not in state.split(","):
-        mdadm(device, "--fail", member)
-    mdadm(device, "--remove", member)
+def take_out(device: str, member: str) -> bool:
+    """Take `member` out of the array: marked faulty (if md had not yet), then removed; md
+    then reads and writes only the other member. True once it is out (or was never in);
+    False while md still holds I/O for it (EBUSY): try again later.
+
+    Through md's sysfs, by the agent itself, not mdadm: this runs while the node's swap may
+    be stalled on the dead member, and a process started now (mdadm, from the root file system)
+    needs memory and pages that wait on that swap."""
+    state_file = SYS_BLOCK / Path(device).name / "md" / f"dev-{Path(member).name}" / "state"
+    try:
+        if "faulty" not in _read_sysfs(state_file).split(","):
+            _write_sysfs(state_file, "faulty")
+        _write_sysfs(state_file, "remove")
+    except FileNotFoundError:
+        return True  # not in the array (any more)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise MdError(f"{device}: taking {member} out: {exc}") from None
+    return True
+
+
+def _read_sysfs(path: Path) -> str:
+    with open(path, "rb", buffering=0) as f:
+        return f.read(4096).decode(errors="replace").strip()
+
+
+def _write_sysfs(path: Path, word: str) -> None:
+    # One write(2): a sysfs attribute takes a command per write.
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, word.encode())
+    finally:
+        os.close(fd)
 
 
 def re_add(device: str, member: str) -> str:
