@@ -145,7 +145,9 @@ def test_mirrored_nodes_keep_every_page_when_a_server_dies_and_resync_when_it_re
         assert re.search(r"^bad pages: 0$", console, re.MULTILINE), console
         assert re.search(r"^workload exit 0$", console, re.MULTILINE), console
         if servers[KILLED] in placed[name]:
-            assert re.search(r"longer than the dead-connection timeout.*goes on with", console), console
+            assert re.search(r"longer than the dead-connection timeout.*marked faulty in md and "
+                             r"disconnected.*goes on with", console), console
+            assert "faulty failed" not in console, console  # md knew before the writes failed
 
     # Back: every member it held is re-added, md resyncs, and says clean.
     phase("every node read its pages back")

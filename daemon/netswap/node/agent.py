@@ -98,6 +98,9 @@ class NbdAgent:
         self._slow_take_out: set[Member] = set()  # (said so once)
         self.state: dict = {}
         self._writer: node_state.StateWriter | None = None  # while run() runs
+        # The md device, open from the start: marking a member faulty must not wait on an
+        # open (a file to allocate) while the node's swap is stalled.
+        self._md_fd: int | None = None
 
     @property
     def device(self) -> str:
@@ -129,6 +132,7 @@ class NbdAgent:
                        exit_code=done.code)
             return done.code
         finally:
+            self._close_md()
             # The last state is what `netswap-node detach` and the next agent read.
             if not self._writer.close(FINAL_STATE_WAIT):
                 log.error("%s: the last state was not written in %.0f s", self._state_path,
@@ -200,6 +204,7 @@ class NbdAgent:
         except mdraid.MdError as exc:
             raise AgentExit(1, f"mirror: {exc}") from exc
         self.md = md
+        self._md_fd = os.open(md, os.O_RDONLY)
         for member in self.members:
             member.identity = mdraid.MdMember(array)
         self.state["array"] = str(array)
@@ -232,6 +237,7 @@ class NbdAgent:
                           min_free_kbytes_baseline=self.state.get("min_free_kbytes_baseline"))
         if previous.get("mirror"):
             self.md = previous["device"]
+            self._md_fd = os.open(self.md, os.O_RDONLY)
             self.health = previous.get("health")
         for entry in saved:
             member = Member(self.config.name, entry["host"], entry["port"], self.config)
@@ -328,8 +334,9 @@ class NbdAgent:
         waited = member.dead_for()
         if waited > self.config.dead_conn_timeout:
             why = (f"{member.server} away for {waited:.0f} s, longer than the dead-connection "
-                   f"timeout ({self.config.dead_conn_timeout:.0f} s): the kernel failed "
-                   f"{member.device}'s I/O")
+                   f"timeout ({self.config.dead_conn_timeout:.0f} s): "
+                   + (f"{member.device} marked faulty in md and disconnected" if self.md else
+                      f"the kernel failed {member.device}'s I/O"))
             if not self.md:
                 raise AgentExit(EXIT_DEVICE_FAILED, f"{member.device}: {why}; swapped-out "
                                                     "pages may be lost")
@@ -361,6 +368,12 @@ class NbdAgent:
                     member.server)
         self._away.add(member)
         member.last_error = why
+        # Faulty first, then disconnected: md must know before the member's held writes fail
+        # (member.MIRROR_KERNEL_GRACE says why).
+        try:
+            mdraid.mark_faulty(self._md_fd, member.device)
+        except OSError as exc:
+            log.error("%s: marking %s faulty failed: %s", self.md, member.device, exc)
         try:
             self.netlink.disconnect(member.index)
         except OSError as exc:
@@ -498,11 +511,17 @@ class NbdAgent:
     def _teardown(self) -> None:
         """Stop the mirror (if any) and disconnect every member's device."""
         if self.md:
+            self._close_md()  # md stops an array only when nobody else has it open
             try:
                 mdraid.stop(self.md)
             except mdraid.MdError as exc:
                 log.error("%s", exc)
         self._disconnect_all()
+
+    def _close_md(self) -> None:
+        if self._md_fd is not None:
+            os.close(self._md_fd)
+            self._md_fd = None
 
     def _disconnect_all(self) -> None:
         for member in self.members:

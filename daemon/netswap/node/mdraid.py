@@ -13,6 +13,7 @@ know the export still holds this mirror's member (MdMember, the member's Identit
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -28,6 +29,7 @@ log = logging.getLogger("netswap.node")
 SUPERBLOCK_OFFSET = 4096  # metadata 1.2: 8 sectors from the start of the member
 MD_MAGIC = 0xA92B4EFC
 SYS_BLOCK = Path("/sys/block")
+SET_DISK_FAULTY = 0x929  # _IO(MD_MAJOR = 9, 0x29), linux/raid/md_u.h
 MDADM_TIMEOUT = 120.0  # seconds: a --create of a large array included
 KILL_WAIT = 5.0  # seconds for a killed mdadm to go
 
@@ -136,6 +138,17 @@ def read_state(device: str) -> MdState:
     else:
         health = "clean"
     return MdState(health, degraded, action, read("sync_completed", "none"), members)
+
+
+def mark_faulty(array: int, member: str) -> None:
+    """Tell md that `member` has failed (SET_DISK_FAULTY on the array's open descriptor
+    `array`, as mdadm --fail does): md stops writing to it and completes the writes it has
+    out there as failed on that member only. The one md request that takes no lock of the
+    array, and no process or file to start: it is made while the node's swap is stalled."""
+    number = os.stat(member).st_rdev
+    major, minor = os.major(number), os.minor(number)
+    # The kernel decodes the argument as new_decode_dev: minor's low byte, major, minor's rest.
+    fcntl.ioctl(array, SET_DISK_FAULTY, (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12))
 
 
 def take_out(device: str, member: str) -> bool:

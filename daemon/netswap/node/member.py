@@ -31,6 +31,13 @@ HANDSHAKE_TIMEOUT = 10.0
 # Seconds between reconnect tries, the last repeated: a restarting netswapd is back within
 # seconds, and every second of waiting is a second the node's swap I/O is held.
 BACKOFF = (0.5, 1.0, 1.0, 1.0, 2.0, 2.0, 5.0)
+# A mirror member's kernel timer for a dead connection is set this much later than the agent's
+# own deadline (dead_conn_timeout), at which the agent marks the member faulty in md and only
+# then disconnects it: md must know the member is faulty before its held writes fail, or its
+# thread narrows each failed write down sector by sector, allocating bios as it goes, which
+# with the node's memory gone to swap deadlocked a node here. The kernel's timer fires only if
+# the agent is not there to act.
+MIRROR_KERNEL_GRACE = 5
 # The kernel marks a socket dead when its receive fails; the agent's copy may see the hang-up
 # first. A RECONFIGURE answered ENOSPC that soon after a hang-up is retried, not believed.
 HANGUP_GRACE = 15.0
@@ -123,13 +130,18 @@ class Member:
         self.index = netlink.connect(
             [sock.fileno() for sock, _ in opened], size=export.size, block_size=PAGE,
             server_flags=export.transmission_flags, timeout=int(self.config.io_timeout),
-            dead_conn_timeout=int(self.config.dead_conn_timeout),
+            dead_conn_timeout=self.kernel_dead_conn_timeout(),
             backend_identifier=self.backend_identifier)
         self.size = export.size
         self.alive = self.connections = len(opened)
         for sock, _ in opened:
             self.keep_copy(sock)
         wait_for_device(self.device, export.size)
+
+    def kernel_dead_conn_timeout(self) -> int:
+        """Seconds the kernel holds this device's I/O for a new connection."""
+        grace = MIRROR_KERNEL_GRACE if self.config.mirror else 0
+        return int(self.config.dead_conn_timeout) + grace
 
     def open_socket(self):
         """A socket negotiated on this node's export, blocking, ready for the kernel."""
