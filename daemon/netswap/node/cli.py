@@ -51,8 +51,6 @@ def _parser(with_run_options: bool) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["run"] and os.environ.get("PYTHONMALLOC") != "malloc":
-        _exec_with_malloc()
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(with_run_options=argv[:1] == ["run"]).parse_args(argv)
     if args.command == "run":
@@ -63,21 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _status(found, path, args.json)
     return _detach(found, path, args.timeout)
-
-
-def _exec_with_malloc() -> None:
-    """The agent again, same pid, with every Python allocation from glibc's malloc.
-
-    Python's small-object allocator takes its arenas straight from mmap and gives them back
-    when they empty; under mlockall every new arena must be backed at once, which with the
-    node's memory gone to swap waits on reclaim while holding the GIL: the likeliest cause of
-    an agent seen here ten seconds late to a dead mirror member. glibc's heap, grown once at
-    start and never trimmed (runtime.protect_agent), serves them from memory it already has."""
-    os.environ["PYTHONMALLOC"] = "malloc"
-    try:
-        os.execv(sys.executable, sys.orig_argv)
-    except OSError as exc:
-        print(f"netswap-node: running with Python's own allocator ({exc})", file=sys.stderr)
 
 
 def _run(args) -> int:
