@@ -95,7 +95,7 @@ class Node:
             "-kernel", str(self.kernel.image), "-initrd", str(self.initramfs),
             "-append", " ".join([
                 "console=ttyS0", "panic=-1", "loglevel=4", "mitigations=off",
-                "sysctl.kernel.sysrq=1",  # for the dump of a hung node (kernel_state)
+                "sysctl.kernel.sysrq=1",  # for dump_kernel_state of a hung node
                 f"netswap.name={self.name}", f"netswap.ip={self.address}/24",
                 f"netswap.repo={REPO}",
             ]),

@@ -13,7 +13,6 @@ while a mirror is degraded).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -117,7 +116,7 @@ def _status(found: dict | None, path: Path, as_json: bool) -> int:
     found = dict(found, agent_running=node_state.agent_alive(found) or found.get("pid") == os.getpid(),
                  swap_used_kib=node_state.swap_used_kib(found.get("device", "")))
     if as_json:
-        print(json.dumps(found, indent=2, sort_keys=True))
+        print(node_state.encode(found))
         return 0
     used = found["swap_used_kib"]
     print(f"{found['device']} ({found['protocol']}): {found['state']}, from {found['server']}"

@@ -20,11 +20,19 @@ def _read(path: Path) -> str:
         return ""
 
 
+def _name_and_state(stat: str) -> tuple[str, str]:
+    """The command name and state letter of a /proc/PID/stat line ("?" where unreadable).
+    The name is in parentheses and may itself hold spaces and parentheses: the state is the
+    first field after the last ")"."""
+    if ")" not in stat:
+        return "?", "?"
+    rest = stat.rpartition(")")[2].split()
+    return stat[stat.find("(") + 1:stat.rfind(")")], rest[0] if rest else "?"
+
+
 def waiting_in(pid: int) -> str:
     """One line: `state D, wchan md_update_sb, stack a <- b <- c`, with what /proc shows."""
-    stat = _read(PROC / str(pid) / "stat")
-    # The state follows the command name, which is in parentheses and may hold spaces.
-    state = stat.rpartition(")")[2].split()[0] if ")" in stat else "?"
+    state = _name_and_state(_read(PROC / str(pid) / "stat"))[1]
     wchan = _read(PROC / str(pid) / "wchan") or "?"
     frames = []
     for line in _read(PROC / str(pid) / "stack").splitlines():
@@ -42,9 +50,8 @@ def blocked_tasks() -> list[str]:
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
-        stat = _read(entry / "stat")
-        if ")" not in stat or stat.rpartition(")")[2].split()[:1] != ["D"]:
+        name, state = _name_and_state(_read(entry / "stat"))
+        if state != "D":
             continue
-        name = stat[stat.find("(") + 1:stat.rfind(")")]
         found.append(f"{name}[{entry.name}]: {waiting_in(int(entry.name))}")
     return found

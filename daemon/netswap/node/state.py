@@ -21,7 +21,11 @@ def state_path(state_dir: Path, name: str) -> Path:
 
 
 def save(path: Path, state: dict) -> None:
-    write_atomically(path, json.dumps(state, indent=2, sort_keys=True))
+    write_atomically(path, encode(state))
+
+
+def encode(state: dict) -> str:
+    return json.dumps(state, indent=2, sort_keys=True)
 
 
 class StateWriter:
@@ -45,7 +49,7 @@ class StateWriter:
         self._thread.start()
 
     def submit(self, state: dict) -> None:
-        text = json.dumps(state, indent=2, sort_keys=True)  # a snapshot: the dict changes on
+        text = encode(state)  # now: the agent goes on changing the dict it hands over
         with self._lock:
             self._pending = text
             self._handed += 1
